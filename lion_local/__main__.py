@@ -1,0 +1,3 @@
+from lion_local.cli import main
+
+main()

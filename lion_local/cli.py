@@ -1,0 +1,182 @@
+"""The `lion-local` command line.
+
+Exit codes: 0 success; 1 a runtime failure (a server that will not start, an endpoint that
+stays down, a failed check); 2 a bad config, a bad input file or a bad command line, reported
+in one line naming the file and key, before anything is written.
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import click
+
+from lion_local import __version__
+from lion_local.config import Config, ConfigError, api_key_for, check_models_exist, config_to_yaml, load_config
+from lion_local.endpoint import EndpointError
+from lion_local.seed_data import SeedDataError
+from serving.process import ServerError
+
+DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
+logger = logging.getLogger("lion_local")
+
+
+class _Cli(click.Group):
+    """Turns the project's exceptions into one-line errors with the documented exit codes."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except (ConfigError, SeedDataError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+        except (ServerError, EndpointError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lion-local")
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Lion's adversarial distillation (imitation, discrimination, generation), self-hosted."""
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Library chatter (HTTP request lines, hub warnings) would drown the progress of a run.
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def config_options(command):
+    command = click.option(
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help="Override a config value, e.g. --set generation.new_per_iteration=100 (repeatable).",
+    )(command)
+    return click.option(
+        "--config",
+        "config_path",
+        default=DEFAULT_CONFIG,
+        show_default=True,
+        type=click.Path(dir_okay=False),
+        help="Run config (YAML).",
+    )(command)
+
+
+@main.command("config")
+@config_options
+def show_config(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Validate a config and print it resolved (includes merged, overrides applied, paths absolute)."""
+    config = load_config(config_path, overrides)
+    click.echo(config_to_yaml(config), nl=False)
+
+
+@main.command()
+@click.argument("name")
+@config_options
+@click.option("--dry-run", is_flag=True, help="Print the exact command line and exit.")
+def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+    """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
+    in the foreground until interrupted."""
+    from serving import server_launch
+    from serving.process import ServerProcess
+
+    config = load_config(config_path, overrides)
+    server_name = _server_name(config, name)
+    server = config.servers[server_name]
+    if server.engine == "external":
+        click.echo(f"{server_name} is external ({', '.join(server.base_urls)}): nothing to start")
+        return
+    if dry_run:
+        api_key_for(config, server_name)
+        launch = server_launch(config, server_name)
+        secret_note = f" (API key from ${server.api_key_env})" if server.api_key_env else ""
+        click.echo(shlex.join(launch.command) + secret_note)
+        return
+    check_models_exist(config, [server_name])
+    _ensure_tiny(config)
+    launch = server_launch(config, server_name)
+    log_path = Path(config.run_dir) / "logs" / f"serve-{server_name}.log"
+    process = ServerProcess(
+        server_name, launch.command, launch.environment, log_path, launch.health_url, server.startup_timeout_s
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    process.start()
+    try:
+        process.wait_until_healthy()
+        click.echo(f"{server_name} serving at {launch.base_url} (log: {log_path}); Ctrl-C stops it")
+        code = process.process.wait()
+        raise ServerError(f"{server_name} server exited with code {code}; log: {log_path}")
+    except KeyboardInterrupt:
+        pass
+    finally:
+        process.stop()
+
+
+@main.command("make-tiny")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
+@click.option("--seed", default=0, show_default=True, help="Seed of weights, corpus and training.")
+@click.option("--seed-data", type=click.Path(dir_okay=False), help="Seed instructions (default: built-in set).")
+@click.option("--steps", type=click.IntRange(min=1), help="Teacher training steps (default: the tested budget).")
+def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None) -> None:
+    """Build a tiny LLaMA teacher (trained on CPU) and a random tiny student in OUT/teacher, OUT/student."""
+    from lion_local.tiny_models import TinyBuild, make_tiny_models
+
+    build = TinyBuild(seed=seed) if steps is None else TinyBuild(seed=seed, train_steps=steps)
+    make_tiny_models(out_dir, seed_data, build)
+    click.echo(f"tiny teacher and student written to {out_dir}/teacher and {out_dir}/student")
+
+
+@main.command()
+@config_options
+def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Check config, paths, servers and one real request per role; exit 1 naming what failed."""
+    from lion_local.doctor import run_doctor
+
+    config = load_config(config_path, overrides)
+    checks = run_doctor(config, Path(config.run_dir) / "logs")
+    for check in checks:
+        click.echo(f"{'OK  ' if check.ok else 'FAIL'}  {check.name:<18} {check.detail}")
+        if check.raw is not None:
+            click.echo(f"      raw:    {_one_line(check.raw)}")
+        if check.parsed is not None:
+            click.echo(f"      parsed: {_one_line(check.parsed)}")
+    failed = [check.name for check in checks if not check.ok]
+    if failed:
+        click.echo(f"doctor: FAILED: {', '.join(failed)}", err=True)
+        sys.exit(1)
+    click.echo(f"doctor: all {len(checks)} checks passed")
+
+
+def _server_name(config: Config, name: str) -> str:
+    if name in config.servers:
+        return name
+    role = getattr(config.roles, name, None)
+    if role is not None and hasattr(role, "server"):
+        return role.server
+    choices = ", ".join(sorted({*config.servers, "teacher", "referee", "generator", "student"}))
+    raise ConfigError(f"serve {name}: no server or role of that name; choose one of: {choices}")
+
+
+def _ensure_tiny(config: Config) -> None:
+    from lion_local.tiny_models import ensure_tiny_models
+
+    ensure_tiny_models(config)
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    flat = text.replace("\n", "\\n")
+    return flat if len(flat) <= limit else flat[:limit] + "..."
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

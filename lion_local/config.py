@@ -1,0 +1,493 @@
+"""The run configuration: YAML files with `include:` and `--set` overrides, validated strictly.
+
+Every command loads its config through `load_config`, which either returns a fully validated
+`Config` or raises `ConfigError` with one line naming the file and the key path. Nothing is
+written anywhere before that succeeds.
+
+Relative paths in a config (run_dir, seed_data, model directories, ...) are relative to the
+directory the command runs in (the project root in the documented commands); `include:` paths
+are relative to the file that includes them.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A bad config or a bad path named by it; the message is one line saying where and how to fix it."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Servers
+# ----------------------------------------------------------------------------------------------
+
+
+class VllmOptions(_Strict):
+    """Settings passed to `vllm serve` (see serving/commands.py for the flag each one becomes)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model replica is split over.")
+    data_parallel_size: int = Field(1, ge=1, description="Model replicas behind one server.")
+    max_model_len: int | None = Field(None, ge=16, description="Context length; None: the model's own.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM takes.")
+    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32.")
+    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, verbatim.")
+
+
+class TransformersServeOptions(_Strict):
+    """Settings passed to `transformers serve` (the CPU server of the smoke mode and the tests)."""
+
+    device: str = Field("cpu", description="cpu, auto or cuda:N.")
+    dtype: str = Field("auto", description="Weights dtype; auto follows the checkpoint.")
+    extra_args: list[str] = Field(default_factory=list, description="More `transformers serve` arguments.")
+
+
+class ServerConfig(_Strict):
+    """One OpenAI-compatible endpoint: a server lion-local starts, or one that already runs."""
+
+    engine: Literal["vllm", "transformers", "external"] = Field(
+        description="vllm (GPU), transformers (CPU smoke mode) or external (already running)."
+    )
+    model: str | None = Field(None, description="Local model directory (vllm and transformers engines).")
+    served_model_name: str | None = Field(
+        None,
+        description="Model name sent in requests. vllm: defaults to the model directory's name; "
+        "external: required; transformers: always the model path.",
+    )
+    base_urls: list[str] = Field(
+        default_factory=list, description="External engine: base URLs ending in /v1, balanced by the client."
+    )
+    api_key_env: str | None = Field(
+        None, description="Name of the environment variable holding the API key (keys never go in config)."
+    )
+    host: str = Field("127.0.0.1", description="Address a started server binds to.")
+    port: int | None = Field(None, ge=1, le=65535, description="Port of a started server; None picks a free one.")
+    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for a started server's /health.")
+    max_concurrency: int = Field(64, ge=1, description="Requests in flight to this endpoint, over all base URLs.")
+    request_timeout_s: float = Field(600.0, gt=0, description="Timeout of one HTTP attempt.")
+    failure_budget_s: float = Field(
+        300.0, gt=0, description="How long one request may keep failing (with retries) before the stage stops."
+    )
+    backoff_initial_s: float = Field(1.0, gt=0, description="First retry delay; doubles per attempt, with jitter.")
+    backoff_max_s: float = Field(30.0, gt=0, description="Longest retry delay.")
+    vllm: VllmOptions = Field(default_factory=VllmOptions, description="Used when engine is vllm.")
+    transformers: TransformersServeOptions = Field(
+        default_factory=TransformersServeOptions, description="Used when engine is transformers."
+    )
+
+    @model_validator(mode="after")
+    def _engine_needs(self) -> ServerConfig:
+        if self.engine == "external":
+            if not self.base_urls:
+                raise ValueError("engine 'external' needs base_urls (e.g. [http://host:8000/v1])")
+            if not self.served_model_name:
+                raise ValueError("engine 'external' needs served_model_name (the model name the endpoint serves)")
+            for url in self.base_urls:
+                if not url.startswith(("http://", "https://")):
+                    raise ValueError(f"base_urls entry {url!r} must start with http:// or https://")
+        elif not self.model:
+            raise ValueError(f"engine {self.engine!r} needs model: a local model directory")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Roles
+# ----------------------------------------------------------------------------------------------
+
+
+class _RoleBase(_Strict):
+    server: str = Field(description="Name of the entry in `servers` this role talks to.")
+    temperature: float = Field(ge=0, le=2, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_tokens: int = Field(ge=1, description="Most tokens generated per request.")
+
+
+class TeacherRole(_RoleBase):
+    """The teacher answers instructions (chat completions)."""
+
+    server: str = "teacher"
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=1)
+    system_prompt: str | None = Field(None, description="Optional system message before each instruction.")
+
+
+class RefereeRole(_RoleBase):
+    """The referee scores a teacher/student answer pair (chat completions)."""
+
+    server: str = "teacher"
+    temperature: float = Field(0.2, ge=0, le=2)
+    max_tokens: int = Field(512, ge=1)
+    parse_retries: int = Field(
+        3, ge=0, description="Extra requests when a review cannot be parsed; then the instruction is unjudged."
+    )
+
+
+class GeneratorRole(_RoleBase):
+    """The generator writes a new instruction from a hard or an easy seed (chat completions)."""
+
+    server: str = "teacher"
+    temperature: float = Field(1.0, ge=0, le=2)
+    max_tokens: int = Field(256, ge=1, description="Upper bound on the length budget below.")
+    length_budget_factor: float = Field(
+        4.0, gt=0, description="Token budget per new instruction = this x the seed's word count (at least 16)."
+    )
+
+
+class StudentRole(_RoleBase):
+    """The student answers instructions; it is served from its own checkpoints."""
+
+    server: str = "student"
+    temperature: float = Field(0.7, ge=0, le=2)
+    max_tokens: int = Field(1024, ge=1)
+    prompt_format: Literal["alpaca", "chat"] = Field(
+        "alpaca",
+        description="alpaca: Alpaca-style prompt through /v1/completions (base models); "
+        "chat: the checkpoint's chat template through /v1/chat/completions.",
+    )
+
+
+class Roles(_Strict):
+    teacher: TeacherRole = Field(default_factory=TeacherRole)
+    referee: RefereeRole = Field(default_factory=RefereeRole)
+    generator: GeneratorRole = Field(default_factory=GeneratorRole)
+    student: StudentRole = Field(default_factory=StudentRole)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stages
+# ----------------------------------------------------------------------------------------------
+
+
+class Imitation(_Strict):
+    """Student fine-tuning with TRL's SFTTrainer (defaults: the paper's settings)."""
+
+    learning_rate: float = Field(2e-5, gt=0)
+    num_train_epochs: float = Field(3.0, gt=0)
+    max_seq_length: int = Field(1024, ge=16, description="Longest training example, in tokens.")
+    effective_batch_size: int = Field(128, ge=1, description="Examples per optimizer step over all processes.")
+    per_device_batch_size: int = Field(4, ge=1)
+    lr_scheduler_type: str = Field("cosine")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    bf16: bool = Field(True, description="Train in bfloat16 (GPU); the CPU smoke mode sets false.")
+    gradient_checkpointing: bool = Field(False)
+    accelerate_config: str | None = Field(
+        None, description="accelerate config file (configs/accelerate/*.yaml); None: one process."
+    )
+    final_imitation: bool = Field(True, description="After the last iteration, train on the last Train Pool.")
+
+
+class Discrimination(_Strict):
+    tau: float = Field(1.0, description="An instruction is hard when teacher_score - student_score >= tau.")
+
+
+class GenerationFilters(_Strict):
+    """Post-filters applied to each generated instruction before the novelty check."""
+
+    banned_words: list[str] = Field(
+        default_factory=lambda: ["instruction"], description="Drop instructions containing any of these words."
+    )
+    min_words: int = Field(4, ge=1, description="Drop instructions with fewer words.")
+    drop_leading_punctuation: bool = Field(True, description="Drop instructions starting with punctuation.")
+    drop_non_ascii_start: bool = Field(False, description="Drop instructions starting with a non-ASCII character.")
+    drop_truncated: bool = Field(True, description="Drop instructions cut off by the length budget.")
+
+
+class Generation(_Strict):
+    new_per_iteration: int = Field(6000, ge=1, description="New instructions wanted per iteration (N).")
+    hard_ratio: float = Field(0.5, ge=0, le=1, description="Share of N generated from hard seeds.")
+    rouge_threshold: float = Field(
+        0.7, gt=0, le=1, description="Keep a new instruction only if its ROUGE-L F against the Cache Pool is <= this."
+    )
+    max_attempts_factor: float = Field(
+        4.0, ge=1, description="Stop after this x N generator calls, recording the shortfall."
+    )
+    filters: GenerationFilters = Field(default_factory=GenerationFilters)
+
+
+class TinyModels(_Strict):
+    """Smoke mode: tiny local models built by `lion-local make-tiny` when absent."""
+
+    dir: str = Field("models/tiny", description="Holds teacher/ and student/; built here on first use.")
+    seed: int = Field(0, description="Seed of the tiny models' weights and training.")
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole config
+# ----------------------------------------------------------------------------------------------
+
+
+class Config(_Strict):
+    run_dir: str = Field(description="Directory holding everything the run writes.")
+    seed: int = Field(0, description="Seed of every random choice the run makes.")
+    iterations: int = Field(3, ge=1, description="Imitation-discrimination-generation iterations.")
+    seed_data: str = Field(description="Seed instructions: JSON list or JSONL with instruction and optional input.")
+    seed_limit: int | None = Field(None, ge=1, description="Use only the first N seed instructions.")
+    tiny_models: TinyModels | None = Field(None, description="Smoke mode: build tiny local models when absent.")
+    servers: dict[str, ServerConfig] = Field(description="Endpoints by name; roles refer to them.")
+    roles: Roles = Field(default_factory=Roles)
+    imitation: Imitation = Field(default_factory=Imitation)
+    discrimination: Discrimination = Field(default_factory=Discrimination)
+    generation: Generation = Field(default_factory=Generation)
+
+    @model_validator(mode="after")
+    def _roles_name_servers(self) -> Config:
+        for role_name in Roles.model_fields:
+            role = getattr(self.roles, role_name)
+            if role.server not in self.servers:
+                close = difflib.get_close_matches(role.server, list(self.servers), n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
+                raise ValueError(f"roles.{role_name}.server: no server named {role.server!r}{hint}")
+        if self.servers[self.roles.student.server].engine == "external":
+            raise ValueError(
+                f"servers.{self.roles.student.server}.engine: the student is served from its own checkpoints, "
+                "so its engine must be vllm or transformers"
+            )
+        return self
+
+    def server_for(self, role: str) -> ServerConfig:
+        return self.servers[getattr(self.roles, role).server]
+
+
+PATH_FIELDS = ("run_dir", "seed_data", "tiny_models.dir", "imitation.accelerate_config")
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading: YAML, include, --set, validation with one-line errors
+# ----------------------------------------------------------------------------------------------
+
+KeyPath = tuple[str, ...]
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read, merge and validate a config; raise ConfigError (one line) on any problem."""
+    data, origins = _read_with_includes(Path(path), stack=())
+    for override in overrides:
+        _apply_override(data, origins, override)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(exc, origins, Path(path))) from None
+    _resolve_paths(config)
+    return config
+
+
+def _read_yaml(path: Path, included_from: Path | None) -> dict:
+    where = f" (included from {included_from})" if included_from else ""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found{where}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file{where}: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{line}: YAML syntax error: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _read_with_includes(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[KeyPath, str]]:
+    resolved = path.resolve()
+    if resolved in stack:
+        cycle = " -> ".join(str(p) for p in (*stack, resolved))
+        raise ConfigError(f"{path}: include cycle: {cycle}")
+    data = _read_yaml(path, stack[-1] if stack else None)
+    includes = data.pop("include", [])
+    if isinstance(includes, str):
+        includes = [includes]
+    if not isinstance(includes, list) or not all(isinstance(item, str) for item in includes):
+        raise ConfigError(f"{path}: include: must be a file path or a list of file paths")
+
+    merged: dict = {}
+    origins: dict[KeyPath, str] = {}
+    for item in includes:
+        child, child_origins = _read_with_includes(path.parent / item, (*stack, resolved))
+        _deep_merge(merged, child, origins, child_origins)
+    _deep_merge(merged, data, origins, _origins_of(data, str(path)))
+    return merged, origins
+
+
+def _origins_of(data: dict, source: str, prefix: KeyPath = ()) -> dict[KeyPath, str]:
+    origins: dict[KeyPath, str] = {}
+    for key, value in data.items():
+        origins[(*prefix, str(key))] = source
+        if isinstance(value, dict):
+            origins.update(_origins_of(value, source, (*prefix, str(key))))
+    return origins
+
+
+def _deep_merge(base: dict, incoming: dict, origins: dict, incoming_origins: dict, prefix: KeyPath = ()) -> None:
+    """Mappings merge key by key; anything else (lists included) is replaced by the later file."""
+    for key, value in incoming.items():
+        path = (*prefix, str(key))
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            origins[path] = incoming_origins.get(path, origins.get(path, "?"))
+            _deep_merge(base[key], value, origins, incoming_origins, path)
+        else:
+            base[key] = value
+            for stale in [p for p in origins if p[: len(path)] == path]:
+                del origins[stale]
+            origins.update({p: s for p, s in incoming_origins.items() if p[: len(path)] == path})
+
+
+def _apply_override(data: dict, origins: dict[KeyPath, str], override: str) -> None:
+    key, sep, raw_value = override.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set generation.new_per_iteration=100")
+    try:
+        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    except yaml.YAMLError:
+        value = raw_value
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        if node.get(part) is None:
+            node[part] = {}
+            origins[tuple(parts[: depth + 1])] = "--set"
+        child = node[part]
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: depth + 1])} is not a mapping, cannot set a key in it")
+        node = child
+    node[parts[-1]] = value
+    path = tuple(parts)
+    for stale in [p for p in origins if p[: len(path)] == path]:
+        del origins[stale]
+    origins[path] = "--set"
+
+
+def _describe_validation_error(exc: ValidationError, origins: dict[KeyPath, str], top: Path) -> str:
+    first = exc.errors()[0]
+    loc = tuple(str(part) for part in first["loc"])
+    key = ".".join(loc)
+    source = _source_of(loc, origins, top)
+    more = f" (and {exc.error_count() - 1} more problem(s))" if exc.error_count() > 1 else ""
+    if first["type"] == "extra_forbidden":
+        valid = _valid_keys_at(loc[:-1])
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {'.'.join((*loc[:-1], close[0]))!r}?" if close else f"valid keys: {', '.join(valid)}"
+        return f"{source}: unknown key {key!r} ({hint}){more}"
+    if first["type"] == "missing":
+        return f"{source}: missing required key {key!r}{more}"
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "value_error":
+        if not loc:
+            # Checks across the whole config start their message with the key path they concern.
+            named = tuple(message.split(":", 1)[0].split("."))
+            return f"{_source_of(named, origins, top)}: {message}{more}"
+        return f"{source}: {key}: {message}{more}"
+    got = first.get("input")
+    shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
+    return f"{source}: key {key!r}: {message}{shown}{more}"
+
+
+def _source_of(loc: KeyPath, origins: dict[KeyPath, str], top: Path) -> str:
+    for end in range(len(loc), 0, -1):
+        if loc[:end] in origins:
+            return origins[loc[:end]]
+    return str(top)
+
+
+def _valid_keys_at(loc: KeyPath) -> list[str]:
+    """The field names of the config section at `loc` (dict entries like servers.<name> are skipped)."""
+    annotation: Any = Config
+    for part in loc:
+        annotation = _unwrap_optional(annotation)
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            annotation = annotation.model_fields[part].annotation
+        elif typing.get_origin(annotation) is dict:
+            annotation = typing.get_args(annotation)[1]
+    annotation = _unwrap_optional(annotation)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return list(annotation.model_fields)
+    return []
+
+
+def _unwrap_optional(annotation: Any) -> Any:
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        non_none = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+        if len(non_none) == 1:
+            return non_none[0]
+    return annotation
+
+
+def _resolve_paths(config: Config) -> None:
+    """Make path fields absolute so later changes of working directory do not move them."""
+    for dotted in PATH_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node: Any = config
+        for part in parents:
+            node = getattr(node, part)
+            if node is None:
+                break
+        if node is not None and getattr(node, leaf) is not None:
+            setattr(node, leaf, str(Path(getattr(node, leaf)).expanduser().resolve()))
+    for server in config.servers.values():
+        if server.model:
+            server.model = str(Path(server.model).expanduser().resolve())
+
+
+# ----------------------------------------------------------------------------------------------
+# Checks for commands that need more than the config itself
+# ----------------------------------------------------------------------------------------------
+
+
+def check_models_exist(config: Config, server_names: list[str]) -> None:
+    """Fail with exit-2 style errors when a model directory a command needs is missing.
+
+    Directories under `tiny_models.dir` are allowed to be absent: they are built on first use.
+    """
+    tiny_dir = Path(config.tiny_models.dir) if config.tiny_models else None
+    for name in server_names:
+        server = config.servers[name]
+        if server.engine == "external" or server.model is None:
+            continue
+        model = Path(server.model)
+        if model.is_dir():
+            continue
+        if tiny_dir is not None and model.parent == tiny_dir:
+            continue
+        problem = "is a file, not a model directory" if model.exists() else "does not exist"
+        raise ConfigError(
+            f"servers.{name}.model: {model} {problem}; set it to a local model directory "
+            "(nothing is downloaded), e.g. --set servers.{name}.model=/path/to/model".replace("{name}", name)
+        )
+
+
+def api_key_for(config: Config, server_name: str) -> str | None:
+    """The API key of a server from its environment variable; an unset variable is a config error."""
+    variable = config.servers[server_name].api_key_env
+    if variable is None:
+        return None
+    value = os.environ.get(variable)
+    if not value:
+        raise ConfigError(
+            f"servers.{server_name}.api_key_env: environment variable {variable} is not set; "
+            f"export {variable}=<key> before running"
+        )
+    return value
+
+
+def config_to_yaml(config: Config) -> str:
+    """The resolved config as YAML. It holds no secrets: keys live only in environment variables."""
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

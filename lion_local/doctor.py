@@ -1,0 +1,148 @@
+"""`lion-local doctor`: prove every role works before a multi-day job is submitted.
+
+Validates the config and its paths, starts (or reaches) every server a role uses, sends one
+real request per role, parses each reply exactly as the stages do, and stops what it started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from lion_local.config import Config, Roles, check_models_exist
+from lion_local.endpoint import EndpointClient, EndpointError
+from lion_local.roles import (
+    ask_generator,
+    ask_referee,
+    ask_student,
+    ask_teacher,
+    parse_generated_instruction,
+    parse_referee_scores,
+    parse_teacher_answer,
+)
+from lion_local.seed_data import load_seed_instructions
+from lion_local.tiny_models import ensure_tiny_models
+from serving import Endpoint, ServerError, client_for, running_server
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Check:
+    """One line of the doctor's report: a server start or a role's request."""
+
+    name: str
+    ok: bool
+    detail: str
+    raw: str | None = None
+    parsed: str | None = None
+
+
+def servers_in_use(config: Config) -> list[str]:
+    return sorted({getattr(config.roles, role).server for role in Roles.model_fields})
+
+
+def run_doctor(config: Config, log_dir: Path) -> list[Check]:
+    """All checks, in order; the caller reports them and exits non-zero if any failed."""
+    names = servers_in_use(config)
+    check_models_exist(config, names)
+    seed = load_seed_instructions(config.seed_data, limit=1)[0]
+    ensure_tiny_models(config)
+
+    checks: list[Check] = []
+    endpoints: dict[str, Endpoint] = {}
+    with ExitStack() as servers:
+        for name in names:
+            started = time.monotonic()
+            try:
+                endpoints[name] = servers.enter_context(running_server(config, name, log_dir))
+            except ServerError as exc:
+                checks.append(Check(f"server {name}", False, str(exc)))
+                continue
+            server = config.servers[name]
+            where = ", ".join(endpoints[name].base_urls)
+            checks.append(
+                Check(f"server {name}", True, f"{server.engine} at {where} ready in {time.monotonic() - started:.1f} s")
+            )
+        checks += asyncio.run(_check_roles(config, endpoints, seed.instruction, seed.input))
+    return checks
+
+
+async def _check_roles(
+    config: Config, endpoints: dict[str, Endpoint], instruction: str, input_text: str
+) -> list[Check]:
+    clients = {name: client_for(endpoint, config.servers[name]) for name, endpoint in endpoints.items()}
+    roles = config.roles
+    checks: list[Check] = []
+
+    def client(role: str) -> EndpointClient | None:
+        return clients.get(getattr(roles, role).server)
+
+    async def attempt(role: str, call, parse, describe) -> tuple[Check, object]:
+        if client(role) is None:
+            return Check(role, False, f"server {getattr(roles, role).server!r} is not available"), None
+        try:
+            completion = await call(client(role))
+        except EndpointError as exc:
+            return Check(role, False, str(exc)), None
+        parsed = parse(completion.text)
+        summary = (
+            f"{completion.seconds:.2f} s, {completion.prompt_tokens}+{completion.completion_tokens} tokens, "
+            f"finish_reason={completion.finish_reason}"
+        )
+        if parsed is None:
+            return Check(role, False, f"{describe}; {summary}", completion.text, None), None
+        return Check(role, True, summary, completion.text, repr(parsed)), parsed
+
+    try:
+        teacher_check, teacher_answer = await attempt(
+            "teacher",
+            lambda c: ask_teacher(c, roles.teacher, instruction, input_text, seed=config.seed),
+            parse_teacher_answer,
+            "the teacher returned an empty answer",
+        )
+        student_check, student_answer = await attempt(
+            "student",
+            lambda c: ask_student(c, roles.student, instruction, input_text, seed=config.seed),
+            lambda text: text,
+            "unreachable",
+        )
+        checks += [teacher_check, student_check]
+
+        referee_check = None
+        for round_number in range(roles.referee.parse_retries + 1):
+            referee_check, _ = await attempt(
+                "referee",
+                lambda c: ask_referee(
+                    c,
+                    roles.referee,
+                    instruction,
+                    input_text,
+                    str(teacher_answer or "A short, correct answer."),
+                    str(student_answer or ""),
+                    seed=config.seed + round_number,
+                ),
+                parse_referee_scores,
+                "could not read two scores (1-10) from the review",
+            )
+            if referee_check.ok or referee_check.raw is None:
+                break
+        checks.append(referee_check)
+
+        for kind in ("hard", "easy"):
+            generator_check, _ = await attempt(
+                "generator",
+                lambda c: ask_generator(c, roles.generator, instruction, input_text, kind, seed=config.seed),
+                parse_generated_instruction,
+                "the reply did not hold exactly one new instruction",
+            )
+            generator_check.name = f"generator ({kind})"
+            checks.append(generator_check)
+    finally:
+        for each in clients.values():
+            await each.aclose()
+    return checks

@@ -1,0 +1,94 @@
+"""Launching and health-checking the OpenAI-compatible servers the roles talk to.
+
+`running_server(config, name, log_dir)` starts `vllm serve` or `transformers serve` for the
+server `name` of a config (or uses an external endpoint), waits for /health, yields an
+`Endpoint`, and stops the server on exit. `client_for` turns an Endpoint into the async client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lion_local.config import Config, ServerConfig, api_key_for
+from lion_local.endpoint import EndpointClient
+from serving.commands import request_model_name, server_command, server_environment
+from serving.process import ServerError, ServerProcess, free_port
+
+__all__ = ["Endpoint", "ServerError", "client_for", "running_server", "server_launch"]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    name: str
+    base_urls: list[str]
+    model: str
+    api_key: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class ServerLaunch:
+    """What starting a server would run; `serve --dry-run` prints it."""
+
+    command: list[str]
+    environment: dict[str, str] = field(repr=False)
+    host: str
+    port: int
+    base_url: str
+    health_url: str
+
+
+def _url_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def server_launch(config: Config, name: str, model: str | None = None) -> ServerLaunch:
+    server = config.servers[name]
+    port = server.port or free_port(server.host if server.host not in ("0.0.0.0", "::") else "127.0.0.1")
+    internal_port = free_port() if server.engine == "vllm" else None
+    command = server_command(server, server.host, port, model)
+    environment = server_environment(server, api_key_for(config, name), internal_port)
+    root = f"http://{_url_host(server.host)}:{port}"
+    return ServerLaunch(command, environment, server.host, port, f"{root}/v1", f"{root}/health")
+
+
+@contextmanager
+def running_server(config: Config, name: str, log_dir: Path, model: str | None = None) -> Iterator[Endpoint]:
+    """Start (or reach) server `name`, yield its Endpoint, stop it afterwards."""
+    server = config.servers[name]
+    api_key = api_key_for(config, name)
+    if server.engine == "external":
+        yield Endpoint(name, list(server.base_urls), request_model_name(server), api_key)
+        return
+    launch = server_launch(config, name, model)
+    process = ServerProcess(
+        name,
+        launch.command,
+        launch.environment,
+        Path(log_dir) / f"server-{name}.log",
+        launch.health_url,
+        server.startup_timeout_s,
+        stop_grace_s=60.0 if server.engine == "vllm" else 15.0,
+    )
+    process.start()
+    try:
+        process.wait_until_healthy()
+        yield Endpoint(name, [launch.base_url], request_model_name(server, model), api_key)
+    finally:
+        process.stop()
+
+
+def client_for(endpoint: Endpoint, server: ServerConfig) -> EndpointClient:
+    return EndpointClient(
+        endpoint.name,
+        endpoint.base_urls,
+        endpoint.model,
+        api_key=endpoint.api_key,
+        max_concurrency=server.max_concurrency,
+        request_timeout_s=server.request_timeout_s,
+        failure_budget_s=server.failure_budget_s,
+        backoff_initial_s=server.backoff_initial_s,
+        backoff_max_s=server.backoff_max_s,
+    )

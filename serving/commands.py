@@ -1,0 +1,114 @@
+"""Command lines and environments for the OpenAI-compatible servers lion-local starts.
+
+vLLM flags are documented at https://docs.vllm.ai/en/latest/cli/serve.html (the serve command)
+and https://docs.vllm.ai/en/latest/configuration/engine_args.html (engine arguments); its
+environment variables at https://docs.vllm.ai/en/latest/configuration/env_vars.html.
+`transformers serve` is documented at https://huggingface.co/docs/transformers/main/en/serving.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from lion_local.config import ServerConfig
+from lion_local.offline import offline_environ
+
+
+def executable(name: str) -> str:
+    """The console script `name` installed next to this Python, else the one on PATH."""
+    sibling = Path(sys.executable).parent / name
+    if sibling.exists():
+        return str(sibling)
+    return shutil.which(name) or name
+
+
+def request_model_name(server: ServerConfig, model: str | None = None) -> str:
+    """The `model` field requests must carry for this server."""
+    if server.engine == "external":
+        return str(server.served_model_name)
+    if server.engine == "transformers":
+        # transformers serve pins the model it preloads and rejects requests naming anything else.
+        return str(model or server.model)
+    return server.served_model_name or Path(str(model or server.model)).name
+
+
+def vllm_command(server: ServerConfig, host: str, port: int, model: str | None = None) -> list[str]:
+    options = server.vllm
+    command = [
+        executable("vllm"),
+        "serve",
+        str(model or server.model),  # positional model path (cli/serve.html)
+        # --host/--port: address of the API server (cli/serve.html).
+        "--host",
+        host,
+        "--port",
+        str(port),
+        # --served-model-name: the name clients send as `model` (engine_args.html#--served-model-name).
+        "--served-model-name",
+        request_model_name(server, model),
+        # --tensor-parallel-size: GPUs one replica is split over (engine_args.html#--tensor-parallel-size).
+        "--tensor-parallel-size",
+        str(options.tensor_parallel_size),
+        # --data-parallel-size: replicas behind this one server (engine_args.html#--data-parallel-size).
+        "--data-parallel-size",
+        str(options.data_parallel_size),
+        # --gpu-memory-utilization: share of each GPU taken (engine_args.html#--gpu-memory-utilization).
+        "--gpu-memory-utilization",
+        str(options.gpu_memory_utilization),
+        # --dtype: weights dtype (engine_args.html#--dtype).
+        "--dtype",
+        options.dtype,
+        # --generation-config vllm: ignore the checkpoint's generation_config.json so its sampling
+        # defaults never override the role's request (engine_args.html#--generation-config).
+        "--generation-config",
+        "vllm",
+    ]
+    if options.max_model_len is not None:
+        # --max-model-len: context length (engine_args.html#--max-model-len).
+        command += ["--max-model-len", str(options.max_model_len)]
+    return command + list(options.extra_args)
+
+
+def transformers_command(server: ServerConfig, host: str, port: int, model: str | None = None) -> list[str]:
+    options = server.transformers
+    command = [
+        executable("transformers"),
+        "serve",
+        str(model or server.model),  # preloaded and pinned: the only model this server answers for
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--device",
+        options.device,
+        "--dtype",
+        options.dtype,
+        "--log-level",
+        "info",
+    ]
+    return command + list(options.extra_args)
+
+
+def server_command(server: ServerConfig, host: str, port: int, model: str | None = None) -> list[str]:
+    if server.engine == "vllm":
+        return vllm_command(server, host, port, model)
+    if server.engine == "transformers":
+        return transformers_command(server, host, port, model)
+    raise ValueError(f"engine {server.engine!r} is not started by lion-local")
+
+
+def server_environment(server: ServerConfig, api_key: str | None, vllm_internal_port: int | None = None) -> dict:
+    """The offline environment, plus the API key where the server reads it (never the command line)."""
+    extra: dict[str, str] = {}
+    if server.engine == "vllm":
+        if api_key:
+            # VLLM_API_KEY makes the server require this key, like --api-key, without putting the
+            # key on a command line that `ps` shows (env_vars.html#VLLM_API_KEY).
+            extra["VLLM_API_KEY"] = api_key
+        if vllm_internal_port is not None:
+            # VLLM_PORT: base of vLLM's internal ports; two servers on one node need distinct
+            # ranges (env_vars.html#VLLM_PORT).
+            extra["VLLM_PORT"] = str(vllm_internal_port)
+    return offline_environ(**extra)

@@ -1,0 +1,139 @@
+"""One server process: started in its own process group, health-checked, stopped as a group.
+
+Stopping sends SIGTERM to the whole group, waits, then SIGKILLs the group: vLLM's engine-core
+workers are separate processes and SIGKILL of the API server alone can leave them holding GPUs.
+On Linux the server also gets SIGTERM when the process that started it dies, so a killed
+lion-local does not leave servers behind.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import httpx
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ServerError(RuntimeError):
+    """A server that would not start or died; the message says which and where its log is."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+
+class ServerProcess:
+    def __init__(
+        self,
+        name: str,
+        command: list[str],
+        environment: dict[str, str],
+        log_path: Path,
+        health_url: str,
+        startup_timeout_s: float,
+        stop_grace_s: float = 30.0,
+    ) -> None:
+        self.name = name
+        self.command = command
+        self.environment = environment
+        self.log_path = log_path
+        self.health_url = health_url
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_grace_s = stop_grace_s
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}: {shlex.join(self.command)}\n")
+            log.flush()
+            self.process = subprocess.Popen(
+                self.command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.environment,
+                start_new_session=True,
+                preexec_fn=_die_with_parent,
+            )
+        logger.info("started %s server (pid %d), log: %s", self.name, self.process.pid, self.log_path)
+
+    def wait_until_healthy(self) -> None:
+        """Poll /health until it answers 200; fail fast if the process exits first."""
+        assert self.process is not None, "start() first"
+        deadline = time.monotonic() + self.startup_timeout_s
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            while True:
+                code = self.process.poll()
+                if code is not None:
+                    raise ServerError(
+                        f"{self.name} server exited with code {code} while starting; "
+                        f"last log lines: {self.log_tail()!r}; full log: {self.log_path}"
+                    )
+                try:
+                    if client.get(self.health_url).status_code == 200:
+                        logger.info("%s server is healthy at %s", self.name, self.health_url)
+                        return
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise ServerError(
+                        f"{self.name} server not healthy after {self.startup_timeout_s:.0f} s "
+                        f"(servers.{self.name}.startup_timeout_s); log: {self.log_path}"
+                    )
+                time.sleep(0.5)
+
+    def is_alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM the process group, wait up to stop_grace_s, then SIGKILL the group."""
+        if self.process is None:
+            return
+        pgid = self.process.pid  # start_new_session made the server its group's leader
+        if self.process.poll() is None:
+            _signal_group(pgid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=self.stop_grace_s)
+            except subprocess.TimeoutExpired:
+                logger.warning("%s server ignored SIGTERM for %.0f s; killing it", self.name, self.stop_grace_s)
+        # Children (e.g. vLLM engine cores) may outlive the leader; the group goes in every case.
+        _signal_group(pgid, signal.SIGKILL)
+        self.process.wait()
+        logger.info("stopped %s server (exit code %s)", self.name, self.process.returncode)
+
+    def log_tail(self, lines: int = 5) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as log:
+                return " | ".join(line.strip() for line in deque(log, maxlen=lines))
+        except OSError:
+            return ""
+
+
+def _signal_group(pgid: int, signum: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
