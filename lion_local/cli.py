@@ -148,7 +148,7 @@ def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"{'OK  ' if check.ok else 'FAIL'}  {check.name:<18} {check.detail}")
         if check.raw is not None:
             click.echo(f"      raw:    {_one_line(check.raw)}")
-        if check.parsed is not None:
+        if check.parsed is not None and check.parsed != repr(check.raw):
             click.echo(f"      parsed: {_one_line(check.parsed)}")
     failed = [check.name for check in checks if not check.ok]
     if failed:
@@ -174,7 +174,8 @@ def _ensure_tiny(config: Config) -> None:
 
 
 def _one_line(text: str, limit: int = 300) -> str:
-    flat = text.replace("\n", "\\n")
+    """Newlines and other unprintable characters escaped, so each reply stays on one line."""
+    flat = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
     return flat if len(flat) <= limit else flat[:limit] + "..."
 
 

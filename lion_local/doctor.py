@@ -133,10 +133,10 @@ async def _check_roles(
                 break
         checks.append(referee_check)
 
-        for kind in ("hard", "easy"):
+        for offset, kind in enumerate(("hard", "easy")):
             generator_check, _ = await attempt(
                 "generator",
-                lambda c: ask_generator(c, roles.generator, instruction, input_text, kind, seed=config.seed),
+                lambda c: ask_generator(c, roles.generator, instruction, input_text, kind, seed=config.seed + offset),
                 parse_generated_instruction,
                 "the reply did not hold exactly one new instruction",
             )

@@ -53,13 +53,13 @@ class TinyBuild:
     seed: int = 0
     vocab_size: int = 2048
     teacher_hidden: int = 128
-    teacher_layers: int = 4
+    teacher_layers: int = 3
     student_hidden: int = 64
     student_layers: int = 2
-    train_steps: int = 500
+    train_steps: int = 300
     batch_size: int = 16
     learning_rate: float = 3e-3
-    referee_examples_per_seed: int = 6
+    referee_examples_per_seed: int = 3
 
 
 def builtin_seed_data() -> Path:
@@ -271,11 +271,16 @@ def train_teacher(
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_factor)
     model.train()
-    progress = tqdm(range(build.train_steps), desc="training tiny teacher", unit="step", leave=False)
+    progress = tqdm(range(build.train_steps), desc="training tiny teacher", unit="step", mininterval=2.0)
     for _ in progress:
         start = rng.randrange(max(1, len(encoded) - build.batch_size + 1))
         input_ids, labels, attention = _batch(encoded[start : start + build.batch_size], tokenizer.pad_token_id)
-        loss = model(input_ids=input_ids, attention_mask=attention, labels=labels).loss
+        hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+        # Project to the vocabulary only where a completion token is predicted: prompts are most
+        # of each example and their logits would be thrown away.
+        predicts = labels[:, 1:] != -100
+        logits = model.lm_head(hidden[:, :-1][predicts])
+        loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][predicts])
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

@@ -1,0 +1,156 @@
+"""Every role against a real `transformers serve` process hosting the tiny models."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lion_local.config import load_config
+from lion_local.roles import (
+    ask_generator,
+    ask_referee,
+    ask_student,
+    ask_teacher,
+    parse_generated_instruction,
+    parse_referee_scores,
+    parse_teacher_answer,
+)
+from lion_local.seed_data import load_seed_instructions
+from lion_local.tiny_models import TinyBuild, make_tiny_models
+from serving import ServerError, client_for, running_server
+
+pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "sk-lion-test-4b1d9e7c"
+
+
+async def _exercise_roles(config, endpoints, seeds):
+    teacher_client = client_for(endpoints["teacher"], config.servers["teacher"])
+    student_client = client_for(endpoints["student"], config.servers["student"])
+    roles = config.roles
+    results = []
+    try:
+        for index, seed in enumerate(seeds):
+            answer = await ask_teacher(teacher_client, roles.teacher, seed.instruction, seed.input, seed=index)
+            student = await ask_student(student_client, roles.student, seed.instruction, seed.input, seed=index)
+            teacher_first = await ask_referee(
+                teacher_client, roles.referee, seed.instruction, seed.input, answer.text, student.text, seed=index
+            )
+            student_first = await ask_referee(
+                teacher_client, roles.referee, seed.instruction, seed.input, student.text, answer.text, seed=index
+            )
+            hard = await ask_generator(teacher_client, roles.generator, seed.instruction, seed.input, "hard", seed=index)
+            easy = await ask_generator(teacher_client, roles.generator, seed.instruction, seed.input, "easy", seed=index)
+            results.append((answer, student, teacher_first, student_first, hard, easy))
+        return results, {**teacher_client.usage, **student_client.usage}
+    finally:
+        await teacher_client.aclose()
+        await student_client.aclose()
+
+
+def test_every_role_returns_a_well_formed_parsed_result(tiny_run_config: Path, tmp_path: Path):
+    config = load_config(tiny_run_config)
+    seeds = load_seed_instructions(config.seed_data)[::20]  # 8 instructions across the categories
+    with running_server(config, "teacher", tmp_path / "logs") as teacher, running_server(
+        config, "student", tmp_path / "logs"
+    ) as student:
+        results, usage = asyncio.run(_exercise_roles(config, {"teacher": teacher, "student": student}, seeds))
+
+    reviews = [parse_referee_scores(r.text) for _, _, a, b, _, _ in results for r in (a, b)]
+    generated = [parse_generated_instruction(r.text) for *_, hard, easy in results for r in (hard, easy)]
+    assert all(parse_teacher_answer(answer.text) for answer, *_ in results)
+    assert all(student.finish_reason in ("stop", "length") for _, student, *_ in results)
+    assert sum(review is not None for review in reviews) >= 14, [r.text for *_, a, b, _, _ in results for r in (a, b)]
+    scores = [score for review in reviews if review for score in review]
+    assert all(1 <= score <= 10 for score in scores)
+    assert len(set(reviews) - {None}) >= 2, "the referee's scores must vary between instructions"
+    well_formed = [text for text in generated if text and len(text.split()) >= 4]
+    assert len(well_formed) >= 12, [r.text for *_, hard, easy in results for r in (hard, easy)]
+
+    assert usage["teacher"].calls == usage["student"].calls == len(seeds)
+    assert usage["referee"].calls == usage["generator"].calls == 2 * len(seeds)
+    for role in ("teacher", "referee", "generator", "student"):
+        assert usage[role].prompt_tokens > 0 and usage[role].completion_tokens > 0, role
+
+
+def test_doctor_reports_every_role_ok_and_never_writes_the_key(tiny_run_config: Path, tmp_path: Path):
+    env = {**os.environ, "LION_TEST_API_KEY": SECRET}
+    completed = subprocess.run(
+        [sys.executable, "-m", "lion_local", "doctor", "--config", str(tiny_run_config),
+         "--set", "servers.teacher.api_key_env=LION_TEST_API_KEY", "--set", "servers.student.api_key_env=LION_TEST_API_KEY"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    for check in ("server student", "server teacher", "teacher", "student", "referee", "generator (hard)", "generator (easy)"):
+        assert any(line.startswith("OK") and line[6:].startswith(check) for line in completed.stdout.splitlines()), check
+    assert "doctor: all 7 checks passed" in completed.stdout
+    assert SECRET not in completed.stdout + completed.stderr
+    written = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert any(path.name == "server-teacher.log" for path in written)
+    for path in written:
+        assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_a_server_that_cannot_load_its_model_fails_fast_naming_its_log(tiny_run_config: Path, tmp_path: Path):
+    not_a_model = tmp_path / "empty-model"
+    not_a_model.mkdir()
+    config = load_config(tiny_run_config, [f"servers.teacher.model={not_a_model}"])
+    started = time.monotonic()
+    with pytest.raises(ServerError, match=r"teacher server exited with code \d+ while starting.*server-teacher.log"):
+        with running_server(config, "teacher", tmp_path / "logs"):
+            pass
+    assert time.monotonic() - started < 60
+
+
+_SERVER_WITH_A_CHILD = """
+import http.server, subprocess, sys
+child = subprocess.Popen(["sleep", "300"])
+print("CHILD-PID", child.pid, flush=True)
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"ok")
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+
+def test_stopping_a_server_ends_its_whole_process_group(tmp_path: Path):
+    from serving.process import ServerProcess, free_port
+
+    port = free_port()
+    log = tmp_path / "server.log"
+    server = ServerProcess(
+        "fake", [sys.executable, "-c", _SERVER_WITH_A_CHILD, str(port)], dict(os.environ), log,
+        f"http://127.0.0.1:{port}/health", startup_timeout_s=30, stop_grace_s=5,
+    )
+    server.start()
+    server.wait_until_healthy()
+    child = int(next(line for line in log.read_text().splitlines() if line.startswith("CHILD-PID")).split()[1])
+    os.kill(child, 0)  # alive
+    server.stop()
+    assert not server.is_alive()
+    with pytest.raises(ProcessLookupError):
+        for _ in range(50):  # the child is reaped by init shortly after the group is killed
+            os.kill(child, 0)
+            time.sleep(0.1)
+
+
+def _digest(directory: Path) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_tiny_models_are_deterministic_for_a_seed(tmp_path: Path):
+    build = TinyBuild(seed=3, train_steps=3)
+    first = make_tiny_models(tmp_path / "a", build=build)
+    second = make_tiny_models(tmp_path / "b", build=build)
+    other = make_tiny_models(tmp_path / "c", build=TinyBuild(seed=4, train_steps=3))
+    assert _digest(first / "teacher") == _digest(second / "teacher")
+    assert _digest(first / "student") == _digest(second / "student")
+    assert (first / "teacher/tokenizer.json").read_bytes() == (second / "teacher/tokenizer.json").read_bytes()
+    assert _digest(first / "teacher") != _digest(other / "teacher")

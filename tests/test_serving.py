@@ -1,0 +1,98 @@
+"""Command lines and environments of the servers lion-local starts (no server is started here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from lion_local.config import load_config
+from lion_local.offline import OFFLINE_ENVIRONMENT
+from serving import server_launch
+from serving.commands import request_model_name, server_environment, transformers_command, vllm_command
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_vllm_command_line_has_every_configured_flag():
+    config = load_config(
+        ROOT / "configs/lion-7b.yaml",
+        ["servers.teacher.model=/models/teacher-70b", "servers.teacher.vllm.extra_args=[--enable-chunked-prefill]"],
+    )
+    command = vllm_command(config.servers["teacher"], "0.0.0.0", 8123)
+    assert Path(command[0]).name == "vllm"
+    assert command[1:] == [
+        "serve", "/models/teacher-70b",
+        "--host", "0.0.0.0", "--port", "8123",
+        "--served-model-name", "teacher",
+        "--tensor-parallel-size", "4",
+        "--data-parallel-size", "1",
+        "--gpu-memory-utilization", "0.9",
+        "--dtype", "auto",
+        "--generation-config", "vllm",
+        "--max-model-len", "8192",
+        "--enable-chunked-prefill",
+    ]
+
+
+def test_vllm_served_name_defaults_to_the_model_directory_name():
+    config = load_config(ROOT / "configs/lion-7b.yaml", ["servers.student.served_model_name=null"])
+    command = vllm_command(config.servers["student"], "127.0.0.1", 9000, model="/runs/x/iter_2/student")
+    assert command[command.index("--served-model-name") + 1] == "student"
+    assert command[2] == "/runs/x/iter_2/student"
+    assert request_model_name(config.servers["student"], "/runs/x/iter_2/student") == "student"
+
+
+def test_api_key_reaches_vllm_only_through_its_environment(monkeypatch):
+    monkeypatch.setenv("TEACHER_KEY", "sk-abc-123")
+    config = load_config(ROOT / "configs/lion-7b.yaml", ["servers.teacher.api_key_env=TEACHER_KEY"])
+    launch = server_launch(config, "teacher")
+    assert "sk-abc-123" not in " ".join(launch.command)
+    assert "--api-key" not in launch.command
+    assert launch.environment["VLLM_API_KEY"] == "sk-abc-123"
+    assert "sk-abc-123" not in repr(launch)
+    assert int(launch.environment["VLLM_PORT"]) != launch.port
+
+
+def test_every_started_server_gets_the_offline_environment():
+    config = load_config(ROOT / "configs/tiny-cpu.yaml")
+    for name in ("teacher", "student"):
+        environment = server_environment(config.servers[name], api_key=None)
+        for key, value in OFFLINE_ENVIRONMENT.items():
+            assert environment[key] == value
+    assert set(OFFLINE_ENVIRONMENT) >= {
+        "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_DISABLE_TELEMETRY",
+        "VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "WANDB_MODE",
+    }
+
+
+def test_transformers_command_serves_the_pinned_local_model():
+    config = load_config(ROOT / "configs/tiny-cpu.yaml")
+    server = config.servers["teacher"]
+    command = transformers_command(server, "127.0.0.1", 8555)
+    assert Path(command[0]).name == "transformers"
+    assert command[1:] == [
+        "serve", server.model, "--host", "127.0.0.1", "--port", "8555", "--device", "cpu", "--dtype", "auto",
+        "--log-level", "info",
+    ]
+    # transformers serve rejects requests naming another model than the one it preloads.
+    assert request_model_name(server) == server.model
+
+
+def test_launch_picks_a_free_port_and_builds_the_urls():
+    config = load_config(ROOT / "configs/tiny-cpu.yaml")
+    launch = server_launch(config, "teacher")
+    assert launch.base_url == f"http://127.0.0.1:{launch.port}/v1"
+    assert launch.health_url == f"http://127.0.0.1:{launch.port}/health"
+    fixed = server_launch(load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.port=8999"]), "teacher")
+    assert fixed.port == 8999
+
+
+def test_external_endpoint_uses_its_served_model_name():
+    config = load_config(ROOT / "configs/tiny-cpu.yaml", [
+        "servers.teacher.engine=external", "servers.teacher.base_urls=[http://a:1/v1, http://b:2/v1]",
+        "servers.teacher.served_model_name=big-teacher",
+    ])
+    assert request_model_name(config.servers["teacher"]) == "big-teacher"
+    with pytest.raises(ValueError, match="not started by lion-local"):
+        server_launch(config, "teacher")
