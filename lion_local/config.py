@@ -72,6 +72,9 @@ class ServerConfig(_Strict):
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (keys never go in config)."
     )
+    use_env_proxy: bool = Field(
+        False, description="Send requests through the HTTP(S)_PROXY variables (a hosted API behind a proxy)."
+    )
     host: str = Field("127.0.0.1", description="Address a started server binds to.")
     port: int | None = Field(None, ge=1, le=65535, description="Port of a started server; None picks a free one.")
     startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for a started server's /health.")

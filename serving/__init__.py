@@ -91,4 +91,5 @@ def client_for(endpoint: Endpoint, server: ServerConfig) -> EndpointClient:
         failure_budget_s=server.failure_budget_s,
         backoff_initial_s=server.backoff_initial_s,
         backoff_max_s=server.backoff_max_s,
+        use_env_proxy=server.use_env_proxy,
     )
