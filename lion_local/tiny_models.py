@@ -286,7 +286,7 @@ def train_teacher(
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        progress.set_postfix(loss=f"{loss.item():.3f}")
+        progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     logger.info("tiny teacher trained for %d steps, last loss %.3f", build.train_steps, loss.item())
     model.eval()
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import signal
 import os
 import subprocess
 import sys
@@ -80,10 +81,19 @@ def test_every_role_returns_a_well_formed_parsed_result(tiny_run_config: Path, t
         assert usage[role].prompt_tokens > 0 and usage[role].completion_tokens > 0, role
 
 
-def test_doctor_reports_every_role_ok_and_never_writes_the_key(tiny_run_config: Path, tmp_path: Path):
+def _loopback_only() -> list[str]:
+    """A command prefix that runs its command in a new network namespace with only loopback up."""
+    probe = subprocess.run(["unshare", "-n", "ip", "link", "set", "lo", "up"], capture_output=True)
+    if probe.returncode != 0:
+        print(f"note: cannot make a network namespace here ({probe.stderr.decode().strip()}); running with the network")
+        return []
+    return ["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "sh"]
+
+
+def test_doctor_reports_every_role_ok_offline_and_never_writes_the_key(tiny_run_config: Path, tmp_path: Path):
     env = {**os.environ, "LION_TEST_API_KEY": SECRET}
     completed = subprocess.run(
-        [sys.executable, "-m", "lion_local", "doctor", "--config", str(tiny_run_config),
+        [*_loopback_only(), sys.executable, "-m", "lion_local", "doctor", "--config", str(tiny_run_config),
          "--set", "servers.teacher.api_key_env=LION_TEST_API_KEY", "--set", "servers.student.api_key_env=LION_TEST_API_KEY"],
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
@@ -154,3 +164,33 @@ def test_tiny_models_are_deterministic_for_a_seed(tmp_path: Path):
     assert _digest(first / "student") == _digest(second / "student")
     assert (first / "teacher/tokenizer.json").read_bytes() == (second / "teacher/tokenizer.json").read_bytes()
     assert _digest(first / "teacher") != _digest(other / "teacher")
+
+
+def test_serve_runs_the_teacher_in_the_foreground_until_terminated(tiny_run_config: Path, tmp_path: Path):
+    server = subprocess.Popen(
+        [sys.executable, "-m", "lion_local", "serve", "teacher", "--config", str(tiny_run_config)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=tmp_path,
+    )
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("teacher serving at http://127.0.0.1:"), line
+        base_url = line.split()[3]
+        config = load_config(tiny_run_config)
+
+        async def ask():
+            from serving import Endpoint
+
+            endpoint = Endpoint("teacher", [base_url], config.servers["teacher"].model)
+            async with client_for(endpoint, config.servers["teacher"]) as client:
+                return await ask_teacher(client, config.roles.teacher, "Name a planet.", seed=1)
+
+        assert parse_teacher_answer(asyncio.run(ask()).text)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0
+    port = int(base_url.rsplit(":", 1)[1].split("/")[0])
+    import socket
+
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert (tmp_path / "run/logs/serve-teacher.log").exists()
