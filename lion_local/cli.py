@@ -127,10 +127,14 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
 @click.option("--seed", default=0, show_default=True, help="Seed of weights, corpus and training.")
 @click.option("--seed-data", type=click.Path(dir_okay=False), help="Seed instructions (default: built-in set).")
 @click.option("--steps", type=click.IntRange(min=1), help="Teacher training steps (default: the tested budget).")
-def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None) -> None:
+@click.option("--force", is_flag=True, help="Replace OUT/teacher and OUT/student if they exist.")
+def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None, force: bool) -> None:
     """Build a tiny LLaMA teacher (trained on CPU) and a random tiny student in OUT/teacher, OUT/student."""
     from lion_local.tiny_models import TinyBuild, make_tiny_models
 
+    existing = [str(Path(out_dir) / name) for name in ("teacher", "student") if (Path(out_dir) / name).exists()]
+    if existing and not force:
+        raise click.UsageError(f"{', '.join(existing)} already exist(s); pass --force to replace them")
     build = TinyBuild(seed=seed) if steps is None else TinyBuild(seed=seed, train_steps=steps)
     make_tiny_models(out_dir, seed_data, build)
     click.echo(f"tiny teacher and student written to {out_dir}/teacher and {out_dir}/student")
