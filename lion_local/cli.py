@@ -103,6 +103,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
         click.echo(shlex.join(launch.command) + secret_note)
         return
     check_models_exist(config, [server_name])
+    api_key_for(config, server_name)
     _ensure_tiny(config)
     launch = server_launch(config, server_name)
     log_path = Path(config.run_dir) / "logs" / f"serve-{server_name}.log"

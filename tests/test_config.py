@@ -272,3 +272,18 @@ def test_dry_run_prints_the_command_and_never_the_key(tiny_config: Path, monkeyp
     assert result.exit_code == 0, result.output
     assert "vllm serve" in result.output and "--generation-config vllm" in result.output
     assert "sk-secret-value-42" not in result.output and "$LION_TEST_KEY" in result.output
+
+
+@pytest.mark.parametrize("command", [["doctor"], ["serve", "teacher"]], ids=" ".join)
+def test_unset_api_key_variable_is_rejected_before_anything_starts(command, tiny_config: Path, tmp_path: Path, monkeypatch):
+    monkeypatch.delenv("LION_UNSET_KEY", raising=False)
+    before = _snapshot(tmp_path)
+    result = CliRunner().invoke(
+        main, [*command, "--config", str(tiny_config), "--set", "servers.teacher.api_key_env=LION_UNSET_KEY"]
+    )
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines() == [
+        "error: servers.teacher.api_key_env: environment variable LION_UNSET_KEY is not set; "
+        "export LION_UNSET_KEY=<key> before running"
+    ]
+    assert _snapshot(tmp_path) == before
