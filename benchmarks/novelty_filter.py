@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import resource
 import sys
@@ -42,10 +43,10 @@ THRESHOLD = 0.7
 def load_instructions(path: Path, rng: random.Random) -> list[str]:
     if path.exists():
         texts = [json.loads(line)["instruction"] for line in path.open(encoding="utf-8") if line.strip()]
-        print(f"data: {len(texts)} real instructions from {path}")
+        print(f"data: {len(texts)} real instructions from {os.path.relpath(path)}")
     else:
         texts = _synthesize(20_000, rng)
-        print(f"data: {path} not found; using {len(texts)} SYNTHESIZED instructions (figures not comparable)")
+        print(f"data: {os.path.relpath(path)} not found; using {len(texts)} SYNTHESIZED instructions (figures not comparable)")
     unique = list(dict.fromkeys(texts))
     rng.shuffle(unique)
     return unique
