@@ -87,6 +87,7 @@ def show_config(config_path: str, overrides: tuple[str, ...]) -> None:
 def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool) -> None:
     """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
     in the foreground until interrupted."""
+    from lion_local.tiny_models import ensure_tiny_models
     from serving import server_launch
     from serving.process import ServerProcess
 
@@ -104,7 +105,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
         return
     check_models_exist(config, [server_name])
     api_key_for(config, server_name)
-    _ensure_tiny(config)
+    ensure_tiny_models(config)
     launch = server_launch(config, server_name)
     log_path = Path(config.run_dir) / "logs" / f"serve-{server_name}.log"
     process = ServerProcess(
@@ -170,12 +171,6 @@ def _server_name(config: Config, name: str) -> str:
         return role.server
     choices = ", ".join(sorted({*config.servers, "teacher", "referee", "generator", "student"}))
     raise ConfigError(f"serve {name}: no server or role of that name; choose one of: {choices}")
-
-
-def _ensure_tiny(config: Config) -> None:
-    from lion_local.tiny_models import ensure_tiny_models
-
-    ensure_tiny_models(config)
 
 
 def _one_line(text: str, limit: int = 300) -> str:
