@@ -88,8 +88,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
     in the foreground until interrupted."""
     from lion_local.tiny_models import ensure_tiny_models
-    from serving import server_launch
-    from serving.process import ServerProcess
+    from serving import server_launch, server_process
 
     config = load_config(config_path, overrides)
     server_name = _server_name(config, name)
@@ -106,11 +105,8 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     check_models_exist(config, [server_name])
     api_key_for(config, server_name)
     ensure_tiny_models(config)
-    launch = server_launch(config, server_name)
     log_path = Path(config.run_dir) / "logs" / f"serve-{server_name}.log"
-    process = ServerProcess(
-        server_name, launch.command, launch.environment, log_path, launch.health_url, server.startup_timeout_s
-    )
+    process, launch = server_process(config, server_name, log_path)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     process.start()
     try:

@@ -116,6 +116,13 @@ class _RoleBase(_Strict):
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(ge=1, description="Most tokens generated per request.")
 
+    def request_params(self, seed: int | None = None, max_tokens: int | None = None) -> dict:
+        """The sampling fields of one request; `seed` only when given (not every server takes it)."""
+        params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": max_tokens or self.max_tokens}
+        if seed is not None:
+            params["seed"] = seed
+        return params
+
 
 class TeacherRole(_RoleBase):
     """The teacher answers instructions (chat completions)."""

@@ -17,7 +17,7 @@ from lion_local.endpoint import EndpointClient
 from serving.commands import request_model_name, server_command, server_environment
 from serving.process import ServerError, ServerProcess, free_port
 
-__all__ = ["Endpoint", "ServerError", "client_for", "running_server", "server_launch"]
+__all__ = ["Endpoint", "ServerError", "client_for", "running_server", "server_launch", "server_process"]
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,6 @@ class ServerLaunch:
 
     command: list[str]
     environment: dict[str, str] = field(repr=False)
-    host: str
     port: int
     base_url: str
     health_url: str
@@ -46,12 +45,30 @@ def _url_host(host: str) -> str:
 
 def server_launch(config: Config, name: str, model: str | None = None) -> ServerLaunch:
     server = config.servers[name]
-    port = server.port or free_port(server.host if server.host not in ("0.0.0.0", "::") else "127.0.0.1")
+    port = server.port or free_port(_url_host(server.host))
     internal_port = free_port() if server.engine == "vllm" else None
     command = server_command(server, server.host, port, model)
     environment = server_environment(server, api_key_for(config, name), internal_port)
     root = f"http://{_url_host(server.host)}:{port}"
-    return ServerLaunch(command, environment, server.host, port, f"{root}/v1", f"{root}/health")
+    return ServerLaunch(command, environment, port, f"{root}/v1", f"{root}/health")
+
+
+def server_process(
+    config: Config, name: str, log_path: Path, model: str | None = None
+) -> tuple[ServerProcess, ServerLaunch]:
+    """The (not yet started) process of server `name`, and what it will run."""
+    server = config.servers[name]
+    launch = server_launch(config, name, model)
+    process = ServerProcess(
+        name,
+        launch.command,
+        launch.environment,
+        log_path,
+        launch.health_url,
+        server.startup_timeout_s,
+        stop_grace_s=60.0 if server.engine == "vllm" else 15.0,
+    )
+    return process, launch
 
 
 @contextmanager
@@ -62,16 +79,7 @@ def running_server(config: Config, name: str, log_dir: Path, model: str | None =
     if server.engine == "external":
         yield Endpoint(name, list(server.base_urls), request_model_name(server), api_key)
         return
-    launch = server_launch(config, name, model)
-    process = ServerProcess(
-        name,
-        launch.command,
-        launch.environment,
-        Path(log_dir) / f"server-{name}.log",
-        launch.health_url,
-        server.startup_timeout_s,
-        stop_grace_s=60.0 if server.engine == "vllm" else 15.0,
-    )
+    process, launch = server_process(config, name, Path(log_dir) / f"server-{name}.log", model)
     process.start()
     try:
         process.wait_until_healthy()

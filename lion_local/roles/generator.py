@@ -59,11 +59,5 @@ async def ask_generator(
     kind: SeedKind,
     seed: int | None = None,
 ) -> Completion:
-    params = {
-        "temperature": role.temperature,
-        "top_p": role.top_p,
-        "max_tokens": generator_max_tokens(role, instruction),
-    }
-    if seed is not None:
-        params["seed"] = seed
+    params = role.request_params(seed, max_tokens=generator_max_tokens(role, instruction))
     return await client.chat("generator", generator_messages(instruction, input_text, kind), **params)

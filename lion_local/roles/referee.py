@@ -49,9 +49,7 @@ async def ask_referee(
     answer_2: str,
     seed: int | None = None,
 ) -> Completion:
-    params = {"temperature": role.temperature, "top_p": role.top_p, "max_tokens": role.max_tokens}
-    if seed is not None:
-        params["seed"] = seed
+    params = role.request_params(seed)
     return await client.chat("referee", referee_messages(instruction, input_text, answer_1, answer_2), **params)
 
 _FLAGS = re.IGNORECASE | re.MULTILINE

@@ -30,9 +30,7 @@ def student_training_text(instruction: str, input_text: str, answer: str, eos_to
 async def ask_student(
     client: EndpointClient, role: StudentRole, instruction: str, input_text: str = "", seed: int | None = None
 ) -> Completion:
-    params = {"temperature": role.temperature, "top_p": role.top_p, "max_tokens": role.max_tokens}
-    if seed is not None:
-        params["seed"] = seed
+    params = role.request_params(seed)
     if role.prompt_format == "chat":
         return await client.chat("student", student_chat_messages(instruction, input_text), **params)
     return await client.complete("student", student_prompt(instruction, input_text), **params)

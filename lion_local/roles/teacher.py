@@ -23,7 +23,5 @@ def parse_teacher_answer(text: str) -> str | None:
 async def ask_teacher(
     client: EndpointClient, role: TeacherRole, instruction: str, input_text: str = "", seed: int | None = None
 ) -> Completion:
-    params = {"temperature": role.temperature, "top_p": role.top_p, "max_tokens": role.max_tokens}
-    if seed is not None:
-        params["seed"] = seed
+    params = role.request_params(seed)
     return await client.chat("teacher", teacher_messages(instruction, input_text, role.system_prompt), **params)
