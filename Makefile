@@ -25,7 +25,8 @@ test: install
 	$(BIN)/python -m pytest
 
 demo: install
-	$(BIN)/lion-local doctor --config configs/tiny-cpu.yaml
+	$(BIN)/lion-local run --config configs/tiny-cpu.yaml
+	$(BIN)/lion-local status --config configs/tiny-cpu.yaml
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache

@@ -18,6 +18,8 @@ import click
 from lion_local import __version__
 from lion_local.config import Config, ConfigError, api_key_for, check_models_exist, config_to_yaml, load_config
 from lion_local.endpoint import EndpointError
+from lion_local.imitation import TrainingError
+from lion_local.run_state import RunLockedError, StageOrderError
 from lion_local.seed_data import SeedDataError
 from serving.process import ServerError
 
@@ -31,10 +33,10 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ConfigError, SeedDataError) as exc:
+        except (ConfigError, SeedDataError, StageOrderError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
-        except (ServerError, EndpointError) as exc:
+        except (ServerError, EndpointError, TrainingError, RunLockedError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
 
@@ -157,6 +159,56 @@ def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
         click.echo(f"doctor: FAILED: {', '.join(failed)}", err=True)
         sys.exit(1)
     click.echo(f"doctor: all {len(checks)} checks passed")
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM (scancel, a job's time limit) unwinds like Ctrl-C, so servers are stopped cleanly."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def _execute(config_path: str, overrides: tuple[str, ...], scope: str, stage: str | None = None) -> None:
+    from lion_local.loop import execute, status_lines
+
+    config = load_config(config_path, overrides)
+    _stop_on_sigterm()
+    done = execute(config, scope, stage)
+    if not done:
+        click.echo(f"run {config.run_dir} is complete: nothing to do")
+        return
+    click.echo(f"completed {', '.join(done)}")
+    click.echo("\n".join(status_lines(config)))
+
+
+@main.command()
+@config_options
+def run(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Run every remaining stage of every iteration, then the final imitation (resumes a killed run)."""
+    _execute(config_path, overrides, "run")
+
+
+@main.command()
+@config_options
+def iteration(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Run the remaining stages of the next iteration (or the final imitation when only it is left)."""
+    _execute(config_path, overrides, "iteration")
+
+
+@main.command()
+@click.argument("name", type=click.Choice(["imitation", "discrimination", "generation", "final"]))
+@config_options
+def stage(name: str, config_path: str, overrides: tuple[str, ...]) -> None:
+    """Run one stage of the current iteration; it must be the next one (final: the final imitation)."""
+    _execute(config_path, overrides, "stage", name)
+
+
+@main.command()
+@config_options
+def status(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Where the run stands: iteration, next stage, and done/total of each stage's work."""
+    from lion_local.loop import status_lines
+
+    config = load_config(config_path, overrides)
+    click.echo("\n".join(status_lines(config)))
 
 
 def _server_name(config: Config, name: str) -> str:

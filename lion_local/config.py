@@ -193,6 +193,10 @@ class Imitation(_Strict):
     weight_decay: float = Field(0.0, ge=0)
     bf16: bool = Field(True, description="Train in bfloat16 (GPU); the CPU smoke mode sets false.")
     gradient_checkpointing: bool = Field(False)
+    save_steps: int = Field(
+        200, ge=1, description="Trainer checkpoint every this many optimizer steps, so a killed training resumes."
+    )
+    logging_steps: int = Field(10, ge=1, description="Loss logged every this many optimizer steps.")
     accelerate_config: str | None = Field(
         None, description="accelerate config file (configs/accelerate/*.yaml); None: one process."
     )

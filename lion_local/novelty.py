@@ -88,6 +88,12 @@ class NoveltyIndex:
         """True when every ROUGE-L F-measure of `text` against the pool is <= the threshold."""
         return self._search(text, stop_above=self.threshold)[0] <= self.threshold
 
+    def check(self, text: str) -> tuple[bool, float, int | None]:
+        """(novel?, F, pool index) where F is the maximum when novel, else the first F found above
+        the threshold (the search stops there), with the pool text it was found against."""
+        similarity, index = self._search(text, stop_above=self.threshold)
+        return similarity <= self.threshold, similarity, index
+
     # ------------------------------------------------------------------------------------------
 
     def _token_id(self, token: str) -> int:

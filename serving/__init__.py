@@ -8,7 +8,7 @@ server `name` of a config (or uses an external endpoint), waits for /health, yie
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,15 @@ from lion_local.endpoint import EndpointClient
 from serving.commands import request_model_name, server_command, server_environment
 from serving.process import ServerError, ServerProcess, free_port
 
-__all__ = ["Endpoint", "ServerError", "client_for", "running_server", "server_launch", "server_process"]
+__all__ = [
+    "Endpoint",
+    "ServerError",
+    "ServerSet",
+    "client_for",
+    "running_server",
+    "server_launch",
+    "server_process",
+]
 
 
 @dataclass(frozen=True)
@@ -101,3 +109,46 @@ def client_for(endpoint: Endpoint, server: ServerConfig) -> EndpointClient:
         backoff_max_s=server.backoff_max_s,
         use_env_proxy=server.use_env_proxy,
     )
+
+
+class ServerSet:
+    """Servers started on first use and kept running across stages until stopped.
+
+    The loop keeps the teacher up from one stage to the next, restarts the student server for
+    each new checkpoint, and stops everything before student training needs the GPUs.
+    """
+
+    def __init__(self, config: Config, log_dir: Path) -> None:
+        self.config = config
+        self.log_dir = Path(log_dir)
+        self._running: dict[str, tuple[str | None, ExitStack, Endpoint]] = {}
+
+    def endpoint(self, name: str, model: str | None = None) -> Endpoint:
+        if name in self._running:
+            running_model, _, endpoint = self._running[name]
+            if running_model == model:
+                return endpoint
+            self.stop(name)
+        stack = ExitStack()
+        endpoint = stack.enter_context(running_server(self.config, name, self.log_dir, model))
+        self._running[name] = (model, stack, endpoint)
+        return endpoint
+
+    def client(self, name: str, model: str | None = None) -> EndpointClient:
+        """A new async client for server `name`; the caller closes it."""
+        return client_for(self.endpoint(name, model), self.config.servers[name])
+
+    def stop(self, name: str) -> None:
+        if name in self._running:
+            _, stack, _ = self._running.pop(name)
+            stack.close()
+
+    def stop_all(self) -> None:
+        for name in list(self._running):
+            self.stop(name)
+
+    def __enter__(self) -> ServerSet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()

@@ -37,7 +37,8 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
+    """Ask Linux to SIGTERM this process when its parent dies (called in the child)."""
     if sys.platform.startswith("linux"):
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
@@ -75,7 +76,7 @@ class ServerProcess:
                 stderr=subprocess.STDOUT,
                 env=self.environment,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         logger.info("started %s server (pid %d), log: %s", self.name, self.process.pid, self.log_path)
 

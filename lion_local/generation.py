@@ -1,0 +1,207 @@
+"""Stage 3, generation: new instructions modelled on the hard and the easy ones.
+
+    lion-local stage generation --config X
+
+N = generation.new_per_iteration instructions are wanted, round(N x hard_ratio) from hard seeds
+and the rest from easy seeds; when one side has no seeds the other fills the whole quota. Each
+generator call takes a seed drawn uniformly from its side with an RNG fixed by (run seed,
+iteration, side, attempt number), so a re-run draws the same seeds. A reply is kept only when
+it parses as one instruction, passes the post-filters (generation.filters) and is novel: its
+ROUGE-L F against every Cache Pool instruction and every instruction accepted before it is at
+most generation.rouge_threshold (NoveltyIndex: rouge-score's exact values). Each side may make
+at most ceil(max_attempts_factor x its quota) calls; what it then still lacks is the shortfall.
+
+Calls are made in waves and every reply is journaled (generator_calls.jsonl); decisions are then
+taken in a fixed order (wave, side, attempt), so the accepted and rejected instructions are a
+pure function of the journal: a killed stage re-run replays the journal, asks only for the
+calls that were missing, and writes generated.jsonl and rejected.jsonl whole after each wave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import unicodedata
+from collections import Counter
+
+from lion_local.config import Config, GenerationFilters
+from lion_local.endpoint import EndpointClient
+from lion_local.journaled_calls import call_all
+from lion_local.novelty import NoveltyIndex
+from lion_local.records import by_id, instruction_id, instruction_record, pools_for, request_seed
+from lion_local.roles import ask_generator, parse_generated_instruction
+from lion_local.run_state import Journal, RunDir, StageOrderError, read_jsonl, write_atomic, write_jsonl_atomic
+from serving import ServerSet
+
+logger = logging.getLogger(__name__)
+
+SIDES = ("hard", "easy")
+_MIN_ACCEPTANCE_ESTIMATE = 0.2
+
+
+def plan_quotas(wanted: int, hard_ratio: float, hard_seeds: int, easy_seeds: int) -> tuple[dict[str, int], list[str]]:
+    """How many instructions each side must produce, and notes on any change to the ratio."""
+    hard = round(wanted * hard_ratio)
+    quotas = {"hard": hard, "easy": wanted - hard}
+    notes = []
+    if hard_seeds == 0 and easy_seeds == 0:
+        notes.append("no judged instructions (all unjudged): nothing to generate from")
+        return {"hard": 0, "easy": 0}, notes
+    if hard_seeds == 0 and quotas["hard"]:
+        notes.append(f"no hard seeds: easy seeds fill the whole quota ({wanted} instead of {quotas['easy']})")
+        quotas = {"hard": 0, "easy": wanted}
+    elif easy_seeds == 0 and quotas["easy"]:
+        notes.append(f"no easy seeds: hard seeds fill the whole quota ({wanted} instead of {quotas['hard']})")
+        quotas = {"hard": wanted, "easy": 0}
+    return quotas, notes
+
+
+def filter_reason(text: str, finish_reason: str | None, filters: GenerationFilters) -> tuple[str | None, str | None]:
+    """(instruction, None) when a reply passes the post-filters, else (instruction or None, reason)."""
+    instruction = parse_generated_instruction(text)
+    if instruction is None:
+        return None, "unparseable"
+    if filters.drop_truncated and finish_reason == "length":
+        return instruction, "truncated"
+    lowered = instruction.lower()
+    if any(word.lower() in lowered for word in filters.banned_words):
+        return instruction, "banned_word"
+    if len(instruction.split()) < filters.min_words:
+        return instruction, "too_short"
+    first = instruction[0]
+    if filters.drop_leading_punctuation and unicodedata.category(first).startswith(("P", "S")):
+        return instruction, "leading_punctuation"
+    if filters.drop_non_ascii_start and not first.isascii():
+        return instruction, "non_ascii_start"
+    return instruction, None
+
+
+def run_generation(config: Config, run: RunDir, k: int, servers: ServerSet) -> dict:
+    """Run (or finish) generation k; return the stage summary."""
+    directory = run.iteration(k)
+    _, cache_pool = pools_for(config, run, k)
+    judgements_path = directory / "judgements.jsonl"
+    if not judgements_path.exists():
+        raise StageOrderError(f"{k}/generation needs {judgements_path} from {k}/discrimination; run that first")
+    labels = {j["id"]: j["label"] for j in read_jsonl(judgements_path)}
+    seeds = {side: [r for r in cache_pool if labels.get(r["id"]) == side] for side in SIDES}
+    settings = config.generation
+    quotas, notes = plan_quotas(settings.new_per_iteration, settings.hard_ratio, len(seeds["hard"]), len(seeds["easy"]))
+    budgets = {side: math.ceil(settings.max_attempts_factor * quotas[side]) for side in SIDES}
+
+    index = NoveltyIndex(settings.rouge_threshold)
+    pool_ids: list[str] = []
+    for record in cache_pool:
+        index.add(record["instruction"])
+        pool_ids.append(record["id"])
+    pool = by_id(cache_pool)
+    known_ids = set(pool)
+
+    accepted: list[dict] = []
+    rejected: list[dict] = []
+    counts = {side: 0 for side in SIDES}
+    next_attempt = {side: 0 for side in SIDES}
+    decided = 0
+
+    with Journal(directory / "generator_calls.jsonl") as journal:
+        replies = {(r["side"], r["attempt"]): r for r in journal.records}
+        while True:
+            rate = max(_MIN_ACCEPTANCE_ESTIMATE, len(accepted) / decided) if decided else 1.0
+            wave = []
+            for side in SIDES:
+                need = quotas[side] - counts[side]
+                size = min(budgets[side] - next_attempt[side], math.ceil(need / rate)) if need > 0 else 0
+                wave += [(side, attempt) for attempt in range(next_attempt[side], next_attempt[side] + size)]
+                next_attempt[side] += size
+            if not wave:
+                break
+            missing = [(side, attempt) for side, attempt in wave if (side, attempt) not in replies]
+            if missing:
+                asyncio.run(_call_generator(config, k, missing, seeds, journal, servers))
+                replies = {(r["side"], r["attempt"]): r for r in journal.records}
+            for side, attempt in wave:
+                reply = replies[(side, attempt)]
+                decided += 1
+                instruction, reason = filter_reason(reply["raw"], reply["finish_reason"], settings.filters)
+                entry = {"side": side, "attempt": attempt, "parent": reply["parent"], "raw": reply["raw"]}
+                if reason is None and instruction.strip() == pool[reply["parent"]]["instruction"].strip():
+                    reason = "repeats_seed"
+                if reason is None:
+                    new_id = instruction_id(instruction, "")
+                    novel, similarity, similar_index = index.check(instruction)
+                    entry["similarity"] = round(similarity, 6)
+                    if new_id in known_ids:
+                        reason = "duplicate"
+                    elif not novel:
+                        reason = "too_similar"
+                        entry["similar_to"] = pool_ids[similar_index]
+                    elif counts[side] >= quotas[side]:
+                        reason = "quota_reached"
+                if reason is not None:
+                    rejected.append({"instruction": instruction, "reason": reason, **entry})
+                    continue
+                record = instruction_record(instruction, "", side, k, reply["parent"])
+                accepted.append(record)
+                counts[side] += 1
+                known_ids.add(record["id"])
+                index.add(instruction)
+                pool_ids.append(record["id"])
+            write_jsonl_atomic(directory / "generated.jsonl", accepted)
+            write_jsonl_atomic(directory / "rejected.jsonl", rejected)
+    # An empty wave list on the first pass (nothing to generate) still leaves both files behind.
+    write_jsonl_atomic(directory / "generated.jsonl", accepted)
+    write_jsonl_atomic(directory / "rejected.jsonl", rejected)
+
+    shortfall = {side: quotas[side] - counts[side] for side in SIDES}
+    for side in SIDES:
+        if shortfall[side]:
+            notes.append(
+                f"{side}: {shortfall[side]} short of {quotas[side]} after {next_attempt[side]} calls "
+                f"(budget ceil({settings.max_attempts_factor} x quota) = {budgets[side]})"
+            )
+    summary = {
+        "wanted": settings.new_per_iteration,
+        "quota": quotas,
+        "accepted": {**counts, "total": len(accepted)},
+        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
+        "rejected_total": len(rejected),
+        "calls": dict(next_attempt),
+        "budget": budgets,
+        "shortfall": {**shortfall, "total": sum(shortfall.values())},
+        "seeds": {side: len(seeds[side]) for side in SIDES},
+        "notes": notes,
+    }
+    write_atomic(directory / "generation.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+async def _call_generator(
+    config: Config, k: int, wanted: list[tuple[str, int]], seeds: dict[str, list[dict]], journal: Journal, servers: ServerSet
+) -> None:
+    role = config.roles.generator
+
+    def call(client: EndpointClient, side: str, attempt: int):
+        async def ask() -> dict:
+            draw = random.Random(request_seed(config.seed, "generator-seed", k, side, attempt))
+            parent = seeds[side][draw.randrange(len(seeds[side]))]
+            seed = request_seed(config.seed, "generator", k, side, attempt)
+            completion = await ask_generator(client, role, parent["instruction"], parent["input"], side, seed=seed)
+            return {
+                "side": side,
+                "attempt": attempt,
+                "parent": parent["id"],
+                "raw": completion.text,
+                "finish_reason": completion.finish_reason,
+                "seed": seed,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "seconds": round(completion.seconds, 4),
+            }
+
+        return ask
+
+    async with servers.client(role.server) as client:
+        await call_all([call(client, side, attempt) for side, attempt in wanted], journal, f"{k}/generation: generator")

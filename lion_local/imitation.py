@@ -1,0 +1,219 @@
+"""Stage 1, imitation: teacher answers for the Train Pool, then fine-tune the student on them.
+
+    lion-local stage imitation --config X
+
+Teacher answers come through the run-wide cache (only missing ones are requested). Training
+runs in a separate process, `accelerate launch -m lion_local.sft`, continuing from the previous
+student checkpoint (the configured base model in iteration 1), with the loss on the answer only.
+The checkpoint is written to iter_<k>/student.partial/ and renamed to iter_<k>/student/ only
+after training exited cleanly, so a half-written checkpoint is never taken for a finished one.
+The final imitation (k = "final") trains on the last iteration's generated instructions into
+final/student/.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from lion_local.config import Config
+from lion_local.journaled_calls import progress_bar
+from lion_local.offline import offline_environ
+from lion_local.records import pools_for
+from lion_local.roles.student import student_chat_messages, student_training_text
+from lion_local.run_state import FINAL, RunDir, write_atomic, write_jsonl_atomic
+from lion_local.teacher_cache import teacher_answers_for
+from serving import ServerSet
+from serving.commands import executable
+from serving.process import die_with_parent
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Student training failed; the message names the exit code and the log."""
+
+
+def base_checkpoint(config: Config, run: RunDir, k: int | str) -> str:
+    """The checkpoint imitation k continues from."""
+    if k == 1:
+        return str(config.server_for("student").model)
+    previous = config.iterations if k == FINAL else int(k) - 1
+    return str(run.student(previous))
+
+
+def is_checkpoint(directory: Path) -> bool:
+    return directory.is_dir() and (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
+
+
+def training_examples(config: Config, records: list[dict], answers: dict[str, dict], eos_token: str) -> list[dict]:
+    """Prompt/completion rows for SFTTrainer, built with the student's one prompt format."""
+    examples = []
+    for record in records:
+        answer = answers[record["id"]]
+        if answer["empty"]:
+            continue  # nothing to imitate; counted in the stage summary
+        if config.roles.student.prompt_format == "chat":
+            prompt = student_chat_messages(record["instruction"], record["input"])
+            examples.append({"id": record["id"], "prompt": prompt, "completion": [
+                {"role": "assistant", "content": answer["answer"]}
+            ]})
+        else:
+            prompt, completion = student_training_text(record["instruction"], record["input"], answer["answer"], eos_token)
+            examples.append({"id": record["id"], "prompt": prompt, "completion": completion})
+    return examples
+
+
+def accelerate_command(config: Config, job_file: Path) -> list[str]:
+    """`accelerate launch` for one node: the configured accelerate file, or one local process."""
+    import torch
+
+    command = [executable("accelerate"), "launch"]
+    if config.imitation.accelerate_config:
+        command += ["--config_file", config.imitation.accelerate_config]
+    else:
+        on_gpu = torch.cuda.is_available()
+        command += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+        command += ["--mixed_precision", "bf16" if config.imitation.bf16 and on_gpu else "no"]
+        if not on_gpu:
+            command.append("--cpu")
+    return command + ["-m", "lion_local.sft", str(job_file)]
+
+
+def run_imitation(config: Config, run: RunDir, k: int | str, servers: ServerSet) -> dict:
+    """Run (or finish) imitation k and return its summary; the caller marks the stage done."""
+    marker = f"{k}/imitation"
+    directory = run.iteration(k)
+    train_pool, _ = pools_for(config, run, k)
+
+    answers = teacher_answers_for(config, run, train_pool, servers, marker)
+    # Training needs the GPUs a local teacher holds; the next stage starts it again.
+    servers.stop_all()
+
+    student_dir = run.student(k)
+    base = base_checkpoint(config, run, k)
+    summary = {
+        "train_pool": len(train_pool),
+        "empty_teacher_answers": sum(1 for a in answers.values() if a["empty"]),
+        "truncated_teacher_answers": sum(1 for a in answers.values() if a["finish_reason"] == "length"),
+        "base_checkpoint": base,
+    }
+    if is_checkpoint(student_dir):
+        logger.info("%s: %s already holds the trained student", marker, student_dir)
+    else:
+        from transformers import AutoTokenizer
+
+        eos_token = AutoTokenizer.from_pretrained(base).eos_token or ""
+        examples = training_examples(config, train_pool, answers, eos_token)
+        summary["examples"] = len(examples)
+        if not examples:
+            logger.warning("%s: no training examples (empty Train Pool or answers); the student is unchanged", marker)
+            _copy_checkpoint(Path(base), student_dir)
+            summary["training"] = {"skipped": "no training examples; the checkpoint is a copy of the base"}
+        else:
+            summary["training"] = train_student(config, directory, base, examples, k, marker)
+    summary.setdefault("examples", len(train_pool) - summary["empty_teacher_answers"])
+    write_atomic(directory / "imitation.json", json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def train_student(config: Config, directory: Path, base: str, examples: list[dict], k: int | str, marker: str) -> dict:
+    """Fine-tune `base` on `examples` in an `accelerate launch` process; return its summary."""
+    student_dir = directory / "student"
+    partial_dir = directory / "student.partial"
+    work_dir = directory / "sft_checkpoints"
+    log_path = directory / "logs" / "sft.log"
+    data_file = directory / "sft_data.jsonl"
+    job_file = directory / "sft_job.json"
+    progress_file = directory / "sft_progress.json"
+    result_file = directory / "sft_result.json"
+
+    write_jsonl_atomic(data_file, examples)
+    job = {
+        "base_model": base,
+        "data_file": str(data_file),
+        "output_dir": str(partial_dir),
+        "work_dir": str(work_dir),
+        "progress_file": str(progress_file),
+        "result_file": str(result_file),
+        "seed": config.seed + (0 if k == FINAL else int(k)),
+        "imitation": config.imitation.model_dump(mode="json"),
+    }
+    write_atomic(job_file, json.dumps(job, indent=2) + "\n")
+    result_file.unlink(missing_ok=True)
+    if partial_dir.exists():
+        shutil.rmtree(partial_dir)
+
+    command = accelerate_command(config, job_file)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    logger.info("%s: training the student on %d examples from %s; log: %s", marker, len(examples), base, log_path)
+    started = time.monotonic()
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
+        log.flush()
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=offline_environ(),
+            preexec_fn=die_with_parent,
+        )
+        _follow_progress(process, progress_file, f"{marker}: training")
+    if process.returncode != 0:
+        raise TrainingError(
+            f"{marker}: student training exited with code {process.returncode}; "
+            f"last log lines: {_tail(log_path)!r}; full log: {log_path}"
+        )
+    if not is_checkpoint(partial_dir):
+        raise TrainingError(f"{marker}: training finished but wrote no safetensors checkpoint to {partial_dir}")
+    os.replace(partial_dir, student_dir)
+    shutil.rmtree(work_dir, ignore_errors=True)  # optimizer states are large and no longer needed
+    result = json.loads(result_file.read_text(encoding="utf-8"))
+    result["wall_s"] = round(time.monotonic() - started, 2)
+    return result
+
+
+def _follow_progress(process: subprocess.Popen, progress_file: Path, description: str) -> None:
+    bar = None
+    try:
+        while process.poll() is None:
+            time.sleep(1.0)
+            try:
+                progress = json.loads(progress_file.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if bar is None and progress.get("max_steps"):
+                bar = progress_bar(progress["max_steps"], description, unit="step", initial=progress["step"])
+            elif bar is not None:
+                bar.n = progress["step"]
+                if progress.get("loss") is not None:
+                    bar.set_postfix(loss=f"{progress['loss']:.3f}", refresh=False)
+                bar.refresh()
+    except BaseException:
+        process.terminate()
+        process.wait()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _copy_checkpoint(source: Path, destination: Path) -> None:
+    partial = destination.with_name(destination.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source, partial)
+    os.replace(partial, destination)
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return ""
+    return " | ".join(line.strip() for line in text[-lines:])

@@ -1,0 +1,78 @@
+"""report.json of each iteration (and of the final imitation), built from the run's files.
+
+Every number comes from the journals and stage summaries on disk, not from in-memory counters,
+so a report is the same whether the iteration ran in one go or was killed and resumed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lion_local.run_state import FINAL, RunDir, read_jsonl, read_state, write_atomic
+
+
+def usage(records: list[dict]) -> dict:
+    """Calls, tokens and seconds of a list of journaled model calls."""
+    return {
+        "calls": len(records),
+        "prompt_tokens": sum(r.get("prompt_tokens", 0) for r in records),
+        "completion_tokens": sum(r.get("completion_tokens", 0) for r in records),
+        "seconds": round(sum(r.get("seconds", 0.0) for r in records), 3),
+    }
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+
+
+def iteration_report(run: RunDir, k: int | str) -> dict:
+    directory = run.iteration(k)
+    prefix = f"{k}/"
+    teacher_calls = [r for r in read_jsonl(run.teacher_answers) if r.get("stage", "").startswith(prefix)]
+    state = read_state(run)
+    imitation = _load(directory / "imitation.json")
+    report: dict = {
+        "iteration": k,
+        "pools": {"train": len(read_jsonl(directory / "train_pool.jsonl"))},
+        "imitation": imitation,
+        "roles": {
+            "teacher": {
+                **usage(teacher_calls),
+                "by_stage": {
+                    stage: usage([r for r in teacher_calls if r["stage"] == f"{prefix}{stage}"])
+                    for stage in ("imitation", "discrimination")
+                },
+            },
+        },
+        "stage_seconds": {m: s for m, s in state["stage_seconds"].items() if m.startswith(prefix)},
+    }
+    if k == FINAL:
+        return report
+
+    discrimination = _load(directory / "discrimination.json")
+    generation = _load(directory / "generation.json")
+    cache_size = len(read_jsonl(directory / "cache_pool.jsonl"))
+    generated = generation.get("accepted", {}).get("total", 0)
+    report["pools"].update(
+        {"cache": cache_size, "generated": generated, "next_train": generated, "next_cache": cache_size + generated}
+    )
+    report["discrimination"] = discrimination
+    report["labels"] = {label: discrimination.get(label, 0) for label in ("hard", "easy", "unjudged")}
+    report["scores"] = {
+        "mean_teacher": discrimination.get("mean_teacher_score"),
+        "mean_student": discrimination.get("mean_student_score"),
+        "mean_gap": discrimination.get("mean_gap"),
+        "gap_histogram": discrimination.get("gap_histogram", []),
+    }
+    report["generation"] = generation
+    report["roles"]["student"] = usage(read_jsonl(directory / "student_answers.jsonl"))
+    report["roles"]["referee"] = usage(read_jsonl(directory / "reviews.jsonl"))
+    report["roles"]["generator"] = usage(read_jsonl(directory / "generator_calls.jsonl"))
+    return report
+
+
+def write_iteration_report(run: RunDir, k: int | str) -> dict:
+    report = iteration_report(run, k)
+    write_atomic(run.iteration(k) / "report.json", json.dumps(report, indent=2) + "\n")
+    return report

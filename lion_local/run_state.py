@@ -1,0 +1,220 @@
+"""The run directory on disk: its layout, state.json, append-only journals and the writer lock.
+
+A stage can be killed at any instant and re-run. That holds because of three rules here:
+- every completed model call is one JSON line appended (and flushed) to a journal, so a re-run
+  reads the journal and asks only for what is missing; a line torn by the kill is dropped;
+- whole files (pools, judgements, state.json) are written to a temporary name and renamed;
+- a stage is done only when its marker is in state.json, written last.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+STAGES = ("imitation", "discrimination", "generation")
+FINAL = "final"
+
+
+class StageOrderError(RuntimeError):
+    """A stage was asked for before the stages it depends on finished."""
+
+
+class RunLockedError(RuntimeError):
+    """Another lion-local process is writing to this run directory."""
+
+
+class RunDir:
+    """Paths of the run-directory contract (SPEC 2.3); nothing is created until asked."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @property
+    def config_yaml(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def state_json(self) -> Path:
+        return self.root / "state.json"
+
+    @property
+    def teacher_answers(self) -> Path:
+        return self.root / "teacher_answers.jsonl"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def iteration(self, k: int | str) -> Path:
+        """iter_<k>/ for an iteration number; final/ for the final imitation."""
+        return self.root / (FINAL if k == FINAL else f"iter_{k}")
+
+    def student(self, k: int | str) -> Path:
+        return self.iteration(k) / "student"
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-file writes and state.json
+# ----------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write `text` to `path` so that a reader sees the old file or the new one, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
+
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def read_state(run: RunDir) -> dict[str, Any]:
+    if not run.state_json.exists():
+        return {"iteration": 0, "completed": [], "stage_seconds": {}}
+    state = json.loads(run.state_json.read_text(encoding="utf-8"))
+    state.setdefault("completed", [])
+    state.setdefault("stage_seconds", {})
+    return state
+
+
+def mark_completed(run: RunDir, marker: str, seconds: float) -> None:
+    """Record a finished stage ("2/discrimination", "final/imitation") in state.json."""
+    state = read_state(run)
+    if marker not in state["completed"]:
+        state["completed"].append(marker)
+    iteration = marker.split("/")[0]
+    if iteration != FINAL:
+        state["iteration"] = max(state["iteration"], int(iteration))
+    state["stage_seconds"][marker] = round(state["stage_seconds"].get(marker, 0.0) + seconds, 3)
+    state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_atomic(run.state_json, json.dumps(state, indent=2) + "\n")
+
+
+def add_stage_seconds(run: RunDir, marker: str, seconds: float) -> None:
+    """Time spent on an unfinished stage (a killed or failed attempt) still counts in its timings."""
+    if not run.state_json.parent.exists():
+        return
+    state = read_state(run)
+    state["stage_seconds"][marker] = round(state["stage_seconds"].get(marker, 0.0) + seconds, 3)
+    write_atomic(run.state_json, json.dumps(state, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------
+# Journals
+# ----------------------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """All complete records of a JSONL file; a torn last line (no newline, or bad JSON) is skipped."""
+    if not path.exists():
+        return []
+    records = []
+    with open(path, "rb") as handle:
+        data = handle.read()
+    lines = data.split(b"\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        is_last = number == len(lines)  # no newline after it: the write was cut short
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if is_last or number == len(lines) - 1:
+                logger.warning("%s:%d: dropping a torn last line", path, number)
+                continue
+            raise ValueError(f"{path}:{number}: not valid JSON; the file was edited or corrupted") from None
+        if is_last:
+            logger.warning("%s:%d: dropping a last line with no newline", path, number)
+            continue
+        records.append(record)
+    return records
+
+
+class Journal:
+    """An append-only JSONL file of completed calls; opening it drops a torn last line for good."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.records = read_jsonl(path)
+        self._repair()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def _repair(self) -> None:
+        """Truncate the file after its last complete record, so new lines start on a fresh line."""
+        if not self.path.exists():
+            return
+        with open(self.path, "rb+") as handle:
+            data = handle.read()
+            keep = len(data)
+            if data and not data.endswith(b"\n"):
+                keep = data.rfind(b"\n") + 1
+            else:
+                stripped = data[:-1] if data.endswith(b"\n") else data
+                last_start = stripped.rfind(b"\n") + 1
+                try:
+                    if stripped[last_start:].strip():
+                        json.loads(stripped[last_start:])
+                except json.JSONDecodeError:
+                    keep = last_start
+            if keep != len(data):
+                handle.truncate(keep)
+
+    def append(self, record: dict) -> None:
+        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.flush()  # in the page cache: a SIGKILL after this loses nothing
+        self.records.append(record)
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> Journal:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per run
+# ----------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def run_lock(run: RunDir) -> Iterator[None]:
+    """Hold the run directory's writer lock; the kernel releases it when the holder dies."""
+    run.root.mkdir(parents=True, exist_ok=True)
+    lock_path = run.root / ".lock"
+    handle = open(lock_path, "a+", encoding="utf-8")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunLockedError(
+            f"{run.root}: the run is in use by {holder}; wait for it to finish or stop it first"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        handle.close()

@@ -1,0 +1,157 @@
+"""Student fine-tuning with TRL's SFTTrainer; run under `accelerate launch` by the imitation stage.
+
+    accelerate launch [...] -m lion_local.sft <job.json>
+
+The job file (written by lion_local.imitation) names the base checkpoint, the prompt/completion
+dataset, the hyperparameters and where to write. The dataset's prompts come from the same
+`student_prompt` function the student is queried with, and the loss is on the completion (the
+teacher's answer) only. Trainer checkpoints under `work_dir` let a killed training resume; the
+finished model and its tokenizer are saved (safetensors) to `output_dir`, which the parent
+process renames into place once this process has exited cleanly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def gradient_accumulation_steps(effective_batch_size: int, per_device_batch_size: int, world_size: int) -> int:
+    """Accumulation so that per_device x world x accumulation reaches the effective batch (rounded up)."""
+    per_step = per_device_batch_size * world_size
+    steps = max(1, math.ceil(effective_batch_size / per_step))
+    if steps * per_step != effective_batch_size:
+        logger.warning(
+            "effective batch %d is not a multiple of %d (per-device batch x %d processes); using %d",
+            effective_batch_size,
+            per_step,
+            world_size,
+            steps * per_step,
+        )
+    return steps
+
+
+def attention_implementation() -> str:
+    """flash-attn on CUDA machines that have it (the gpu extra), PyTorch's SDPA otherwise."""
+    import torch
+
+    if torch.cuda.is_available():
+        try:
+            import flash_attn  # noqa: F401
+
+            return "flash_attention_2"
+        except ImportError:
+            pass
+    return "sdpa"
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def train(job: dict) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    hyper = job["imitation"]
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    on_gpu = torch.cuda.is_available()  # decided by torch, never by CUDA_VISIBLE_DEVICES
+    progress_path = Path(job["progress_file"])
+
+    class ProgressFile(TrainerCallback):
+        """Lets the parent process draw a progress bar and `lion-local status` report steps."""
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.is_world_process_zero:
+                loss = (logs or {}).get("loss")
+                _write_json(progress_path, {"step": state.global_step, "max_steps": state.max_steps, "loss": loss})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                _write_json(progress_path, {"step": state.global_step, "max_steps": state.max_steps})
+
+    tokenizer = AutoTokenizer.from_pretrained(job["base_model"])
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    dataset = load_dataset("json", data_files=job["data_file"], split="train")
+    config = SFTConfig(
+        output_dir=job["work_dir"],
+        learning_rate=hyper["learning_rate"],
+        num_train_epochs=hyper["num_train_epochs"],
+        per_device_train_batch_size=hyper["per_device_batch_size"],
+        gradient_accumulation_steps=gradient_accumulation_steps(
+            hyper["effective_batch_size"], hyper["per_device_batch_size"], world_size
+        ),
+        lr_scheduler_type=hyper["lr_scheduler_type"],
+        warmup_steps=hyper["warmup_ratio"],  # a float below 1 is a share of all steps
+        weight_decay=hyper["weight_decay"],
+        bf16=hyper["bf16"] and on_gpu,
+        gradient_checkpointing=hyper["gradient_checkpointing"],
+        max_length=hyper["max_seq_length"],
+        completion_only_loss=True,
+        packing=False,
+        seed=job["seed"],
+        data_seed=job["seed"],
+        use_cpu=not on_gpu,
+        save_strategy="steps",
+        save_steps=hyper["save_steps"],
+        save_total_limit=1,
+        logging_steps=hyper["logging_steps"],
+        report_to="none",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        model_init_kwargs={"attn_implementation": attention_implementation()},
+    )
+    trainer = SFTTrainer(
+        model=job["base_model"],
+        args=config,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        callbacks=[ProgressFile()],
+    )
+    resume = any(Path(job["work_dir"]).glob("checkpoint-*"))
+    if resume:
+        logger.info("resuming training from the last checkpoint in %s", job["work_dir"])
+    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    trainer.save_model(job["output_dir"])
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(job["output_dir"])
+    return {
+        "examples": len(dataset),
+        "steps": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "train_runtime_s": result.metrics.get("train_runtime"),
+        "resumed": resume,
+        "world_size": world_size,
+        "device": "cuda" if on_gpu else "cpu",
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    from serving.process import die_with_parent
+
+    die_with_parent()  # a killed imitation stage must not leave training running
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        logger.error("usage: python -m lion_local.sft <job.json>")
+        return 2
+    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    summary = train(job)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _write_json(Path(job["result_file"]), summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""The run-wide cache of teacher answers (teacher_answers.jsonl).
+
+An answer is keyed by (instruction id, teacher fingerprint): the fingerprint covers the model,
+the prompt template, the system prompt and the sampling parameters, so editing any of them in
+the config makes the teacher answer again, while moving the endpoint to another host does not.
+Across the whole run each distinct instruction is sent to the teacher once; imitation and
+discrimination both go through `ensure_teacher_answers`, which asks only for what is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from importlib import resources
+
+from lion_local.config import Config
+from lion_local.endpoint import EndpointClient
+from lion_local.journaled_calls import call_all
+from lion_local.records import request_seed
+from lion_local.roles import ask_teacher
+from lion_local.roles.teacher import parse_teacher_answer
+from lion_local.run_state import Journal, RunDir, read_jsonl
+from serving import ServerSet
+from serving.commands import request_model_name
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_fingerprint(config: Config) -> str:
+    role = config.roles.teacher
+    server = config.server_for("teacher")
+    template = resources.files("lion_local.roles").joinpath("teacher.txt").read_text(encoding="utf-8")
+    identity = {
+        "model": request_model_name(server),
+        "model_path": server.model,
+        "template": template,
+        "system_prompt": role.system_prompt,
+        "params": role.request_params(),
+        "seed": config.seed,
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+def cached_answers(run: RunDir, fingerprint: str) -> dict[str, dict]:
+    """Answers already in the cache for this teacher, by instruction id."""
+    return {record["id"]: record for record in read_jsonl(run.teacher_answers) if record["fingerprint"] == fingerprint}
+
+
+def missing_answers(run: RunDir, config: Config, records: list[dict]) -> list[dict]:
+    cached = cached_answers(run, teacher_fingerprint(config))
+    seen: set[str] = set()
+    missing = []
+    for record in records:
+        if record["id"] not in cached and record["id"] not in seen:
+            seen.add(record["id"])
+            missing.append(record)
+    return missing
+
+
+async def ensure_teacher_answers(
+    run: RunDir, config: Config, records: list[dict], client: EndpointClient, stage: str
+) -> dict[str, dict]:
+    """Teacher answers for `records` by id, asking the teacher only for those not cached yet."""
+    fingerprint = teacher_fingerprint(config)
+    missing = missing_answers(run, config, records)
+    if records:
+        logger.info(
+            "%s: teacher answers: %d of %d cached, %d to request", stage, len(records) - len(missing), len(records), len(missing)
+        )
+
+    def call(record: dict):
+        async def ask() -> dict:
+            seed = request_seed(config.seed, "teacher", record["id"])
+            completion = await ask_teacher(client, config.roles.teacher, record["instruction"], record["input"], seed=seed)
+            answer = parse_teacher_answer(completion.text)
+            return {
+                "id": record["id"],
+                "answer": answer if answer is not None else "",
+                "finish_reason": completion.finish_reason,
+                "empty": answer is None,
+                "fingerprint": fingerprint,
+                "seed": seed,
+                "stage": stage,
+                "prompt_tokens": completion.prompt_tokens,
+                "completion_tokens": completion.completion_tokens,
+                "seconds": round(completion.seconds, 4),
+            }
+
+        return ask
+
+    with Journal(run.teacher_answers) as journal:
+        await call_all([call(record) for record in missing], journal, f"{stage}: teacher answers")
+    cached = cached_answers(run, fingerprint)
+    return {record["id"]: cached[record["id"]] for record in records}
+
+
+def teacher_answers_for(config: Config, run: RunDir, records: list[dict], servers: ServerSet, stage: str) -> dict[str, dict]:
+    """Like ensure_teacher_answers, starting the teacher's server only when an answer is missing."""
+    if not missing_answers(run, config, records):
+        cached = cached_answers(run, teacher_fingerprint(config))
+        return {record["id"]: cached[record["id"]] for record in records}
+
+    async def ask() -> dict[str, dict]:
+        async with servers.client(config.roles.teacher.server) as client:
+            return await ensure_teacher_answers(run, config, records, client, stage)
+
+    return asyncio.run(ask())
