@@ -120,28 +120,29 @@ def add_stage_seconds(run: RunDir, marker: str, seconds: float) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    """All complete records of a JSONL file; a torn last line (no newline, or bad JSON) is skipped."""
+    """All complete records of a JSONL file; a torn last line (no newline, or bad JSON) is skipped.
+
+    Bad JSON anywhere else means the file was edited or corrupted, and raises ValueError.
+    """
     if not path.exists():
         return []
-    records = []
-    with open(path, "rb") as handle:
-        data = handle.read()
+    data = path.read_bytes()
     lines = data.split(b"\n")
-    for number, line in enumerate(lines, start=1):
+    torn_tail = lines.pop()  # b"" when the file ends with a newline
+    last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for index, line in enumerate(lines):
         if not line.strip():
             continue
-        is_last = number == len(lines)  # no newline after it: the write was cut short
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            if is_last or number == len(lines) - 1:
-                logger.warning("%s:%d: dropping a torn last line", path, number)
+            records.append(json.loads(line))
+        except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a cut multi-byte char
+            if index == last and not torn_tail.strip():
+                logger.warning("%s:%d: dropping a damaged last line", path, index + 1)
                 continue
-            raise ValueError(f"{path}:{number}: not valid JSON; the file was edited or corrupted") from None
-        if is_last:
-            logger.warning("%s:%d: dropping a last line with no newline", path, number)
-            continue
-        records.append(record)
+            raise ValueError(f"{path}:{index + 1}: not valid JSON; the file was edited or corrupted") from None
+    if torn_tail.strip():
+        logger.warning("%s:%d: dropping a torn last line (no newline)", path, len(lines) + 1)
     return records
 
 
@@ -170,7 +171,7 @@ class Journal:
                 try:
                     if stripped[last_start:].strip():
                         json.loads(stripped[last_start:])
-                except json.JSONDecodeError:
+                except ValueError:
                     keep = last_start
             if keep != len(data):
                 handle.truncate(keep)

@@ -51,6 +51,33 @@ def attention_implementation() -> str:
     return "sdpa"
 
 
+def last_complete_checkpoint(work_dir: Path, remove_incomplete: bool = False) -> Path | None:
+    """The newest trainer checkpoint that was written to the end (newer incomplete ones removed).
+
+    The Trainer writes trainer_state.json after the weights, optimizer and RNG states, so a
+    checkpoint without a readable one was cut short by a kill and cannot be resumed from.
+    """
+    import shutil
+
+    def step(path: Path) -> int:
+        suffix = path.name.removeprefix("checkpoint-")
+        return int(suffix) if suffix.isdigit() else -1
+
+    complete = None
+    for checkpoint in sorted(work_dir.glob("checkpoint-*"), key=step, reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text(encoding="utf-8"))
+            readable = any(checkpoint.glob("*.safetensors"))
+        except (OSError, ValueError):
+            readable = False
+        if complete is None and readable:
+            complete = checkpoint
+        elif complete is None and remove_incomplete:
+            logger.warning("removing the incomplete trainer checkpoint %s", checkpoint)
+            shutil.rmtree(checkpoint, ignore_errors=True)
+    return complete
+
+
 def _write_json(path: Path, payload: dict) -> None:
     temporary = path.with_name(f".{path.name}.tmp")
     temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
@@ -119,10 +146,11 @@ def train(job: dict) -> dict:
         processing_class=tokenizer,
         callbacks=[ProgressFile()],
     )
-    resume = any(Path(job["work_dir"]).glob("checkpoint-*"))
-    if resume:
-        logger.info("resuming training from the last checkpoint in %s", job["work_dir"])
-    result = trainer.train(resume_from_checkpoint=True if resume else None)
+    # Every process picks the same checkpoint; only the first one removes what was cut short.
+    resume = last_complete_checkpoint(Path(job["work_dir"]), remove_incomplete=os.environ.get("RANK", "0") == "0")
+    if resume is not None:
+        logger.info("resuming training from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     trainer.save_model(job["output_dir"])
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(job["output_dir"])
@@ -131,7 +159,7 @@ def train(job: dict) -> dict:
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics.get("train_runtime"),
-        "resumed": resume,
+        "resumed": resume is not None,
         "world_size": world_size,
         "device": "cuda" if on_gpu else "cpu",
     }

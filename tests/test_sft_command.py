@@ -1,0 +1,199 @@
+"""How the imitation stage launches and feeds student training, without training anything.
+
+Covered:
+- imitation.accelerate_command: one local CPU process (exact argument list), the GPU variant
+  (bf16 only when configured), and `--config_file` when imitation.accelerate_config is set.
+- sft.gradient_accumulation_steps: exact division and rounding up.
+- imitation.training_examples: alpaca rows whose prompt is exactly the inference prompt
+  (student_prompt) and whose completion is answer + eos; chat rows built from
+  student_chat_messages; records whose teacher answer is empty are skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from lion_local.config import load_config
+from lion_local.imitation import accelerate_command, training_examples
+from lion_local.records import instruction_record
+from lion_local.roles.student import student_chat_messages, student_prompt
+from lion_local.sft import gradient_accumulation_steps
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str):
+    monkeypatch.chdir(ROOT)  # the config's relative paths are relative to the project root
+    return load_config("configs/tiny-cpu.yaml", [f"run_dir={tmp_path / 'run'}", *overrides])
+
+
+# ----------------------------------------------------------------------------------------------
+# accelerate_command
+# ----------------------------------------------------------------------------------------------
+
+
+def test_accelerate_command_on_cpu(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = _config(tmp_path, monkeypatch)
+    job_file = tmp_path / "run" / "iter_1" / "sft_job.json"
+    command = accelerate_command(config, job_file)
+    assert Path(command[0]).name == "accelerate"
+    assert command[1:] == [
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        "no",
+        "--cpu",
+        "-m",
+        "lion_local.sft",
+        str(job_file),
+    ]
+
+
+def test_accelerate_command_on_cpu_never_asks_for_bf16(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = _config(tmp_path, monkeypatch, "imitation.bf16=true")
+    command = accelerate_command(config, tmp_path / "job.json")
+    assert command[command.index("--mixed_precision") + 1] == "no"
+    assert "--cpu" in command
+
+
+@pytest.mark.parametrize("bf16, precision", [(True, "bf16"), (False, "no")])
+def test_accelerate_command_on_gpu(tmp_path, monkeypatch, bf16: bool, precision: str):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    config = _config(tmp_path, monkeypatch, f"imitation.bf16={str(bf16).lower()}")
+    job_file = tmp_path / "job.json"
+    command = accelerate_command(config, job_file)
+    assert command[1:] == [
+        "launch",
+        "--num_processes",
+        "1",
+        "--num_machines",
+        "1",
+        "--dynamo_backend",
+        "no",
+        "--mixed_precision",
+        precision,
+        "-m",
+        "lion_local.sft",
+        str(job_file),
+    ]
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_accelerate_command_with_a_config_file(tmp_path, monkeypatch, cuda: bool):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    config = _config(tmp_path, monkeypatch, "imitation.accelerate_config=configs/accelerate/fsdp.yaml")
+    accelerate_file = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
+    assert config.imitation.accelerate_config == accelerate_file  # resolved against the project root
+    job_file = tmp_path / "job.json"
+    command = accelerate_command(config, job_file)
+    assert Path(command[0]).name == "accelerate"
+    assert command[1:] == ["launch", "--config_file", accelerate_file, "-m", "lion_local.sft", str(job_file)]
+
+
+# ----------------------------------------------------------------------------------------------
+# gradient_accumulation_steps
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "effective, per_device, world, expected",
+    [
+        (128, 4, 8, 4),  # the paper's batch on 8 GPUs
+        (128, 4, 1, 32),
+        (8, 8, 1, 1),  # the tiny-cpu config
+        (100, 4, 8, 4),  # 100 / 32 = 3.125, rounded up
+        (129, 4, 8, 5),
+        (10, 4, 1, 3),
+        (2, 4, 1, 1),  # smaller than one step: never 0
+        (1, 16, 8, 1),
+    ],
+)
+def test_gradient_accumulation_steps(effective: int, per_device: int, world: int, expected: int):
+    steps = gradient_accumulation_steps(effective, per_device, world)
+    assert steps == expected
+    assert steps * per_device * world >= effective
+
+
+def test_gradient_accumulation_warns_only_when_not_divisible(caplog):
+    with caplog.at_level("WARNING", logger="lion_local.sft"):
+        gradient_accumulation_steps(128, 4, 8)
+    assert caplog.records == []
+    with caplog.at_level("WARNING", logger="lion_local.sft"):
+        gradient_accumulation_steps(100, 4, 8)
+    assert len(caplog.records) == 1 and "128" in caplog.records[0].getMessage()
+
+
+# ----------------------------------------------------------------------------------------------
+# training_examples
+# ----------------------------------------------------------------------------------------------
+
+RECORDS = [
+    instruction_record("Write a haiku about rain.", "", "seed", 0, None),
+    instruction_record("Translate the sentence into French.", "Good morning.", "seed", 0, None),
+    instruction_record("Explain what a compass does.", "", "hard", 1, "abc"),
+]
+
+
+def _answers(*texts: str | None) -> dict[str, dict]:
+    """Teacher-cache records by id; None makes an empty answer (what teacher_cache writes)."""
+    return {
+        record["id"]: {"id": record["id"], "answer": text or "", "empty": text is None, "finish_reason": "stop"}
+        for record, text in zip(RECORDS, texts)
+    }
+
+
+def test_training_examples_alpaca_use_the_inference_prompt_and_append_eos(tmp_path, monkeypatch):
+    config = _config(tmp_path, monkeypatch)
+    assert config.roles.student.prompt_format == "alpaca"
+    answers = _answers("Soft rain on the roof.", "Bonjour.", "It points north.")
+    examples = training_examples(config, RECORDS, answers, "</s>")
+    assert [e["id"] for e in examples] == [r["id"] for r in RECORDS]
+    for example, record in zip(examples, RECORDS):
+        assert example["prompt"] == student_prompt(record["instruction"], record["input"])
+        assert example["completion"] == answers[record["id"]]["answer"] + "</s>"
+        assert set(example) == {"id", "prompt", "completion"}
+    assert examples[1]["prompt"].endswith("### Input:\nGood morning.\n\n### Response:\n")
+    assert "### Input:" not in examples[0]["prompt"]
+
+
+def test_training_examples_skip_empty_answers(tmp_path, monkeypatch):
+    config = _config(tmp_path, monkeypatch)
+    answers = _answers("Soft rain on the roof.", None, "It points north.")
+    examples = training_examples(config, RECORDS, answers, "<|eos|>")
+    assert [e["id"] for e in examples] == [RECORDS[0]["id"], RECORDS[2]["id"]]
+    assert examples[1]["completion"] == "It points north.<|eos|>"
+    assert training_examples(config, RECORDS, _answers(None, None, None), "</s>") == []
+    assert training_examples(config, [], {}, "</s>") == []
+
+
+def test_training_examples_with_an_empty_eos(tmp_path, monkeypatch):
+    config = _config(tmp_path, monkeypatch)
+    examples = training_examples(config, RECORDS[:1], _answers("Soft rain."), "")
+    assert examples[0]["completion"] == "Soft rain."
+
+
+def test_training_examples_chat_format(tmp_path, monkeypatch):
+    config = _config(tmp_path, monkeypatch, "roles.student.prompt_format=chat")
+    answers = _answers("Soft rain on the roof.", None, "It points north.")
+    examples = training_examples(config, RECORDS, answers, "</s>")
+    assert [e["id"] for e in examples] == [RECORDS[0]["id"], RECORDS[2]["id"]]
+    for example, record in zip(examples, (RECORDS[0], RECORDS[2])):
+        assert example["prompt"] == student_chat_messages(record["instruction"], record["input"])
+        assert example["completion"] == [{"role": "assistant", "content": answers[record["id"]]["answer"]}]
+    assert examples[0]["prompt"] == [{"role": "user", "content": "Write a haiku about rain."}]
+    answer = {RECORDS[1]["id"]: {"answer": "Bonjour.", "empty": False}}
+    with_input = training_examples(config, RECORDS[1:2], answer, "</s>")
+    assert with_input[0]["prompt"] == [
+        {"role": "user", "content": "Translate the sentence into French.\n\nGood morning."}
+    ]
+    assert with_input[0]["completion"] == [{"role": "assistant", "content": "Bonjour."}]  # no eos: the template adds it
