@@ -269,6 +269,12 @@ class Config(_Strict):
                 f"servers.{self.roles.student.server}.engine: the student is served from its own checkpoints, "
                 "so its engine must be vllm or transformers"
             )
+        shared = [r for r in ("teacher", "referee", "generator") if getattr(self.roles, r).server == self.roles.student.server]
+        if shared:
+            raise ValueError(
+                f"roles.student.server: {self.roles.student.server!r} also serves the {', '.join(shared)}; the student "
+                "server is restarted with each new checkpoint, so give the student a server of its own"
+            )
         return self
 
     def server_for(self, role: str) -> ServerConfig:

@@ -113,6 +113,7 @@ def test_lion_7b_has_the_paper_settings():
         ("iterations=[1]", "key 'iterations': Input should be a valid integer"),
         ("roles.referee.server=teachr", "roles.referee.server: no server named 'teachr' (did you mean 'teacher'?)"),
         ("servers.student.engine=external", "servers.student"),
+        ("roles.student.server=teacher", "roles.student.server: 'teacher' also serves the teacher, referee, generator"),
         ("servers.teacher.engine=gpu", "key 'servers.teacher.engine': Input should be 'vllm', 'transformers' or 'external'"),
     ],
 )
@@ -208,7 +209,17 @@ def test_missing_model_directory_is_reported_but_tiny_models_may_be_built(tmp_pa
 # Every command: exit code 2, one line, nothing created on disk
 # ----------------------------------------------------------------------------------------------
 
-COMMANDS_WITH_CONFIG = [["config"], ["doctor"], ["serve", "teacher"], ["serve", "teacher", "--dry-run"]]
+COMMANDS_WITH_CONFIG = [
+    ["config"],
+    ["doctor"],
+    ["serve", "teacher"],
+    ["serve", "teacher", "--dry-run"],
+    ["run"],
+    ["iteration"],
+    ["stage", "imitation"],
+    ["status"],
+]
+RUN_COMMANDS = [["run"], ["iteration"], ["stage", "imitation"]]
 
 
 def _snapshot(directory: Path) -> set[str]:
@@ -229,7 +240,7 @@ def test_every_command_rejects_a_bad_config_with_exit_2(command, override, key, 
     assert _snapshot(tmp_path) == before
 
 
-@pytest.mark.parametrize("command", [["doctor"], ["serve", "teacher"]], ids=" ".join)
+@pytest.mark.parametrize("command", [["doctor"], ["serve", "teacher"], *RUN_COMMANDS], ids=" ".join)
 def test_commands_needing_the_model_reject_a_missing_path(command, tiny_config: Path, tmp_path: Path):
     before = _snapshot(tmp_path)
     missing = tmp_path / "no-such-model"
@@ -274,7 +285,7 @@ def test_dry_run_prints_the_command_and_never_the_key(tiny_config: Path, monkeyp
     assert "sk-secret-value-42" not in result.output and "$LION_TEST_KEY" in result.output
 
 
-@pytest.mark.parametrize("command", [["doctor"], ["serve", "teacher"]], ids=" ".join)
+@pytest.mark.parametrize("command", [["doctor"], ["serve", "teacher"], *RUN_COMMANDS], ids=" ".join)
 def test_unset_api_key_variable_is_rejected_before_anything_starts(command, tiny_config: Path, tmp_path: Path, monkeypatch):
     monkeypatch.delenv("LION_UNSET_KEY", raising=False)
     before = _snapshot(tmp_path)
@@ -287,3 +298,22 @@ def test_unset_api_key_variable_is_rejected_before_anything_starts(command, tiny
         "export LION_UNSET_KEY=<key> before running"
     ]
     assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", RUN_COMMANDS, ids=" ".join)
+def test_run_commands_reject_a_bad_seed_file_before_creating_the_run(command, tiny_config: Path, tmp_path: Path):
+    seeds = tmp_path / "seeds.jsonl"
+    seeds.write_text('{"instruction": "Name a colour."}\n{"instruction": \n')
+    before = _snapshot(tmp_path)
+    result = CliRunner().invoke(main, [*command, "--config", str(tiny_config), "--set", f"seed_data={seeds}"])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {seeds}:2:"), lines
+    assert _snapshot(tmp_path) == before
+
+
+def test_status_of_a_run_not_started(tiny_config: Path, tmp_path: Path):
+    result = CliRunner().invoke(main, ["status", "--config", str(tiny_config)])
+    assert result.exit_code == 0, result.output
+    assert "not started (7 stages to run)" in result.output
+    assert not (tmp_path / "run").exists()
