@@ -64,27 +64,26 @@ def markers_for(config: Config, run: RunDir, scope: str, stage: str | None = Non
     current = remaining[0].split("/")[0]
     if scope == "iteration":
         return [marker for marker in remaining if marker.split("/")[0] == current]
+    if stage == FINAL and not config.imitation.final_imitation:
+        raise StageOrderError("the final imitation is off in this config (imitation.final_imitation: false)")
+    if current == FINAL and stage != FINAL:
+        raise StageOrderError(f"every iteration is complete; the next stage is {remaining[0]}")
     wanted = f"{FINAL}/imitation" if stage == FINAL else f"{current}/{stage}"
     if wanted == remaining[0]:
         return [wanted]
-    if wanted not in remaining and (stage != FINAL or config.imitation.final_imitation):
+    if wanted not in remaining:
         raise StageOrderError(f"stage {wanted} is already complete; the next stage is {remaining[0]}")
     raise StageOrderError(f"stage {wanted} cannot run yet: the next stage is {remaining[0]}; run that first")
 
 
-def prepare(config: Config) -> RunDir:
-    """Checks that need more than the config, then the run directory and its config.yaml."""
-    run = RunDir(config.run_dir)
+def check_inputs(config: Config, run: RunDir) -> None:
+    """Everything a run needs beyond the config, checked before the run directory is created."""
     servers = sorted({getattr(config.roles, role).server for role in ("teacher", "referee", "generator", "student")})
     check_models_exist(config, servers)
     for name in servers:
         api_key_for(config, name)
     if not (run.iteration(1) / "cache_pool.jsonl").exists():
-        seed_records(config)  # a bad seed file fails here, before the run directory exists
-    ensure_tiny_models(config)
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_atomic(run.config_yaml, config_to_yaml(config))
-    return run
+        seed_records(config)  # a bad seed file fails here, before anything is written
 
 
 def execute(config: Config, scope: str, stage: str | None = None) -> list[str]:
@@ -92,12 +91,18 @@ def execute(config: Config, scope: str, stage: str | None = None) -> list[str]:
     run = RunDir(config.run_dir)
     if run.state_json.exists() and not remaining_markers(config, run):
         return []
-    run = prepare(config)
+    markers_for(config, run, scope, stage)  # a stage out of order fails before anything is written
+    check_inputs(config, run)
+    run.root.mkdir(parents=True, exist_ok=True)
     done: list[str] = []
-    with run_lock(run), _run_log(run), ServerSet(config, run.logs) as servers:
-        for marker in markers_for(config, run, scope, stage):
-            run_stage(config, run, marker, servers)
-            done.append(marker)
+    with run_lock(run):
+        markers = markers_for(config, run, scope, stage)  # again: another process may have moved on
+        ensure_tiny_models(config)
+        write_atomic(run.config_yaml, config_to_yaml(config))
+        with _run_log(run), ServerSet(config, run.logs) as servers:
+            for marker in markers:
+                run_stage(config, run, marker, servers)
+                done.append(marker)
     return done
 
 

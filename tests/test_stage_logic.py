@@ -440,6 +440,8 @@ def test_markers_for_the_final_imitation(tmp_path, monkeypatch):
     assert markers_for(config, run, "run") == ["final/imitation"]
     assert markers_for(config, run, "iteration") == ["final/imitation"]
     assert markers_for(config, run, "stage", FINAL) == ["final/imitation"]
+    with pytest.raises(StageOrderError, match="every iteration is complete; the next stage is final/imitation"):
+        markers_for(config, run, "stage", "generation")
     _complete(run, "final/imitation")
     for scope in ("run", "iteration"):
         assert markers_for(config, run, scope) == []
@@ -453,6 +455,8 @@ def test_markers_for_without_final_imitation(tmp_path, monkeypatch):
     _complete(run, *ALL_MARKERS[:5])
     assert markers_for(config, run, "run") == ["2/generation"]
     assert markers_for(config, run, "iteration") == ["2/generation"]
+    with pytest.raises(StageOrderError, match=r"final imitation is off .*imitation.final_imitation: false"):
+        markers_for(config, run, "stage", FINAL)
     _complete(run, "2/generation")
     assert markers_for(config, run, "run") == []
     assert markers_for(config, run, "iteration") == []
