@@ -27,7 +27,7 @@ from statistics import fmean
 from lion_local.config import Config
 from lion_local.endpoint import EndpointClient
 from lion_local.imitation import is_checkpoint
-from lion_local.journaled_calls import call_all
+from lion_local.journaled_calls import call_all, call_fields
 from lion_local.records import pools_for, request_seed
 from lion_local.roles import ask_referee, ask_student, parse_referee_scores
 from lion_local.run_state import Journal, RunDir, StageOrderError, read_jsonl, write_atomic, write_jsonl_atomic
@@ -100,11 +100,7 @@ async def _collect(config: Config, run: RunDir, k: int, cache_pool: list[dict], 
                     return {
                         "id": record["id"],
                         "answer": completion.text,
-                        "finish_reason": completion.finish_reason,
-                        "seed": seed,
-                        "prompt_tokens": completion.prompt_tokens,
-                        "completion_tokens": completion.completion_tokens,
-                        "seconds": round(completion.seconds, 4),
+                        **call_fields(completion, seed),
                     }
 
                 return ask
@@ -134,11 +130,7 @@ async def _collect(config: Config, run: RunDir, k: int, cache_pool: list[dict], 
                                 "attempt": attempt,
                                 "raw": completion.text,
                                 "scores": list(scores) if scores is not None else None,
-                                "finish_reason": completion.finish_reason,
-                                "seed": seed,
-                                "prompt_tokens": completion.prompt_tokens,
-                                "completion_tokens": completion.completion_tokens,
-                                "seconds": round(completion.seconds, 4),
+                                **call_fields(completion, seed),
                             }
                         )
                         if scores is not None:

@@ -29,7 +29,7 @@ from collections import Counter
 
 from lion_local.config import Config, GenerationFilters
 from lion_local.endpoint import EndpointClient
-from lion_local.journaled_calls import call_all
+from lion_local.journaled_calls import call_all, call_fields
 from lion_local.novelty import NoveltyIndex
 from lion_local.records import by_id, instruction_id, instruction_record, pools_for, request_seed
 from lion_local.roles import ask_generator, parse_generated_instruction
@@ -194,11 +194,7 @@ async def _call_generator(
                 "attempt": attempt,
                 "parent": parent["id"],
                 "raw": completion.text,
-                "finish_reason": completion.finish_reason,
-                "seed": seed,
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "seconds": round(completion.seconds, 4),
+                **call_fields(completion, seed),
             }
 
         return ask

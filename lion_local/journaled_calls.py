@@ -14,7 +14,19 @@ from collections.abc import Awaitable, Callable
 
 from tqdm import tqdm
 
+from lion_local.endpoint import Completion
 from lion_local.run_state import Journal
+
+
+def call_fields(completion: Completion, seed: int) -> dict:
+    """What every journal record keeps about its call: how it ended, its seed, tokens and time."""
+    return {
+        "finish_reason": completion.finish_reason,
+        "seed": seed,
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "seconds": round(completion.seconds, 4),
+    }
 
 
 def progress_bar(total: int, description: str, unit: str = "call", initial: int = 0) -> tqdm:

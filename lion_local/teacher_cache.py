@@ -17,7 +17,7 @@ from importlib import resources
 
 from lion_local.config import Config
 from lion_local.endpoint import EndpointClient
-from lion_local.journaled_calls import call_all
+from lion_local.journaled_calls import call_all, call_fields
 from lion_local.records import request_seed
 from lion_local.roles import ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
@@ -78,14 +78,10 @@ async def ensure_teacher_answers(
             return {
                 "id": record["id"],
                 "answer": answer if answer is not None else "",
-                "finish_reason": completion.finish_reason,
                 "empty": answer is None,
                 "fingerprint": fingerprint,
-                "seed": seed,
                 "stage": stage,
-                "prompt_tokens": completion.prompt_tokens,
-                "completion_tokens": completion.completion_tokens,
-                "seconds": round(completion.seconds, 4),
+                **call_fields(completion, seed),
             }
 
         return ask

@@ -128,7 +128,7 @@ def test_bad_values_give_one_line_naming_the_key(override: str, expected: str):
 
 def test_error_names_the_file_that_set_the_key(tmp_path: Path):
     _write(tmp_path / "teachers/t.yaml", "# x\nservers:\n  teacher:\n    engine: vllm\n    modle: /m\n")
-    top = _write(tmp_path / "run.yaml", f"include: [teachers/t.yaml]\nrun_dir: r\nseed_data: s\nservers: {{}}\n")
+    top = _write(tmp_path / "run.yaml", "include: [teachers/t.yaml]\nrun_dir: r\nseed_data: s\nservers: {}\n")
     with pytest.raises(ConfigError, match=r"teachers/t.yaml: unknown key 'servers.teacher.modle' \(did you mean 'servers.teacher.model'\?\)"):
         load_config(top)
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import pytest
 from aiohttp import web
 
 from lion_local.config import load_config
