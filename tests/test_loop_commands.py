@@ -1,0 +1,86 @@
+"""`lion-local stage`, `iteration` and `status` drive a run one step at a time, as SLURM jobs do.
+
+Unlike tests/test_loop_integration.py, the run here starts its own teacher (`transformers serve`
+launched by lion-local, the smoke-mode default) and must stop it before each training, so this
+also covers the servers' lifecycle across stages. The run is small (12 seeds, 4 new
+instructions, one iteration plus the final imitation) to keep it quick.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _lion_local(config: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "lion_local", *args, "--config", str(config)], capture_output=True, text=True
+    )
+
+
+def _completed(run_dir: Path) -> list[str]:
+    return json.loads((run_dir / "state.json").read_text())["completed"]
+
+
+def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tmp_path: Path) -> None:
+    data = yaml.safe_load(tiny_run_config.read_text())
+    data.update(iterations=1, seed_limit=12)
+    data["generation"]["new_per_iteration"] = 4
+    config = tmp_path / "small.yaml"
+    config.write_text(yaml.safe_dump(data))
+    run_dir = Path(data["run_dir"])
+
+    status = _lion_local(config, "status")
+    assert status.returncode == 0 and "not started (4 stages to run)" in status.stdout
+
+    early = _lion_local(config, "stage", "discrimination")
+    assert early.returncode == 2
+    assert early.stderr.strip() == (
+        "error: stage 1/discrimination cannot run yet: the next stage is 1/imitation; run that first"
+    )
+    assert not run_dir.exists()
+
+    first = _lion_local(config, "stage", "imitation")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _completed(run_dir) == ["1/imitation"]
+    status = _lion_local(config, "status").stdout.splitlines()
+    assert status[0].endswith("iteration 1 of 1, next stage 1/discrimination")
+    assert "teacher answers 12/12, student trained" in status[1]
+    # The run started its own teacher and stopped it before training the student.
+    teacher_log = (run_dir / "logs/server-teacher.log").read_text()
+    assert teacher_log.count("starting teacher") == 1
+    assert "stopped teacher server" in (run_dir / "logs/lion-local.log").read_text()
+
+    rest = _lion_local(config, "iteration")
+    assert rest.returncode == 0, rest.stderr[-3000:]
+    assert _completed(run_dir) == ["1/imitation", "1/discrimination", "1/generation"]
+    report = json.loads((run_dir / "iter_1/report.json").read_text())
+    assert report["pools"]["cache"] == 12 and report["roles"]["student"]["calls"] == 12
+    assert report["generation"]["accepted"]["total"] + report["generation"]["shortfall"]["total"] == 4
+
+    again = _lion_local(config, "stage", "generation")
+    assert again.returncode == 2
+    assert "every iteration is complete; the next stage is final/imitation" in again.stderr
+
+    final = _lion_local(config, "iteration")  # only the final imitation is left
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert _completed(run_dir)[-1] == "final/imitation"
+    assert (run_dir / "final/student/model.safetensors").exists()
+    assert json.loads((run_dir / "final/report.json").read_text())["pools"]["train"] == len(
+        (run_dir / "iter_1/generated.jsonl").read_text().splitlines()
+    )
+
+    status = _lion_local(config, "status").stdout.splitlines()
+    assert "complete (4 stages)" in status[0]
+    assert all(" done " in line for line in status[1:])
+    done = _lion_local(config, "iteration")
+    assert done.returncode == 0 and "is complete: nothing to do" in done.stdout
