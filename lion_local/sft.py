@@ -123,7 +123,7 @@ def train(job: dict) -> dict:
         warmup_steps=hyper["warmup_ratio"],  # a float below 1 is a share of all steps
         weight_decay=hyper["weight_decay"],
         bf16=hyper["bf16"] and on_gpu,
-        gradient_checkpointing=hyper["gradient_checkpointing"],
+        activation_checkpointing=hyper["gradient_checkpointing"],  # the new name of gradient checkpointing
         max_length=hyper["max_seq_length"],
         completion_only_loss=True,
         packing=False,

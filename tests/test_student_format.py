@@ -98,6 +98,7 @@ def test_trl_masks_exactly_the_inference_prompt(tiny_models: Path, tmp_path: Pat
             report_to="none",
             completion_only_loss=True,
             max_length=512,
+            activation_checkpointing=False,
         ),
         train_dataset=Dataset.from_list(rows),
         processing_class=tokenizer,
