@@ -163,7 +163,12 @@ def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
 
 def _stop_on_sigterm() -> None:
     """SIGTERM (scancel, a job's time limit) unwinds like Ctrl-C, so servers are stopped cleanly."""
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+    def stop(signum, frame):
+        logger.warning("SIGTERM: stopping; what finished is kept, and the same command continues from here")
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _execute(config_path: str, overrides: tuple[str, ...], scope: str, stage: str | None = None) -> None:

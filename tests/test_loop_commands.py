@@ -2,15 +2,17 @@
 
 Unlike tests/test_loop_integration.py, the run here starts its own teacher (`transformers serve`
 launched by lion-local, the smoke-mode default) and must stop it before each training, so this
-also covers the servers' lifecycle across stages. The run is small (12 seeds, 4 new
+also covers the servers' lifecycle across stages, and a SIGTERM that stops a stage cleanly. The run is small (12 seeds, 4 new
 instructions, one iteration plus the final imitation) to keep it quick.
 """
 
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,24 @@ def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tm
     teacher_log = (run_dir / "logs/server-teacher.log").read_text()
     assert teacher_log.count("starting teacher") == 1
     assert "stopped teacher server" in (run_dir / "logs/lion-local.log").read_text()
+
+    # SIGTERM (scancel, a time limit) in the middle of the reviews: a clean stop, servers down.
+    interrupted = subprocess.Popen(
+        [sys.executable, "-m", "lion_local", "iteration", "--config", str(config)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    reviews = run_dir / "iter_1/reviews.jsonl"
+    deadline = time.monotonic() + 240
+    while not (reviews.exists() and reviews.read_bytes().count(b"\n") >= 3):
+        assert interrupted.poll() is None and time.monotonic() < deadline, interrupted.communicate()[1][-3000:]
+        time.sleep(0.02)
+    interrupted.send_signal(signal.SIGTERM)
+    _, stderr = interrupted.communicate(timeout=60)
+    assert interrupted.returncode == 128 + signal.SIGTERM
+    assert "SIGTERM: stopping; what finished is kept, and the same command continues from here" in stderr
+    log = (run_dir / "logs/lion-local.log").read_text()
+    assert log.count("stopped student server") == 1 and log.count("stopped teacher server") == 2
+    assert _completed(run_dir) == ["1/imitation"]
 
     rest = _lion_local(config, "iteration")
     assert rest.returncode == 0, rest.stderr[-3000:]
