@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lion_local.config import Config, api_key_for, check_models_exist, config_to_yaml
@@ -131,22 +133,21 @@ def run_stage(config: Config, run: RunDir, marker: str, servers: ServerSet) -> N
     logger.info("==== %s done in %.1f s", marker, seconds)
 
 
-class _run_log:  # noqa: N801 - used as a context manager like open()
+@contextmanager
+def _run_log(run: RunDir) -> Iterator[None]:
     """Copy lion-local's log records to <run_dir>/logs/lion-local.log for the whole command."""
-
-    def __init__(self, run: RunDir) -> None:
-        run.logs.mkdir(parents=True, exist_ok=True)
-        self.handler = logging.FileHandler(run.logs / "lion-local.log", encoding="utf-8")
-        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def __enter__(self) -> None:
-        for name in ("lion_local", "serving"):
-            logging.getLogger(name).addHandler(self.handler)
-
-    def __exit__(self, *exc_info: object) -> None:
-        for name in ("lion_local", "serving"):
-            logging.getLogger(name).removeHandler(self.handler)
-        self.handler.close()
+    run.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.logs / "lion-local.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    loggers = [logging.getLogger(name) for name in ("lion_local", "serving")]
+    for each in loggers:
+        each.addHandler(handler)
+    try:
+        yield
+    finally:
+        for each in loggers:
+            each.removeHandler(handler)
+        handler.close()
 
 
 # ----------------------------------------------------------------------------------------------
