@@ -280,6 +280,10 @@ class Config(_Strict):
     def server_for(self, role: str) -> ServerConfig:
         return self.servers[getattr(self.roles, role).server]
 
+    def servers_in_use(self) -> list[str]:
+        """The names of the servers some role talks to."""
+        return sorted({getattr(self.roles, role).server for role in Roles.model_fields})
+
 
 PATH_FIELDS = ("run_dir", "seed_data", "tiny_models.dir", "imitation.accelerate_config")
 

@@ -30,8 +30,8 @@ from lion_local.imitation import is_checkpoint
 from lion_local.journaled_calls import call_all, call_fields
 from lion_local.records import pools_for, request_seed
 from lion_local.roles import ask_referee, ask_student, parse_referee_scores
-from lion_local.run_state import Journal, RunDir, StageOrderError, read_jsonl, write_atomic, write_jsonl_atomic
-from lion_local.teacher_cache import cached_answers, ensure_teacher_answers, missing_answers, teacher_fingerprint
+from lion_local.run_state import Journal, RunDir, StageOrderError, write_atomic, write_jsonl_atomic
+from lion_local.teacher_cache import ensure_teacher_answers
 from serving import ServerSet
 
 logger = logging.getLogger(__name__)
@@ -47,11 +47,9 @@ def run_discrimination(config: Config, run: RunDir, k: int, servers: ServerSet) 
     if not is_checkpoint(student_dir):
         raise StageOrderError(f"{k}/discrimination needs the student of {k}/imitation at {student_dir}; run imitation first")
 
-    teacher_answers = asyncio.run(_collect(config, run, k, cache_pool, servers))
+    teacher_answers, student_answers, reviews = asyncio.run(_collect(config, run, k, cache_pool, servers))
     servers.stop(config.roles.student.server)  # the next iteration serves a new checkpoint
 
-    student_answers = {r["id"]: r for r in read_jsonl(directory / "student_answers.jsonl")}
-    reviews = read_jsonl(directory / "reviews.jsonl")
     judgements = judge(cache_pool, reviews, config.discrimination.tau)
     write_jsonl_atomic(directory / "judgements.jsonl", judgements)
 
@@ -66,8 +64,10 @@ def run_discrimination(config: Config, run: RunDir, k: int, servers: ServerSet) 
     return summary
 
 
-async def _collect(config: Config, run: RunDir, k: int, cache_pool: list[dict], servers: ServerSet) -> dict[str, dict]:
-    """Student answers, teacher answers and reviews for the whole Cache Pool; returns teacher answers."""
+async def _collect(
+    config: Config, run: RunDir, k: int, cache_pool: list[dict], servers: ServerSet
+) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
+    """Teacher answers and student answers by id, and every review, for the whole Cache Pool."""
     directory = run.iteration(k)
     marker = f"{k}/discrimination"
     roles = config.roles
@@ -75,7 +75,6 @@ async def _collect(config: Config, run: RunDir, k: int, cache_pool: list[dict], 
         answered = {record["id"] for record in student_journal.records}
         need_student = [record for record in cache_pool if record["id"] not in answered]
         pending_reviews = _pending_reviews(cache_pool, reviews.records, roles.referee.parse_retries)
-        need_teacher = missing_answers(run, config, cache_pool)
 
         async with AsyncExitStack() as stack:
             clients: dict[str, EndpointClient] = {}
@@ -88,7 +87,6 @@ async def _collect(config: Config, run: RunDir, k: int, cache_pool: list[dict], 
                 return clients[name]
 
             student_client = await client("student") if need_student else None
-            teacher_client = await client("teacher") if need_teacher else None
             referee_client = await client("referee") if pending_reviews else None
 
             def student_call(record: dict):
@@ -105,12 +103,11 @@ async def _collect(config: Config, run: RunDir, k: int, cache_pool: list[dict], 
 
                 return ask
 
-            await asyncio.gather(
+            _, teacher_answers = await asyncio.gather(
                 call_all([student_call(r) for r in need_student], student_journal, f"{marker}: student answers"),
-                ensure_teacher_answers(run, config, need_teacher, teacher_client, marker),
+                ensure_teacher_answers(run, config, cache_pool, lambda: client("teacher"), marker),
             )
             student_answers = {record["id"]: record for record in student_journal.records}
-            teacher_answers = cached_answers(run, teacher_fingerprint(config))
 
             def review_call(record: dict, order: str, first_attempt: int):
                 async def ask() -> None:
@@ -141,7 +138,7 @@ async def _collect(config: Config, run: RunDir, k: int, cache_pool: list[dict], 
 
             calls = [review_call(record, order, attempt) for record, order, attempt in pending_reviews]
             await call_all(calls, reviews, f"{marker}: reviews")
-    return teacher_answers
+    return teacher_answers, student_answers, reviews.records
 
 
 def _pending_reviews(cache_pool: list[dict], reviews: list[dict], parse_retries: int) -> list[tuple[dict, str, int]]:

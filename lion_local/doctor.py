@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from lion_local.config import Config, Roles, api_key_for, check_models_exist
+from lion_local.config import Config, api_key_for, check_models_exist
 from lion_local.endpoint import EndpointClient, EndpointError
 from lion_local.roles import (
     ask_generator,
@@ -42,13 +42,9 @@ class Check:
     parsed: str | None = None
 
 
-def servers_in_use(config: Config) -> list[str]:
-    return sorted({getattr(config.roles, role).server for role in Roles.model_fields})
-
-
 def run_doctor(config: Config, log_dir: Path) -> list[Check]:
     """All checks, in order; the caller reports them and exits non-zero if any failed."""
-    names = servers_in_use(config)
+    names = config.servers_in_use()
     check_models_exist(config, names)
     for name in names:
         api_key_for(config, name)  # an unset key variable fails here, before anything starts

@@ -120,8 +120,7 @@ def run_generation(config: Config, run: RunDir, k: int, servers: ServerSet) -> d
                 break
             missing = [(side, attempt) for side, attempt in wave if (side, attempt) not in replies]
             if missing:
-                asyncio.run(_call_generator(config, k, missing, seeds, journal, servers))
-                replies = {(r["side"], r["attempt"]): r for r in journal.records}
+                asyncio.run(_call_generator(config, k, missing, seeds, journal, replies, servers))
             for side, attempt in wave:
                 reply = replies[(side, attempt)]
                 decided += 1
@@ -179,7 +178,13 @@ def run_generation(config: Config, run: RunDir, k: int, servers: ServerSet) -> d
 
 
 async def _call_generator(
-    config: Config, k: int, wanted: list[tuple[str, int]], seeds: dict[str, list[dict]], journal: Journal, servers: ServerSet
+    config: Config,
+    k: int,
+    wanted: list[tuple[str, int]],
+    seeds: dict[str, list[dict]],
+    journal: Journal,
+    replies: dict[tuple[str, int], dict],
+    servers: ServerSet,
 ) -> None:
     role = config.roles.generator
 
@@ -200,4 +205,9 @@ async def _call_generator(
         return ask
 
     async with servers.client(role.server) as client:
-        await call_all([call(client, side, attempt) for side, attempt in wanted], journal, f"{k}/generation: generator")
+        await call_all(
+            [call(client, side, attempt) for side, attempt in wanted],
+            journal,
+            f"{k}/generation: generator",
+            on_record=lambda reply: replies.__setitem__((reply["side"], reply["attempt"]), reply),
+        )

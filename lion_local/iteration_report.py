@@ -26,7 +26,9 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def iteration_report(run: RunDir, k: int | str) -> dict:
+def iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, float] | None = None) -> dict:
+    """The report of iteration k; `unrecorded_seconds` adds time not yet in state.json (the
+    stage finishing now), so the report can be written before the stage is marked done."""
     directory = run.iteration(k)
     prefix = f"{k}/"
     teacher_calls = [r for r in read_jsonl(run.teacher_answers) if r.get("stage", "").startswith(prefix)]
@@ -45,7 +47,7 @@ def iteration_report(run: RunDir, k: int | str) -> dict:
                 },
             },
         },
-        "stage_seconds": {m: s for m, s in state["stage_seconds"].items() if m.startswith(prefix)},
+        "stage_seconds": _stage_seconds(state["stage_seconds"], unrecorded_seconds or {}, prefix),
     }
     if k == FINAL:
         return report
@@ -72,7 +74,12 @@ def iteration_report(run: RunDir, k: int | str) -> dict:
     return report
 
 
-def write_iteration_report(run: RunDir, k: int | str) -> dict:
-    report = iteration_report(run, k)
+def _stage_seconds(recorded: dict[str, float], unrecorded: dict[str, float], prefix: str) -> dict[str, float]:
+    markers = [m for m in {**recorded, **unrecorded} if m.startswith(prefix)]
+    return {m: round(recorded.get(m, 0.0) + unrecorded.get(m, 0.0), 3) for m in markers}
+
+
+def write_iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, float] | None = None) -> dict:
+    report = iteration_report(run, k, unrecorded_seconds)
     write_atomic(run.iteration(k) / "report.json", json.dumps(report, indent=2) + "\n")
     return report

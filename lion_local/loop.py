@@ -79,7 +79,7 @@ def markers_for(config: Config, run: RunDir, scope: str, stage: str | None = Non
 
 def check_inputs(config: Config, run: RunDir) -> None:
     """Everything a run needs beyond the config, checked before the run directory is created."""
-    servers = sorted({getattr(config.roles, role).server for role in ("teacher", "referee", "generator", "student")})
+    servers = config.servers_in_use()
     check_models_exist(config, servers)
     for name in servers:
         api_key_for(config, name)
@@ -121,15 +121,14 @@ def run_stage(config: Config, run: RunDir, marker: str, servers: ServerSet) -> N
             run_discrimination(config, run, k, servers)
         else:
             run_generation(config, run, k, servers)
+        seconds = time.monotonic() - started
         if stage == "generation" or k == FINAL:
-            write_iteration_report(run, k)
+            # Before the marker, so a finished iteration always has its report.
+            write_iteration_report(run, k, {marker: seconds})
     except BaseException:
         add_stage_seconds(run, marker, time.monotonic() - started)
         raise
-    seconds = time.monotonic() - started
     mark_completed(run, marker, seconds)
-    if stage == "generation" or k == FINAL:
-        write_iteration_report(run, k)  # again, now with this stage's time in it
     logger.info("==== %s done in %.1f s", marker, seconds)
 
 
@@ -169,15 +168,16 @@ def status_lines(config: Config) -> list[str]:
         lines.append(f"run {run.root}: {where}, next stage {remaining[0]}")
     else:
         lines.append(f"run {run.root}: complete ({len(state['completed'])} stages)")
+    answered = {r["id"] for r in read_jsonl(run.teacher_answers)}
     for marker in stage_markers(config):
         label = "done" if marker in state["completed"] else ("next" if remaining and marker == remaining[0] else "pending")
         seconds = state["stage_seconds"].get(marker)
         timing = f" {seconds:.0f} s" if seconds else ""
-        lines.append(f"  {marker:<20} {label:<8}{timing:>8}  {_progress(config, run, marker)}")
+        lines.append(f"  {marker:<20} {label:<8}{timing:>8}  {_progress(config, run, marker, answered)}")
     return lines
 
 
-def _progress(config: Config, run: RunDir, marker: str) -> str:
+def _progress(config: Config, run: RunDir, marker: str, answered: set[str]) -> str:
     iteration, stage = marker.split("/")
     directory = run.iteration(iteration)
     if not directory.exists():
@@ -185,7 +185,6 @@ def _progress(config: Config, run: RunDir, marker: str) -> str:
     train = read_jsonl(directory / "train_pool.jsonl")
     cache = read_jsonl(directory / "cache_pool.jsonl")
     if stage == "imitation":
-        answered = {r["id"] for r in read_jsonl(run.teacher_answers)}
         parts = [f"teacher answers {sum(1 for r in train if r['id'] in answered)}/{len(train)}"]
         progress = _json(directory / "sft_progress.json")
         if (directory / "student").is_dir():

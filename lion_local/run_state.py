@@ -126,12 +126,19 @@ def read_jsonl(path: Path) -> list[dict]:
     """
     if not path.exists():
         return []
-    data = path.read_bytes()
+    return _intact_records(path, path.read_bytes())[0]
+
+
+def _intact_records(path: Path, data: bytes) -> tuple[list[dict], int]:
+    """The records of `data` and the length of its intact part (all of it, less a torn last line)."""
     lines = data.split(b"\n")
     torn_tail = lines.pop()  # b"" when the file ends with a newline
+    intact = len(data) - len(torn_tail)
     last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
     records = []
+    offset = 0
     for index, line in enumerate(lines):
+        start, offset = offset, offset + len(line) + 1
         if not line.strip():
             continue
         try:
@@ -139,11 +146,12 @@ def read_jsonl(path: Path) -> list[dict]:
         except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a cut multi-byte char
             if index == last and not torn_tail.strip():
                 logger.warning("%s:%d: dropping a damaged last line", path, index + 1)
+                intact = start
                 continue
             raise ValueError(f"{path}:{index + 1}: not valid JSON; the file was edited or corrupted") from None
     if torn_tail.strip():
         logger.warning("%s:%d: dropping a torn last line (no newline)", path, len(lines) + 1)
-    return records
+    return records, intact
 
 
 class Journal:
@@ -151,33 +159,20 @@ class Journal:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.records = read_jsonl(path)
-        self._repair()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "a", encoding="utf-8")
-
-    def _repair(self) -> None:
-        """Truncate the file after its last complete record, so new lines start on a fresh line."""
-        if not self.path.exists():
-            return
-        with open(self.path, "rb+") as handle:
-            data = handle.read()
-            keep = len(data)
-            if data and not data.endswith(b"\n"):
-                keep = data.rfind(b"\n") + 1
-            else:
-                stripped = data[:-1] if data.endswith(b"\n") else data
-                last_start = stripped.rfind(b"\n") + 1
-                try:
-                    if stripped[last_start:].strip():
-                        json.loads(stripped[last_start:])
-                except ValueError:
-                    keep = last_start
-            if keep != len(data):
-                handle.truncate(keep)
+        self._handle = open(path, "ab+")
+        self._handle.seek(0)
+        data = self._handle.read()
+        try:
+            self.records, intact = _intact_records(path, data)
+        except ValueError:
+            self._handle.close()
+            raise
+        if intact != len(data):
+            self._handle.truncate(intact)  # new lines must start on a fresh line
 
     def append(self, record: dict) -> None:
-        self._handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self._handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
         self._handle.flush()  # in the page cache: a SIGKILL after this loses nothing
         self.records.append(record)
 

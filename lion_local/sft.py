@@ -79,9 +79,9 @@ def last_complete_checkpoint(work_dir: Path, remove_incomplete: bool = False) ->
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    from lion_local.run_state import write_atomic
+
+    write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
 def train(job: dict) -> dict:

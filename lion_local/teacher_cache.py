@@ -13,6 +13,8 @@ import asyncio
 import hashlib
 import json
 import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
 from importlib import resources
 
 from lion_local.config import Config
@@ -21,7 +23,7 @@ from lion_local.journaled_calls import call_all, call_fields
 from lion_local.records import request_seed
 from lion_local.roles import ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
-from lion_local.run_state import Journal, RunDir, read_jsonl
+from lion_local.run_state import Journal, RunDir
 from serving import ServerSet
 from serving.commands import request_model_name
 
@@ -43,63 +45,66 @@ def teacher_fingerprint(config: Config) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
-def cached_answers(run: RunDir, fingerprint: str) -> dict[str, dict]:
-    """Answers already in the cache for this teacher, by instruction id."""
-    return {record["id"]: record for record in read_jsonl(run.teacher_answers) if record["fingerprint"] == fingerprint}
-
-
-def missing_answers(run: RunDir, config: Config, records: list[dict]) -> list[dict]:
-    cached = cached_answers(run, teacher_fingerprint(config))
-    seen: set[str] = set()
-    missing = []
-    for record in records:
-        if record["id"] not in cached and record["id"] not in seen:
-            seen.add(record["id"])
-            missing.append(record)
-    return missing
-
-
 async def ensure_teacher_answers(
-    run: RunDir, config: Config, records: list[dict], client: EndpointClient, stage: str
+    run: RunDir,
+    config: Config,
+    records: list[dict],
+    connect: Callable[[], Awaitable[EndpointClient]],
+    stage: str,
 ) -> dict[str, dict]:
-    """Teacher answers for `records` by id, asking the teacher only for those not cached yet."""
+    """Teacher answers for `records` by id, asking the teacher only for those not cached yet.
+
+    `connect` gives the teacher's client; it is called only when an answer is missing, so a
+    stage whose answers are all cached never starts the teacher's server.
+    """
     fingerprint = teacher_fingerprint(config)
-    missing = missing_answers(run, config, records)
-    if records:
-        logger.info(
-            "%s: teacher answers: %d of %d cached, %d to request", stage, len(records) - len(missing), len(records), len(missing)
-        )
-
-    def call(record: dict):
-        async def ask() -> dict:
-            seed = request_seed(config.seed, "teacher", record["id"])
-            completion = await ask_teacher(client, config.roles.teacher, record["instruction"], record["input"], seed=seed)
-            answer = parse_teacher_answer(completion.text)
-            return {
-                "id": record["id"],
-                "answer": answer if answer is not None else "",
-                "empty": answer is None,
-                "fingerprint": fingerprint,
-                "stage": stage,
-                **call_fields(completion, seed),
-            }
-
-        return ask
-
     with Journal(run.teacher_answers) as journal:
-        await call_all([call(record) for record in missing], journal, f"{stage}: teacher answers")
-    cached = cached_answers(run, fingerprint)
+        cached = {r["id"]: r for r in journal.records if r["fingerprint"] == fingerprint}
+        missing = list({r["id"]: r for r in records if r["id"] not in cached}.values())
+        if records:
+            logger.info(
+                "%s: teacher answers: %d of %d cached, %d to request",
+                stage, len(records) - len(missing), len(records), len(missing),
+            )
+        if missing:
+            client = await connect()
+
+            def call(record: dict):
+                async def ask() -> dict:
+                    seed = request_seed(config.seed, "teacher", record["id"])
+                    completion = await ask_teacher(
+                        client, config.roles.teacher, record["instruction"], record["input"], seed=seed
+                    )
+                    answer = parse_teacher_answer(completion.text)
+                    return {
+                        "id": record["id"],
+                        "answer": answer if answer is not None else "",
+                        "empty": answer is None,
+                        "fingerprint": fingerprint,
+                        "stage": stage,
+                        **call_fields(completion, seed),
+                    }
+
+                return ask
+
+            await call_all(
+                [call(record) for record in missing],
+                journal,
+                f"{stage}: teacher answers",
+                on_record=lambda record: cached.__setitem__(record["id"], record),
+            )
     return {record["id"]: cached[record["id"]] for record in records}
 
 
 def teacher_answers_for(config: Config, run: RunDir, records: list[dict], servers: ServerSet, stage: str) -> dict[str, dict]:
-    """Like ensure_teacher_answers, starting the teacher's server only when an answer is missing."""
-    if not missing_answers(run, config, records):
-        cached = cached_answers(run, teacher_fingerprint(config))
-        return {record["id"]: cached[record["id"]] for record in records}
+    """ensure_teacher_answers for a synchronous stage, with the teacher's server from `servers`."""
 
-    async def ask() -> dict[str, dict]:
-        async with servers.client(config.roles.teacher.server) as client:
-            return await ensure_teacher_answers(run, config, records, client, stage)
+    async def answers() -> dict[str, dict]:
+        async with AsyncExitStack() as stack:
 
-    return asyncio.run(ask())
+            async def connect() -> EndpointClient:
+                return await stack.enter_async_context(servers.client(config.roles.teacher.server))
+
+            return await ensure_teacher_answers(run, config, records, connect, stage)
+
+    return asyncio.run(answers())
