@@ -7,10 +7,12 @@ in one line naming the file and key, before anything is written.
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import signal
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import click
@@ -20,6 +22,7 @@ from lion_local.config import Config, ConfigError, api_key_for, check_models_exi
 from lion_local.endpoint import EndpointError
 from lion_local.imitation import TrainingError
 from lion_local.run_state import RunLockedError, StageOrderError
+from lion_local.training_launch import LaunchError
 from lion_local.seed_data import SeedDataError
 from serving.process import ServerError
 
@@ -36,7 +39,7 @@ class _Cli(click.Group):
         except (ConfigError, SeedDataError, StageOrderError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
-        except (ServerError, EndpointError, TrainingError, RunLockedError) as exc:
+        except (ServerError, EndpointError, TrainingError, LaunchError, RunLockedError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
 
@@ -76,28 +79,60 @@ def config_options(command):
 
 @main.command("config")
 @config_options
-def show_config(config_path: str, overrides: tuple[str, ...]) -> None:
+@click.option("--get", "key", metavar="KEY", help="Print only this value, e.g. --get run_dir (for scripts).")
+def show_config(config_path: str, overrides: tuple[str, ...], key: str | None) -> None:
     """Validate a config and print it resolved (includes merged, overrides applied, paths absolute)."""
     config = load_config(config_path, overrides)
-    click.echo(config_to_yaml(config), nl=False)
+    if key is None:
+        click.echo(config_to_yaml(config), nl=False)
+        return
+    value = config.model_dump(mode="json")
+    for depth, part in enumerate(key.split(".")):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"--get {key}: no key {'.'.join(key.split('.')[: depth + 1])!r} in the config")
+        value = value[part]
+    click.echo(value if isinstance(value, str) else json.dumps(value))
+
+
+@main.command("offline-env")
+def offline_env() -> None:
+    """Print `export` lines for the offline environment (batch scripts: eval "$(lion-local offline-env)")."""
+    from lion_local.offline import OFFLINE_ENVIRONMENT
+
+    for name, value in OFFLINE_ENVIRONMENT.items():
+        click.echo(f"export {name}={shlex.quote(value)}")
 
 
 @main.command()
 @click.argument("name")
 @config_options
 @click.option("--dry-run", is_flag=True, help="Print the exact command line and exit.")
-def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool) -> None:
+@click.option("--host", help="Address to bind instead of servers.<NAME>.host (0.0.0.0: reachable from other nodes).")
+@click.option(
+    "--publish",
+    is_flag=True,
+    help="Once healthy, publish the endpoint in <run_dir>/endpoints/<NAME>/ for runs whose config makes "
+    "this server external; withdrawn on exit.",
+)
+def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool, host: str | None, publish: bool) -> None:
     """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
     in the foreground until interrupted."""
     from lion_local.tiny_models import ensure_tiny_models
     from serving import server_launch, server_process
+    from serving.commands import request_model_name
+    from serving.published import published_endpoint, reachable_host
 
     config = load_config(config_path, overrides)
     server_name = _server_name(config, name)
     server = config.servers[server_name]
     if server.engine == "external":
-        click.echo(f"{server_name} is external ({', '.join(server.base_urls)}): nothing to start")
-        return
+        where = ", ".join(server.base_urls) or f"endpoints published in {config.endpoint_dir(server_name)}"
+        raise ConfigError(
+            f"servers.{server_name}.engine: external ({where}): nothing to start; "
+            "serve it from a config that gives its engine and model"
+        )
+    if host is not None:
+        server.host = host
     if dry_run:
         api_key_for(config, server_name)
         launch = server_launch(config, server_name)
@@ -113,9 +148,16 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     process.start()
     try:
         process.wait_until_healthy()
-        click.echo(f"{server_name} serving at {launch.base_url} (log: {log_path}); Ctrl-C stops it")
-        code = process.process.wait()
-        raise ServerError(f"{server_name} server exited with code {code}; log: {log_path}")
+        base_url = f"http://{reachable_host(server.host)}:{launch.port}/v1"
+        with ExitStack() as stack:
+            if publish:
+                path = stack.enter_context(
+                    published_endpoint(config, server_name, base_url, request_model_name(server))
+                )
+                click.echo(f"{server_name} published in {path}")
+            click.echo(f"{server_name} serving at {base_url} (log: {log_path}); Ctrl-C stops it")
+            code = process.process.wait()
+            raise ServerError(f"{server_name} server exited with code {code}; log: {log_path}")
     except KeyboardInterrupt:
         pass
     finally:
@@ -165,6 +207,9 @@ def _stop_on_sigterm() -> None:
     """SIGTERM (scancel, a job's time limit) unwinds like Ctrl-C, so servers are stopped cleanly."""
 
     def stop(signum, frame):
+        # SLURM signals every process of a job and the batch script forwards the signal as well:
+        # a second SIGTERM must not interrupt the clean stop the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         logger.warning("SIGTERM: stopping; what finished is kept, and the same command continues from here")
         sys.exit(128 + signum)
 
@@ -208,11 +253,21 @@ def stage(name: str, config_path: str, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @config_options
-def status(config_path: str, overrides: tuple[str, ...]) -> None:
+@click.option(
+    "--remaining-iterations",
+    is_flag=True,
+    help="Print only the iterations left to run, one per line (1, 2, ..., final): one batch job each.",
+)
+def status(config_path: str, overrides: tuple[str, ...], remaining_iterations: bool) -> None:
     """Where the run stands: iteration, next stage, and done/total of each stage's work."""
+    from lion_local.loop import remaining_iterations as iterations_left
     from lion_local.loop import status_lines
 
     config = load_config(config_path, overrides)
+    if remaining_iterations:
+        for iteration_name in iterations_left(config):
+            click.echo(iteration_name)
+        return
     click.echo("\n".join(status_lines(config)))
 
 

@@ -67,7 +67,14 @@ class ServerConfig(_Strict):
         "external: required; transformers: always the model path.",
     )
     base_urls: list[str] = Field(
-        default_factory=list, description="External engine: base URLs ending in /v1, balanced by the client."
+        default_factory=list,
+        description="External engine: base URLs ending in /v1, balanced by the client. Empty: use the endpoints "
+        "that `lion-local serve NAME --publish` (slurm/serve.sh) publishes in endpoint_dir.",
+    )
+    endpoint_dir: str | None = Field(
+        None,
+        description="External engine without base_urls: directory of published endpoint files; "
+        "default <run_dir>/endpoints/<server name>.",
     )
     api_key_env: str | None = Field(
         None, description="Name of the environment variable holding the API key (keys never go in config)."
@@ -93,10 +100,10 @@ class ServerConfig(_Strict):
     @model_validator(mode="after")
     def _engine_needs(self) -> ServerConfig:
         if self.engine == "external":
-            if not self.base_urls:
-                raise ValueError("engine 'external' needs base_urls (e.g. [http://host:8000/v1])")
-            if not self.served_model_name:
-                raise ValueError("engine 'external' needs served_model_name (the model name the endpoint serves)")
+            if self.base_urls and self.endpoint_dir:
+                raise ValueError("give base_urls or endpoint_dir, not both")
+            if self.base_urls and not self.served_model_name:
+                raise ValueError("engine 'external' with base_urls needs served_model_name (the model name the endpoint serves)")
             for url in self.base_urls:
                 if not url.startswith(("http://", "https://")):
                     raise ValueError(f"base_urls entry {url!r} must start with http:// or https://")
@@ -201,6 +208,9 @@ class Imitation(_Strict):
         None, description="accelerate config file (configs/accelerate/*.yaml); None: one process."
     )
     final_imitation: bool = Field(True, description="After the last iteration, train on the last Train Pool.")
+    rendezvous_port: int = Field(
+        29500, ge=1, le=65535, description="Multi-node training: c10d rendezvous port on the job's first node."
+    )
 
 
 class Discrimination(_Strict):
@@ -279,6 +289,11 @@ class Config(_Strict):
 
     def server_for(self, role: str) -> ServerConfig:
         return self.servers[getattr(self.roles, role).server]
+
+    def endpoint_dir(self, name: str) -> Path:
+        """Where endpoints of server `name` are published by `lion-local serve NAME --publish`."""
+        configured = self.servers[name].endpoint_dir
+        return Path(configured) if configured else Path(self.run_dir) / "endpoints" / name
 
     def servers_in_use(self) -> list[str]:
         """The names of the servers some role talks to."""
@@ -469,6 +484,8 @@ def _resolve_paths(config: Config) -> None:
     for server in config.servers.values():
         if server.model:
             server.model = str(Path(server.model).expanduser().resolve())
+        if server.endpoint_dir:
+            server.endpoint_dir = str(Path(server.endpoint_dir).expanduser().resolve())
 
 
 # ----------------------------------------------------------------------------------------------

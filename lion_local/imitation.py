@@ -3,7 +3,8 @@
     lion-local stage imitation --config X
 
 Teacher answers come through the run-wide cache (only missing ones are requested). Training
-runs in a separate process, `accelerate launch -m lion_local.sft`, continuing from the previous
+runs in a separate process, `accelerate launch -m lion_local.sft` (one srun task per node when the
+SLURM job spans several; see training_launch.py), continuing from the previous
 student checkpoint (the configured base model in iteration 1), with the loss on the answer only.
 The checkpoint is written to iter_<k>/student.partial/ and renamed to iter_<k>/student/ only
 after training exited cleanly, so a half-written checkpoint is never taken for a finished one.
@@ -28,8 +29,8 @@ from lion_local.records import pools_for
 from lion_local.roles.student import student_chat_messages, student_training_text
 from lion_local.run_state import FINAL, RunDir, write_atomic, write_jsonl_atomic
 from lion_local.teacher_cache import teacher_answers_for
+from lion_local.training_launch import training_command
 from serving import ServerSet
-from serving.commands import executable
 from serving.process import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -67,22 +68,6 @@ def training_examples(config: Config, records: list[dict], answers: dict[str, di
             prompt, completion = student_training_text(record["instruction"], record["input"], answer["answer"], eos_token)
             examples.append({"id": record["id"], "prompt": prompt, "completion": completion})
     return examples
-
-
-def accelerate_command(config: Config, job_file: Path) -> list[str]:
-    """`accelerate launch` for one node: the configured accelerate file, or one local process."""
-    import torch
-
-    command = [executable("accelerate"), "launch"]
-    if config.imitation.accelerate_config:
-        command += ["--config_file", config.imitation.accelerate_config]
-    else:
-        on_gpu = torch.cuda.is_available()
-        command += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
-        command += ["--mixed_precision", "bf16" if config.imitation.bf16 and on_gpu else "no"]
-        if not on_gpu:
-            command.append("--cpu")
-    return command + ["-m", "lion_local.sft", str(job_file)]
 
 
 def run_imitation(config: Config, run: RunDir, k: int | str, servers: ServerSet) -> dict:
@@ -149,7 +134,7 @@ def train_student(config: Config, directory: Path, base: str, examples: list[dic
     if partial_dir.exists():
         shutil.rmtree(partial_dir)
 
-    command = accelerate_command(config, job_file)
+    command = training_command(config, job_file)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     logger.info("%s: training the student on %d examples from %s; log: %s", marker, len(examples), base, log_path)
     started = time.monotonic()

@@ -55,6 +55,17 @@ def remaining_markers(config: Config, run: RunDir) -> list[str]:
     return [marker for marker in stage_markers(config) if marker not in completed]
 
 
+def remaining_iterations(config: Config) -> list[str]:
+    """The iterations with a stage left ("1", "2", ..., "final"), in order; each is one `iteration` command."""
+    run = RunDir(config.run_dir)
+    left: list[str] = []
+    for marker in remaining_markers(config, run):
+        iteration = marker.split("/")[0]
+        if iteration not in left:
+            left.append(iteration)
+    return left
+
+
 def markers_for(config: Config, run: RunDir, scope: str, stage: str | None = None) -> list[str]:
     """The stages a command runs: scope is "run", "iteration" or "stage" (with its name)."""
     remaining = remaining_markers(config, run)

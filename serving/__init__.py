@@ -2,7 +2,9 @@
 
 `running_server(config, name, log_dir)` starts `vllm serve` or `transformers serve` for the
 server `name` of a config (or uses an external endpoint), waits for /health, yields an
-`Endpoint`, and stops the server on exit. `client_for` turns an Endpoint into the async client.
+`Endpoint`, and stops the server on exit. An external server without base_urls is found
+through the endpoint files that server jobs publish (serving/published.py). `client_for`
+turns an Endpoint into the async client.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from lion_local.config import Config, ServerConfig, api_key_for
 from lion_local.endpoint import EndpointClient
 from serving.commands import request_model_name, server_command, server_environment
 from serving.process import ServerError, ServerProcess, free_port
+from serving.published import live_published_endpoints
 
 __all__ = [
     "Endpoint",
@@ -85,7 +88,11 @@ def running_server(config: Config, name: str, log_dir: Path, model: str | None =
     server = config.servers[name]
     api_key = api_key_for(config, name)
     if server.engine == "external":
-        yield Endpoint(name, list(server.base_urls), request_model_name(server), api_key)
+        if server.base_urls:
+            yield Endpoint(name, list(server.base_urls), request_model_name(server), api_key)
+        else:
+            base_urls, published_model = live_published_endpoints(config, name)
+            yield Endpoint(name, base_urls, server.served_model_name or published_model, api_key)
         return
     process, launch = server_process(config, name, Path(log_dir) / f"server-{name}.log", model)
     process.start()

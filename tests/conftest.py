@@ -1,11 +1,17 @@
-"""Shared fixtures: the tiny models are built once per test session (about a minute on 2 cores)."""
+"""Shared fixtures: the tiny models are built once per test session (about a minute on 2 cores);
+a real teacher server per module that asks for one."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
+
+from serving.process import free_port
+from loop_checks import stop, tiny_config, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +35,24 @@ def tiny_run_config(tiny_models: Path, tmp_path: Path) -> Path:
     path = tmp_path / "tiny-cpu.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture(scope="module")
+def teacher_url(tiny_models: Path, tmp_path_factory) -> str:
+    """A real transformers serve process with the tiny teacher, started by `lion-local serve`."""
+    directory = tmp_path_factory.mktemp("teacher-service")
+    data = tiny_config(tiny_models, directory / "serve-run")
+    port = free_port()
+    data["servers"]["teacher"]["port"] = port
+    config = directory / "serve.yaml"
+    config.write_text(yaml.safe_dump(data))
+    log = open(directory / "serve.log", "w")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lion_local", "serve", "teacher", "--config", str(config)], stdout=log, stderr=log
+    )
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}/health", process)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(process)
+        log.close()

@@ -1,7 +1,7 @@
 """How the imitation stage launches and feeds student training, without training anything.
 
 Covered:
-- imitation.accelerate_command: one local CPU process (exact argument list), the GPU variant
+- training_launch.accelerate_command: one local CPU process (exact argument list), the GPU variant
   (bf16 only when configured), and `--config_file` when imitation.accelerate_config is set.
 - sft.gradient_accumulation_steps: exact division and rounding up.
 - imitation.training_examples: alpaca rows whose prompt is exactly the inference prompt
@@ -17,10 +17,11 @@ import pytest
 import torch
 
 from lion_local.config import load_config
-from lion_local.imitation import accelerate_command, training_examples
+from lion_local.imitation import training_examples
 from lion_local.records import instruction_record
 from lion_local.roles.student import student_chat_messages, student_prompt
 from lion_local.sft import gradient_accumulation_steps
+from lion_local.training_launch import accelerate_command
 
 ROOT = Path(__file__).resolve().parents[1]
 

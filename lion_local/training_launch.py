@@ -1,0 +1,127 @@
+"""The command line that runs student training (`lion_local.sft`) under `accelerate launch`.
+
+On one node, lion-local runs `accelerate launch` itself: with the configured accelerate file
+(FSDP or DeepSpeed over the node's GPUs), or as one local process. When the SLURM job spans
+several nodes, training runs as one `srun` step with one task per node; each task runs
+`accelerate launch` with its node's rank, and the processes meet through c10d rendezvous on the
+job's first node, so no host file or ssh is needed.
+
+accelerate's launch flags: https://huggingface.co/docs/accelerate/package_reference/cli#accelerate-launch
+srun's flags: https://slurm.schedmd.com/srun.html
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from lion_local.config import Config
+from serving.commands import executable
+
+
+class LaunchError(RuntimeError):
+    """Training cannot be launched as configured; the message says why and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The nodes of the SLURM job lion-local runs in (one node outside SLURM)."""
+
+    nodes: tuple[str, ...]
+    cpus_per_task: int | None = None
+
+    @property
+    def multi_node(self) -> bool:
+        return len(self.nodes) > 1
+
+
+def current_allocation(environ: dict[str, str] | None = None) -> Allocation:
+    """The allocation from SLURM's environment; node names expanded by `scontrol show hostnames`."""
+    environ = dict(os.environ if environ is None else environ)
+    count = int(environ.get("SLURM_JOB_NUM_NODES") or environ.get("SLURM_NNODES") or 1)
+    cpus = environ.get("SLURM_CPUS_PER_TASK")
+    if count <= 1:
+        return Allocation(("localhost",), int(cpus) if cpus else None)
+    node_list = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+    if not node_list:
+        raise LaunchError(f"SLURM_JOB_NUM_NODES={count} but SLURM_JOB_NODELIST is not set")
+    try:
+        expanded = subprocess.run(
+            ["scontrol", "show", "hostnames", node_list], capture_output=True, text=True, check=True, timeout=30
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise LaunchError(f"cannot expand SLURM_JOB_NODELIST={node_list!r} with scontrol: {exc}") from None
+    return Allocation(tuple(expanded), int(cpus) if cpus else None)
+
+
+def accelerate_command(config: Config, job_file: Path, on_gpu: bool | None = None) -> list[str]:
+    """`accelerate launch` on this node: the configured accelerate file, or one local process."""
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    command = [executable("accelerate"), "launch"]
+    if config.imitation.accelerate_config:
+        command += ["--config_file", config.imitation.accelerate_config]
+    else:
+        command += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
+        command += ["--mixed_precision", "bf16" if config.imitation.bf16 and on_gpu else "no"]
+        if not on_gpu:
+            command.append("--cpu")
+    return command + ["-m", "lion_local.sft", str(job_file)]
+
+
+def multi_node_command(config: Config, job_file: Path, allocation: Allocation, gpus_per_node: int) -> list[str]:
+    """One srun task per node, each running `accelerate launch` with c10d rendezvous."""
+    if gpus_per_node < 1:
+        raise LaunchError(
+            f"the job spans {len(allocation.nodes)} nodes but torch sees no GPU on {allocation.nodes[0]}; "
+            "multi-node training needs GPUs (submit with --nodes=1 to train on one node)"
+        )
+    nodes = len(allocation.nodes)
+    srun = [
+        "srun",
+        f"--nodes={nodes}",
+        f"--ntasks={nodes}",
+        "--ntasks-per-node=1",
+        # One failed node ends the step at once instead of leaving the others waiting in a collective.
+        "--kill-on-bad-exit=1",
+    ]
+    if allocation.cpus_per_task:
+        # srun does not inherit sbatch's --cpus-per-task (Slurm >= 22.05); without it each task gets one CPU.
+        srun.append(f"--cpus-per-task={allocation.cpus_per_task}")
+    # Each task learns its node's rank from SLURM_NODEID, which only exists inside the task.
+    per_node = ["bash", "-c", 'exec "$0" launch --machine_rank "$SLURM_NODEID" "$@"', executable("accelerate")]
+    launch = []
+    if config.imitation.accelerate_config:
+        launch += ["--config_file", config.imitation.accelerate_config]
+    else:
+        launch += ["--multi_gpu", "--mixed_precision", "bf16" if config.imitation.bf16 else "no"]
+    launch += [
+        "--num_machines",
+        str(nodes),
+        "--num_processes",
+        str(nodes * gpus_per_node),
+        "--main_process_ip",
+        allocation.nodes[0],
+        "--main_process_port",
+        str(config.imitation.rendezvous_port),
+        # c10d: ranks are agreed at rendezvous on the first node, so tasks may start in any order.
+        "--rdzv_backend",
+        "c10d",
+        "--dynamo_backend",
+        "no",
+    ]
+    return srun + per_node + launch + ["-m", "lion_local.sft", str(job_file)]
+
+
+def training_command(config: Config, job_file: Path) -> list[str]:
+    """The command imitation runs: multi-node under a multi-node SLURM job, else single-node."""
+    allocation = current_allocation()
+    if not allocation.multi_node:
+        return accelerate_command(config, job_file)
+    import torch
+
+    return multi_node_command(config, job_file, allocation, torch.cuda.device_count())

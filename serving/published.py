@@ -1,0 +1,139 @@
+"""Endpoints published on the shared file system by long-running server jobs.
+
+`slurm/serve.sh` runs `lion-local serve NAME --publish`: once the server answers /health, one
+JSON file describing it is written atomically to <run_dir>/endpoints/<NAME>/ (or the server's
+`endpoint_dir`), and removed when the server stops. A run whose config makes that server
+`engine: external` with no `base_urls` reads every file there, keeps the endpoints that answer
+/health, and balances its requests over them; replicas (a job array) simply publish more files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from lion_local.config import Config
+from serving.process import ServerError
+
+logger = logging.getLogger(__name__)
+
+POLL_INTERVAL_S = 2.0
+
+
+def reachable_host(bind_host: str) -> str:
+    """The host name other nodes use for a server bound to `bind_host`."""
+    if bind_host in ("0.0.0.0", "::", ""):
+        return socket.gethostname()
+    return bind_host
+
+
+def endpoint_file_name(host: str, port: int) -> str:
+    job = os.environ.get("SLURM_JOB_ID", "local")
+    return f"{job}-{host}-{port}.json"
+
+
+@contextmanager
+def published_endpoint(config: Config, name: str, base_url: str, model: str) -> Iterator[Path]:
+    """Publish server `name` at `base_url` while the block runs; yield the file's path."""
+    directory = config.endpoint_dir(name)
+    directory.mkdir(parents=True, exist_ok=True)
+    host_port = base_url.split("://", 1)[1].split("/", 1)[0]
+    host, _, port = host_port.rpartition(":")
+    path = directory / endpoint_file_name(host, int(port))
+    record = {
+        "server": name,
+        "base_url": base_url,
+        "model": model,
+        "host": host,
+        "port": int(port),
+        "pid": os.getpid(),
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
+        "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+    logger.info("published %s at %s in %s", name, base_url, path)
+    try:
+        yield path
+    finally:
+        path.unlink(missing_ok=True)
+        logger.info("withdrew %s (%s)", name, path)
+
+
+def read_published(directory: Path) -> list[dict]:
+    """Every well-formed endpoint file in `directory` (others are skipped with a warning)."""
+    records = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record.get("base_url"), str) or not isinstance(record.get("model"), str):
+                raise ValueError("needs string fields base_url and model")
+        except FileNotFoundError:
+            continue  # withdrawn between the listing and the read
+        except (OSError, ValueError) as exc:
+            logger.warning("skipping endpoint file %s: %s", path, exc)
+            continue
+        record["file"] = str(path)
+        records.append(record)
+    return records
+
+
+def _is_healthy(client: httpx.Client, base_url: str) -> bool:
+    root = base_url.rstrip("/").removesuffix("/v1")
+    try:
+        return client.get(f"{root}/health").status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def live_published_endpoints(config: Config, name: str) -> tuple[list[str], str]:
+    """Base URLs and model name of the published endpoints of `name` that answer /health.
+
+    Waits up to servers.<name>.startup_timeout_s for one to appear, so an iteration job may be
+    submitted together with the service job that hosts its teacher.
+    """
+    server = config.servers[name]
+    directory = config.endpoint_dir(name)
+    deadline = time.monotonic() + server.startup_timeout_s
+    announced = False
+    with httpx.Client(timeout=5.0, trust_env=False) as client:
+        while True:
+            records = read_published(directory) if directory.is_dir() else []
+            live = [record for record in records if _is_healthy(client, record["base_url"])]
+            if live:
+                models = sorted({record["model"] for record in live})
+                if len(models) > 1:
+                    raise ServerError(
+                        f"servers.{name}: the endpoints published in {directory} serve different models "
+                        f"({', '.join(models)}); stop the service jobs of the wrong one"
+                    )
+                stale = len(records) - len(live)
+                logger.info(
+                    "%s: %d published endpoint(s) in %s%s",
+                    name,
+                    len(live),
+                    directory,
+                    f" ({stale} not answering, ignored)" if stale else "",
+                )
+                return [record["base_url"] for record in live], models[0]
+            if time.monotonic() > deadline:
+                seen = f"{len(records)} file(s) there, none answering /health" if records else "no endpoint file there"
+                raise ServerError(
+                    f"servers.{name}: no live endpoint published in {directory} after "
+                    f"{server.startup_timeout_s:.0f} s ({seen}); start one with "
+                    f"`sbatch slurm/serve.sh <config> {name}` or set servers.{name}.base_urls"
+                )
+            if not announced:
+                logger.info("%s: waiting for a published endpoint in %s", name, directory)
+                announced = True
+            time.sleep(POLL_INTERVAL_S)

@@ -1,0 +1,219 @@
+"""Helpers shared by the tests that run the whole loop for real (test_loop_integration, test_slurm).
+
+- tiny_config / run_config: configs/tiny-cpu.yaml with absolute paths under a test's tmp dir; the
+  run_config variant makes the teacher an external endpoint behind the recording proxy.
+- start_proxy / teacher_deliveries: the recording proxy, and the teacher answers it delivered.
+- check_invariants: every invariant of the method and the run-directory contract on a finished run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from rouge_score import rouge_scorer
+from safetensors.torch import load_file
+
+from lion_local.roles.teacher import teacher_messages
+from serving.process import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+PROXY = ROOT / "tests" / "recording_proxy.py"
+
+
+def tiny_config(tiny_models: Path, run_dir: Path) -> dict:
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    data["run_dir"] = str(run_dir)
+    data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
+    data["tiny_models"]["dir"] = str(tiny_models)
+    data["servers"]["teacher"]["model"] = str(tiny_models / "teacher")
+    data["servers"]["student"]["model"] = str(tiny_models / "student")
+    return data
+
+
+def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"process serving {url} exited with {process.returncode}"
+        try:
+            if httpx.get(url, timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not healthy after {timeout_s} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def start_proxy(upstream: str, log: Path, delay_generator_s: float = 0.0) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, str(PROXY), "--upstream", upstream, "--port", str(port), "--log", str(log),
+         "--delay-generator-s", str(delay_generator_s)],
+    )
+    wait_healthy(f"http://127.0.0.1:{port}/health", process)
+    return process, f"http://127.0.0.1:{port}"
+
+
+def run_config(tiny_models: Path, tmp_path: Path, proxy_url: str) -> Path:
+    data = tiny_config(tiny_models, tmp_path / "run")
+    data["servers"]["teacher"] = {
+        "engine": "external",
+        "base_urls": [f"{proxy_url}/v1"],
+        "served_model_name": str(tiny_models / "teacher"),  # transformers serve wants its model path
+        "max_concurrency": 4,
+        "request_timeout_s": 120,
+        "failure_budget_s": 60,
+    }
+    data["imitation"]["save_steps"] = 2  # trainer checkpoints often enough to kill after one
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def lion_local(*args: str) -> list[str]:
+    return [sys.executable, "-m", "lion_local", *args]
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def teacher_deliveries(proxy_log: Path, pools: list[dict]) -> dict[str, list[float]]:
+    """Delivery times of the teacher's answers per instruction id, from the proxy's records."""
+    prompt_to_id = {teacher_messages(r["instruction"], r["input"])[-1]["content"]: r["id"] for r in pools}
+    deliveries: dict[str, list[float]] = {}
+    for record in jsonl(proxy_log):
+        body = record["body"]
+        if not record["path"].endswith("/chat/completions") or record["status"] != 200:
+            continue
+        content = body["messages"][-1]["content"]
+        if content in prompt_to_id:
+            deliveries.setdefault(prompt_to_id[content], []).append(record["delivered"])
+        else:
+            assert "#New Instruction#" in content or "[Answer of Assistant 1]" in content, content[:200]
+    return deliveries
+
+
+def check_invariants(run_dir: Path, tiny_models: Path, tau: float = 1.0, threshold: float = 0.7) -> list[dict]:
+    """Every invariant of the method on a finished run; returns the instructions the teacher answered."""
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    iterations = config["iterations"]
+    state = json.loads((run_dir / "state.json").read_text())
+    final = config["imitation"]["final_imitation"]
+    assert state["completed"] == [
+        f"{k}/{stage}" for k in range(1, iterations + 1) for stage in ("imitation", "discrimination", "generation")
+    ] + (["final/imitation"] if final else [])
+
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
+    for k in range(1, iterations + 1):
+        directory = run_dir / f"iter_{k}"
+        train, cache = jsonl(directory / "train_pool.jsonl"), jsonl(directory / "cache_pool.jsonl")
+        generated = jsonl(directory / "generated.jsonl")
+        following = run_dir / (f"iter_{k + 1}" if k < iterations else "final")
+        # Pools: Train k+1 is replaced by generated k; Cache k+1 is Cache k extended by it.
+        if k < iterations or final:
+            assert jsonl(following / "train_pool.jsonl") == generated
+        if k < iterations:
+            next_cache = jsonl(following / "cache_pool.jsonl")
+            assert next_cache == cache + generated
+            assert len({r["id"] for r in next_cache}) == len(next_cache), "duplicate ids in the Cache Pool"
+        assert {r["id"] for r in train} <= {r["id"] for r in cache}
+        for record in generated:
+            assert record["origin"] in ("hard", "easy") and record["iteration"] == k and record["input"] == ""
+            assert record["parent"] in {r["id"] for r in cache}
+
+        # Novelty: rouge-score itself, against Cache Pool k and the instructions accepted before.
+        earlier = [r["instruction"] for r in cache]
+        for record in generated:
+            worst = max(scorer.score(text, record["instruction"])["rougeL"].fmeasure for text in earlier)
+            assert worst <= threshold, (record["instruction"], worst)
+            earlier.append(record["instruction"])
+
+        # Judgements: per-model scores are the means over both orders; labels follow gap and tau.
+        reviews = jsonl(directory / "reviews.jsonl")
+        first_readable: dict[tuple[str, str], list[float]] = {}
+        for review in reviews:
+            if review["scores"] is not None:
+                first_readable.setdefault((review["id"], review["order"]), review["scores"])
+        judgements = jsonl(directory / "judgements.jsonl")
+        assert [j["id"] for j in judgements] == [r["id"] for r in cache]
+        for judgement in judgements:
+            tf = first_readable.get((judgement["id"], "teacher_first"))
+            sf = first_readable.get((judgement["id"], "student_first"))
+            if tf is None or sf is None:
+                assert judgement["label"] == "unjudged" and judgement["gap"] is None
+                continue
+            assert judgement["teacher_score"] == pytest.approx((tf[0] + sf[1]) / 2)
+            assert judgement["student_score"] == pytest.approx((tf[1] + sf[0]) / 2)
+            assert judgement["gap"] == pytest.approx(judgement["teacher_score"] - judgement["student_score"])
+            assert judgement["label"] == ("hard" if judgement["gap"] >= tau else "easy")
+
+        # Ratio: accepted per side follows the quota, or the report says why not.
+        report = json.loads((directory / "report.json").read_text())
+        generation = report["generation"]
+        sides = Counter(r["origin"] for r in generated)
+        assert sides["hard"] == generation["accepted"]["hard"] and sides["easy"] == generation["accepted"]["easy"]
+        wanted = config["generation"]["new_per_iteration"]
+        expected_hard = round(wanted * config["generation"]["hard_ratio"])
+        if generation["quota"]["hard"] != expected_hard:
+            assert any("no hard seeds" in n or "no easy seeds" in n for n in generation["notes"])
+        for side in ("hard", "easy"):
+            if sides[side] != generation["quota"][side]:
+                assert generation["shortfall"][side] == generation["quota"][side] - sides[side]
+                assert any(n.startswith(f"{side}:") for n in generation["notes"])
+        labels = Counter(j["label"] for j in judgements)
+        assert report["labels"] == {label: labels.get(label, 0) for label in ("hard", "easy", "unjudged")}
+        assert report["pools"] == {
+            "train": len(train), "cache": len(cache), "generated": len(generated),
+            "next_train": len(generated), "next_cache": len(cache) + len(generated),
+        }
+        assert sum(b["count"] for b in report["scores"]["gap_histogram"]) == labels["hard"] + labels["easy"]
+        for role in ("teacher", "student", "referee", "generator"):
+            assert report["roles"][role]["calls"] > 0 or role == "teacher" and k > 1 and not train
+        assert report["roles"]["student"]["calls"] == len(cache)
+        assert report["roles"]["referee"]["calls"] == len(reviews)
+
+        # Journals: one record per completed call, never two.
+        assert len({r["id"] for r in jsonl(directory / "student_answers.jsonl")}) == len(cache)
+        assert len(jsonl(directory / "student_answers.jsonl")) == len(cache)
+        keys = [(r["id"], r["order"], r["attempt"]) for r in reviews]
+        assert len(keys) == len(set(keys))
+        calls = [(r["side"], r["attempt"]) for r in jsonl(directory / "generator_calls.jsonl")]
+        assert len(calls) == len(set(calls))
+    answers = jsonl(run_dir / "teacher_answers.jsonl")
+    assert len({r["id"] for r in answers}) == len(answers), "an instruction was answered twice"
+
+    # Each checkpoint's weights differ from the one it continued from.
+    chain = [tiny_models / "student"] + [run_dir / f"iter_{k}/student" for k in range(1, iterations + 1)]
+    if final:
+        chain.append(run_dir / "final/student")
+    for before, after in zip(chain, chain[1:]):
+        old, new = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
+        assert old.keys() == new.keys()
+        assert any(not old[name].equal(new[name]) for name in old), f"{after} equals {before}"
+        assert (after / "tokenizer.json").exists()
+
+    last = iterations
+    everything = jsonl(run_dir / f"iter_{last}/cache_pool.jsonl") + jsonl(run_dir / f"iter_{last}/generated.jsonl")
+    # The teacher answered every Cache Pool instruction, and the last generated ones when the
+    # final imitation trained on them.
+    answered = everything if final else jsonl(run_dir / f"iter_{last}/cache_pool.jsonl")
+    assert {r["id"] for r in answers} == {r["id"] for r in answered}
+    return answered
