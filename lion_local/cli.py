@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -142,7 +143,9 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     check_models_exist(config, [server_name])
     api_key_for(config, server_name)
     ensure_tiny_models(config)
-    log_path = Path(config.run_dir) / "logs" / f"serve-{server_name}.log"
+    job = os.environ.get("SLURM_JOB_ID")
+    # Replicas of a job array share the run directory: one log each.
+    log_path = Path(config.run_dir) / "logs" / (f"serve-{server_name}-{job}.log" if job else f"serve-{server_name}.log")
     process, launch = server_process(config, server_name, log_path)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     process.start()

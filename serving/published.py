@@ -76,6 +76,8 @@ def read_published(directory: Path) -> list[dict]:
     for path in sorted(directory.glob("*.json")):
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
             if not isinstance(record.get("base_url"), str) or not isinstance(record.get("model"), str):
                 raise ValueError("needs string fields base_url and model")
         except FileNotFoundError:

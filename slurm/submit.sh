@@ -60,7 +60,9 @@ command -v sbatch >/dev/null 2>&1 || {
 
 # Validates the config (exit 2 with one line naming the key) before anything is submitted.
 "$LION_LOCAL" config --config "$CONFIG" "${LION_ARGS[@]}" --get run_dir >/dev/null
-mapfile -t REMAINING < <("$LION_LOCAL" status --config "$CONFIG" "${LION_ARGS[@]}" --remaining-iterations)
+remaining=$("$LION_LOCAL" status --config "$CONFIG" "${LION_ARGS[@]}" --remaining-iterations)
+mapfile -t REMAINING <<<"$remaining"
+[[ -n $remaining ]] || REMAINING=()
 if [[ ${#REMAINING[@]} -eq 0 ]]; then
     echo "run of $CONFIG is complete: nothing to submit" >&2
     exit 0

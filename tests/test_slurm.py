@@ -1,0 +1,272 @@
+"""The batch scripts on a real single-node SLURM (slurm/local-cluster.sh: munge, slurmctld, slurmd,
+8 GPUs advertised through device files), with the production #SBATCH lines unchanged.
+
+- test_iteration_jobs_run_one_iteration_each: `sbatch --wait slurm/iteration.sh` completes one
+  iteration, a second submission the next, and one after the run is complete exits 0 without
+  doing anything; the finished run holds every invariant of the loop.
+- test_submit_chains_iterations_through_afterok: `slurm/submit.sh --iterations 2` submits two jobs,
+  the second depending on the first (afterok), and they run both iterations in order.
+- test_time_limit_signal_requeues_and_resumes: the time-limit signal (USR1 to the batch shell, as
+  `--signal=B:USR1@300` sends it) in the middle of the reviews: the job stops lion-local cleanly,
+  requeues itself, comes back and completes the iteration with every invariant and no repeated
+  teacher call, counted at a recording proxy in front of the teacher.
+- test_teacher_service_job_serves_an_iteration_job: `slurm/serve.sh` as a job array of two
+  replicas publishes two endpoint files; an iteration job whose config makes the teacher
+  external finds them, spreads its requests over both, and starts no teacher of its own;
+  cancelling the service withdraws the files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from loop_checks import check_invariants, jsonl, run_config, start_proxy, stop, teacher_deliveries, tiny_config
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parents[1]
+SLURM = ROOT / "slurm"
+FINISHED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE")
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster():
+    """The local SLURM: brought up here unless it already runs (then left running)."""
+    if os.geteuid() != 0:
+        pytest.skip("the local SLURM needs root: run `sudo slurm/local-cluster.sh up` (make test does it as root)")
+    status = subprocess.run(["bash", str(SLURM / "local-cluster.sh"), "status"], capture_output=True, text=True)
+    started_here = status.returncode != 0
+    if started_here:
+        up = subprocess.run(["bash", str(SLURM / "local-cluster.sh"), "up"], capture_output=True, text=True)
+        assert up.returncode == 0, up.stdout + up.stderr
+    yield
+    if started_here:
+        subprocess.run(["bash", str(SLURM / "local-cluster.sh"), "down"], capture_output=True, text=True)
+
+
+def _job_environment(**extra: str) -> dict[str, str]:
+    """What a user's shell passes to sbatch: lion-local's environment activated."""
+    environment = dict(os.environ)
+    environment["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}"
+    environment.update(extra)
+    return environment
+
+
+def _sbatch(args: list[str], cwd: Path, **extra_env: str) -> str:
+    result = subprocess.run(
+        ["sbatch", "--parsable", *args], cwd=cwd, env=_job_environment(**extra_env), capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().split(";")[0]
+
+
+def _job(job_id: str) -> dict[str, str]:
+    shown = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True)
+    assert shown.returncode == 0, f"job {job_id} is gone from slurmctld: {shown.stderr}"
+    return dict(re.findall(r"(\w+)=(\S*)", shown.stdout))
+
+
+def _wait_for(job_id: str, states: tuple[str, ...], timeout_s: float = 400.0) -> dict[str, str]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        job = _job(job_id)
+        if job["JobState"] in states:
+            return job
+        assert time.monotonic() < deadline, f"job {job_id} still {job['JobState']} after {timeout_s} s"
+        time.sleep(1.0)
+
+
+def _wait_for_idle_node(timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        state = subprocess.run(["sinfo", "--noheader", "--format=%t"], capture_output=True, text=True).stdout.strip()
+        if state.startswith("idle"):
+            return
+        assert time.monotonic() < deadline, f"the node is still {state!r}"
+        time.sleep(0.5)
+
+
+def _config(tiny_models: Path, tmp_path: Path, **changes) -> Path:
+    data = tiny_config(tiny_models, tmp_path / "run")
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _completed(run_dir: Path) -> list[str]:
+    return json.loads((run_dir / "state.json").read_text())["completed"]
+
+
+def _stages(*iterations: int) -> list[str]:
+    return [f"{k}/{stage}" for k in iterations for stage in ("imitation", "discrimination", "generation")]
+
+
+def test_iteration_jobs_run_one_iteration_each(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
+    config = _config(tiny_models, tmp_path, imitation__final_imitation=False)
+    run_dir = tmp_path / "run"
+
+    def sbatch_wait() -> str:
+        result = subprocess.run(
+            ["sbatch", "--wait", str(SLURM / "iteration.sh"), str(config)],
+            cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+        return re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
+
+    first = sbatch_wait()
+    assert _completed(run_dir) == _stages(1)
+    second = sbatch_wait()
+    assert _completed(run_dir) == _stages(1, 2)
+    check_invariants(run_dir, tiny_models)
+
+    state_before = (run_dir / "state.json").read_bytes()
+    server_logs_before = {path: path.stat().st_size for path in (run_dir / "logs").glob("server-*.log")}
+    started = time.monotonic()
+    third = sbatch_wait()
+    assert time.monotonic() - started < 60
+    assert (run_dir / "state.json").read_bytes() == state_before
+    assert {path: path.stat().st_size for path in (run_dir / "logs").glob("server-*.log")} == server_logs_before
+
+    logs = {job: (run_dir / "logs" / "slurm" / f"iteration-{job}.log").read_text() for job in (first, second, third)}
+    assert f"job {first} (restart 0)" in logs[first] and f"config {config}" in logs[first]
+    assert "iteration 1" in logs[first] and "iteration 2" in logs[second]
+    assert "GPUs 0,1,2,3,4,5,6,7" in logs[first]  # the production --gpus-per-node=8, on device files
+    assert "completed 1/imitation, 1/discrimination, 1/generation" in logs[first]
+    assert "iteration none (the run is complete)" in logs[third]
+    assert "is complete: nothing to do" in logs[third]
+    assert "server" not in logs[third].split("nothing to do")[0]
+    # SLURM's own output file (the #SBATCH --output default) holds the same log.
+    assert "is complete: nothing to do" in (tmp_path / f"slurm-lion-iteration-{third}.out").read_text()
+
+
+def test_submit_chains_iterations_through_afterok(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
+    config = _config(tiny_models, tmp_path, seed_limit=24, generation__new_per_iteration=8)
+    run_dir = tmp_path / "run"
+    result = subprocess.run(
+        ["bash", str(SLURM / "submit.sh"), str(config), "--iterations", "2"],
+        cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    jobs = result.stdout.split()
+    assert len(jobs) == 2 and all(job.isdigit() for job in jobs), result.stdout
+    assert f"afterok:{jobs[0]}" in _job(jobs[1])["Dependency"]
+
+    first = _wait_for(jobs[0], FINISHED)
+    assert first["JobState"] == "COMPLETED" and first["ExitCode"] == "0:0"
+    second = _wait_for(jobs[1], FINISHED)
+    assert second["JobState"] == "COMPLETED" and second["ExitCode"] == "0:0"
+    assert second["StartTime"] >= first["EndTime"]  # ISO timestamps: string order is time order
+    assert _completed(run_dir) == _stages(1, 2)
+    assert (run_dir / "iter_2/report.json").exists() and not (run_dir / "final").exists()
+    assert "iteration 2" in (run_dir / "logs/slurm" / f"iteration-{jobs[1]}.log").read_text()
+
+    remaining = subprocess.run(
+        [sys.executable, "-m", "lion_local", "status", "--config", str(config), "--remaining-iterations"],
+        capture_output=True, text=True,
+    )
+    assert remaining.stdout.split() == ["final"]
+
+
+def test_time_limit_signal_requeues_and_resumes(
+    slurm_cluster, tiny_models: Path, teacher_url: str, tmp_path: Path
+) -> None:
+    proxy_log = tmp_path / "teacher-requests.jsonl"
+    proxy, proxy_url = start_proxy(teacher_url, proxy_log)
+    run_dir = tmp_path / "run"
+    try:
+        config = run_config(tiny_models, tmp_path, proxy_url)
+        data = yaml.safe_load(config.read_text())
+        data["iterations"] = 1
+        data["imitation"]["final_imitation"] = False
+        config.write_text(yaml.safe_dump(data))
+
+        job = _sbatch([str(SLURM / "iteration.sh"), str(config)], cwd=tmp_path)
+        reviews = run_dir / "iter_1" / "reviews.jsonl"
+        deadline = time.monotonic() + 300
+        while not reviews.exists() or reviews.read_bytes().count(b"\n") < 20:
+            assert _job(job)["JobState"] in ("PENDING", "RUNNING"), "the job ended before the reviews"
+            assert time.monotonic() < deadline, "the reviews never started"
+            time.sleep(0.05)
+        # What --signal=B:USR1@300 does five minutes before the time limit.
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        requeued = _wait_for(job, ("PENDING",) + FINISHED, timeout_s=120)
+        assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", requeued
+        assert "1/discrimination" not in _completed(run_dir)
+        # SLURM holds a requeued job for about two minutes; let it start now, once the node has
+        # finished the first run (slurmd refuses a credential issued in the second it revoked the last).
+        _wait_for_idle_node()
+        time.sleep(2.0)
+        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+        finished = _wait_for(job, FINISHED)
+        assert finished["JobState"] == "COMPLETED" and finished["ExitCode"] == "0:0", finished
+    finally:
+        stop(proxy)
+
+    log = (run_dir / "logs" / "slurm" / f"iteration-{job}.log").read_text()
+    assert "time limit near: stopping lion-local" in log
+    assert "stopped cleanly (exit 143); requeueing job" in log
+    assert f"job {job} (restart 1)" in log
+    assert _completed(run_dir) == _stages(1)
+    answered = check_invariants(run_dir, tiny_models)
+    deliveries = teacher_deliveries(proxy_log, answered)
+    assert set(deliveries) == {record["id"] for record in answered}
+    assert {len(times) for times in deliveries.values()} == {1}, "an instruction reached the teacher twice"
+
+
+def test_teacher_service_job_serves_an_iteration_job(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
+    config = _config(
+        tiny_models, tmp_path, iterations=1, seed_limit=24,
+        generation__new_per_iteration=8, imitation__final_imitation=False,
+    )
+    run_dir = tmp_path / "run"
+    endpoints = run_dir / "endpoints" / "teacher"
+    # The service gets no GPU here: the iteration job takes the node's eight. One thread per
+    # replica keeps two CPU servers from starving each other on a small machine.
+    service = _sbatch(
+        ["--array=0-1", "--gpus-per-node=0", str(SLURM / "serve.sh"), str(config), "teacher"],
+        cwd=tmp_path, OMP_NUM_THREADS="1",
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while len(list(endpoints.glob("*.json"))) < 2:
+            assert time.monotonic() < deadline, f"two endpoints not published: {list(endpoints.glob('*'))}"
+            time.sleep(1.0)
+        published = [json.loads(path.read_text()) for path in endpoints.glob("*.json")]
+        assert {record["slurm_array_task_id"] for record in published} == {"0", "1"}
+        assert len({record["base_url"] for record in published}) == 2
+
+        result = subprocess.run(
+            ["sbatch", "--wait", str(SLURM / "iteration.sh"), str(config), "--set", "servers.teacher.engine=external"],
+            cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        subprocess.run(["scancel", service], check=True)
+
+    assert _completed(run_dir) == _stages(1)
+    assert not (run_dir / "logs" / "server-teacher.log").exists(), "the iteration job started its own teacher"
+    assert "teacher: 2 published endpoint(s)" in (run_dir / "logs" / "lion-local.log").read_text()
+    replica_logs = sorted((run_dir / "logs").glob("serve-teacher-*.log"))
+    assert len(replica_logs) == 2
+    for replica_log in replica_logs:
+        assert replica_log.read_text().count("POST /v1/chat/completions") >= 10, f"{replica_log} got few requests"
+    assert len(jsonl(run_dir / "teacher_answers.jsonl")) == 24
+
+    deadline = time.monotonic() + 60
+    while list(endpoints.glob("*.json")):
+        assert time.monotonic() < deadline, "the cancelled service left its endpoint files"
+        time.sleep(0.5)
