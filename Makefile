@@ -2,7 +2,8 @@
 #   make install   creates .venv/ and installs lion-local with the serve and dev extras
 #                  (torch pinned to the 2.13.0 CPU build on machines without CUDA)
 #   make demo      the main job on the tiny CPU models (configs/tiny-cpu.yaml)
-#   make test      every test
+#   make test      every test; as root it first brings up the local SLURM the batch-script tests
+#                  use (slurm/local-cluster.sh up: installs Debian's SLURM and munge if missing)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ TORCH_CPU_PIN := torch==2.13.0
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean local-slurm
 
 install: $(STAMP)
 
@@ -21,8 +22,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-test: install
+test: install local-slurm
 	$(BIN)/python -m pytest
+
+# The real single-node SLURM of tests/test_slurm.py. Without root those tests skip, saying why.
+local-slurm:
+	if [ "$$(id -u)" = 0 ]; then bash slurm/local-cluster.sh up; else echo "not root: the SLURM tests will skip (run: sudo slurm/local-cluster.sh up)"; fi
 
 demo: install
 	$(BIN)/lion-local run --config configs/tiny-cpu.yaml
