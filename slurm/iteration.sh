@@ -53,7 +53,7 @@ mkdir -p "$LOG_DIR"
 # tee ignores SIGTERM so that lion-local's last lines still reach the log while SLURM stops the job.
 exec > >(trap '' TERM INT; exec tee -a "$LOG_DIR/iteration-$JOB_ID.log") 2>&1
 
-NEXT=$("$LION_LOCAL" status --config "$CONFIG" "$@" --remaining-iterations | head -n1)
+NEXT=$("$LION_LOCAL" status --config "$CONFIG" "$@" --remaining-iterations | sed -n 1p)
 echo "==== lion-local iteration: job ${SLURM_JOB_ID:-local} (restart ${SLURM_RESTART_COUNT:-0})" \
     "on ${SLURM_JOB_NODELIST:-$(hostname)} at $(date '+%F %T')"
 echo "     config $CONFIG $*"
@@ -85,7 +85,7 @@ while kill -0 "$child" 2>/dev/null; do wait "$child" || true; done
 wait "$child" && status=0 || status=$?
 
 if [[ $status -eq 0 ]]; then
-    echo "==== done at $(date '+%F %T'): $("$LION_LOCAL" status --config "$CONFIG" "$@" | head -n1)"
+    echo "==== done at $(date '+%F %T'): $("$LION_LOCAL" status --config "$CONFIG" "$@" | sed -n 1p)"
     exit 0
 fi
 if [[ $stop_requested == time_limit ]]; then

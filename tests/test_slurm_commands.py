@@ -11,6 +11,8 @@ Covered:
   --cpus-per-task when SLURM gave none, LaunchError without GPUs; the wrapper really executed
   by bash with a fake accelerate, proving SLURM_NODEID becomes --machine_rank and the other
   arguments arrive unchanged and in order.
+- configs/accelerate/*.yaml read by accelerate: no rendezvous settings that would override the
+  command line's, whole-model checkpoints, DeepSpeed's per-node torchrun launcher.
 - training_launch.current_allocation: one node, the node list expanded by `scontrol show
   hostnames` (real or fake), SLURM_NNODES/SLURM_NODELIST fallbacks, LaunchError when the node
   list is missing, when scontrol fails and when scontrol is absent.
@@ -46,6 +48,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
 
 import serving.published
@@ -229,6 +232,23 @@ def _launch_tail(port: str = "29500") -> list[str]:
         "--dynamo_backend",
         "no",
     ]
+
+
+@pytest.mark.parametrize("name", ["fsdp.yaml", "deepspeed-zero3.yaml"])
+def test_accelerate_files_suit_one_srun_task_per_node(name: str):
+    """accelerate reads each file; the rendezvous is left to the command line, and the checkpoint
+    is saved whole (loadable by vLLM); DeepSpeed launches torchrun per node, not pdsh over ssh."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ROOT / "configs" / "accelerate" / name
+    loaded = load_config_from_file(str(path))
+    raw = yaml.safe_load(path.read_text())
+    assert "rdzv_backend" not in raw and "same_network" not in raw
+    if name == "fsdp.yaml":
+        assert loaded.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+    else:
+        assert loaded.deepspeed_config["deepspeed_multinode_launcher"] == "standard"
+        assert loaded.deepspeed_config["zero3_save_16bit_model"] is True
 
 
 def test_multi_node_command_with_an_accelerate_config(tmp_path, monkeypatch):
