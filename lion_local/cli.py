@@ -22,7 +22,7 @@ from lion_local import __version__
 from lion_local.config import Config, ConfigError, api_key_for, check_models_exist, config_to_yaml, load_config
 from lion_local.endpoint import EndpointError
 from lion_local.imitation import TrainingError
-from lion_local.run_state import RunLockedError, StageOrderError
+from lion_local.run_state import RunLockedError, RunStateError, StageOrderError
 from lion_local.training_launch import LaunchError
 from lion_local.seed_data import SeedDataError
 from serving.process import ServerError
@@ -37,7 +37,7 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ConfigError, SeedDataError, StageOrderError) as exc:
+        except (ConfigError, SeedDataError, StageOrderError, RunStateError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         except (ServerError, EndpointError, TrainingError, LaunchError, RunLockedError) as exc:

@@ -29,6 +29,10 @@ class StageOrderError(RuntimeError):
     """A stage was asked for before the stages it depends on finished."""
 
 
+class RunStateError(RuntimeError):
+    """state.json cannot be read; the message names the file and how to repair it."""
+
+
 class RunLockedError(RuntimeError):
     """Another lion-local process is writing to this run directory."""
 
@@ -86,10 +90,27 @@ def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
 def read_state(run: RunDir) -> dict[str, Any]:
     if not run.state_json.exists():
         return {"iteration": 0, "completed": [], "stage_seconds": {}}
-    state = json.loads(run.state_json.read_text(encoding="utf-8"))
+    try:
+        state = json.loads(run.state_json.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise RunStateError(f"{run.state_json}: cannot read the run state: {exc}; {_STATE_HINT}") from None
+    if not isinstance(state, dict):
+        raise RunStateError(f"{run.state_json}: the run state must be a JSON object; {_STATE_HINT}")
+    state.setdefault("iteration", 0)
     state.setdefault("completed", [])
     state.setdefault("stage_seconds", {})
+    if not isinstance(state["completed"], list) or not all(isinstance(m, str) for m in state["completed"]):
+        raise RunStateError(f"{run.state_json}: 'completed' must be a list of stage names; {_STATE_HINT}")
+    if not isinstance(state["iteration"], int) or not isinstance(state["stage_seconds"], dict):
+        raise RunStateError(f"{run.state_json}: 'iteration' must be a number and 'stage_seconds' an object; {_STATE_HINT}")
     return state
+
+
+# state.json is only ever replaced whole (write_atomic), so a damaged one was changed by hand.
+_STATE_HINT = (
+    'lion-local never writes it partially: restore it, or write {"completed": [...]} with the '
+    'stages that finished (e.g. "1/imitation")'
+)
 
 
 def mark_completed(run: RunDir, marker: str, seconds: float) -> None:

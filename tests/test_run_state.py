@@ -9,7 +9,9 @@ Covered:
 - read_jsonl: the same torn-line rules, without touching the file.
 - write_atomic / write_jsonl_atomic: content, no temporary file left, parent folders created.
 - state.json: read_state defaults, mark_completed (idempotent marker, highest numeric iteration,
-  "final/..." ignored for the iteration, accumulated seconds), add_stage_seconds.
+  "final/..." ignored for the iteration, accumulated seconds), add_stage_seconds; a damaged
+  state.json (bad JSON, not an object, wrong field types) is a RunStateError naming the file,
+  and `lion-local status` turns it into exit 2 with one line.
 - run_lock: a second process is refused with a message naming the run and the holder's pid; a
   holder killed with SIGKILL leaves a lock that can be taken again.
 """
@@ -31,6 +33,7 @@ from lion_local.run_state import (
     Journal,
     RunDir,
     RunLockedError,
+    RunStateError,
     add_stage_seconds,
     mark_completed,
     read_jsonl,
@@ -231,6 +234,39 @@ def test_read_state_defaults_when_state_json_is_missing(tmp_path: Path):
     run = RunDir(tmp_path / "run")
     assert read_state(run) == {"iteration": 0, "completed": [], "stage_seconds": {}}
     assert not run.root.exists()
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ('{"completed": ["1/imitation"', "cannot read the run state"),
+        ("[]", "must be a JSON object"),
+        ('{"completed": "1/imitation"}', "'completed' must be a list"),
+        ('{"completed": [], "iteration": "two"}', "'iteration' must be a number"),
+        (b"\xff\xfe{}", "cannot read the run state"),
+    ],
+)
+def test_damaged_state_json_is_reported_with_its_path(tmp_path: Path, content, problem: str):
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    if isinstance(content, bytes):
+        run.state_json.write_bytes(content)
+    else:
+        run.state_json.write_text(content, encoding="utf-8")
+    before = run.state_json.read_bytes()
+    with pytest.raises(RunStateError) as caught:
+        read_state(run)
+    assert str(caught.value).startswith(f"{run.state_json}: ")
+    assert problem in str(caught.value) and "\n" not in str(caught.value)
+
+    result = subprocess.run(
+        [sys.executable, "-m", "lion_local", "status", "--config", str(ROOT / "configs/tiny-cpu.yaml"),
+         "--set", f"run_dir={run.root}"],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and str(run.state_json) in result.stderr
+    assert run.state_json.read_bytes() == before
 
 
 def test_mark_completed_adds_the_marker_once_and_accumulates_seconds(tmp_path: Path):
