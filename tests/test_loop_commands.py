@@ -2,7 +2,8 @@
 
 Unlike tests/test_loop_integration.py, the run here starts its own teacher (`transformers serve`
 launched by lion-local, the smoke-mode default) and must stop it before each training, so this
-also covers the servers' lifecycle across stages, and a SIGTERM that stops a stage cleanly. The run is small (12 seeds, 4 new
+also covers the servers' lifecycle across stages, and a SIGTERM that stops a stage cleanly. The
+teacher's API key (set in the environment) is found nowhere in the run directory afterwards. The run is small (12 seeds, 4 new
 instructions, one iteration plus the final imitation) to keep it quick.
 """
 
@@ -33,9 +34,14 @@ def _completed(run_dir: Path) -> list[str]:
     return json.loads((run_dir / "state.json").read_text())["completed"]
 
 
-def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tmp_path: Path) -> None:
+def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tmp_path: Path, monkeypatch) -> None:
     data = yaml.safe_load(tiny_run_config.read_text())
     data.update(iterations=1, seed_limit=12)
+    # The teacher's requests carry an API key (transformers serve ignores it); it must never be
+    # written anywhere in the run directory or its logs.
+    secret = "sk-lion-local-test-0f9e8d7c6b5a"
+    monkeypatch.setenv("LION_TEST_TEACHER_KEY", secret)
+    data["servers"]["teacher"]["api_key_env"] = "LION_TEST_TEACHER_KEY"
     data["generation"]["new_per_iteration"] = 4
     config = tmp_path / "small.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -104,3 +110,9 @@ def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tm
     assert all(" done " in line for line in status[1:])
     done = _lion_local(config, "iteration")
     assert done.returncode == 0 and "is complete: nothing to do" in done.stdout
+
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    assert len(files) > 20 and any(path.name == "config.yaml" for path in files)
+    assert "LION_TEST_TEACHER_KEY" in (run_dir / "config.yaml").read_text()  # the variable's name, not its value
+    leaking = [str(path) for path in files if secret.encode() in path.read_bytes()]
+    assert not leaking, f"the API key was written to {leaking}"
