@@ -73,7 +73,8 @@ def config_options(command):
         "config_path",
         default=DEFAULT_CONFIG,
         show_default=True,
-        type=click.Path(dir_okay=False),
+        # A plain path: load_config reports a missing file or a directory in one line.
+        type=click.Path(),
         help="Run config (YAML).",
     )(command)
 

@@ -71,14 +71,27 @@ def _json_list_items(path: Path, text: str) -> list[tuple[str, object]]:
 
 def _jsonl_items(path: Path, text: str) -> list[tuple[str, object]]:
     items = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Only "\n" ends a line: splitlines() would also split at U+2028, U+0085, ... inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
             items.append((f"{path}:{number}", json.loads(line)))
         except json.JSONDecodeError as exc:
+            if not items:
+                _reject_single_json_document(path, text)
             raise SeedDataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
     return items
+
+
+def _reject_single_json_document(path: Path, text: str) -> None:
+    """A file that is one JSON document but not a list (a pretty-printed object): say that, not "invalid JSON"."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        return
+    kind = "an object" if isinstance(data, dict) else f"a {type(data).__name__}"
+    raise SeedDataError(f"{path}: top level is {kind}; it must be a list of objects (or use JSON Lines)")
 
 
 def _to_record(where: str, item: object) -> SeedInstruction:
