@@ -3,9 +3,9 @@
     lion-local stage imitation --config X
 
 Teacher answers come through the run-wide cache (only missing ones are requested). Training
-runs in a separate process, `accelerate launch -m lion_local.sft` (one srun task per node when the
-SLURM job spans several; see training_launch.py), continuing from the previous
-student checkpoint (the configured base model in iteration 1), with the loss on the answer only.
+runs in a separate process, `accelerate launch -m lion_local.sft` (one srun task per node when
+the SLURM job spans several; see training_launch.py), continuing from the previous student
+checkpoint (the configured base model in iteration 1), with the loss on the answer only.
 The checkpoint is written to iter_<k>/student.partial/ and renamed to iter_<k>/student/ only
 after training exited cleanly, so a half-written checkpoint is never taken for a finished one.
 The final imitation (k = "final") trains on the last iteration's generated instructions into

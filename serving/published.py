@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -45,15 +46,16 @@ def published_endpoint(config: Config, name: str, base_url: str, model: str) -> 
     """Publish server `name` at `base_url` while the block runs; yield the file's path."""
     directory = config.endpoint_dir(name)
     directory.mkdir(parents=True, exist_ok=True)
-    host_port = base_url.split("://", 1)[1].split("/", 1)[0]
-    host, _, port = host_port.rpartition(":")
-    path = directory / endpoint_file_name(host, int(port))
+    address = urlsplit(base_url)
+    host = str(address.hostname)
+    port = address.port or (443 if address.scheme == "https" else 80)
+    path = directory / endpoint_file_name(host, port)
     record = {
         "server": name,
         "base_url": base_url,
         "model": model,
         "host": host,
-        "port": int(port),
+        "port": port,
         "pid": os.getpid(),
         "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),

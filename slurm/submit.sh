@@ -58,8 +58,7 @@ command -v sbatch >/dev/null 2>&1 || {
     exit 2
 }
 
-# Validates the config (exit 2 with one line naming the key) before anything is submitted.
-"$LION_LOCAL" config --config "$CONFIG" "${LION_ARGS[@]}" --get run_dir >/dev/null
+# Also validates the config (exit 2 with one line naming the key) before anything is submitted.
 remaining=$("$LION_LOCAL" status --config "$CONFIG" "${LION_ARGS[@]}" --remaining-iterations)
 mapfile -t REMAINING <<<"$remaining"
 [[ -n $remaining ]] || REMAINING=()
