@@ -22,6 +22,7 @@ from lion_local import __version__
 from lion_local.config import Config, ConfigError, api_key_for, check_models_exist, config_to_yaml, load_config
 from lion_local.endpoint import EndpointError
 from lion_local.imitation import TrainingError
+from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run_state import RunLockedError, RunStateError, StageOrderError
 from lion_local.training_launch import LaunchError
 from lion_local.seed_data import SeedDataError
@@ -58,6 +59,8 @@ def main(verbose: bool) -> None:
     # Library chatter (HTTP request lines, hub warnings) would drown the progress of a run.
     for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # Air-gapped by design: this process (which loads tokenizers) and everything it starts.
+    os.environ.update(OFFLINE_ENVIRONMENT)
 
 
 def config_options(command):
@@ -99,8 +102,6 @@ def show_config(config_path: str, overrides: tuple[str, ...], key: str | None) -
 @main.command("offline-env")
 def offline_env() -> None:
     """Print `export` lines for the offline environment (batch scripts: eval "$(lion-local offline-env)")."""
-    from lion_local.offline import OFFLINE_ENVIRONMENT
-
     for name, value in OFFLINE_ENVIRONMENT.items():
         click.echo(f"export {name}={shlex.quote(value)}")
 

@@ -6,7 +6,8 @@ The new student checkpoint is served; it answers every Cache Pool instruction; t
 answers come from the run-wide cache (only missing ones are requested). The referee reviews
 each pair twice, teacher first and student first, to cancel position bias; each model's score
 is the mean of its two scores, the gap is teacher minus student, and an instruction is hard
-when the gap is at least tau. A review the parser cannot read is asked again up to
+when the gap is at least tau. A review the parser cannot read (or one cut at the length limit
+right after a number, which may be a score cut short) is asked again up to
 roles.referee.parse_retries times; after that the instruction is unjudged: never hard, never
 easy, and counted.
 
@@ -29,7 +30,7 @@ from lion_local.endpoint import EndpointClient
 from lion_local.imitation import is_checkpoint
 from lion_local.journaled_calls import call_all, call_fields
 from lion_local.records import pools_for, request_seed
-from lion_local.roles import ask_referee, ask_student, parse_referee_scores
+from lion_local.roles import ask_referee, ask_student, read_review
 from lion_local.run_state import Journal, RunDir, StageOrderError, write_atomic, write_jsonl_atomic
 from lion_local.teacher_cache import ensure_teacher_answers
 from serving import ServerSet
@@ -60,6 +61,9 @@ def run_discrimination(config: Config, run: RunDir, k: int, servers: ServerSet) 
         1 for r in cache_pool if student_answers[r["id"]]["finish_reason"] == "length"
     )
     summary["empty_teacher_answers"] = sum(1 for r in cache_pool if teacher_answers[r["id"]]["empty"])
+    summary["truncated_teacher_answers"] = sum(
+        1 for r in cache_pool if teacher_answers[r["id"]]["finish_reason"] == "length"
+    )
     write_atomic(directory / "discrimination.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -119,7 +123,7 @@ async def _collect(
                         completion = await ask_referee(
                             referee_client, roles.referee, record["instruction"], record["input"], first, second, seed=seed
                         )
-                        scores = parse_referee_scores(completion.text)
+                        scores = read_review(completion.text, completion.finish_reason)
                         reviews.append(
                             {
                                 "id": record["id"],

@@ -20,6 +20,9 @@ Retry and failure-budget policy
   ``request_timeout_s``) gives up with an :class:`EndpointError`. The server is then
   presumed down, so the client is marked failed and every pending and future
   request raises the same error at once: the stage stops early and can be re-run.
+* A server process lion-local started itself is checked after every failed attempt
+  (``server_check``); once it has exited, the client gives up at once with the exit
+  code and the server's log instead of retrying a dead server for the whole budget.
 
 The API key is sent only as a header; every message this module builds comes from
 the status, URL and body, and is scrubbed of the key as a last line of defence.
@@ -35,6 +38,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +103,7 @@ class EndpointClient:
         backoff_initial_s: float = 1.0,
         backoff_max_s: float = 30.0,
         use_env_proxy: bool = False,
+        server_check: Callable[[], str | None] | None = None,
     ) -> None:
         if not base_urls:
             raise ValueError(f"endpoint {name!r} needs at least one base URL")
@@ -116,6 +121,7 @@ class EndpointClient:
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
         self._api_key = api_key
+        self._server_check = server_check  # returns why the server process is gone, or None
         self.usage: dict[str, RoleUsage] = {}
         self.in_flight = 0
         self.max_in_flight_seen = 0
@@ -212,6 +218,9 @@ class EndpointClient:
             first_failure = now if first_failure is None else first_failure
             failing_for = now - first_failure
             url = outcome.base_url + path
+            gone = self._server_check() if self._server_check is not None else None
+            if gone is not None:
+                self._give_up(url, failing_for, attempts, outcome.error, gone)
             if failing_for >= self.failure_budget_s:
                 self._give_up(url, failing_for, attempts, outcome.error)
 
@@ -295,12 +304,17 @@ class EndpointClient:
         healthy = [url for url in order if self._avoid_until[url] <= now] or order
         return min(healthy, key=self._outstanding.__getitem__)
 
-    def _give_up(self, url: str, failing_for: float, attempts: int, error: str) -> None:
-        self._failure = self._scrub(
-            f"endpoint '{self.name}' ({url}) failed for {failing_for:.1f} s over "
-            f"{attempts} attempts; last error: {error}; the server may be down or "
-            "overloaded: check it, then re-run the stage"
-        )
+    def _give_up(self, url: str, failing_for: float, attempts: int, error: str, gone: str | None = None) -> None:
+        if gone is not None:
+            self._failure = self._scrub(
+                f"endpoint '{self.name}' ({url}): {gone}; last error: {error}; fix the cause, then re-run the stage"
+            )
+        else:
+            self._failure = self._scrub(
+                f"endpoint '{self.name}' ({url}) failed for {failing_for:.1f} s over "
+                f"{attempts} attempts; last error: {error}; the server may be down or "
+                "overloaded: check it, then re-run the stage"
+            )
         logger.error("%s", self._failure)
         # Fail fast: every other request of this client stops waiting on a dead server.
         current = asyncio.current_task()

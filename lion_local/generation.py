@@ -61,6 +61,8 @@ def plan_quotas(wanted: int, hard_ratio: float, hard_seeds: int, easy_seeds: int
 
 def filter_reason(text: str, finish_reason: str | None, filters: GenerationFilters) -> tuple[str | None, str | None]:
     """(instruction, None) when a reply passes the post-filters, else (instruction or None, reason)."""
+    if not text.strip():
+        return None, "empty"
     instruction = parse_generated_instruction(text)
     if instruction is None:
         return None, "unparseable"

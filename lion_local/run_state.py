@@ -228,10 +228,17 @@ def run_lock(run: RunDir) -> Iterator[None]:
             f"{run.root}: the run is in use by {holder}; wait for it to finish or stop it first"
         ) from None
     handle.seek(0)
+    left_behind = handle.read().strip()
+    if left_behind:
+        # A clean exit empties the file, so a name here is a holder that died (SIGKILL, a lost node).
+        logger.warning("%s: taking over the stale lock of %s, which no longer runs", run.root, left_behind)
+    handle.seek(0)
     handle.truncate()
     handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
     handle.flush()
     try:
         yield
     finally:
+        handle.seek(0)
+        handle.truncate()
         handle.close()

@@ -9,7 +9,8 @@ turns an Endpoint into the async client.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ from lion_local.endpoint import EndpointClient
 from serving.commands import request_model_name, server_command, server_environment
 from serving.process import ServerError, ServerProcess, free_port
 from serving.published import live_published_endpoints
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "Endpoint",
@@ -37,6 +40,8 @@ class Endpoint:
     base_urls: list[str]
     model: str
     api_key: str | None = field(default=None, repr=False)
+    # For a server lion-local started: why its process is gone, or None while it runs.
+    server_check: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -98,7 +103,7 @@ def running_server(config: Config, name: str, log_dir: Path, model: str | None =
     process.start()
     try:
         process.wait_until_healthy()
-        yield Endpoint(name, [launch.base_url], request_model_name(server, model), api_key)
+        yield Endpoint(name, [launch.base_url], request_model_name(server, model), api_key, process.exit_report)
     finally:
         process.stop()
 
@@ -115,6 +120,7 @@ def client_for(endpoint: Endpoint, server: ServerConfig) -> EndpointClient:
         backoff_initial_s=server.backoff_initial_s,
         backoff_max_s=server.backoff_max_s,
         use_env_proxy=server.use_env_proxy,
+        server_check=endpoint.server_check,
     )
 
 
@@ -133,8 +139,11 @@ class ServerSet:
     def endpoint(self, name: str, model: str | None = None) -> Endpoint:
         if name in self._running:
             running_model, _, endpoint = self._running[name]
-            if running_model == model:
+            gone = endpoint.server_check() if endpoint.server_check is not None else None
+            if running_model == model and gone is None:
                 return endpoint
+            if gone is not None:
+                logger.warning("%s; starting it again", gone)
             self.stop(name)
         stack = ExitStack()
         endpoint = stack.enter_context(running_server(self.config, name, self.log_dir, model))

@@ -109,6 +109,17 @@ class ServerProcess:
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
+    def exit_report(self) -> str | None:
+        """None while the server runs; once it has exited, one line on how and where its log is."""
+        if self.process is None or self.process.poll() is None:
+            return None
+        code = self.process.returncode
+        how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
+        return (
+            f"the {self.name} server (pid {self.process.pid}) {how} while in use; "
+            f"last log lines: {self.log_tail()!r}; full log: {self.log_path}"
+        )
+
     def stop(self) -> None:
         """SIGTERM the process group, wait up to stop_grace_s, then SIGKILL the group."""
         if self.process is None:
@@ -131,6 +142,13 @@ class ServerProcess:
                 return " | ".join(line.strip() for line in deque(log, maxlen=lines))
         except OSError:
             return ""
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 def _signal_group(pgid: int, signum: signal.Signals) -> None:

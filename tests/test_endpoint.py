@@ -387,6 +387,29 @@ def test_permanent_outage_gives_up_within_budget_and_fails_everyone_fast():
     assert client.usage["teacher"].failures == 5 and client.usage["referee"].failures == 1
 
 
+def test_dead_server_process_ends_the_requests_at_once_with_its_exit_report():
+    checks = []
+
+    def server_check() -> str | None:
+        checks.append(time.monotonic())
+        return None if len(checks) < 3 else "the teacher server (pid 7) was killed by SIGKILL while in use"
+
+    async def main():
+        async with client_for(dead_url(), failure_budget_s=60.0, server_check=server_check) as client:
+            started = time.monotonic()
+            outcomes = await asyncio.gather(*(client.chat("teacher", MESSAGES) for _ in range(3)), return_exceptions=True)
+            return outcomes, time.monotonic() - started
+
+    outcomes, elapsed = asyncio.run(main())
+    assert all(isinstance(o, EndpointError) for o in outcomes)
+    message = str(outcomes[0])
+    assert {str(o) for o in outcomes} == {message} and "\n" not in message
+    assert "the teacher server (pid 7) was killed by SIGKILL while in use" in message
+    assert "last error: ClientConnectorError" in message and "re-run the stage" in message
+    assert elapsed < 1.0, "a dead server must not be retried for the whole failure budget"
+    assert len(checks) == 3
+
+
 def test_in_flight_requests_fail_fast_when_another_gives_up():
     async def main():
         async with FakeServer(hang_on="hang", script=[Reply(503, b"down")] * 1000) as server:

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lion_local.roles.referee import parse_referee_scores
+from lion_local.roles.referee import parse_referee_scores, read_review
 
 LLAMA_INTRO = (
     "Both assistants address the user's question about sorting a list in Python.\n\n"
@@ -294,3 +294,17 @@ def test_property_swapping_labels_swaps_result(a, b, prose, style, reverse) -> N
     swapped = parse_referee_scores(render(style, a, b, prose, reverse, swap=True))
     assert swapped == (None if plain is None else (plain[1], plain[0]))
     assert swapped == (float(b), float(a))
+
+
+@pytest.mark.parametrize(
+    ("text", "finish_reason", "expected"),
+    [
+        ("Good answers.\nScore of Assistant 1: 9\nScore of Assistant 2: 1", "length", None),  # "10" cut to "1"
+        ("Good answers.\nScore of Assistant 1: 9\nScore of Assistant 2: 7.", "length", None),  # "7.5" cut to "7."
+        ("Good answers.\nScore of Assistant 1: 9\nScore of Assistant 2: 1", "stop", (9.0, 1.0)),
+        ("Score of Assistant 1: 9\nScore of Assistant 2: 6\nAssistant 1 was more det", "length", (9.0, 6.0)),
+        ("Assistant 1 was more detailed", "length", None),
+    ],
+)
+def test_read_review_distrusts_a_reply_cut_right_after_a_number(text, finish_reason, expected):
+    assert read_review(text, finish_reason) == expected

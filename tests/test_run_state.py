@@ -19,6 +19,7 @@ Covered:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import select
 import signal
@@ -365,13 +366,17 @@ def test_run_lock_refuses_a_second_process_naming_run_and_holder(lock_holder):
     assert holder.poll() is None  # the holder is untouched
 
 
-def test_run_lock_held_by_a_killed_process_is_taken_over(lock_holder):
+def test_run_lock_held_by_a_killed_process_is_taken_over(lock_holder, caplog):
     run, holder = lock_holder
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait(timeout=10)
-    with run_lock(run):
-        holder_line = (run.root / ".lock").read_text(encoding="utf-8")
-        assert holder_line.startswith(f"pid {os.getpid()} ")
+    with caplog.at_level(logging.WARNING, logger="lion_local.run_state"):
+        with run_lock(run):
+            holder_line = (run.root / ".lock").read_text(encoding="utf-8")
+            assert holder_line.startswith(f"pid {os.getpid()} ")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{run.root}: taking over the stale lock of pid {holder.pid} on {os.uname().nodename}, which no longer runs"
+    ]
 
 
 def test_run_lock_is_released_on_exit(tmp_path: Path):
@@ -381,5 +386,6 @@ def test_run_lock_is_released_on_exit(tmp_path: Path):
         with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
             with run_lock(run):  # a second open file, even in the same process, is refused
                 pass
+    assert (run.root / ".lock").read_text() == ""  # a clean release leaves no holder behind
     with run_lock(run):  # released: taken again without error
         pass

@@ -1,7 +1,12 @@
-"""Command lines and environments of the servers lion-local starts (no server is started here)."""
+"""Command lines and environments of the servers lion-local starts, and how a started server's death
+is reported (with a plain Python process standing in for the server)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,7 @@ from lion_local.config import load_config
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from serving import server_launch
 from serving.commands import request_model_name, server_environment, transformers_command, vllm_command
+from serving.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,3 +102,22 @@ def test_external_endpoint_uses_its_served_model_name():
     assert request_model_name(config.servers["teacher"]) == "big-teacher"
     with pytest.raises(ValueError, match="not started by lion-local"):
         server_launch(config, "teacher")
+
+
+def test_exit_report_says_how_a_started_server_died_and_where_its_log_is(tmp_path):
+    log = tmp_path / "server-student.log"
+    script = "import sys, time; print('loading weights', flush=True); time.sleep(600)"
+    process = ServerProcess("student", [sys.executable, "-c", script], dict(os.environ), log, "http://127.0.0.1:9/health", 30)
+    process.start()
+    try:
+        assert process.exit_report() is None
+        deadline = time.monotonic() + 10
+        while "loading weights" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(process.process.pid, signal.SIGKILL)
+        process.process.wait(timeout=10)
+        report = process.exit_report()
+    finally:
+        process.stop()
+    assert report.startswith(f"the student server (pid {process.process.pid}) was killed by SIGKILL while in use")
+    assert "loading weights" in report and str(log) in report and "\n" not in report

@@ -165,3 +165,16 @@ def parse_referee_scores(text: str) -> tuple[float, float] | None:
     if result is None:
         logger.debug("could not read referee scores from %r", text[-200:])
     return result
+
+
+# A reply cut at the length limit right after a number may have lost the rest of it ("1" of "10").
+_CUT_AFTER_NUMBER = re.compile(r"[\d.]\s*$")
+
+
+def read_review(text: str, finish_reason: str | None) -> tuple[float, float] | None:
+    """The scores of one referee reply, or None when they cannot be trusted: unreadable, or the
+    reply was cut at the length limit right after a number."""
+    if finish_reason == "length" and _CUT_AFTER_NUMBER.search(text):
+        logger.debug("referee reply cut after a number, possibly mid-score: %r", text[-80:])
+        return None
+    return parse_referee_scores(text)
