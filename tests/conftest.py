@@ -1,5 +1,5 @@
 """Shared fixtures: the tiny models are built once per test session (about a minute on 2 cores);
-a real teacher server per module that asks for one."""
+one real teacher server for every test that asks for one."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def tiny_run_config(tiny_models: Path, tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def teacher_url(tiny_models: Path, tmp_path_factory) -> str:
     """A real transformers serve process with the tiny teacher, started by `lion-local serve`."""
     directory = tmp_path_factory.mktemp("teacher-service")

@@ -1,9 +1,12 @@
 """Helpers shared by the tests that run the whole loop for real (test_loop_integration, test_slurm).
 
 - tiny_config / run_config: configs/tiny-cpu.yaml with absolute paths under a test's tmp dir; the
-  run_config variant makes the teacher an external endpoint behind the recording proxy.
-- start_proxy / teacher_deliveries: the recording proxy, and the teacher answers it delivered.
+  run_config variant makes the teacher an external endpoint behind the recording proxy (and,
+  greedy, samples at temperature 0 so that two runs of it give the same results).
+- start_proxy / proxy_records / teacher_deliveries: the recording proxy (which can inject faults),
+  what it saw, and the teacher answers it delivered.
 - check_invariants: every invariant of the method and the run-directory contract on a finished run.
+- descendants / process_environment: the process tree under a pid, read from /proc.
 """
 
 from __future__ import annotations
@@ -61,17 +64,25 @@ def stop(process: subprocess.Popen) -> None:
             process.wait()
 
 
-def start_proxy(upstream: str, log: Path, delay_generator_s: float = 0.0) -> tuple[subprocess.Popen, str]:
-    port = free_port()
+def start_proxy(
+    upstream: str, log: Path, delay_generator_s: float = 0.0, port: int | None = None, faults: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
+    """The recording proxy in front of `upstream`; `faults` are its fault options (see its docstring)."""
+    port = port or free_port()
     process = subprocess.Popen(
         [sys.executable, str(PROXY), "--upstream", upstream, "--port", str(port), "--log", str(log),
-         "--delay-generator-s", str(delay_generator_s)],
+         "--delay-generator-s", str(delay_generator_s), *faults],
     )
     wait_healthy(f"http://127.0.0.1:{port}/health", process)
     return process, f"http://127.0.0.1:{port}"
 
 
-def run_config(tiny_models: Path, tmp_path: Path, proxy_url: str) -> Path:
+def proxy_records(log: Path) -> list[dict]:
+    """The requests the proxy saw (its outage lines left out)."""
+    return [record for record in jsonl(log) if "path" in record]
+
+
+def run_config(tiny_models: Path, tmp_path: Path, proxy_url: str, greedy: bool = False) -> Path:
     data = tiny_config(tiny_models, tmp_path / "run")
     data["servers"]["teacher"] = {
         "engine": "external",
@@ -82,9 +93,49 @@ def run_config(tiny_models: Path, tmp_path: Path, proxy_url: str) -> Path:
         "failure_budget_s": 60,
     }
     data["imitation"]["save_steps"] = 2  # trainer checkpoints often enough to kill after one
+    if greedy:
+        # Seeded sampling is not repeatable under concurrency on `transformers serve`; greedy is.
+        for role in ("teacher", "referee", "generator", "student"):
+            data["roles"][role]["temperature"] = 0.0
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every live process below `pid` (children, grandchildren, ...) -> its command line."""
+    parents: dict[int, int] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # it exited while we looked
+        # The command name in parentheses may hold spaces; the fields after it are fixed.
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] != "Z":
+            parents[int(entry.name)] = int(fields[1])
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        parent = frontier.pop()
+        for child, its_parent in parents.items():
+            if its_parent == parent and child not in found:
+                found[child] = commands[child]
+                frontier.append(child)
+    return found
+
+
+def process_environment(pid: int) -> dict[str, str] | None:
+    """The environment `pid` was started with, or None once it has exited."""
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 
 
 def lion_local(*args: str) -> list[str]:
@@ -99,7 +150,7 @@ def teacher_deliveries(proxy_log: Path, pools: list[dict]) -> dict[str, list[flo
     """Delivery times of the teacher's answers per instruction id, from the proxy's records."""
     prompt_to_id = {teacher_messages(r["instruction"], r["input"])[-1]["content"]: r["id"] for r in pools}
     deliveries: dict[str, list[float]] = {}
-    for record in jsonl(proxy_log):
+    for record in proxy_records(proxy_log):
         body = record["body"]
         if not record["path"].endswith("/chat/completions") or record["status"] != 200:
             continue

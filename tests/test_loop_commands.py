@@ -3,31 +3,76 @@
 Unlike tests/test_loop_integration.py, the run here starts its own teacher (`transformers serve`
 launched by lion-local, the smoke-mode default) and must stop it before each training, so this
 also covers the servers' lifecycle across stages, and a SIGTERM that stops a stage cleanly. The
-teacher's API key (set in the environment) is found nowhere in the run directory afterwards. The run is small (12 seeds, 4 new
-instructions, one iteration plus the final imitation) to keep it quick.
+teacher's API key (set in the environment) is found nowhere in the run directory afterwards. The
+run is small (12 seeds, 4 new instructions, one iteration plus the final imitation) to keep it
+quick.
+
+Offline: every lion-local command runs in a network namespace whose only interface is the
+loopback (tests/loopback_only.py, as root), so the whole smoke pipeline is shown to need nothing
+beyond this machine; and every process lion-local starts (servers, accelerate, the trainer),
+sampled from /proc while the commands run, was started with the offline environment of SPEC 2.4.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
+from lion_local.offline import OFFLINE_ENVIRONMENT
+from loop_checks import descendants, process_environment
+
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
+OFFLINE = os.geteuid() == 0  # a network namespace needs root; CI runs as root
+# Every command runs with the loopback as its only network interface.
+WRAPPER = [sys.executable, str(ROOT / "tests/loopback_only.py")] if OFFLINE else []
+
+
+def _command(config: Path, *args: str) -> list[str]:
+    return [*WRAPPER, sys.executable, "-m", "lion_local", *args, "--config", str(config)]
 
 
 def _lion_local(config: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lion_local", *args, "--config", str(config)], capture_output=True, text=True
-    )
+    return subprocess.run(_command(config, *args), capture_output=True, text=True)
+
+
+class StartedProcesses:
+    """Samples, every 50 ms, the processes below each lion-local command whose command line holds
+    `marker`, and their environments."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+        self.seen: dict[int, tuple[str, dict[str, str] | None]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            for pid, command in descendants(os.getpid()).items():
+                if "-m lion_local " in command and self.marker in command:  # a command this test ran
+                    for child, child_command in descendants(pid).items():
+                        if child not in self.seen:
+                            self.seen[child] = (child_command, process_environment(child))
+            self._stop.wait(0.05)
+
+    def __enter__(self) -> StartedProcesses:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def _completed(run_dir: Path) -> list[str]:
@@ -35,6 +80,25 @@ def _completed(run_dir: Path) -> list[str]:
 
 
 def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tmp_path: Path, monkeypatch) -> None:
+    if not OFFLINE:
+        warnings.warn("not root: the run used the host's network; the loopback-only check needs root")
+    with StartedProcesses(str(tmp_path)) as started:
+        _step_through_a_run(tiny_run_config, tmp_path, monkeypatch)
+
+    # What lion-local started: both servers, accelerate and the trainer, all offline.
+    commands = [command for command, _ in started.seen.values()]
+    assert any("transformers serve" in c and c.split("serve ")[1].startswith(str(tmp_path / "run")) for c in commands)
+    assert any("transformers serve" in c and "/tiny/teacher" in c for c in commands)
+    assert any("accelerate" in c and " launch " in c for c in commands)
+    assert any("-m lion_local.sft" in c for c in commands)
+    for command, environment in started.seen.values():
+        if environment is None:
+            continue  # it ended before its environment could be read
+        missing = {k: v for k, v in OFFLINE_ENVIRONMENT.items() if environment.get(k) != v}
+        assert not missing, f"{command!r} was started without {missing}"
+
+
+def _step_through_a_run(tiny_run_config: Path, tmp_path: Path, monkeypatch) -> None:
     data = yaml.safe_load(tiny_run_config.read_text())
     data.update(iterations=1, seed_limit=12)
     # The teacher's requests carry an API key (transformers serve ignores it); it must never be
@@ -70,7 +134,7 @@ def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tm
 
     # SIGTERM (scancel, a time limit) in the middle of the reviews: a clean stop, servers down.
     interrupted = subprocess.Popen(
-        [sys.executable, "-m", "lion_local", "iteration", "--config", str(config)],
+        _command(config, "iteration"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     reviews = run_dir / "iter_1/reviews.jsonl"

@@ -116,7 +116,9 @@ def _stages(*iterations: int) -> list[str]:
 
 
 def test_iteration_jobs_run_one_iteration_each(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
-    config = _config(tiny_models, tmp_path, imitation__final_imitation=False)
+    config = _config(
+        tiny_models, tmp_path, seed_limit=24, generation__new_per_iteration=8, imitation__final_imitation=False
+    )
     run_dir = tmp_path / "run"
 
     def sbatch_wait() -> str:
@@ -190,8 +192,9 @@ def test_time_limit_signal_requeues_and_resumes(
     try:
         config = run_config(tiny_models, tmp_path, proxy_url)
         data = yaml.safe_load(config.read_text())
-        data["iterations"] = 1
+        data.update(iterations=1, seed_limit=24)
         data["imitation"]["final_imitation"] = False
+        data["generation"]["new_per_iteration"] = 8
         config.write_text(yaml.safe_dump(data))
 
         job = _sbatch([str(SLURM / "iteration.sh"), str(config)], cwd=tmp_path)
