@@ -1,8 +1,10 @@
-"""Command lines and environments of the servers lion-local starts, and how a started server's death
-is reported (with a plain Python process standing in for the server)."""
+"""Command lines and environments of the servers lion-local starts; how a started server's death is
+reported (a plain Python process stands in for the server) and how ServerSet replaces a server
+that died between stages (a stand-in for starting one)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+import serving
 from lion_local.config import load_config
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from serving import server_launch
@@ -121,3 +124,28 @@ def test_exit_report_says_how_a_started_server_died_and_where_its_log_is(tmp_pat
         process.stop()
     assert report.startswith(f"the student server (pid {process.process.pid}) was killed by SIGKILL while in use")
     assert "loading weights" in report and str(log) in report and "\n" not in report
+
+
+def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog):
+    """ServerSet keeps servers across stages; one that died meanwhile is replaced, with a warning."""
+    config = load_config(ROOT / "configs/tiny-cpu.yaml")
+    dead: set[int] = set()
+    starts: list[str] = []
+
+    @contextlib.contextmanager
+    def fake_running_server(config, name, log_dir, model=None):
+        number = len(starts)
+        starts.append(name)
+        report = f"the {name} server (pid {number}) was killed by SIGKILL while in use"
+        yield serving.Endpoint(name, [f"http://127.0.0.1:{number + 1}/v1"], "m", None, lambda: report if number in dead else None)
+
+    monkeypatch.setattr(serving, "running_server", fake_running_server)
+    with serving.ServerSet(config, ROOT / "unused-log-dir") as servers, caplog.at_level("WARNING", logger="serving"):
+        first = servers.endpoint("teacher")
+        assert servers.endpoint("teacher") is first  # alive: reused
+        dead.add(0)
+        second = servers.endpoint("teacher")  # dead by now: started again
+        assert starts == ["teacher", "teacher"] and second.base_urls == ["http://127.0.0.1:2/v1"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "the teacher server (pid 0) was killed by SIGKILL while in use; starting it again"
+    ]
