@@ -329,12 +329,16 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_the_uninterrupted_ru
             identities = [tuple(r[k] for k in same_journal[name][0]) for r in records]
             assert len(identities) == len(set(identities)), f"{path} holds a record twice"
 
-    # No call that had come back was made again, except one answered in the instant before a
-    # kill, which the killed run could not journal: teacher, referee and generator at the proxy,
+    # No call that had come back was made again, except one answered just before a kill, which
+    # the killed run had no time to journal (on 2 busy cores that can take a few hundred ms):
+    # teacher, referee and generator at the proxy,
     assert set(teacher_deliveries(proxy_log, everything)) == {r["id"] for r in everything}
+    repeated = 0
     for calls in answered_calls(proxy_log).values():
         for earlier in sorted(r["delivered"] for r in calls)[:-1]:
-            assert any(0 <= kill - earlier < 0.5 for kill in kill_times), f"a call answered at {earlier} was made again"
+            repeated += 1
+            assert any(0 <= kill - earlier < 2.0 for kill in kill_times), f"a call answered at {earlier} was made again"
+    assert repeated <= MAX_CONCURRENCY * len(points)
     # and the student at its server: at most the calls in flight at each kill were answered twice.
     kills_in_discrimination = sum(p.stage == "discrimination" for p in points)
     cache = lines(run_dir / "iter_1/cache_pool.jsonl")

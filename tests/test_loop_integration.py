@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loop_checks import (
     check_invariants,
@@ -35,6 +36,10 @@ def test_run_end_to_end(tiny_models: Path, teacher_url: str, tmp_path: Path) -> 
     proxy, proxy_url = start_proxy(teacher_url, proxy_log)
     try:
         config = run_config(tiny_models, tmp_path, proxy_url)
+        data = yaml.safe_load(config.read_text())
+        data.update(seed_limit=24)  # two iterations and the final imitation, at a third less cost
+        data["generation"]["new_per_iteration"] = 8
+        config.write_text(yaml.safe_dump(data))
         started = time.monotonic()
         result = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]

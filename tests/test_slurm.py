@@ -2,10 +2,11 @@
 8 GPUs advertised through device files), with the production #SBATCH lines unchanged.
 
 - test_iteration_jobs_run_one_iteration_each: `sbatch --wait slurm/iteration.sh` completes one
-  iteration, a second submission the next, and one after the run is complete exits 0 without
-  doing anything; the finished run holds every invariant of the loop.
+  iteration, a second submission the next (the final imitation), and one after the run is
+  complete exits 0 without doing anything; the finished run holds every invariant of the loop.
 - test_submit_chains_iterations_through_afterok: `slurm/submit.sh --iterations 2` submits two jobs,
-  the second depending on the first (afterok), and they run both iterations in order.
+  the second depending on the first (afterok), and they run iteration 1 and the final imitation
+  in order.
 - test_time_limit_signal_requeues_and_resumes: the time-limit signal (USR1 to the batch shell, as
   `--signal=B:USR1@300` sends it) in the middle of the reviews: the job stops lion-local cleanly,
   requeues itself, comes back and completes the iteration with every invariant and no repeated
@@ -116,9 +117,7 @@ def _stages(*iterations: int) -> list[str]:
 
 
 def test_iteration_jobs_run_one_iteration_each(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
-    config = _config(
-        tiny_models, tmp_path, seed_limit=24, generation__new_per_iteration=8, imitation__final_imitation=False
-    )
+    config = _config(tiny_models, tmp_path, iterations=1, seed_limit=24, generation__new_per_iteration=8)
     run_dir = tmp_path / "run"
 
     def sbatch_wait() -> str:
@@ -131,8 +130,8 @@ def test_iteration_jobs_run_one_iteration_each(slurm_cluster, tiny_models: Path,
 
     first = sbatch_wait()
     assert _completed(run_dir) == _stages(1)
-    second = sbatch_wait()
-    assert _completed(run_dir) == _stages(1, 2)
+    second = sbatch_wait()  # the final imitation is an iteration of its own
+    assert _completed(run_dir) == _stages(1) + ["final/imitation"]
     check_invariants(run_dir, tiny_models)
 
     state_before = (run_dir / "state.json").read_bytes()
@@ -145,7 +144,7 @@ def test_iteration_jobs_run_one_iteration_each(slurm_cluster, tiny_models: Path,
 
     logs = {job: (run_dir / "logs" / "slurm" / f"iteration-{job}.log").read_text() for job in (first, second, third)}
     assert f"job {first} (restart 0)" in logs[first] and f"config {config}" in logs[first]
-    assert "iteration 1" in logs[first] and "iteration 2" in logs[second]
+    assert "iteration 1" in logs[first] and "iteration final" in logs[second]
     assert "GPUs 0,1,2,3,4,5,6,7" in logs[first]  # the production --gpus-per-node=8, on device files
     assert "completed 1/imitation, 1/discrimination, 1/generation" in logs[first]
     assert "iteration none (the run is complete)" in logs[third]
@@ -156,7 +155,8 @@ def test_iteration_jobs_run_one_iteration_each(slurm_cluster, tiny_models: Path,
 
 
 def test_submit_chains_iterations_through_afterok(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
-    config = _config(tiny_models, tmp_path, seed_limit=24, generation__new_per_iteration=8)
+    # One iteration and the final imitation: the two iterations of a run that submit.sh chains.
+    config = _config(tiny_models, tmp_path, iterations=1, seed_limit=24, generation__new_per_iteration=8)
     run_dir = tmp_path / "run"
     result = subprocess.run(
         ["bash", str(SLURM / "submit.sh"), str(config), "--iterations", "2"],
@@ -172,15 +172,15 @@ def test_submit_chains_iterations_through_afterok(slurm_cluster, tiny_models: Pa
     second = _wait_for(jobs[1], FINISHED)
     assert second["JobState"] == "COMPLETED" and second["ExitCode"] == "0:0"
     assert second["StartTime"] >= first["EndTime"]  # ISO timestamps: string order is time order
-    assert _completed(run_dir) == _stages(1, 2)
-    assert (run_dir / "iter_2/report.json").exists() and not (run_dir / "final").exists()
-    assert "iteration 2" in (run_dir / "logs/slurm" / f"iteration-{jobs[1]}.log").read_text()
+    assert _completed(run_dir) == _stages(1) + ["final/imitation"]
+    assert "iteration 1" in (run_dir / "logs/slurm" / f"iteration-{jobs[0]}.log").read_text()
+    assert "iteration final" in (run_dir / "logs/slurm" / f"iteration-{jobs[1]}.log").read_text()
 
     remaining = subprocess.run(
         [sys.executable, "-m", "lion_local", "status", "--config", str(config), "--remaining-iterations"],
         capture_output=True, text=True,
     )
-    assert remaining.stdout.split() == ["final"]
+    assert remaining.returncode == 0 and remaining.stdout.split() == []
 
 
 def test_time_limit_signal_requeues_and_resumes(

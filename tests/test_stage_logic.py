@@ -108,11 +108,13 @@ def test_filter_keeps_a_good_instruction(text: str, expected: str):
     assert filter_reason(text, "stop", DEFAULTS) == (expected, None)
 
 
-@pytest.mark.parametrize(
-    "text",
-    ["", "   \n", "1. Write a poem about the sea.\n2. Write a song about rivers.\n3. Draw a map."],
-)
-def test_filter_unparseable(text: str):
+@pytest.mark.parametrize("text", ["", "   \n"])
+def test_filter_empty(text: str):
+    assert filter_reason(text, "stop", DEFAULTS) == (None, "empty")
+
+
+def test_filter_unparseable():
+    text = "1. Write a poem about the sea.\n2. Write a song about rivers.\n3. Draw a map."
     assert filter_reason(text, "stop", DEFAULTS) == (None, "unparseable")
 
 
