@@ -57,7 +57,7 @@ def main(verbose: bool) -> None:
         datefmt="%H:%M:%S",
     )
     # Library chatter (HTTP request lines, hub warnings) would drown the progress of a run.
-    for noisy in ("httpx", "httpcore", "urllib3", "filelock"):
+    for noisy in ("httpx", "httpcore", "urllib3", "filelock", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # Air-gapped by design: this process (which loads tokenizers) and everything it starts.
     os.environ.update(OFFLINE_ENVIRONMENT)
@@ -274,6 +274,25 @@ def status(config_path: str, overrides: tuple[str, ...], remaining_iterations: b
             click.echo(iteration_name)
         return
     click.echo("\n".join(status_lines(config)))
+
+
+@main.command()
+@config_options
+def report(config_path: str, overrides: tuple[str, ...]) -> None:
+    """Per-iteration summary table; writes <run_dir>/report.md and PNG plots in <run_dir>/plots/."""
+    from lion_local.run_report import summary_rows, text_table, write_report
+    from lion_local.run_state import RunDir
+
+    config = load_config(config_path, overrides)
+    run = RunDir(config.run_dir)
+    if not any(run.root.glob("iter_*/report.json")):
+        raise StageOrderError(
+            f"{run.root}: nothing to report yet; an iteration's report.json is written when its "
+            "generation stage ends (lion-local status shows where the run stands)"
+        )
+    written = write_report(run)
+    click.echo(text_table(*summary_rows(written)))
+    click.echo(f"wrote {run.root / 'report.md'} and {len(written.plots)} plots in {run.root / 'plots'}")
 
 
 def _server_name(config: Config, name: str) -> str:

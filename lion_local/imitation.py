@@ -126,6 +126,8 @@ def train_student(config: Config, directory: Path, base: str, examples: list[dic
         "work_dir": str(work_dir),
         "progress_file": str(progress_file),
         "result_file": str(result_file),
+        # One TensorBoard directory per imitation stage: `tensorboard --logdir <run_dir>/tensorboard`.
+        "tensorboard_dir": str(directory.parent / "tensorboard" / directory.name),
         "seed": config.seed + (0 if k == FINAL else int(k)),
         "imitation": config.imitation.model_dump(mode="json"),
     }

@@ -7,7 +7,8 @@ dataset, the hyperparameters and where to write. The dataset's prompts come from
 `student_prompt` function the student is queried with, and the loss is on the completion (the
 teacher's answer) only. Trainer checkpoints under `work_dir` let a killed training resume; the
 finished model and its tokenizer are saved (safetensors) to `output_dir`, which the parent
-process renames into place once this process has exited cleanly.
+process renames into place once this process has exited cleanly. Loss, learning rate and
+gradient norm go to TensorBoard event files in `tensorboard_dir` (under the run directory).
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def train(job: dict) -> dict:
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = load_dataset("json", data_files=job["data_file"], split="train")
+    tensorboard_dir = job.get("tensorboard_dir")
+    if tensorboard_dir:
+        # Loss and learning rate as event files in the run directory; nothing leaves the machine.
+        os.environ["TENSORBOARD_LOGGING_DIR"] = tensorboard_dir
     config = SFTConfig(
         output_dir=job["work_dir"],
         learning_rate=hyper["learning_rate"],
@@ -134,7 +139,7 @@ def train(job: dict) -> dict:
         save_steps=hyper["save_steps"],
         save_total_limit=1,
         logging_steps=hyper["logging_steps"],
-        report_to="none",
+        report_to="tensorboard" if tensorboard_dir else "none",
         disable_tqdm=True,
         dataloader_num_workers=0,
         model_init_kwargs={"attn_implementation": attention_implementation()},

@@ -6,7 +6,9 @@ the teacher are counted from the server's side, not from lion-local's own journa
 is served by the run itself and trained with TRL under `accelerate launch`.
 
 test_run_end_to_end: an uninterrupted run at the roles' sampling temperatures; every invariant
-of the method and the run-directory contract; `status` and a second `run` on the complete run.
+of the method and the run-directory contract; `status` and a second `run` on the complete run;
+`report`'s table in report.md checked number by number against the journals, its plots, and the
+student's TensorBoard event files.
 Killed runs, endpoint faults and dead servers: tests/test_fault_tolerance.py.
 """
 
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections import Counter
+from statistics import fmean
 from pathlib import Path
 
 import pytest
@@ -21,6 +25,7 @@ import yaml
 
 from loop_checks import (
     check_invariants,
+    jsonl,
     lion_local,
     run_config,
     start_proxy,
@@ -65,3 +70,53 @@ def test_run_end_to_end(tiny_models: Path, teacher_url: str, tmp_path: Path) -> 
     assert "is complete: nothing to do" in again.stdout
     assert time.monotonic() - started < 30
     assert "server" not in again.stderr  # nothing was started
+
+    check_report(run_dir, config)
+    for name in ("iter_1", "iter_2", "final"):  # the student's training curves, offline
+        assert list((run_dir / "tensorboard" / name).glob("events.out.tfevents.*")), name
+
+
+def _table(markdown: str, heading: str) -> dict[str, list[str]]:
+    """A markdown table under `heading`: first cell of each row -> the other cells."""
+    section = markdown.split(f"## {heading}\n\n", 1)[1].split("\n\n", 1)[0]
+    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in section.splitlines()]
+    return {row[0]: row[1:] for row in rows if not set(row[1]) <= {"-", ":"}}
+
+
+def check_report(run_dir: Path, config: Path) -> None:
+    """report.md's summary against the journals, one iteration column at a time."""
+    result = subprocess.run(lion_local("report", "--config", str(config)), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0].split() == ["iter", "1", "iter", "2", "final"]
+    table = _table((run_dir / "report.md").read_text(), "Summary per iteration")
+    assert table[""] == ["iter 1", "iter 2", "final"]
+    teacher_stages = Counter(r["stage"] for r in jsonl(run_dir / "teacher_answers.jsonl"))
+    for column, k in enumerate(("1", "2")):
+        directory = run_dir / f"iter_{k}"
+        judgements = jsonl(directory / "judgements.jsonl")
+        judged = [j for j in judgements if j["label"] != "unjudged"]
+        labels = Counter(j["label"] for j in judgements)
+        expected = {
+            "Train Pool": len(jsonl(directory / "train_pool.jsonl")),
+            "Cache Pool": len(jsonl(directory / "cache_pool.jsonl")),
+            "generated": len(jsonl(directory / "generated.jsonl")),
+            "hard": labels["hard"], "easy": labels["easy"], "unjudged": labels["unjudged"],
+            # report.json keeps 4 decimals, the table shows 2
+            "mean teacher score": f"{round(fmean(j['teacher_score'] for j in judged), 4):.2f}",
+            "mean student score": f"{round(fmean(j['student_score'] for j in judged), 4):.2f}",
+            "rejected": len(jsonl(directory / "rejected.jsonl")),
+            "teacher calls (imitation)": teacher_stages[f"{k}/imitation"],
+            "student calls (discrimination)": len(jsonl(directory / "student_answers.jsonl")),
+            "referee calls (discrimination)": len(jsonl(directory / "reviews.jsonl")),
+            "generator calls (generation)": len(jsonl(directory / "generator_calls.jsonl")),
+        }
+        for label, value in expected.items():
+            assert table[label][column] == str(value), (k, label, table[label][column], value)
+    assert table["Train Pool"][2] == str(len(jsonl(run_dir / "final/train_pool.jsonl")))
+    assert table["teacher calls (imitation)"][2] == str(teacher_stages["final/imitation"])
+
+    plots = sorted(path.name for path in (run_dir / "plots").glob("*.png"))
+    assert plots == ["cost.png", "gaps.png", "generation.png", "labels.png", "pools.png", "scores.png"]
+    for name in plots:
+        assert (run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"![{name[:-4]}](plots/{name})" in (run_dir / "report.md").read_text()

@@ -1,0 +1,354 @@
+"""The run's report: is the student closing the gap, and where does the cost go.
+
+    lion-local report --config X
+
+Reads what the run wrote (each iteration's report.json, built from the journals, and the
+evaluation results under eval/), prints a summary table with one column per iteration, and
+writes <run_dir>/report.md with PNG plots in <run_dir>/plots/:
+
+    gaps.png        histogram of the teacher-student score gap, one series per iteration
+    labels.png      hard / easy / unjudged shares of the Cache Pool per iteration
+    scores.png      teacher and student mean referee scores per iteration
+    pools.png       Train Pool, Cache Pool and generated instructions per iteration
+    generation.png  generated instructions accepted per side and rejected per reason
+    cost.png        calls, tokens and seconds per role and stage
+    evaluation.png  the student's score as a percentage of the teacher's, per checkpoint
+                    (only once `lion-local evaluate` has run)
+
+Reading is all it does: the report can be made while a run goes on, and as often as wanted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lion_local.run_state import FINAL, RunDir, read_state, write_atomic
+
+logger = logging.getLogger(__name__)
+
+LABELS = ("hard", "easy", "unjudged")
+# (role, stage) pairs that make calls, in the order of the loop.
+ROLE_STAGES = (
+    ("teacher", "imitation"),
+    ("teacher", "discrimination"),
+    ("student", "discrimination"),
+    ("referee", "discrimination"),
+    ("generator", "generation"),
+)
+
+
+@dataclass
+class Iteration:
+    name: str  # "1", "2", ..., "final"
+    report: dict
+    evaluation: dict | None = None
+
+    def usage(self, role: str, stage: str) -> dict:
+        roles = self.report.get("roles", {})
+        if role == "teacher":
+            return roles.get("teacher", {}).get("by_stage", {}).get(stage, {})
+        return roles.get(role, {}) if stage != "imitation" else {}
+
+
+@dataclass
+class RunReport:
+    run_dir: Path
+    iterations: list[Iteration]
+    evaluations: list[dict] = field(default_factory=list)
+    plots: list[Path] = field(default_factory=list)
+
+
+def collect(run: RunDir) -> RunReport:
+    """Every iteration report on disk, in loop order, with its checkpoint's evaluation if any."""
+    evaluations = _evaluations(run)
+    by_checkpoint = {e["checkpoint"]: e for e in evaluations}
+    iterations = []
+    for directory in sorted(run.root.glob("iter_*"), key=lambda p: int(p.name.split("_")[1])):
+        if (directory / "report.json").exists():
+            name = directory.name.split("_")[1]
+            iterations.append(Iteration(name, _load(directory / "report.json"), by_checkpoint.get(directory.name)))
+    final = run.iteration(FINAL) / "report.json"
+    if final.exists():
+        iterations.append(Iteration(FINAL, _load(final), by_checkpoint.get(FINAL)))
+    return RunReport(run.root, iterations, evaluations)
+
+
+def _load(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _evaluations(run: RunDir) -> list[dict]:
+    results = [_load(path) for path in sorted((run.root / "eval").glob("*/result.json"))]
+
+    def order(result: dict) -> tuple[int, int]:
+        iteration = result.get("iteration")
+        return (1, 0) if iteration == FINAL else (0, int(iteration or 0))
+
+    return sorted(results, key=order)
+
+
+# ----------------------------------------------------------------------------------------------
+# The numbers, as rows of text
+# ----------------------------------------------------------------------------------------------
+
+
+def _number(value: object, digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
+    """The summary table: a header (one column per iteration) and its rows."""
+    header = ["", *(f"iter {it.name}" if it.name != FINAL else "final" for it in report.iterations)]
+
+    def row(label: str, value) -> list[str]:
+        return [label, *(value(it) for it in report.iterations)]
+
+    def get(*keys: str):
+        def value(it: Iteration) -> str:
+            node = it.report
+            for key in keys:
+                node = node.get(key, {}) if isinstance(node, dict) else {}
+            return _number(node if node != {} else None)
+
+        return value
+
+    rows = [
+        row("Train Pool", get("pools", "train")),
+        row("Cache Pool", get("pools", "cache")),
+        row("generated", get("pools", "generated")),
+        *(row(label, get("labels", label)) for label in LABELS),
+        row("mean teacher score", get("scores", "mean_teacher")),
+        row("mean student score", get("scores", "mean_student")),
+        row("mean gap", get("scores", "mean_gap")),
+        row("rejected", get("generation", "rejected_total")),
+        row("shortfall", get("generation", "shortfall", "total")),
+    ]
+    for role, stage in ROLE_STAGES:
+        rows.append(row(f"{role} calls ({stage})", lambda it, r=role, s=stage: _number(it.usage(r, s).get("calls"))))
+    rows.append(row("stage seconds", lambda it: _number(sum(it.report.get("stage_seconds", {}).values()), 1)))
+    if report.evaluations:
+        rows.append(row("student / teacher %", lambda it: _number((it.evaluation or {}).get("relative_score"), 1)))
+    return header, rows
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(line[i]) for line in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(line, widths)))
+             for line in [header, *rows]]
+    return "\n".join(lines)
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(line) + " |" for line in rows]
+    return "\n".join(lines)
+
+
+def rejection_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
+    generating = [it for it in report.iterations if "generation" in it.report]
+    reasons = sorted({reason for it in generating for reason in it.report["generation"].get("rejected", {})})
+    header = ["", *(f"iter {it.name}" for it in generating)]
+    rows = [[f"accepted {side}", *(_number(it.report["generation"]["accepted"].get(side)) for it in generating)]
+            for side in ("hard", "easy")]
+    rows += [[f"rejected: {reason}", *(_number(it.report["generation"]["rejected"].get(reason, 0)) for it in generating)]
+             for reason in reasons]
+    return header, rows
+
+
+def cost_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
+    header = ["iteration", "role", "stage", "calls", "prompt tokens", "completion tokens", "seconds"]
+    rows = []
+    for it in report.iterations:
+        for role, stage in ROLE_STAGES:
+            usage = it.usage(role, stage)
+            if usage.get("calls"):
+                rows.append([it.name, role, stage, *(_number(usage.get(key), 1) for key in
+                                                     ("calls", "prompt_tokens", "completion_tokens", "seconds"))])
+    return header, rows
+
+
+def evaluation_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
+    header = ["checkpoint", "student / teacher %", "judged", "excluded questions", "unparseable judgements"]
+    rows = [[e["checkpoint"], _number(e.get("relative_score"), 1), f"{e.get('judged')}/{e.get('questions')}",
+             _number(e.get("excluded_questions")), _number(e.get("unparseable_judgements"))] for e in report.evaluations]
+    categories = sorted({c for e in report.evaluations for c in e.get("by_category", {})})
+    if categories:
+        header += [f"{c} %" for c in categories]
+        for line, e in zip(rows, report.evaluations):
+            line += [_number(e.get("by_category", {}).get(c, {}).get("relative_score"), 1) for c in categories]
+    return header, rows
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots
+# ----------------------------------------------------------------------------------------------
+
+
+def make_plots(report: RunReport, directory: Path) -> list[Path]:
+    """Write every plot that has data; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    directory.mkdir(parents=True, exist_ok=True)
+    judged = [it for it in report.iterations if "labels" in it.report]
+    generating = [it for it in report.iterations if "generation" in it.report]
+    written = []
+
+    def save(figure, name: str, counts: bool = True) -> None:
+        if counts:  # whole numbers of instructions, calls or replies
+            for axes in figure.axes[:1]:
+                axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+        figure.tight_layout()
+        path = directory / name
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        written.append(path)
+
+    if judged:
+        figure, axes = plt.subplots(figsize=(8, 4.5))
+        width = 0.8 / len(judged)
+        for index, it in enumerate(judged):
+            bins = it.report["scores"]["gap_histogram"]
+            axes.bar([b["from"] + 0.1 + index * width for b in bins], [b["count"] for b in bins], width=width,
+                     align="edge", label=f"iteration {it.name}")
+        tau = report_tau(report)
+        if tau is not None:
+            axes.axvline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g} (hard at or above)")
+        axes.set(title="Teacher minus student score per instruction",
+                 xlabel="gap (referee score points, teacher - student)", ylabel="instructions")
+        axes.legend()
+        save(figure, "gaps.png")
+
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        names = [f"iter {it.name}" for it in judged]
+        bottom = [0.0] * len(judged)
+        for label, colour in zip(LABELS, ("tab:red", "tab:green", "tab:gray")):
+            shares = [100.0 * it.report["labels"][label] / max(1, sum(it.report["labels"].values())) for it in judged]
+            axes.bar(names, shares, bottom=bottom, label=label, color=colour)
+            bottom = [b + s for b, s in zip(bottom, shares)]
+        axes.set(title="Cache Pool instructions by label", xlabel="iteration", ylabel="share of the Cache Pool (%)",
+                 ylim=(0, 100))
+        axes.legend(bbox_to_anchor=(1.02, 1), loc="upper left")
+        save(figure, "labels.png", counts=False)
+
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        for key, label in (("mean_teacher", "teacher"), ("mean_student", "student")):
+            axes.plot(names, [it.report["scores"][key] for it in judged], marker="o", label=label)
+        axes.set(title="Mean referee score per iteration", xlabel="iteration", ylabel="mean score (1-10)")
+        axes.legend()
+        save(figure, "scores.png", counts=False)
+
+    if report.iterations:
+        figure, axes = plt.subplots(figsize=(8, 4.5))
+        names = [f"iter {it.name}" if it.name != FINAL else "final" for it in report.iterations]
+        width = 0.27
+        for index, key in enumerate(("train", "cache", "generated")):
+            values = [it.report.get("pools", {}).get(key, 0) for it in report.iterations]
+            axes.bar([i + (index - 1) * width for i in range(len(names))], values, width=width, label=f"{key}")
+        axes.set_xticks(range(len(names)), names)
+        axes.set(title="Pool sizes per iteration", xlabel="iteration", ylabel="instructions")
+        axes.legend(["Train Pool", "Cache Pool", "generated (accepted)"])
+        save(figure, "pools.png")
+
+    if generating:
+        figure, axes = plt.subplots(figsize=(8, 4.5))
+        names = [f"iter {it.name}" for it in generating]
+        reasons = sorted({r for it in generating for r in it.report["generation"].get("rejected", {})})
+        series = [(f"accepted {side}", [it.report["generation"]["accepted"].get(side, 0) for it in generating])
+                  for side in ("hard", "easy")]
+        series += [(f"rejected: {r}", [it.report["generation"]["rejected"].get(r, 0) for it in generating]) for r in reasons]
+        bottom = [0] * len(generating)
+        for label, values in series:
+            axes.bar(names, values, bottom=bottom, label=label)
+            bottom = [b + v for b, v in zip(bottom, values)]
+        axes.set(title="Generator replies: accepted per side, rejected per reason", xlabel="iteration",
+                 ylabel="generator replies")
+        axes.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+        save(figure, "generation.png")
+
+    if report.iterations:
+        figure, panels = plt.subplots(1, 3, figsize=(14, 4.5))
+        pairs = [(role, stage) for role, stage in ROLE_STAGES
+                 if any(it.usage(role, stage).get("calls") for it in report.iterations)]
+        labels = [f"{role}\n{stage}" for role, stage in pairs]
+        width = 0.8 / len(report.iterations)
+        for axes, (title, unit, value) in zip(panels, (
+            ("Calls", "calls", lambda u: u.get("calls", 0)),
+            ("Tokens", "tokens (prompt + completion)", lambda u: u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)),
+            ("Time in calls", "seconds (summed over calls)", lambda u: u.get("seconds", 0.0)),
+        )):
+            for index, it in enumerate(report.iterations):
+                axes.bar([i + index * width for i in range(len(pairs))], [value(it.usage(r, s)) for r, s in pairs],
+                         width=width, label=f"iter {it.name}" if it.name != FINAL else "final")
+            axes.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], labels, fontsize="small")
+            axes.set(title=f"{title} per role and stage", xlabel="role and stage", ylabel=unit)
+        panels[0].legend()
+        save(figure, "cost.png")  # the first panel counts calls
+
+    scored = [e for e in report.evaluations if e.get("relative_score") is not None]
+    if scored:
+        figure, axes = plt.subplots(figsize=(7, 4.5))
+        axes.plot([e["checkpoint"] for e in scored], [e["relative_score"] for e in scored], marker="o",
+                  label="student / teacher")
+        axes.axhline(100, color="black", linestyle="--", linewidth=1, label="the teacher (100%)")
+        axes.set(title="Relative score per checkpoint (judge scores, both orders)", xlabel="checkpoint",
+                 ylabel="student total as % of teacher total")
+        axes.legend()
+        save(figure, "evaluation.png", counts=False)
+    return written
+
+
+def report_tau(report: RunReport) -> float | None:
+    try:
+        import yaml
+
+        config = yaml.safe_load((report.run_dir / "config.yaml").read_text(encoding="utf-8"))
+        return float(config["discrimination"]["tau"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# report.md
+# ----------------------------------------------------------------------------------------------
+
+
+def markdown(report: RunReport, run: RunDir) -> str:
+    state = read_state(run)
+    sections = [
+        f"# lion-local run report: {report.run_dir.name}",
+        f"Completed stages: {', '.join(state['completed']) or 'none'}.",
+        "Every number comes from the run's journals (through each iteration's report.json); "
+        "`lion-local report` writes this file again whenever it runs.",
+        "## Summary per iteration",
+        markdown_table(*summary_rows(report)),
+    ]
+    if any("generation" in it.report for it in report.iterations):
+        sections += ["## Generation", markdown_table(*rejection_rows(report))]
+    sections += ["## Calls, tokens and seconds per role and stage", markdown_table(*cost_rows(report))]
+    if report.evaluations:
+        sections += ["## Evaluation (the student's total judge score as a percentage of the teacher's)",
+                     markdown_table(*evaluation_rows(report))]
+    if report.plots:
+        sections.append("## Plots")
+        sections += [f"![{path.stem}](plots/{path.name})" for path in report.plots]
+    return "\n\n".join(sections) + "\n"
+
+
+def write_report(run: RunDir) -> RunReport:
+    """Collect, plot and write report.md; returns what was reported."""
+    report = collect(run)
+    report.plots = make_plots(report, run.root / "plots") if report.iterations else []
+    write_atomic(run.root / "report.md", markdown(report, run))
+    logger.info("wrote %s and %d plots in %s", run.root / "report.md", len(report.plots), run.root / "plots")
+    return report
