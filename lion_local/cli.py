@@ -26,6 +26,7 @@ from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run_state import RunLockedError, RunStateError, StageOrderError
 from lion_local.training_launch import LaunchError
 from lion_local.seed_data import SeedDataError
+from lion_local.evaluation import QuestionsError
 from serving.process import ServerError
 
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
@@ -38,7 +39,7 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ConfigError, SeedDataError, StageOrderError, RunStateError) as exc:
+        except (ConfigError, SeedDataError, StageOrderError, RunStateError, QuestionsError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         except (ServerError, EndpointError, TrainingError, LaunchError, RunLockedError) as exc:
@@ -293,6 +294,65 @@ def report(config_path: str, overrides: tuple[str, ...]) -> None:
     written = write_report(run)
     click.echo(text_table(*summary_rows(written)))
     click.echo(f"wrote {run.root / 'report.md'} and {len(written.plots)} plots in {run.root / 'plots'}")
+
+
+@main.command()
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
+@click.option(
+    "--seeds",
+    type=click.IntRange(min=1),
+    help="Plan for N seeds instead of the seed file's count (e.g. a file not on this machine).",
+)
+@click.option(
+    "--generator-acceptance",
+    type=click.FloatRange(min=0, max=1, min_open=True),
+    help="Share of generator calls accepted (default: observed in the run, else 0.9).",
+)
+def plan(
+    config_path: str, overrides: tuple[str, ...], as_json: bool, seeds: int | None, generator_acceptance: float | None
+) -> None:
+    """Predicted calls and prompt/completion tokens per role and stage for the whole run (actual
+    counts for the stages a started run has finished)."""
+    from lion_local.plan import build_plan, plan_lines
+
+    config = load_config(config_path, overrides)
+    result = build_plan(config, seeds=seeds, generator_acceptance=generator_acceptance)
+    click.echo(json.dumps(result, indent=2) if as_json else "\n".join(plan_lines(result)))
+
+
+def _iteration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
+    if value is None or value == "final":
+        return value
+    if value.isdigit() and int(value) >= 1:
+        return int(value)
+    raise click.BadParameter(f"{value!r} is not an iteration: give a number from 1, or final")
+
+
+@main.command()
+@config_options
+@click.option(
+    "--iteration",
+    metavar="K",
+    callback=_iteration_option,
+    help="Evaluate only the student checkpoint of iteration K (1, 2, ..., or final); default: every finished one.",
+)
+@click.option(
+    "--questions",
+    "questions_path",
+    type=click.Path(),
+    help="Question set, JSONL of {question, category?, id?}; default: evaluation.questions, else the built-in set.",
+)
+def evaluate(config_path: str, overrides: tuple[str, ...], iteration: int | str | None, questions_path: str | None) -> None:
+    """The paper's relative score: each student checkpoint's total score as a percentage of the
+    teacher's, judged in both answer orders; results in <run_dir>/eval/<checkpoint>/result.json."""
+    from lion_local.evaluation import evaluate as evaluate_checkpoints
+    from lion_local.evaluation import summary_line
+
+    config = load_config(config_path, overrides)
+    _stop_on_sigterm()
+    for result in evaluate_checkpoints(config, iteration, questions_path):
+        click.echo(summary_line(result))
 
 
 def _server_name(config: Config, name: str) -> str:

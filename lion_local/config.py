@@ -241,6 +241,24 @@ class Generation(_Strict):
     filters: GenerationFilters = Field(default_factory=GenerationFilters)
 
 
+class Evaluation(_Strict):
+    """`lion-local evaluate`: the paper's relative score of each student checkpoint against the teacher."""
+
+    judge_server: str | None = Field(
+        None,
+        description="Server whose model judges each answer pair, with the referee's prompt and sampling "
+        "parameters; None: the referee's server.",
+    )
+    questions: str | None = Field(
+        None,
+        description="Evaluation questions, JSONL of {question, category?, id?}; None: the built-in set "
+        "(lion_local/data/eval_questions.jsonl).",
+    )
+    parse_retries: int | None = Field(
+        None, ge=0, description="Extra requests when a judgement cannot be parsed; None: roles.referee.parse_retries."
+    )
+
+
 class TinyModels(_Strict):
     """Smoke mode: tiny local models built by `lion-local make-tiny` when absent."""
 
@@ -265,6 +283,20 @@ class Config(_Strict):
     imitation: Imitation = Field(default_factory=Imitation)
     discrimination: Discrimination = Field(default_factory=Discrimination)
     generation: Generation = Field(default_factory=Generation)
+    evaluation: Evaluation = Field(default_factory=Evaluation)
+
+    @model_validator(mode="after")
+    def _judge_names_a_server(self) -> Config:
+        judge = self.evaluation.judge_server
+        if judge is not None and judge not in self.servers:
+            close = difflib.get_close_matches(judge, list(self.servers), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
+            raise ValueError(f"evaluation.judge_server: no server named {judge!r}{hint}")
+        if judge is not None and judge == self.roles.student.server:
+            raise ValueError(
+                f"evaluation.judge_server: {judge!r} serves the student's checkpoints; name the server of the judge model"
+            )
+        return self
 
     @model_validator(mode="after")
     def _roles_name_servers(self) -> Config:
@@ -300,7 +332,7 @@ class Config(_Strict):
         return sorted({getattr(self.roles, role).server for role in Roles.model_fields})
 
 
-PATH_FIELDS = ("run_dir", "seed_data", "tiny_models.dir", "imitation.accelerate_config")
+PATH_FIELDS = ("run_dir", "seed_data", "tiny_models.dir", "imitation.accelerate_config", "evaluation.questions")
 
 
 # ----------------------------------------------------------------------------------------------

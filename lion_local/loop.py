@@ -113,7 +113,7 @@ def execute(config: Config, scope: str, stage: str | None = None) -> list[str]:
 
         ensure_tiny_models(config)
         write_atomic(run.config_yaml, config_to_yaml(config))
-        with _run_log(run), ServerSet(config, run.logs) as servers:
+        with run_log(run), ServerSet(config, run.logs) as servers:
             for marker in markers:
                 run_stage(config, run, marker, servers)
                 done.append(marker)
@@ -144,7 +144,7 @@ def run_stage(config: Config, run: RunDir, marker: str, servers: ServerSet) -> N
 
 
 @contextmanager
-def _run_log(run: RunDir) -> Iterator[None]:
+def run_log(run: RunDir) -> Iterator[None]:
     """Copy lion-local's log records to <run_dir>/logs/lion-local.log for the whole command."""
     run.logs.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run.logs / "lion-local.log", encoding="utf-8")

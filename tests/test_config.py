@@ -218,6 +218,9 @@ COMMANDS_WITH_CONFIG = [
     ["iteration"],
     ["stage", "imitation"],
     ["status"],
+    ["report"],
+    ["plan"],
+    ["evaluate"],
 ]
 RUN_COMMANDS = [["run"], ["iteration"], ["stage", "imitation"]]
 

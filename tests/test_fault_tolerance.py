@@ -5,7 +5,7 @@ per session with `lion-local serve teacher`) behind tests/recording_proxy.py, wh
 reached the server and injects faults; the student server and the trainer are started by the run
 itself. Every role samples at temperature 0: seeded sampling is not repeatable when requests run
 concurrently on `transformers serve`, greedy decoding is, so two runs of one config must give the
-same results. The config is one iteration on 16 seeds (no final imitation), to keep it quick.
+same results. The config is one iteration on 12 seeds (no final imitation), to keep it quick.
 
 - test_run_completes_through_injected_faults_and_a_20_s_outage: every 5th request to the
   teacher's server gets HTTP 500, HTTP 503, a reply that hangs past the request timeout, or a
@@ -14,7 +14,7 @@ same results. The config is one iteration on 16 seeds (no final imitation), to k
   invariant of the method, and no call that came back was made again. This run is also the
   uninterrupted reference of the next test.
 - test_sigkill_at_seeded_random_points_then_resume_equals_the_uninterrupted_run: the same
-  config killed with SIGKILL at 16 points drawn by a seeded RNG, 5 or more in each stage
+  config killed with SIGKILL at 15 points drawn by a seeded RNG, 5 in each stage
   (teacher answers, trainer checkpoints, the student server starting, student answers, reviews,
   generator calls), re-run after each kill. Pools, judgements, labels, generated and rejected
   instructions, every answer and review, and the student's weights equal the reference's; no
@@ -66,14 +66,15 @@ pytestmark = pytest.mark.integration
 REQUEST_TIMEOUT_S = 6.0
 MAX_CONCURRENCY = 4  # run_config's servers.*.max_concurrency: the calls that can be in flight at a kill
 KILL_SEED = 20261121
+SEEDS = 12
 
 
 def greedy_config(tiny_models: Path, tmp_path: Path, proxy_url: str, failure_budget_s: float = 45.0) -> Path:
-    """One greedy iteration on 16 seeds, no final imitation, a trainer checkpoint every step, and
+    """One greedy iteration on SEEDS seeds, no final imitation, a trainer checkpoint every step, and
     the teacher's timeouts short, as suits a test."""
     path = run_config(tiny_models, tmp_path, proxy_url, greedy=True)
     data = yaml.safe_load(path.read_text())
-    data.update(iterations=1, seed_limit=16)
+    data.update(iterations=1, seed_limit=SEEDS)
     data["imitation"].update(final_imitation=False, save_steps=1)
     data["generation"]["new_per_iteration"] = 8
     data["servers"]["teacher"].update(
@@ -197,7 +198,7 @@ COUNTERS: dict[str, Callable[[Path, int], int]] = {
 
 
 def kill_points(reference: Path, rng: random.Random) -> list[KillPoint]:
-    """16 points, 5 or 6 per stage, drawn within the counts of the reference run. Each count stops
+    """15 points, 5 per stage, drawn within the counts of the reference run. Each count stops
     MAX_CONCURRENCY short of its total, so the kill falls before the stage can end."""
     totals = {
         "teacher answers": lines(reference / "iter_1/train_pool.jsonl"),
@@ -215,7 +216,7 @@ def kill_points(reference: Path, rng: random.Random) -> list[KillPoint]:
         *[KillPoint("imitation", "trainer checkpoint step", at) for at in sorted(rng.sample(range(1, steps), 2))],
         KillPoint("discrimination", "student server starting", 1),
         *draw("discrimination", "student answers", 2),
-        *draw("discrimination", "reviews", 3),
+        *draw("discrimination", "reviews", 2),
         *draw("generation", "generator calls", 5),
     ]
 
@@ -329,15 +330,18 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_the_uninterrupted_ru
             identities = [tuple(r[k] for k in same_journal[name][0]) for r in records]
             assert len(identities) == len(set(identities)), f"{path} holds a record twice"
 
-    # No call that had come back was made again, except one answered just before a kill, which
-    # the killed run had no time to journal (on 2 busy cores that can take a few hundred ms):
-    # teacher, referee and generator at the proxy,
+    # No call that had come back was made again, except one still in flight at a kill: killed
+    # before its reply arrived (the proxy's write to a dead client's socket can still succeed), or
+    # answered so shortly before that the killed run had no time to journal it (on 2 busy cores
+    # that can take a few hundred ms). Teacher, referee and generator: at the proxy,
     assert set(teacher_deliveries(proxy_log, everything)) == {r["id"] for r in everything}
     repeated = 0
     for calls in answered_calls(proxy_log).values():
-        for earlier in sorted(r["delivered"] for r in calls)[:-1]:
+        for earlier in sorted(calls, key=lambda r: r["delivered"])[:-1]:
             repeated += 1
-            assert any(0 <= kill - earlier < 2.0 for kill in kill_times), f"a call answered at {earlier} was made again"
+            assert any(earlier["arrived"] <= kill <= earlier["delivered"] + 2.0 for kill in kill_times), (
+                f"a call answered at {earlier['delivered']} was made again; kills at {kill_times}"
+            )
     assert repeated <= MAX_CONCURRENCY * len(points)
     # and the student at its server: at most the calls in flight at each kill were answered twice.
     kills_in_discrimination = sum(p.stage == "discrimination" for p in points)
@@ -385,8 +389,8 @@ def test_permanent_outage_and_a_dead_student_server_end_the_stage_in_one_line(
         proxy, _ = start_proxy(teacher_url, proxy_log, port=port)
         again = subprocess.run(stage("imitation"), capture_output=True, text=True)
         assert again.returncode == 0, again.stderr[-3000:]
-        assert f"teacher answers: {answered_before} of 16 cached, {16 - answered_before} to request" in again.stderr
-        assert lines(run_dir / "teacher_answers.jsonl") == 16
+        assert f"teacher answers: {answered_before} of {SEEDS} cached, {SEEDS - answered_before} to request" in again.stderr
+        assert lines(run_dir / "teacher_answers.jsonl") == SEEDS
         assert all(len(calls) == 1 for calls in answered_calls(proxy_log).values())
 
         # The student server the run started dies in the middle of discrimination.
@@ -409,5 +413,5 @@ def test_permanent_outage_and_a_dead_student_server_end_the_stage_in_one_line(
     finally:
         stop(proxy)
     assert sorted(r["id"] for r in jsonl(answers)) == sorted(r["id"] for r in jsonl(run_dir / "iter_1/cache_pool.jsonl"))
-    assert len(jsonl(run_dir / "iter_1/judgements.jsonl")) == 16
+    assert len(jsonl(run_dir / "iter_1/judgements.jsonl")) == SEEDS
     assert all(len(calls) == 1 for calls in answered_calls(proxy_log).values())

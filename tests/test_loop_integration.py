@@ -7,13 +7,15 @@ is served by the run itself and trained with TRL under `accelerate launch`.
 
 test_run_end_to_end: an uninterrupted run at the roles' sampling temperatures; every invariant
 of the method and the run-directory contract; `status` and a second `run` on the complete run;
-`report`'s table in report.md checked number by number against the journals, its plots, and the
-student's TensorBoard event files.
+`plan`, made before the run, within 10% of the calls the run made, per role; `report`'s table in
+report.md checked number by number against the journals, its plots, and the student's
+TensorBoard event files.
 Killed runs, endpoint faults and dead servers: tests/test_fault_tolerance.py.
 """
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from collections import Counter
@@ -21,7 +23,6 @@ from statistics import fmean
 from pathlib import Path
 
 import pytest
-import yaml
 
 from loop_checks import (
     check_invariants,
@@ -41,10 +42,10 @@ def test_run_end_to_end(tiny_models: Path, teacher_url: str, tmp_path: Path) -> 
     proxy, proxy_url = start_proxy(teacher_url, proxy_log)
     try:
         config = run_config(tiny_models, tmp_path, proxy_url)
-        data = yaml.safe_load(config.read_text())
-        data.update(seed_limit=24)  # two iterations and the final imitation, at a third less cost
-        data["generation"]["new_per_iteration"] = 8
-        config.write_text(yaml.safe_dump(data))
+        # The plan of the demo's config, made before the run, for the run to be checked against.
+        plan = subprocess.run(lion_local("plan", "--config", str(config), "--json"), capture_output=True, text=True)
+        assert plan.returncode == 0, plan.stderr[-3000:]
+        assert not (tmp_path / "run").exists()  # planning writes nothing
         started = time.monotonic()
         result = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -70,6 +71,13 @@ def test_run_end_to_end(tiny_models: Path, teacher_url: str, tmp_path: Path) -> 
     assert "is complete: nothing to do" in again.stdout
     assert time.monotonic() - started < 30
     assert "server" not in again.stderr  # nothing was started
+
+    # `plan` before the run predicted every role's calls within 10%.
+    made = {role: sum(json.loads(path.read_text())["roles"].get(role, {}).get("calls", 0)
+                      for path in run_dir.glob("*/report.json")) for role in ("teacher", "student", "referee", "generator")}
+    predicted = json.loads(plan.stdout)["totals"]
+    for role, calls in made.items():
+        assert abs(predicted[role]["calls"] - calls) <= 0.1 * calls, (role, predicted[role]["calls"], calls)
 
     check_report(run_dir, config)
     for name in ("iter_1", "iter_2", "final"):  # the student's training curves, offline

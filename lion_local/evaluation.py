@@ -1,0 +1,448 @@
+"""The paper's relative-score evaluation: each student checkpoint against the teacher.
+
+    lion-local evaluate --config X [--iteration K] [--questions FILE]
+
+The teacher and each student checkpoint (iter_<k>/student and final/student: every one that
+exists, or only that of --iteration K) answer a question set: --questions FILE, else
+evaluation.questions, else the built-in lion_local/data/eval_questions.jsonl. A judge
+(evaluation.judge_server, by default the referee's server) reviews each teacher/student pair with
+the referee's prompt and sampling parameters, twice: teacher first and student first. A reply it
+cannot read is asked again up to evaluation.parse_retries times (default: the referee's).
+
+The arithmetic, per checkpoint:
+- A question is judged when both orders have a readable review (the first readable reply of
+  each order counts). Its scores average the two orders, as in discrimination:
+      teacher_score = (teacher_first[0] + student_first[1]) / 2
+      student_score = (teacher_first[1] + student_first[0]) / 2
+- A question left without a readable review in either order is excluded from both totals and
+  counted in excluded_questions; every unreadable reply (a retried one too) is counted in
+  unparseable_judgements. Unreadable replies never count as scores.
+- relative_score = 100 * sum(student_score) / sum(teacher_score) over the judged questions: the
+  student's total score as a percentage of the teacher's, rounded to 2 decimals; null when no
+  question is judged. The same for each category, over the questions that carry it.
+
+Files, all under <run_dir>/eval/ (the run itself is never modified; server logs go to logs/):
+    teacher_answers.jsonl               the teacher's answers, shared by every checkpoint
+    <checkpoint>/student_answers.jsonl  the answers of iter_<k>/student or final/student
+    <checkpoint>/judgements.jsonl       every judge reply: {"id", "order", "attempt", "raw", "scores", ...}
+    <checkpoint>/result.json            the totals and relative scores, written whole at the end
+Each call is journaled as it returns, so a killed evaluation resumes without repeating one.
+Every journal line carries a `key`, a hash of what its result depends on (the question text,
+the model and its parameters; for a judgement both answers too): a line whose key no longer
+matches (a question edited, another teacher or judge configured) is ignored and asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from lion_local.config import Config, api_key_for, check_models_exist
+from lion_local.endpoint import EndpointClient
+from lion_local.imitation import is_checkpoint
+from lion_local.journaled_calls import call_all, call_fields
+from lion_local.records import instruction_id, request_seed
+from lion_local.roles import ask_referee, ask_student, ask_teacher, read_review
+from lion_local.roles.teacher import parse_teacher_answer
+from lion_local.run_state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
+from lion_local.teacher_cache import teacher_fingerprint
+from serving import ServerSet
+from serving.commands import request_model_name
+
+logger = logging.getLogger(__name__)
+
+ORDERS = ("teacher_first", "student_first")
+
+
+class QuestionsError(Exception):
+    """A bad evaluation question file; the message is one line naming the file and the line."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    name: str  # "iter_1", "iter_2", ..., "final": its directory under <run_dir>/eval/
+    iteration: int | str  # 1, 2, ..., "final"
+    path: Path
+
+
+# ----------------------------------------------------------------------------------------------
+# The command: check every input, then evaluate under the run's writer lock
+# ----------------------------------------------------------------------------------------------
+
+
+def evaluate(config: Config, iteration: int | str | None = None, questions_path: str | None = None) -> list[dict]:
+    """`lion-local evaluate`: the result of each checkpoint evaluated (see the module docstring)."""
+    from lion_local.loop import run_log  # the run commands' copy of the log in logs/lion-local.log
+
+    run = RunDir(config.run_dir)
+    questions = load_questions(questions_path or config.evaluation.questions or default_questions())
+    checkpoints = select_checkpoints(run, iteration)
+    check_models_exist(config, [config.roles.teacher.server, judge_server(config)])
+    for name in {config.roles.teacher.server, config.roles.student.server, judge_server(config)}:
+        api_key_for(config, name)
+    with run_lock(run):
+        if config.tiny_models is not None:
+            from lion_local.tiny_models import ensure_tiny_models  # imports torch
+
+            ensure_tiny_models(config)
+        with run_log(run), ServerSet(config, run.logs) as servers:
+            return run_evaluation(config, run, checkpoints, questions, servers)
+
+
+def judge_server(config: Config) -> str:
+    return config.evaluation.judge_server or config.roles.referee.server
+
+
+def judge_retries(config: Config) -> int:
+    retries = config.evaluation.parse_retries
+    return config.roles.referee.parse_retries if retries is None else retries
+
+
+def summary_line(result: dict) -> str:
+    """One line per result, e.g.
+    iter_1: student at 87.5% of the teacher (40 of 40 questions judged, 0 unparseable judgements)"""
+    counts = (
+        f"{result['judged']} of {result['questions']} questions judged, "
+        f"{result['unparseable_judgements']} unparseable judgements"
+    )
+    if result["relative_score"] is None:
+        return f"{result['checkpoint']}: no relative score ({counts})"
+    return f"{result['checkpoint']}: student at {result['relative_score']:g}% of the teacher ({counts})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: the questions and the checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def default_questions() -> Path:
+    return Path(str(resources.files("lion_local.data").joinpath("eval_questions.jsonl")))
+
+
+def load_questions(path: str | Path) -> list[dict]:
+    """[{"id", "question", "category"}] from a JSONL file; a bad line raises QuestionsError."""
+    path = Path(path)
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise QuestionsError(f"{path}: question file not found; give a JSONL file of question objects") from None
+    except UnicodeDecodeError as exc:
+        line = exc.object[: exc.start].count(b"\n") + 1
+        raise QuestionsError(f"{path}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
+    except OSError as exc:
+        raise QuestionsError(f"{path}: cannot read the question file: {exc.strerror}") from None
+    questions: list[dict] = []
+    line_of: dict[str, int] = {}
+    # Only "\n" ends a line: splitlines() would also split at U+2028 inside JSON strings.
+    for number, line in enumerate(text.split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise QuestionsError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        if not isinstance(item, dict):
+            raise QuestionsError(f"{where}: expected an object with a 'question' field, got {type(item).__name__}")
+        question, category, given_id = item.get("question"), item.get("category"), item.get("id")
+        if not isinstance(question, str) or not question.strip():
+            problem = "missing" if question is None else "empty" if isinstance(question, str) else "not a string"
+            raise QuestionsError(f"{where}: field 'question' is {problem}; each line needs a non-empty question")
+        if category is not None and not isinstance(category, str):
+            raise QuestionsError(f"{where}: field 'category' must be a string, not {type(category).__name__}")
+        if given_id is not None and (type(given_id) not in (str, int) or given_id == ""):
+            raise QuestionsError(f"{where}: field 'id' must be a non-empty string or an integer")
+        question_id = str(given_id) if given_id is not None else instruction_id(question.strip())
+        if question_id in line_of:
+            raise QuestionsError(
+                f"{where}: id {question_id!r} repeats the one at line {line_of[question_id]} "
+                "(a question without an id is identified by its text); ids must be unique"
+            )
+        line_of[question_id] = number
+        questions.append({"id": question_id, "question": question.strip(), "category": category or None})
+    if not questions:
+        raise QuestionsError(f"{path}: the question file holds no questions")
+    return questions
+
+
+def select_checkpoints(run: RunDir, iteration: int | str | None = None) -> list[Checkpoint]:
+    """The checkpoint of `iteration`, or every finished one in order (iter_1, ..., final)."""
+    if iteration is not None:
+        checkpoint = _checkpoint(run, iteration)
+        if not is_checkpoint(checkpoint.path):
+            raise StageOrderError(
+                f"{checkpoint.path}: no student checkpoint of iteration {iteration} to evaluate; run its "
+                "imitation first (lion-local status shows where the run stands)"
+            )
+        return [checkpoint]
+    numbers = sorted(int(m[1]) for p in run.root.glob("iter_*") if (m := re.fullmatch(r"iter_(\d+)", p.name)))
+    found = [c for c in map(lambda k: _checkpoint(run, k), [*numbers, FINAL]) if is_checkpoint(c.path)]
+    if not found:
+        raise StageOrderError(
+            f"{run.root}: no student checkpoint to evaluate yet; run imitation first (lion-local run or "
+            "lion-local stage imitation)"
+        )
+    return found
+
+
+def _checkpoint(run: RunDir, iteration: int | str) -> Checkpoint:
+    return Checkpoint(FINAL if iteration == FINAL else f"iter_{iteration}", iteration, run.student(iteration))
+
+
+# ----------------------------------------------------------------------------------------------
+# The evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+def run_evaluation(
+    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], servers: ServerSet
+) -> list[dict]:
+    """Evaluate each checkpoint in turn, write its result.json, and return the results."""
+    return asyncio.run(_evaluate_all(config, run, checkpoints, questions, servers))
+
+
+async def _evaluate_all(
+    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], servers: ServerSet
+) -> list[dict]:
+    results = []
+    async with AsyncExitStack() as stack:
+        clients: dict[str, EndpointClient] = {}
+        connecting = asyncio.Lock()
+
+        async def client(name: str) -> EndpointClient:
+            """The teacher's or the judge's client, opened on first use (a shared server: one client)."""
+            async with connecting:
+                if name not in clients:
+                    clients[name] = await stack.enter_async_context(servers.client(name))
+                return clients[name]
+
+        with Journal(run.root / "eval" / "teacher_answers.jsonl") as journal:
+            # The teacher answers while the first checkpoint's student does.
+            teacher = asyncio.ensure_future(
+                _teacher_answers(config, questions, journal, lambda: client(config.roles.teacher.server))
+            )
+            try:
+                for checkpoint in checkpoints:
+                    result = await _evaluate_checkpoint(config, run, checkpoint, questions, teacher, client, servers)
+                    logger.info("evaluation: %s", summary_line(result))
+                    results.append(result)
+            finally:
+                teacher.cancel()
+                await asyncio.gather(teacher, return_exceptions=True)
+    return results
+
+
+async def _evaluate_checkpoint(
+    config: Config,
+    run: RunDir,
+    checkpoint: Checkpoint,
+    questions: list[dict],
+    teacher: Awaitable[dict[str, dict]],
+    client: Callable[[str], Awaitable[EndpointClient]],
+    servers: ServerSet,
+) -> dict:
+    directory = run.root / "eval" / checkpoint.name
+    judge = judge_server(config)
+    with Journal(directory / "student_answers.jsonl") as student_journal:
+        student_answers = await _student_answers(config, checkpoint, questions, student_journal, servers)
+    teacher_answers = await teacher
+    pairs = {q["id"]: (teacher_answers[q["id"]]["answer"], student_answers[q["id"]]["answer"]) for q in questions}
+    identity = _judge_identity(config)
+    keys = {q["id"]: _digest(identity, q["question"], *pairs[q["id"]]) for q in questions}
+    with Journal(directory / "judgements.jsonl") as journal:
+        pending = _pending_judgements(questions, _current(journal, keys), judge_retries(config))
+        logger.info("evaluation %s: %d judgements to request (%s)", checkpoint.name, len(pending), judge)
+        judge_client = await client(judge) if pending else None
+
+        def judge_call(question: dict, order: str, first_attempt: int):
+            async def ask() -> None:
+                qid = question["id"]
+                first, second = pairs[qid] if order == "teacher_first" else pairs[qid][::-1]
+                for attempt in range(first_attempt, judge_retries(config) + 1):
+                    seed = request_seed(config.seed, "evaluation-judge", checkpoint.name, qid, order, attempt)
+                    completion = await ask_referee(
+                        judge_client, config.roles.referee, question["question"], "", first, second, seed=seed
+                    )
+                    scores = read_review(completion.text, completion.finish_reason)
+                    journal.append({
+                        "id": qid,
+                        "order": order,
+                        "attempt": attempt,
+                        "raw": completion.text,
+                        "scores": list(scores) if scores is not None else None,
+                        "key": keys[qid],
+                        **call_fields(completion, seed),
+                    })
+                    if scores is not None:
+                        return None
+                return None
+
+            return ask
+
+        calls = [judge_call(question, order, attempt) for question, order, attempt in pending]
+        await call_all(calls, journal, f"evaluation {checkpoint.name}: judgements")
+        result = {"checkpoint": checkpoint.name, "iteration": checkpoint.iteration, "judge": judge}
+        result.update(relative_scores(questions, _current(journal, keys)))
+    write_atomic(directory / "result.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+async def _teacher_answers(
+    config: Config, questions: list[dict], journal: Journal, connect: Callable[[], Awaitable[EndpointClient]]
+) -> dict[str, dict]:
+    """The teacher's answer to every question by id, asking only for those not journaled."""
+    fingerprint = teacher_fingerprint(config)
+    keys = {q["id"]: _digest(fingerprint, q["question"]) for q in questions}
+    answers = {r["id"]: r for r in _current(journal, keys)}
+    missing = [q for q in questions if q["id"] not in answers]
+    logger.info("evaluation: teacher answers: %d of %d journaled", len(questions) - len(missing), len(questions))
+    if not missing:
+        return answers
+    teacher = await connect()
+
+    def call(question: dict):
+        async def ask() -> dict:
+            seed = request_seed(config.seed, "evaluation-teacher", question["id"])
+            completion = await ask_teacher(teacher, config.roles.teacher, question["question"], seed=seed)
+            answer = parse_teacher_answer(completion.text)
+            return {
+                "id": question["id"],
+                "answer": answer if answer is not None else "",
+                "empty": answer is None,
+                "key": keys[question["id"]],
+                **call_fields(completion, seed),
+            }
+
+        return ask
+
+    await call_all(
+        [call(q) for q in missing],
+        journal,
+        "evaluation: teacher answers",
+        on_record=lambda record: answers.__setitem__(record["id"], record),
+    )
+    return answers
+
+
+async def _student_answers(
+    config: Config, checkpoint: Checkpoint, questions: list[dict], journal: Journal, servers: ServerSet
+) -> dict[str, dict]:
+    """One checkpoint's answer to every question by id; its server runs only while answers are missing."""
+    role = config.roles.student
+    identity = _digest(role.prompt_format, role.request_params(), config.seed)
+    keys = {q["id"]: _digest(identity, q["question"]) for q in questions}
+    answers = {r["id"]: r for r in _current(journal, keys)}
+    missing = [q for q in questions if q["id"] not in answers]
+    logger.info("evaluation %s: student answers: %d of %d journaled", checkpoint.name,
+                len(questions) - len(missing), len(questions))
+    if not missing:
+        return answers
+    try:
+        async with servers.client(role.server, str(checkpoint.path)) as student:
+
+            def call(question: dict):
+                async def ask() -> dict:
+                    seed = request_seed(config.seed, "evaluation-student", checkpoint.name, question["id"])
+                    completion = await ask_student(student, role, question["question"], seed=seed)
+                    return {
+                        "id": question["id"],
+                        "answer": completion.text,
+                        "key": keys[question["id"]],
+                        **call_fields(completion, seed),
+                    }
+
+                return ask
+
+            await call_all(
+                [call(q) for q in missing],
+                journal,
+                f"evaluation {checkpoint.name}: student answers",
+                on_record=lambda record: answers.__setitem__(record["id"], record),
+            )
+    finally:
+        servers.stop(role.server)  # the next checkpoint is served anew; a local judge may need the GPUs
+    return answers
+
+
+def _pending_judgements(questions: list[dict], judgements: list[dict], retries: int) -> list[tuple[dict, str, int]]:
+    """(question, order, next attempt) for each review not yet read nor given up on."""
+    attempts: Counter[tuple[str, str]] = Counter((j["id"], j["order"]) for j in judgements)
+    readable = {(j["id"], j["order"]) for j in judgements if j["scores"] is not None}
+    return [
+        (question, order, attempts[(question["id"], order)])
+        for question in questions
+        for order in ORDERS
+        if (question["id"], order) not in readable and attempts[(question["id"], order)] <= retries
+    ]
+
+
+def _current(journal: Journal, keys: dict[str, str]) -> list[dict]:
+    """The journal's records for the questions asked, less those whose key no longer matches."""
+    return [r for r in journal.records if r.get("id") in keys and r.get("key") == keys[r["id"]]]
+
+
+def _judge_identity(config: Config) -> str:
+    """What a judgement depends on besides its question and answers: the judge model, prompt and parameters."""
+    server = config.servers[judge_server(config)]
+    template = resources.files("lion_local.roles").joinpath("referee.txt").read_text(encoding="utf-8")
+    params = config.roles.referee.request_params()
+    return _digest(request_model_name(server), server.model, template, params, config.seed)
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# The arithmetic
+# ----------------------------------------------------------------------------------------------
+
+
+def relative_scores(questions: list[dict], judgements: list[dict]) -> dict:
+    """Counts, totals and relative scores, overall and per category, from one checkpoint's judge
+    replies (the arithmetic of the module docstring)."""
+    first_readable: dict[tuple[str, str], list[float]] = {}
+    for judgement in judgements:
+        if judgement["scores"] is not None:
+            first_readable.setdefault((judgement["id"], judgement["order"]), judgement["scores"])
+    scores: dict[str, tuple[float, float]] = {}  # question id -> (teacher_score, student_score)
+    for question in questions:
+        teacher_first = first_readable.get((question["id"], "teacher_first"))
+        student_first = first_readable.get((question["id"], "student_first"))
+        if teacher_first is not None and student_first is not None:
+            scores[question["id"]] = (
+                (teacher_first[0] + student_first[1]) / 2,
+                (teacher_first[1] + student_first[0]) / 2,
+            )
+    result = {
+        "questions": len(questions),
+        "judged": len(scores),
+        "excluded_questions": len(questions) - len(scores),
+        "unparseable_judgements": sum(1 for judgement in judgements if judgement["scores"] is None),
+        **_totals([scores[q["id"]] for q in questions if q["id"] in scores]),
+        "by_category": {},
+    }
+    for category in dict.fromkeys(q["category"] for q in questions if q["category"]):
+        members = [q["id"] for q in questions if q["category"] == category]
+        judged = [scores[qid] for qid in members if qid in scores]
+        result["by_category"][category] = {"questions": len(members), "judged": len(judged), **_totals(judged)}
+    return result
+
+
+def _totals(pairs: list[tuple[float, float]]) -> dict:
+    teacher_total = sum(teacher for teacher, _ in pairs)
+    student_total = sum(student for _, student in pairs)
+    return {
+        "teacher_total": round(teacher_total, 4),
+        "student_total": round(student_total, 4),
+        "relative_score": round(100 * student_total / teacher_total, 2) if pairs and teacher_total > 0 else None,
+    }

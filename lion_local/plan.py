@@ -1,0 +1,383 @@
+"""The model calls and tokens of a whole run, per stage and role, before and during the run.
+
+    lion-local plan --config X [--json] [--seeds N] [--generator-acceptance A]
+
+The model (N0 seeds, G = generation.new_per_iteration, K = iterations; the stage modules' rules):
+- Pools: Train_1 = Cache_1 = the seeds; Train_k = the instructions generated in k-1 and
+  Cache_k = Cache_{k-1} + Train_k; the final imitation trains on those generated in K.
+- teacher: each distinct instruction once per run (the run-wide cache): imitation k asks for the
+  Train Pool instructions not answered before, discrimination for the Cache Pool ones not
+  answered before (none: the Train Pool is a subset of the Cache Pool), the final imitation for
+  the last generated set.
+- student: one call per Cache Pool instruction in each discrimination.
+- referee: two per Cache Pool instruction (both orders) x (1 + retry rate); the retry rate is the
+  extra replies per review seen in finished discriminations (unreadable replies), else 0.
+- generator: quotas round(G x hard_ratio) and the rest (from the real label counts once the
+  discrimination has judged); each side makes min(ceil(max_attempts_factor x quota),
+  ceil(quota / a)) calls and accepts min(quota, floor(budget x a)), where a, the share of calls
+  accepted, is observed in finished generation stages, else assumed
+  (DEFAULT_GENERATOR_ACCEPTANCE, or --generator-acceptance, which wins over both).
+Tokens per call, per role: the observed means of the run's journals once the role has made calls;
+before that, prompts are the real role prompts (lion_local.roles) built for a sample of the seed
+instructions and counted with the teacher's tokenizer when its model directory is here (the
+chat template applied), else at CHARS_PER_TOKEN characters per token; the referee's prompt adds
+the teacher's and the student's completion estimates; completions are the role's max_tokens
+(the generator's length budget), an upper bound.
+
+A started run (state.json exists): a finished stage is counted from its journals ("actual");
+the pools, labels and generated sets on disk replace the predicted ones, and the stages left are
+predicted from them ("predicted", with the calls journaled so far by a stage under way).
+N0 is the run's first Cache Pool once written, else --seeds, else the seed file's count (after
+seed_limit), else seed_limit when the file is not here (prompt lengths then from the smoke seeds).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from importlib import resources
+from pathlib import Path
+from statistics import fmean
+
+from lion_local.config import Config
+from lion_local.generation import plan_quotas
+from lion_local.iteration_report import usage
+from lion_local.records import seed_records
+from lion_local.roles import generator_messages, referee_messages, student_prompt, teacher_messages
+from lion_local.roles.generator import generator_max_tokens
+from lion_local.roles.student import student_chat_messages
+from lion_local.run_state import FINAL, RunDir, read_jsonl, read_state
+from lion_local.seed_data import SeedDataError, load_seed_instructions
+
+logger = logging.getLogger(__name__)
+
+ROLES = ("teacher", "student", "referee", "generator")
+STAGE_ROLES = {"imitation": ("teacher",), "discrimination": ("teacher", "student", "referee"), "generation": ("generator",)}
+JOURNALS = {"student": "student_answers.jsonl", "referee": "reviews.jsonl", "generator": "generator_calls.jsonl"}
+DEFAULT_GENERATOR_ACCEPTANCE = 0.9
+CHARS_PER_TOKEN = 4
+TOKEN_SAMPLE = 200  # seed instructions whose prompts are built and counted
+
+
+def build_plan(config: Config, seeds: int | None = None, generator_acceptance: float | None = None) -> dict:
+    """The plan as a JSON-ready dict (the `--json` output; the table prints the same data)."""
+    run = RunDir(config.run_dir)
+    started = run.state_json.exists()
+    completed = set(read_state(run)["completed"]) if started else set()
+    seed_ids, sample, seeds_source = _seeds(config, run, seeds)
+    acceptance, acceptance_source = _acceptance(config, run, completed, generator_acceptance)
+    retry_rate, retry_source = _retry_rate(config, run, completed)
+    per_call, counting = _per_call_tokens(config, run, sample)
+    rows, pools = _walk(config, run, completed, seed_ids, acceptance, retry_rate, per_call)
+    totals = {role: _sum([r for r in rows if r["role"] == role]) for role in ROLES}
+    totals["all"] = _sum(rows)
+    return {
+        "run_dir": str(run.root),
+        "started": started,
+        "completed_stages": list(dict.fromkeys(r["stage"] for r in rows if r["source"] == "actual")),
+        "seeds": len(seed_ids),
+        "seeds_source": seeds_source,
+        "new_per_iteration": config.generation.new_per_iteration,
+        "iterations": config.iterations,
+        "final_imitation": config.imitation.final_imitation,
+        "generator_acceptance": round(acceptance, 4),
+        "generator_acceptance_source": acceptance_source,
+        "referee_retry_rate": round(retry_rate, 4),
+        "referee_retry_source": retry_source,
+        "token_counting": counting,
+        "per_call": per_call,
+        "pools": pools,
+        "rows": rows,
+        "totals": totals,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs: seeds, acceptance, retries, tokens per call
+# ----------------------------------------------------------------------------------------------
+
+
+def _seeds(config: Config, run: RunDir, seeds: int | None) -> tuple[list[str], list[dict], str]:
+    """(seed ids, sample records for token counts, where N0 comes from)."""
+    first_pool = run.iteration(1) / "cache_pool.jsonl"
+    if first_pool.exists():
+        records = read_jsonl(first_pool)
+        return [r["id"] for r in records], records, f"the run ({first_pool})"
+    path = Path(config.seed_data)
+    records = seed_records(config) if path.is_file() else []  # a bad seed file is an error (exit 2)
+    if seeds is not None:
+        count, source = seeds, "--seeds"
+    elif records:
+        return [r["id"] for r in records], records, f"seed_data ({path})"
+    elif config.seed_limit is not None:
+        count, source = config.seed_limit, f"seed_limit (the seed file {path} is not here)"
+    else:
+        raise SeedDataError(f"{path}: seed data file not found; pass --seeds N to plan without it")
+    if not records:
+        smoke = resources.files("lion_local.data").joinpath("smoke_seed.jsonl")
+        records = [{"instruction": s.instruction, "input": s.input} for s in load_seed_instructions(str(smoke))]
+        source += "; prompt lengths from the smoke seeds"
+    return [f"seed/{i}" for i in range(count)], records, source
+
+
+def _acceptance(config: Config, run: RunDir, completed: set[str], given: float | None) -> tuple[float, str]:
+    """The share of generator calls accepted: given, observed in finished generation stages, or assumed."""
+    if given is not None:
+        return given, "--generator-acceptance"
+    calls = accepted = 0
+    for k in range(1, config.iterations + 1):
+        if f"{k}/generation" in completed:
+            calls += len(read_jsonl(run.iteration(k) / "generator_calls.jsonl"))
+            accepted += len(read_jsonl(run.iteration(k) / "generated.jsonl"))
+    if calls and accepted:
+        return accepted / calls, f"observed ({accepted} of {calls} calls accepted)"
+    return DEFAULT_GENERATOR_ACCEPTANCE, "assumed (default; --generator-acceptance A to change)"
+
+
+def _retry_rate(config: Config, run: RunDir, completed: set[str]) -> tuple[float, str]:
+    """Extra referee replies per review (unreadable replies asked again), seen in finished discriminations."""
+    reviews = replies = 0
+    for k in range(1, config.iterations + 1):
+        if f"{k}/discrimination" in completed:
+            reviews += 2 * len(read_jsonl(run.iteration(k) / "cache_pool.jsonl"))
+            replies += len(read_jsonl(run.iteration(k) / "reviews.jsonl"))
+    if reviews:
+        return max(0, replies - reviews) / reviews, f"observed ({replies} replies for {reviews} reviews)"
+    return 0.0, "assumed (every reply readable)"
+
+
+class _TokenCounter:
+    """Tokens of a prompt: the teacher's tokenizer when its directory is here, else characters / 4."""
+
+    def __init__(self, model_dir: str | None) -> None:
+        self.tokenizer = None
+        self.description = f"about {CHARS_PER_TOKEN} characters per token (no local tokenizer)"
+        if model_dir and Path(model_dir).is_dir():
+            try:
+                from transformers import AutoTokenizer
+
+                self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+                self.description = f"the teacher's tokenizer ({model_dir})"
+            except (OSError, ValueError, ImportError) as exc:
+                logger.warning("cannot load the tokenizer of %s (%s); estimating tokens from characters", model_dir, exc)
+
+    def text(self, text: str) -> int:
+        if self.tokenizer is None:
+            return math.ceil(len(text) / CHARS_PER_TOKEN)
+        return len(self.tokenizer(text)["input_ids"])
+
+    def chat(self, messages: list[dict]) -> int:
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            return self.text("\n".join(m["content"] for m in messages))
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[dict, str]:
+    """Prompt and completion tokens per call of each role, with where each number comes from."""
+    # Calls without reported usage (an endpoint that returns none) say nothing about tokens.
+    observed = {role: [r for r in _role_records(config, run, role) if r.get("prompt_tokens")] for role in ROLES}
+    roles = config.roles
+    step = max(1, len(sample) // TOKEN_SAMPLE)
+    texts = [(r["instruction"], r["input"]) for r in sample[::step][:TOKEN_SAMPLE]] or [("", "")]
+    completion = {
+        "teacher": (roles.teacher.max_tokens, "max_tokens, an upper bound"),
+        "student": (roles.student.max_tokens, "max_tokens, an upper bound"),
+        "referee": (roles.referee.max_tokens, "max_tokens, an upper bound"),
+        "generator": (fmean(generator_max_tokens(roles.generator, i) for i, _ in texts), "length budget, an upper bound"),
+    }
+    for role, records in observed.items():
+        if records:
+            completion[role] = (fmean(r["completion_tokens"] for r in records), f"observed mean of {len(records)} calls")
+    prompt_sources = {role: f"observed mean of {len(observed[role])} calls" for role in ROLES if observed[role]}
+    counting = "the run's journals (observed)"
+    estimate: dict[str, float] = {}
+    if len(prompt_sources) < len(ROLES):
+        count = _TokenCounter(config.server_for("teacher").model if config.server_for("teacher").engine != "external" else None)
+        counting = count.description
+        chat_student = roles.student.prompt_format == "chat"
+        answers = completion["teacher"][0] + completion["student"][0]
+        estimate = {
+            "teacher": fmean(count.chat(teacher_messages(i, x, roles.teacher.system_prompt)) for i, x in texts),
+            "student": fmean(
+                count.chat(student_chat_messages(i, x)) if chat_student else count.text(student_prompt(i, x)) for i, x in texts
+            ),
+            "referee": fmean(count.chat(referee_messages(i, x, "", "")) for i, x in texts) + answers,
+            "generator": fmean(count.chat(generator_messages(i, x, side)) for i, x in texts for side in ("hard", "easy")),
+        }
+    per_call = {}
+    for role in ROLES:
+        if observed[role]:
+            prompt = fmean(r["prompt_tokens"] for r in observed[role])
+        else:
+            prompt = estimate[role]
+            prompt_sources[role] = "role prompts of sample instructions" + (
+                " + teacher and student completions" if role == "referee" else ""
+            )
+        per_call[role] = {
+            "prompt_tokens": round(prompt, 2),
+            "completion_tokens": round(completion[role][0], 2),
+            "prompt_source": prompt_sources[role],
+            "completion_source": completion[role][1],
+        }
+    return per_call, counting
+
+
+def _role_records(config: Config, run: RunDir, role: str) -> list[dict]:
+    """Every journaled call of a role in the run so far."""
+    if role == "teacher":
+        return read_jsonl(run.teacher_answers)
+    return [r for k in range(1, config.iterations + 1) for r in read_jsonl(run.iteration(k) / JOURNALS[role])]
+
+
+# ----------------------------------------------------------------------------------------------
+# The walk through the stages
+# ----------------------------------------------------------------------------------------------
+
+
+def _walk(
+    config: Config,
+    run: RunDir,
+    completed: set[str],
+    seed_ids: list[str],
+    acceptance: float,
+    retry_rate: float,
+    per_call: dict,
+) -> tuple[list[dict], list[dict]]:
+    """Rows (stage, role, calls, tokens, source) and pool sizes, stage by stage, tracking which
+    instructions the teacher has answered by then."""
+    teacher_journal = read_jsonl(run.teacher_answers)
+    rows: list[dict] = []
+    pools: list[dict] = []
+    answered: set[str] = set()
+    cache: list[str] = []
+    generated: list[str] = []
+
+    def stage(marker: str, predicted: dict[str, int]) -> None:
+        directory = run.iteration(marker.split("/")[0])
+        for role in STAGE_ROLES[marker.split("/")[1]]:
+            if role == "teacher":
+                records = [r for r in teacher_journal if r.get("stage") == marker]
+            else:
+                records = read_jsonl(directory / JOURNALS[role])
+            actual = usage(records)
+            row = {"stage": marker, "role": role}
+            if marker in completed:
+                row.update(calls=actual["calls"], prompt_tokens=actual["prompt_tokens"])
+                row.update(completion_tokens=actual["completion_tokens"], source="actual", calls_so_far=actual["calls"])
+            else:
+                calls = max(predicted[role], actual["calls"])
+                row.update(calls=calls, prompt_tokens=round(calls * per_call[role]["prompt_tokens"]))
+                row.update(completion_tokens=round(calls * per_call[role]["completion_tokens"]))
+                row.update(source="predicted", calls_so_far=actual["calls"])
+            rows.append(row)
+
+    for k in range(1, config.iterations + 1):
+        directory = run.iteration(k)
+        on_disk = (directory / "train_pool.jsonl").exists() and (directory / "cache_pool.jsonl").exists()
+        if on_disk:
+            train = [r["id"] for r in read_jsonl(directory / "train_pool.jsonl")]
+            cache = [r["id"] for r in read_jsonl(directory / "cache_pool.jsonl")]
+        elif k == 1:
+            train, cache = list(seed_ids), list(seed_ids)
+        else:
+            train, cache = generated, cache + generated
+        stage(f"{k}/imitation", {"teacher": len(set(train) - answered)})
+        answered |= set(train)
+        referee = round(2 * len(cache) * (1 + retry_rate))
+        stage(f"{k}/discrimination", {"teacher": len(set(cache) - answered), "student": len(cache), "referee": referee})
+        answered |= set(cache)
+        calls, accepted = _generation(config, directory, acceptance)
+        stage(f"{k}/generation", {"generator": calls})
+        generated_on_disk = f"{k}/generation" in completed
+        if generated_on_disk:
+            generated = [r["id"] for r in read_jsonl(directory / "generated.jsonl")]
+        else:
+            generated = [f"{k}/new/{i}" for i in range(accepted)]
+        pools.append({
+            "iteration": str(k), "train": len(train), "cache": len(cache), "generated": len(generated),
+            "pools_source": "actual" if on_disk else "predicted",
+            "generated_source": "actual" if generated_on_disk else "predicted",
+        })
+    if config.imitation.final_imitation:
+        final_pool = run.iteration(FINAL) / "train_pool.jsonl"
+        train = [r["id"] for r in read_jsonl(final_pool)] if final_pool.exists() else generated
+        stage(f"{FINAL}/imitation", {"teacher": len(set(train) - answered)})
+        pools.append({
+            "iteration": FINAL, "train": len(train), "cache": None, "generated": None,
+            "pools_source": "actual" if final_pool.exists() else "predicted", "generated_source": None,
+        })
+    return rows, pools
+
+
+def _generation(config: Config, directory: Path, acceptance: float) -> tuple[int, int]:
+    """(generator calls, accepted instructions) predicted for generation in `directory`'s iteration."""
+    settings = config.generation
+    wanted = settings.new_per_iteration
+    labels = Counter(j["label"] for j in read_jsonl(directory / "judgements.jsonl"))
+    if labels:
+        quotas, _ = plan_quotas(wanted, settings.hard_ratio, labels["hard"], labels["easy"])
+    else:
+        hard = round(wanted * settings.hard_ratio)
+        quotas = {"hard": hard, "easy": wanted - hard}
+    calls = accepted = 0
+    for quota in quotas.values():
+        if quota:
+            budget = math.ceil(settings.max_attempts_factor * quota)
+            calls += min(budget, math.ceil(round(quota / acceptance, 6)))
+            accepted += min(quota, math.floor(round(budget * acceptance, 6)))
+    return calls, accepted
+
+
+def _sum(rows: list[dict]) -> dict:
+    return {key: sum(r[key] for r in rows) for key in ("calls", "prompt_tokens", "completion_tokens")}
+
+
+# ----------------------------------------------------------------------------------------------
+# The table
+# ----------------------------------------------------------------------------------------------
+
+
+def plan_lines(plan: dict) -> list[str]:
+    """The plan as a readable table: a header with N0, G, iterations and assumptions, then rows."""
+    done = len(plan["completed_stages"])
+    where = f"started, {done} stage(s) done" if plan["started"] else "not started"
+    final = ", then the final imitation" if plan["final_imitation"] else ""
+    lines = [
+        f"plan for {plan['run_dir']} ({where})",
+        (
+            f"N0 = {plan['seeds']:,} seeds from {plan['seeds_source']}; G = {plan['new_per_iteration']:,} new per "
+            f"iteration; {plan['iterations']} iterations{final}"
+        ),
+        (
+            f"generator acceptance {plan['generator_acceptance']:.2f}: {plan['generator_acceptance_source']}; "
+            f"referee retries {plan['referee_retry_rate']:.3f} per review: {plan['referee_retry_source']}"
+        ),
+        f"prompt tokens counted with {plan['token_counting']}",
+    ]
+    for role, each in plan["per_call"].items():
+        lines.append(
+            f"  {role:<9} per call: prompt {each['prompt_tokens']:,.1f} ({each['prompt_source']}), "
+            f"completion {each['completion_tokens']:,.1f} ({each['completion_source']})"
+        )
+    if not plan["started"]:
+        lines.append("  predictions assume every generation quota is met (then the pools grow by G)")
+    header = f"{'stage':<22}{'role':<11}{'calls':>11}{'prompt tokens':>16}{'completion tokens':>19}  source"
+    lines += ["", header, "-" * len(header)]
+    for row in plan["rows"]:
+        note = row["source"]
+        if row["source"] == "predicted" and row["calls_so_far"]:
+            note += f" ({row['calls_so_far']:,} done)"
+        lines.append(_line(row["stage"], row["role"], row, note))
+    lines.append("-" * len(header))
+    for role, total in plan["totals"].items():
+        lines.append(_line("total", role, total, ""))
+    return lines
+
+
+def _line(stage: str, role: str, numbers: dict, note: str) -> str:
+    return (
+        f"{stage:<22}{role:<11}{numbers['calls']:>11,}{numbers['prompt_tokens']:>16,}"
+        f"{numbers['completion_tokens']:>19,}  {note}"
+    ).rstrip()
