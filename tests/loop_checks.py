@@ -69,10 +69,12 @@ def start_proxy(
 ) -> tuple[subprocess.Popen, str]:
     """The recording proxy in front of `upstream`; `faults` are its fault options (see its docstring)."""
     port = port or free_port()
-    process = subprocess.Popen(
-        [sys.executable, str(PROXY), "--upstream", upstream, "--port", str(port), "--log", str(log),
-         "--delay-generator-s", str(delay_generator_s), *faults],
-    )
+    with open(log.with_name(log.name + ".stderr"), "a") as stderr:  # the proxy's own messages
+        process = subprocess.Popen(
+            [sys.executable, str(PROXY), "--upstream", upstream, "--port", str(port), "--log", str(log),
+             "--delay-generator-s", str(delay_generator_s), *faults],
+            stdout=stderr, stderr=stderr,
+        )
     wait_healthy(f"http://127.0.0.1:{port}/health", process)
     return process, f"http://127.0.0.1:{port}"
 

@@ -182,10 +182,8 @@ def test_tokens_from_the_role_prompts_at_four_characters_a_token(tmp_path):
     assert (row["calls"], row["prompt_tokens"], row["completion_tokens"]) == (2, 38, 128)
 
 
-def test_counts_with_the_teachers_tokenizer_when_it_is_here(tmp_path):
-    teacher = ROOT / "models/tiny/teacher"
-    if not (teacher / "tokenizer_config.json").exists():
-        pytest.skip("no tiny teacher built in models/tiny (make demo builds it)")
+def test_counts_with_the_teachers_tokenizer_when_it_is_here(tmp_path, tiny_models):
+    teacher = tiny_models / "teacher"
     plan = build_plan(_config(tmp_path, f"servers.teacher.model={teacher}"))
     assert plan["token_counting"] == f"the teacher's tokenizer ({teacher})"
     assert plan["per_call"]["teacher"]["prompt_tokens"] > 5
