@@ -49,11 +49,14 @@ def _lion_local(config: Path, *args: str) -> subprocess.CompletedProcess:
 
 class StartedProcesses:
     """Samples, every 50 ms, the processes below each lion-local command whose command line holds
-    `marker`, and their environments."""
+    `marker`, and their environments.
+
+    Keyed by pid and command line together: a child caught between fork and exec still shows its
+    parent's command line, and must be sampled again once it has exec'd."""
 
     def __init__(self, marker: str) -> None:
         self.marker = marker
-        self.seen: dict[int, tuple[str, dict[str, str] | None]] = {}
+        self.seen: dict[tuple[int, str], dict[str, str] | None] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
@@ -62,8 +65,8 @@ class StartedProcesses:
             for pid, command in descendants(os.getpid()).items():
                 if "-m lion_local " in command and self.marker in command:  # a command this test ran
                     for child, child_command in descendants(pid).items():
-                        if child not in self.seen:
-                            self.seen[child] = (child_command, process_environment(child))
+                        if (child, child_command) not in self.seen:
+                            self.seen[child, child_command] = process_environment(child)
             self._stop.wait(0.05)
 
     def __enter__(self) -> StartedProcesses:
@@ -86,12 +89,12 @@ def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tm
         _step_through_a_run(tiny_run_config, tmp_path, monkeypatch)
 
     # What lion-local started: both servers, accelerate and the trainer, all offline.
-    commands = [command for command, _ in started.seen.values()]
+    commands = [command for _, command in started.seen]
     assert any("transformers serve" in c and c.split("serve ")[1].startswith(str(tmp_path / "run")) for c in commands)
     assert any("transformers serve" in c and "/tiny/teacher" in c for c in commands)
     assert any("accelerate" in c and " launch " in c for c in commands)
     assert any("-m lion_local.sft" in c for c in commands)
-    for command, environment in started.seen.values():
+    for (_, command), environment in started.seen.items():
         if environment is None:
             continue  # it ended before its environment could be read
         missing = {k: v for k, v in OFFLINE_ENVIRONMENT.items() if environment.get(k) != v}
