@@ -16,320 +16,38 @@ import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ValidationError
 
+from lion_local.config_schema import (
+    Config,
+    Discrimination,
+    Evaluation,
+    Generation,
+    GenerationFilters,
+    GeneratorRole,
+    Imitation,
+    RefereeRole,
+    Roles,
+    ServerConfig,
+    StudentRole,
+    TeacherRole,
+    TinyModels,
+    TransformersServeOptions,
+    VllmOptions,
+)
+
+# The schema's names are imported from here throughout the project, next to load_config.
+__all__ = [
+    "Config", "ConfigError", "Discrimination", "Evaluation", "Generation", "GenerationFilters", "GeneratorRole",
+    "Imitation", "RefereeRole", "Roles", "ServerConfig", "StudentRole", "TeacherRole", "TinyModels",
+    "TransformersServeOptions", "VllmOptions", "api_key_for", "check_models_exist", "config_to_yaml", "load_config",
+]
 
 class ConfigError(Exception):
     """A bad config or a bad path named by it; the message is one line saying where and how to fix it."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Servers
-# ----------------------------------------------------------------------------------------------
-
-
-class VllmOptions(_Strict):
-    """Settings passed to `vllm serve` (see serving/commands.py for the flag each one becomes)."""
-
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model replica is split over.")
-    data_parallel_size: int = Field(1, ge=1, description="Model replicas behind one server.")
-    max_model_len: int | None = Field(None, ge=16, description="Context length; None: the model's own.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM takes.")
-    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32.")
-    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, verbatim.")
-
-
-class TransformersServeOptions(_Strict):
-    """Settings passed to `transformers serve` (the CPU server of the smoke mode and the tests)."""
-
-    device: str = Field("cpu", description="cpu, auto or cuda:N.")
-    dtype: str = Field("auto", description="Weights dtype; auto follows the checkpoint.")
-    extra_args: list[str] = Field(default_factory=list, description="More `transformers serve` arguments.")
-
-
-class ServerConfig(_Strict):
-    """One OpenAI-compatible endpoint: a server lion-local starts, or one that already runs."""
-
-    engine: Literal["vllm", "transformers", "external"] = Field(
-        description="vllm (GPU), transformers (CPU smoke mode) or external (already running)."
-    )
-    model: str | None = Field(None, description="Local model directory (vllm and transformers engines).")
-    served_model_name: str | None = Field(
-        None,
-        description="Model name sent in requests. vllm: defaults to the model directory's name; "
-        "external: required; transformers: always the model path.",
-    )
-    base_urls: list[str] = Field(
-        default_factory=list,
-        description="External engine: base URLs ending in /v1, balanced by the client. Empty: use the endpoints "
-        "that `lion-local serve NAME --publish` (slurm/serve.sh) publishes in endpoint_dir.",
-    )
-    endpoint_dir: str | None = Field(
-        None,
-        description="External engine without base_urls: directory of published endpoint files; "
-        "default <run_dir>/endpoints/<server name>.",
-    )
-    api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the API key (keys never go in config)."
-    )
-    use_env_proxy: bool = Field(
-        False, description="Send requests through the HTTP(S)_PROXY variables (a hosted API behind a proxy)."
-    )
-    host: str = Field("127.0.0.1", description="Address a started server binds to.")
-    port: int | None = Field(None, ge=1, le=65535, description="Port of a started server; None picks a free one.")
-    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for a started server's /health.")
-    max_concurrency: int = Field(64, ge=1, description="Requests in flight to this endpoint, over all base URLs.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Timeout of one HTTP attempt.")
-    failure_budget_s: float = Field(
-        300.0, gt=0, description="How long one request may keep failing (with retries) before the stage stops."
-    )
-    backoff_initial_s: float = Field(1.0, gt=0, description="First retry delay; doubles per attempt, with jitter.")
-    backoff_max_s: float = Field(30.0, gt=0, description="Longest retry delay.")
-    vllm: VllmOptions = Field(default_factory=VllmOptions, description="Used when engine is vllm.")
-    transformers: TransformersServeOptions = Field(
-        default_factory=TransformersServeOptions, description="Used when engine is transformers."
-    )
-
-    @model_validator(mode="after")
-    def _engine_needs(self) -> ServerConfig:
-        if self.engine == "external":
-            if self.base_urls and self.endpoint_dir:
-                raise ValueError("give base_urls or endpoint_dir, not both")
-            if self.base_urls and not self.served_model_name:
-                raise ValueError("engine 'external' with base_urls needs served_model_name (the model name the endpoint serves)")
-            for url in self.base_urls:
-                if not url.startswith(("http://", "https://")):
-                    raise ValueError(f"base_urls entry {url!r} must start with http:// or https://")
-        elif not self.model:
-            raise ValueError(f"engine {self.engine!r} needs model: a local model directory")
-        return self
-
-
-# ----------------------------------------------------------------------------------------------
-# Roles
-# ----------------------------------------------------------------------------------------------
-
-
-class _RoleBase(_Strict):
-    server: str = Field(description="Name of the entry in `servers` this role talks to.")
-    temperature: float = Field(ge=0, le=2, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    max_tokens: int = Field(ge=1, description="Most tokens generated per request.")
-
-    def request_params(self, seed: int | None = None, max_tokens: int | None = None) -> dict:
-        """The sampling fields of one request; `seed` only when given (not every server takes it)."""
-        params = {"temperature": self.temperature, "top_p": self.top_p, "max_tokens": max_tokens or self.max_tokens}
-        if seed is not None:
-            params["seed"] = seed
-        return params
-
-
-class TeacherRole(_RoleBase):
-    """The teacher answers instructions (chat completions)."""
-
-    server: str = "teacher"
-    temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(1024, ge=1)
-    system_prompt: str | None = Field(None, description="Optional system message before each instruction.")
-
-
-class RefereeRole(_RoleBase):
-    """The referee scores a teacher/student answer pair (chat completions)."""
-
-    server: str = "teacher"
-    temperature: float = Field(0.2, ge=0, le=2)
-    max_tokens: int = Field(512, ge=1)
-    parse_retries: int = Field(
-        3, ge=0, description="Extra requests when a review cannot be parsed; then the instruction is unjudged."
-    )
-
-
-class GeneratorRole(_RoleBase):
-    """The generator writes a new instruction from a hard or an easy seed (chat completions)."""
-
-    server: str = "teacher"
-    temperature: float = Field(1.0, ge=0, le=2)
-    max_tokens: int = Field(256, ge=1, description="Upper bound on the length budget below.")
-    length_budget_factor: float = Field(
-        4.0, gt=0, description="Token budget per new instruction = this x the seed's word count (at least 16)."
-    )
-
-
-class StudentRole(_RoleBase):
-    """The student answers instructions; it is served from its own checkpoints."""
-
-    server: str = "student"
-    temperature: float = Field(0.7, ge=0, le=2)
-    max_tokens: int = Field(1024, ge=1)
-    prompt_format: Literal["alpaca", "chat"] = Field(
-        "alpaca",
-        description="alpaca: Alpaca-style prompt through /v1/completions (base models); "
-        "chat: the checkpoint's chat template through /v1/chat/completions.",
-    )
-
-
-class Roles(_Strict):
-    teacher: TeacherRole = Field(default_factory=TeacherRole)
-    referee: RefereeRole = Field(default_factory=RefereeRole)
-    generator: GeneratorRole = Field(default_factory=GeneratorRole)
-    student: StudentRole = Field(default_factory=StudentRole)
-
-
-# ----------------------------------------------------------------------------------------------
-# Stages
-# ----------------------------------------------------------------------------------------------
-
-
-class Imitation(_Strict):
-    """Student fine-tuning with TRL's SFTTrainer (defaults: the paper's settings)."""
-
-    learning_rate: float = Field(2e-5, gt=0)
-    num_train_epochs: float = Field(3.0, gt=0)
-    max_seq_length: int = Field(1024, ge=16, description="Longest training example, in tokens.")
-    effective_batch_size: int = Field(128, ge=1, description="Examples per optimizer step over all processes.")
-    per_device_batch_size: int = Field(4, ge=1)
-    lr_scheduler_type: str = Field("cosine")
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    bf16: bool = Field(True, description="Train in bfloat16 (GPU); the CPU smoke mode sets false.")
-    gradient_checkpointing: bool = Field(False)
-    save_steps: int = Field(
-        200, ge=1, description="Trainer checkpoint every this many optimizer steps, so a killed training resumes."
-    )
-    logging_steps: int = Field(10, ge=1, description="Loss logged every this many optimizer steps.")
-    accelerate_config: str | None = Field(
-        None, description="accelerate config file (configs/accelerate/*.yaml); None: one process."
-    )
-    final_imitation: bool = Field(True, description="After the last iteration, train on the last Train Pool.")
-    rendezvous_port: int = Field(
-        29500, ge=1, le=65535, description="Multi-node training: c10d rendezvous port on the job's first node."
-    )
-
-
-class Discrimination(_Strict):
-    tau: float = Field(1.0, description="An instruction is hard when teacher_score - student_score >= tau.")
-
-
-class GenerationFilters(_Strict):
-    """Post-filters applied to each generated instruction before the novelty check."""
-
-    banned_words: list[str] = Field(
-        default_factory=lambda: ["instruction"], description="Drop instructions containing any of these words."
-    )
-    min_words: int = Field(4, ge=1, description="Drop instructions with fewer words.")
-    drop_leading_punctuation: bool = Field(True, description="Drop instructions starting with punctuation.")
-    drop_non_ascii_start: bool = Field(False, description="Drop instructions starting with a non-ASCII character.")
-    drop_truncated: bool = Field(True, description="Drop instructions cut off by the length budget.")
-
-
-class Generation(_Strict):
-    new_per_iteration: int = Field(6000, ge=1, description="New instructions wanted per iteration (N).")
-    hard_ratio: float = Field(0.5, ge=0, le=1, description="Share of N generated from hard seeds.")
-    rouge_threshold: float = Field(
-        0.7, gt=0, le=1, description="Keep a new instruction only if its ROUGE-L F against the Cache Pool is <= this."
-    )
-    max_attempts_factor: float = Field(
-        4.0, ge=1, description="Stop after this x N generator calls, recording the shortfall."
-    )
-    filters: GenerationFilters = Field(default_factory=GenerationFilters)
-
-
-class Evaluation(_Strict):
-    """`lion-local evaluate`: the paper's relative score of each student checkpoint against the teacher."""
-
-    judge_server: str | None = Field(
-        None,
-        description="Server whose model judges each answer pair, with the referee's prompt and sampling "
-        "parameters; None: the referee's server.",
-    )
-    questions: str | None = Field(
-        None,
-        description="Evaluation questions, JSONL of {question, category?, id?}; None: the built-in set "
-        "(lion_local/data/eval_questions.jsonl).",
-    )
-    parse_retries: int | None = Field(
-        None, ge=0, description="Extra requests when a judgement cannot be parsed; None: roles.referee.parse_retries."
-    )
-
-
-class TinyModels(_Strict):
-    """Smoke mode: tiny local models built by `lion-local make-tiny` when absent."""
-
-    dir: str = Field("models/tiny", description="Holds teacher/ and student/; built here on first use.")
-    seed: int = Field(0, description="Seed of the tiny models' weights and training.")
-
-
-# ----------------------------------------------------------------------------------------------
-# The whole config
-# ----------------------------------------------------------------------------------------------
-
-
-class Config(_Strict):
-    run_dir: str = Field(description="Directory holding everything the run writes.")
-    seed: int = Field(0, description="Seed of every random choice the run makes.")
-    iterations: int = Field(3, ge=1, description="Imitation-discrimination-generation iterations.")
-    seed_data: str = Field(description="Seed instructions: JSON list or JSONL with instruction and optional input.")
-    seed_limit: int | None = Field(None, ge=1, description="Use only the first N seed instructions.")
-    tiny_models: TinyModels | None = Field(None, description="Smoke mode: build tiny local models when absent.")
-    servers: dict[str, ServerConfig] = Field(description="Endpoints by name; roles refer to them.")
-    roles: Roles = Field(default_factory=Roles)
-    imitation: Imitation = Field(default_factory=Imitation)
-    discrimination: Discrimination = Field(default_factory=Discrimination)
-    generation: Generation = Field(default_factory=Generation)
-    evaluation: Evaluation = Field(default_factory=Evaluation)
-
-    @model_validator(mode="after")
-    def _judge_names_a_server(self) -> Config:
-        judge = self.evaluation.judge_server
-        if judge is not None and judge not in self.servers:
-            close = difflib.get_close_matches(judge, list(self.servers), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
-            raise ValueError(f"evaluation.judge_server: no server named {judge!r}{hint}")
-        if judge is not None and judge == self.roles.student.server:
-            raise ValueError(
-                f"evaluation.judge_server: {judge!r} serves the student's checkpoints; name the server of the judge model"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _roles_name_servers(self) -> Config:
-        for role_name in Roles.model_fields:
-            role = getattr(self.roles, role_name)
-            if role.server not in self.servers:
-                close = difflib.get_close_matches(role.server, list(self.servers), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
-                raise ValueError(f"roles.{role_name}.server: no server named {role.server!r}{hint}")
-        if self.servers[self.roles.student.server].engine == "external":
-            raise ValueError(
-                f"servers.{self.roles.student.server}.engine: the student is served from its own checkpoints, "
-                "so its engine must be vllm or transformers"
-            )
-        shared = [r for r in ("teacher", "referee", "generator") if getattr(self.roles, r).server == self.roles.student.server]
-        if shared:
-            raise ValueError(
-                f"roles.student.server: {self.roles.student.server!r} also serves the {', '.join(shared)}; the student "
-                "server is restarted with each new checkpoint, so give the student a server of its own"
-            )
-        return self
-
-    def server_for(self, role: str) -> ServerConfig:
-        return self.servers[getattr(self.roles, role).server]
-
-    def endpoint_dir(self, name: str) -> Path:
-        """Where endpoints of server `name` are published by `lion-local serve NAME --publish`."""
-        configured = self.servers[name].endpoint_dir
-        return Path(configured) if configured else Path(self.run_dir) / "endpoints" / name
-
-    def servers_in_use(self) -> list[str]:
-        """The names of the servers some role talks to."""
-        return sorted({getattr(self.roles, role).server for role in Roles.model_fields})
 
 
 PATH_FIELDS = ("run_dir", "seed_data", "tiny_models.dir", "imitation.accelerate_config", "evaluation.questions")

@@ -11,10 +11,15 @@ ROUGE-L F against every Cache Pool instruction and every instruction accepted be
 most generation.rouge_threshold (NoveltyIndex: rouge-score's exact values). Each side may make
 at most ceil(max_attempts_factor x its quota) calls; what it then still lacks is the shortfall.
 
-Calls are made in waves and every reply is journaled (generator_calls.jsonl); decisions are then
-taken in a fixed order (wave, side, attempt), so the accepted and rejected instructions are a
-pure function of the journal: a killed stage re-run replays the journal, asks only for the
-calls that were missing, and writes generated.jsonl and rejected.jsonl whole after each wave.
+Calls are made in waves. A side's wave is the fewest calls of which, with probability
+WAVE_CONFIDENCE, enough pass (filters and novelty) to fill what the side still lacks, each
+passing with probability generation.expected_acceptance in the first wave and the share seen
+passing so far after it: one wave usually finishes a side, so few waves wait on a straggler,
+while the calls asked beyond the quota stay a few standard deviations of a binomial. Every reply
+is journaled (generator_calls.jsonl); decisions are then taken in a fixed order (wave, side,
+attempt), so the accepted and rejected instructions are a pure function of the journal: a killed
+stage re-run replays the journal, asks only for the calls that were missing, and writes
+generated.jsonl and rejected.jsonl whole after each wave.
 """
 
 from __future__ import annotations
@@ -39,7 +44,9 @@ from serving import ServerSet
 logger = logging.getLogger(__name__)
 
 SIDES = ("hard", "easy")
-_MIN_ACCEPTANCE_ESTIMATE = 0.2
+WAVE_CONFIDENCE = 0.99
+# A side whose replies almost all fail must still end within its budget, not in a wave per call.
+MIN_ACCEPTANCE_ESTIMATE = 0.2
 
 
 def plan_quotas(wanted: int, hard_ratio: float, hard_seeds: int, easy_seeds: int) -> tuple[dict[str, int], list[str]]:
@@ -57,6 +64,35 @@ def plan_quotas(wanted: int, hard_ratio: float, hard_seeds: int, easy_seeds: int
         notes.append(f"no easy seeds: hard seeds fill the whole quota ({wanted} instead of {quotas['hard']})")
         quotas = {"hard": wanted, "easy": 0}
     return quotas, notes
+
+
+def wave_size(need: int, acceptance: float, limit: int) -> int:
+    """The fewest calls, at most `limit`, of which at least `need` pass with probability
+    WAVE_CONFIDENCE when each passes with probability `acceptance`."""
+    if need <= 0 or limit <= 0:
+        return 0
+    acceptance = min(1.0, max(MIN_ACCEPTANCE_ESTIMATE, acceptance))
+    if acceptance == 1.0 or limit <= need:
+        return min(need, limit)
+    if _at_least(need, limit, acceptance) < WAVE_CONFIDENCE:
+        return limit
+    low, high = need, limit
+    while low < high:
+        middle = (low + high) // 2
+        if _at_least(need, middle, acceptance) >= WAVE_CONFIDENCE:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _at_least(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) >= k), summed in log space so that n in the tens of thousands is exact."""
+    log_p, log_q, log_n_factorial = math.log(p), math.log1p(-p), math.lgamma(n + 1)
+    return math.fsum(
+        math.exp(log_n_factorial - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * log_p + (n - i) * log_q)
+        for i in range(k, n + 1)
+    )
 
 
 def filter_reason(text: str, finish_reason: str | None, filters: GenerationFilters) -> tuple[str | None, str | None]:
@@ -106,16 +142,15 @@ def run_generation(config: Config, run: RunDir, k: int, servers: ServerSet) -> d
     rejected: list[dict] = []
     counts = {side: 0 for side in SIDES}
     next_attempt = {side: 0 for side in SIDES}
-    decided = 0
+    decided = passed = 0  # passed: through the filters and the novelty check, whether or not within quota
 
     with Journal(directory / "generator_calls.jsonl") as journal:
         replies = {(r["side"], r["attempt"]): r for r in journal.records}
         while True:
-            rate = max(_MIN_ACCEPTANCE_ESTIMATE, len(accepted) / decided) if decided else 1.0
+            rate = passed / decided if decided else settings.expected_acceptance
             wave = []
             for side in SIDES:
-                need = quotas[side] - counts[side]
-                size = min(budgets[side] - next_attempt[side], math.ceil(need / rate)) if need > 0 else 0
+                size = wave_size(quotas[side] - counts[side], rate, budgets[side] - next_attempt[side])
                 wave += [(side, attempt) for attempt in range(next_attempt[side], next_attempt[side] + size)]
                 next_attempt[side] += size
             if not wave:
@@ -139,8 +174,10 @@ def run_generation(config: Config, run: RunDir, k: int, servers: ServerSet) -> d
                     elif not novel:
                         reason = "too_similar"
                         entry["similar_to"] = pool_ids[similar_index]
-                    elif counts[side] >= quotas[side]:
-                        reason = "quota_reached"
+                    else:
+                        passed += 1
+                        if counts[side] >= quotas[side]:
+                            reason = "quota_reached"
                 if reason is not None:
                     rejected.append({"instruction": instruction, "reason": reason, **entry})
                     continue

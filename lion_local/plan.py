@@ -13,10 +13,11 @@ The model (N0 seeds, G = generation.new_per_iteration, K = iterations; the stage
 - referee: two per Cache Pool instruction (both orders) x (1 + retry rate); the retry rate is the
   extra replies per review seen in finished discriminations (unreadable replies), else 0.
 - generator: quotas round(G x hard_ratio) and the rest (from the real label counts once the
-  discrimination has judged); each side makes min(ceil(max_attempts_factor x quota),
-  ceil(quota / a)) calls and accepts min(quota, floor(budget x a)), where a, the share of calls
-  accepted, is observed in finished generation stages, else assumed
-  (DEFAULT_GENERATOR_ACCEPTANCE, or --generator-acceptance, which wins over both).
+  discrimination has judged); the waves of lion_local.generation are replayed with each wave
+  passing its expected share floor(size x a), where a, the share of replies passing the filters
+  and the novelty check, is observed in finished generation stages, else
+  generation.expected_acceptance (--generator-acceptance wins over both). When a is what the
+  first wave was sized for, one wave fills the quota in 99% of sides, so the count rarely moves.
 Tokens per call, per role: the observed means of the run's journals once the role has made calls;
 before that, prompts are the real role prompts (lion_local.roles) built for a sample of the seed
 instructions and counted with the teacher's tokenizer when its model directory is here (the
@@ -41,7 +42,7 @@ from pathlib import Path
 from statistics import fmean
 
 from lion_local.config import Config
-from lion_local.generation import plan_quotas
+from lion_local.generation import SIDES, plan_quotas, wave_size
 from lion_local.iteration_report import usage
 from lion_local.records import seed_records
 from lion_local.roles import generator_messages, referee_messages, student_prompt, teacher_messages
@@ -55,7 +56,6 @@ logger = logging.getLogger(__name__)
 ROLES = ("teacher", "student", "referee", "generator")
 STAGE_ROLES = {"imitation": ("teacher",), "discrimination": ("teacher", "student", "referee"), "generation": ("generator",)}
 JOURNALS = {"student": "student_answers.jsonl", "referee": "reviews.jsonl", "generator": "generator_calls.jsonl"}
-DEFAULT_GENERATOR_ACCEPTANCE = 0.9
 CHARS_PER_TOKEN = 4
 TOKEN_SAMPLE = 200  # seed instructions whose prompts are built and counted
 
@@ -122,17 +122,20 @@ def _seeds(config: Config, run: RunDir, seeds: int | None) -> tuple[list[str], l
 
 
 def _acceptance(config: Config, run: RunDir, completed: set[str], given: float | None) -> tuple[float, str]:
-    """The share of generator calls accepted: given, observed in finished generation stages, or assumed."""
+    """The share of generator replies passing the filters and the novelty check (accepted, or over
+    quota): given, observed in finished generation stages, or the config's expectation."""
     if given is not None:
         return given, "--generator-acceptance"
-    calls = accepted = 0
+    calls = passed = 0
     for k in range(1, config.iterations + 1):
         if f"{k}/generation" in completed:
-            calls += len(read_jsonl(run.iteration(k) / "generator_calls.jsonl"))
-            accepted += len(read_jsonl(run.iteration(k) / "generated.jsonl"))
-    if calls and accepted:
-        return accepted / calls, f"observed ({accepted} of {calls} calls accepted)"
-    return DEFAULT_GENERATOR_ACCEPTANCE, "assumed (default; --generator-acceptance A to change)"
+            directory = run.iteration(k)
+            calls += len(read_jsonl(directory / "generator_calls.jsonl"))
+            passed += len(read_jsonl(directory / "generated.jsonl"))
+            passed += sum(r["reason"] == "quota_reached" for r in read_jsonl(directory / "rejected.jsonl"))
+    if calls and passed:
+        return passed / calls, f"observed ({passed} of {calls} replies passed)"
+    return config.generation.expected_acceptance, "generation.expected_acceptance (--generator-acceptance A to change)"
 
 
 def _retry_rate(config: Config, run: RunDir, completed: set[str]) -> tuple[float, str]:
@@ -321,13 +324,21 @@ def _generation(config: Config, directory: Path, acceptance: float) -> tuple[int
     else:
         hard = round(wanted * settings.hard_ratio)
         quotas = {"hard": hard, "easy": wanted - hard}
-    calls = accepted = 0
-    for quota in quotas.values():
-        if quota:
-            budget = math.ceil(settings.max_attempts_factor * quota)
-            calls += min(budget, math.ceil(round(quota / acceptance, 6)))
-            accepted += min(quota, math.floor(round(budget * acceptance, 6)))
-    return calls, accepted
+    budgets = {side: math.ceil(settings.max_attempts_factor * quotas[side]) for side in SIDES}
+    calls = {side: 0 for side in SIDES}
+    accepted = {side: 0 for side in SIDES}
+    decided = passed = 0
+    while True:
+        rate = passed / decided if decided else settings.expected_acceptance
+        wave = {side: wave_size(quotas[side] - accepted[side], rate, budgets[side] - calls[side]) for side in SIDES}
+        if not any(wave.values()):
+            return sum(calls.values()), sum(accepted.values())
+        for side, size in wave.items():
+            passing = math.floor(round(size * acceptance, 6))
+            accepted[side] = min(quotas[side], accepted[side] + passing)
+            calls[side] += size
+            decided += size
+            passed += passing
 
 
 def _sum(rows: list[dict]) -> dict:

@@ -72,16 +72,15 @@ def test_run_end_to_end(tiny_models: Path, teacher_url: str, tmp_path: Path) -> 
     assert time.monotonic() - started < 30
     assert "server" not in again.stderr  # nothing was started
 
-    # `plan` before the run predicted the teacher's, student's and referee's calls within 10%.
-    # The generator's calls depend on how many replies are rejected, which varies from run to run
-    # (sampling at temperature 1.0, concurrent requests): 36 to 41 calls have been seen where plan
-    # assumes 90% acceptance (36), so its bound here is 20%.
+    # `plan` before the run predicted every role's calls within 10%. The generator's depend on how
+    # many replies pass, which varies between runs (sampling at temperature 1.0, concurrent
+    # requests); its first wave is sized so that it fills the quota in 95% of sides, so a second
+    # wave, the only source of difference, is rare and small.
     made = {role: sum(json.loads(path.read_text())["roles"].get(role, {}).get("calls", 0)
                       for path in run_dir.glob("*/report.json")) for role in ("teacher", "student", "referee", "generator")}
     predicted = json.loads(plan.stdout)["totals"]
     for role, calls in made.items():
-        bound = 0.2 if role == "generator" else 0.1
-        assert abs(predicted[role]["calls"] - calls) <= bound * calls, (role, predicted[role]["calls"], calls)
+        assert abs(predicted[role]["calls"] - calls) <= 0.1 * calls, (role, predicted[role]["calls"], calls)
 
     check_report(run_dir, config)
     for name in ("iter_1", "iter_2", "final"):  # the student's training curves, offline

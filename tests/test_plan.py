@@ -113,9 +113,9 @@ DEMO_STAGES = [f"{k}/{s}" for k in (1, 2) for s in ("imitation", "discrimination
 # What the real demo (configs/tiny-cpu.yaml) made: 48 seeds, 2 iterations of 16 new.
 DEMO_CALLS = {
     ("1/imitation", "teacher"): 48, ("1/discrimination", "teacher"): 0, ("1/discrimination", "student"): 48,
-    ("1/discrimination", "referee"): 96, ("1/generation", "generator"): 18,
+    ("1/discrimination", "referee"): 96, ("1/generation", "generator"): 32,
     ("2/imitation", "teacher"): 16, ("2/discrimination", "teacher"): 0, ("2/discrimination", "student"): 64,
-    ("2/discrimination", "referee"): 129, ("2/generation", "generator"): 18,
+    ("2/discrimination", "referee"): 129, ("2/generation", "generator"): 32,
     ("final/imitation", "teacher"): 16,
 }
 
@@ -130,26 +130,35 @@ def test_fresh_plan_follows_the_pools(tmp_path):
     assert not plan["started"] and plan["seeds"] == 48 and plan["new_per_iteration"] == 16
     assert _calls(plan) == {
         ("1/imitation", "teacher"): 48, ("1/discrimination", "teacher"): 0, ("1/discrimination", "student"): 48,
-        ("1/discrimination", "referee"): 96, ("1/generation", "generator"): 18,  # ceil(8 / 0.9) per side
+        # 16 a side: the fewest calls of which 8 pass with probability 0.99 at acceptance 0.75
+        ("1/discrimination", "referee"): 96, ("1/generation", "generator"): 32,
         ("2/imitation", "teacher"): 16, ("2/discrimination", "teacher"): 0, ("2/discrimination", "student"): 64,
-        ("2/discrimination", "referee"): 128, ("2/generation", "generator"): 18,
+        ("2/discrimination", "referee"): 128, ("2/generation", "generator"): 32,
         ("final/imitation", "teacher"): 16,
     }
     assert [(p["iteration"], p["train"], p["cache"], p["generated"]) for p in plan["pools"]] == [
         ("1", 48, 48, 16), ("2", 16, 64, 16), ("final", 16, None, None)
     ]
     assert {role: t["calls"] for role, t in plan["totals"].items()} == {
-        "teacher": 80, "student": 112, "referee": 224, "generator": 36, "all": 452
+        "teacher": 80, "student": 112, "referee": 224, "generator": 64, "all": 480
     }
     assert all(row["source"] == "predicted" and row["calls_so_far"] == 0 for row in plan["rows"])
 
 
 def test_generator_quotas_acceptance_and_budget(tmp_path):
-    # hard_ratio 0.3 of 10: quotas 3 and 7; at acceptance 0.9: ceil(3/0.9) + ceil(7/0.9) = 4 + 8.
+    # hard_ratio 0.3 of 10: quotas 3 and 7; at acceptance 0.75 one wave of 8 and 15 calls
+    # (P(Binomial(8, 0.75) >= 3) = 0.996, P(Binomial(7, 0.75) >= 3) = 0.987; 15 for 7 alike).
     plan = build_plan(_config(tmp_path, "generation.new_per_iteration=10", "generation.hard_ratio=0.3"))
-    assert _calls(plan)[("1/generation", "generator")] == 12
-    assert build_plan(_config(tmp_path, "generation.new_per_iteration=10"), generator_acceptance=1.0)["rows"][4]["calls"] == 10
-    # Acceptance 0.2 with budget 2 x quota: 16 calls a side, floor(16 x 0.2) = 3 accepted a side.
+    assert _calls(plan)[("1/generation", "generator")] == 23
+    assert plan["generator_acceptance"] == 0.75 and plan["generator_acceptance_source"].startswith("generation.")
+    certain = _config(tmp_path, "generation.new_per_iteration=10", "generation.expected_acceptance=1.0")
+    assert build_plan(certain)["rows"][4]["calls"] == 10
+    # Expecting 0.75 but passing 0.3: a first wave of 11 a side for quota 5 passes 3; a second,
+    # sized for the 6 of 22 seen passing, is the 9 left of the budget and passes 2.
+    wrong = build_plan(_config(tmp_path, "generation.new_per_iteration=10"), generator_acceptance=0.3)
+    assert wrong["rows"][4]["calls"] == 2 * (11 + 9)
+    assert [p["generated"] for p in wrong["pools"][:2]] == [10, 10]
+    # Acceptance 0.2 with budget 2 x quota: one wave of the whole budget, 16 a side, passes 3.
     low = build_plan(_config(tmp_path, "generation.max_attempts_factor=2"), generator_acceptance=0.2)
     assert _calls(low)[("1/generation", "generator")] == 32
     assert [(p["train"], p["cache"], p["generated"]) for p in low["pools"][:2]] == [(48, 48, 6), (6, 54, 6)]
@@ -214,7 +223,7 @@ def test_lion_7b_paper_scale(tmp_path):
     assert [calls[(f"{k}/imitation", "teacher")] for k in ("1", "2", "3", "final")] == [52_000, 6_000, 6_000, 6_000]
     assert [calls[(f"{k}/discrimination", "student")] for k in (1, 2, 3)] == [52_000, 58_000, 64_000]
     assert {role: t["calls"] for role, t in plan["totals"].items()} == {
-        "teacher": 70_000, "student": 174_000, "referee": 348_000, "generator": 3 * 2 * 3_334, "all": 612_004
+        "teacher": 70_000, "student": 174_000, "referee": 348_000, "generator": 3 * 2 * 3_379, "all": 612_274
     }
 
 
@@ -251,7 +260,8 @@ def test_started_run_counts_finished_stages_and_projects_the_rest(tmp_path):
     assert rows[("2/imitation", "teacher")]["calls_so_far"] == 5
     assert numbers("2/discrimination", "student") == (60, 3000, 1800, "predicted")
     assert numbers("2/discrimination", "referee") == (124, 24800, 4960, "predicted")  # 120 x (1 + 3/96)
-    assert numbers("2/generation", "generator") == (28, 3360, 224, "predicted")  # ceil(8 / 0.6) a side
+    # A side's first wave, 16 sized for 0.75, passes 9 at 0.6: one wave a side.
+    assert numbers("2/generation", "generator") == (32, 3840, 256, "predicted")
     assert numbers("final/imitation", "teacher") == (16, 320, 160, "predicted")
     assert plan["pools"][0] == {"iteration": "1", "train": 48, "cache": 48, "generated": 12,
                                 "pools_source": "actual", "generated_source": "actual"}
@@ -262,7 +272,7 @@ def test_started_run_counts_finished_stages_and_projects_the_rest(tmp_path):
 def test_plan_before_the_demo_predicts_its_calls_within_ten_percent(tmp_path):
     config = _config(tmp_path)
     before = build_plan(config)
-    _fake_run(config, DEMO_STAGES, accepted={1: 16, 2: 16}, generator_calls={1: 18, 2: 18}, unreadable={2: 1})
+    _fake_run(config, DEMO_STAGES, accepted={1: 16, 2: 16}, generator_calls={1: 32, 2: 32}, unreadable={2: 1})
     after = build_plan(config)
     assert all(row["source"] == "actual" for row in after["rows"])
     assert _calls(after) == DEMO_CALLS
@@ -297,4 +307,4 @@ def test_plan_command_json_and_table(tmp_path):
     assert table.exit_code == 0, table.output
     assert "N0 = 48 seeds" in table.stdout and "G = 16 new per iteration" in table.stdout
     assert table.stdout.splitlines() == plan_lines(build_plan(_config(tmp_path)))
-    assert any(line.startswith("total") and "all" in line and "452" in line for line in table.stdout.splitlines())
+    assert any(line.startswith("total") and "all" in line and "480" in line for line in table.stdout.splitlines())

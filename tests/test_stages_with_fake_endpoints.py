@@ -377,7 +377,8 @@ def seeded_generator(body: dict) -> Reply:
 
 
 def test_generation_without_hard_seeds_fills_the_quota_from_easy_ones(fake: FakeEndpoint, tmp_path: Path):
-    config = make_config(tmp_path / "run")
+    # Every reply passes and is expected to: one wave of exactly the quota.
+    config = make_config(tmp_path / "run", "generation.expected_acceptance=1.0")
     run = prepare_iteration(config, student=False)
     labels = {record["id"]: "easy" for record in POOL}
     labels[POOL[0]["id"]] = "unjudged"
@@ -474,7 +475,7 @@ def garbage_generator(body: dict) -> Reply:
 
 
 def test_generation_rejects_garbage_with_the_right_reasons(fake: FakeEndpoint, tmp_path: Path):
-    config = make_config(tmp_path / "run", "generation.max_attempts_factor=3")
+    config = make_config(tmp_path / "run", "generation.max_attempts_factor=3", "generation.expected_acceptance=0.9")
     run = prepare_iteration(config, student=False)
     write_judgements(run, {r["id"]: ("hard" if i % 2 else "easy") for i, r in enumerate(POOL)})
     fake.handlers["generator"] = garbage_generator
@@ -484,8 +485,9 @@ def test_generation_rejects_garbage_with_the_right_reasons(fake: FakeEndpoint, t
     rejected = read_jsonl(directory / "rejected.jsonl")
     generated = read_jsonl(directory / "generated.jsonl")
 
-    # Wave 1 (attempts 0-2) is all garbage; wave 2 asks for the rest of the budget (3-8), whose
-    # last valid reply per side arrives after the quota is full.
+    # Wave 1 (attempts 0-4: 5 calls fill a quota of 3 at acceptance 0.9 with probability 0.991)
+    # is all garbage; wave 2 asks for the rest of the budget (5-8), whose last valid reply per
+    # side arrives after the quota is full.
     reasons = {(r["side"], r["attempt"]): r["reason"] for r in rejected}
     for side in ("hard", "easy"):
         assert [reasons.get((side, attempt)) for attempt in range(9)] == [
@@ -609,3 +611,28 @@ def test_generation_accepted_instructions_join_the_novelty_pool(fake: FakeEndpoi
     assert rejected[("hard", 2)]["reason"] == "duplicate"
     assert rejected[("hard", 2)]["instruction"] == REPEATED
     assert ("hard", 0) not in rejected
+
+
+def test_generation_waves_are_sized_by_the_expected_then_the_passing_share(fake: FakeEndpoint, tmp_path: Path):
+    config = make_config(
+        tmp_path / "run", "generation.expected_acceptance=0.75", "generation.max_attempts_factor=8"
+    )
+    run = prepare_iteration(config, student=False)
+    write_judgements(run, {r["id"]: ("hard" if i % 2 else "easy") for i, r in enumerate(POOL)})
+
+    def hard_passes_easy_fails_seven_times(body: dict) -> Reply:
+        side, attempt = generator_call_of()[body["seed"]]
+        if side == "easy" and attempt < 7:
+            return GARBAGE_LIST, "stop"
+        return novel_sentence(body["seed"]), "stop"
+
+    fake.handlers["generator"] = hard_passes_easy_fails_seven_times
+    summary = run_generation(config, run, 1, FakeServers(fake))
+
+    # Wave 1: 8 calls a side (P(Binomial(8, 0.75) >= 3) = 0.996, with 7 calls 0.987). Hard passes
+    # 8 and keeps 3; easy passes 1. 9 of 16 passed, so easy's wave 2 for the 2 it lacks is 9 calls
+    # (P(Binomial(9, 9/16) >= 2) = 0.993); sized by the 4 of 16 accepted it would be all 16 left.
+    assert summary["calls"] == {"hard": 8, "easy": 17}
+    assert summary["accepted"] == {"hard": 3, "easy": 3, "total": 6}
+    assert summary["rejected"] == {"quota_reached": 5 + 7, "unparseable": 7}
+    assert len(fake.bodies("generator")) == 25
