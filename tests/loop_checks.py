@@ -132,10 +132,13 @@ def descendants(pid: int) -> dict[int, str]:
 
 
 def process_environment(pid: int) -> dict[str, str] | None:
-    """The environment `pid` was started with, or None once it has exited."""
+    """The environment `pid` was started with, or None once it has exited (or is exiting: its
+    memory is gone, and /proc shows an empty environment)."""
     try:
         raw = Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
+        return None
+    if not raw:
         return None
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
 

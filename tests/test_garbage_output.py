@@ -226,6 +226,9 @@ def make_config(tmp_path: Path, tiny_models: Path) -> Config:
             f"generation.new_per_iteration={NEW_PER_ITERATION}",
             "generation.hard_ratio=0.5",
             f"generation.max_attempts_factor={ATTEMPTS_FACTOR}",
+            # A first wave of exactly the quota (attempts 0-1, garbage), then, at the floor of 0.2
+            # for the share passing, the rest of the budget (2-7): two novel replies over quota.
+            "generation.expected_acceptance=1.0",
         ],
     )
 

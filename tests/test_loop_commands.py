@@ -65,7 +65,8 @@ class StartedProcesses:
             for pid, command in descendants(os.getpid()).items():
                 if "-m lion_local " in command and self.marker in command:  # a command this test ran
                     for child, child_command in descendants(pid).items():
-                        if (child, child_command) not in self.seen:
+                        # An exiting process shows an empty command line and environment.
+                        if child_command and (child, child_command) not in self.seen:
                             self.seen[child, child_command] = process_environment(child)
             self._stop.wait(0.05)
 
