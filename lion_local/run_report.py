@@ -350,5 +350,5 @@ def write_report(run: RunDir) -> RunReport:
     report = collect(run)
     report.plots = make_plots(report, run.root / "plots") if report.iterations else []
     write_atomic(run.root / "report.md", markdown(report, run))
-    logger.info("wrote %s and %d plots in %s", run.root / "report.md", len(report.plots), run.root / "plots")
+    logger.debug("wrote %s and %d plots in %s", run.root / "report.md", len(report.plots), run.root / "plots")
     return report
