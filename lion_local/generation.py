@@ -86,6 +86,21 @@ def wave_size(need: int, acceptance: float, limit: int) -> int:
     return low
 
 
+def next_wave(
+    expected_acceptance: float,
+    quotas: dict[str, int],
+    budgets: dict[str, int],
+    accepted: dict[str, int],
+    called: dict[str, int],
+    passed: int,
+    decided: int,
+) -> dict[str, int]:
+    """Each side's next wave size: sized at the expected acceptance until replies have been
+    decided, then at the share of them that passed."""
+    rate = passed / decided if decided else expected_acceptance
+    return {side: wave_size(quotas[side] - accepted[side], rate, budgets[side] - called[side]) for side in SIDES}
+
+
 def _at_least(k: int, n: int, p: float) -> float:
     """P(Binomial(n, p) >= k), summed in log space so that n in the tens of thousands is exact."""
     log_p, log_q, log_n_factorial = math.log(p), math.log1p(-p), math.lgamma(n + 1)
@@ -147,10 +162,9 @@ def run_generation(config: Config, run: RunDir, k: int, servers: ServerSet) -> d
     with Journal(directory / "generator_calls.jsonl") as journal:
         replies = {(r["side"], r["attempt"]): r for r in journal.records}
         while True:
-            rate = passed / decided if decided else settings.expected_acceptance
+            sizes = next_wave(settings.expected_acceptance, quotas, budgets, counts, next_attempt, passed, decided)
             wave = []
-            for side in SIDES:
-                size = wave_size(quotas[side] - counts[side], rate, budgets[side] - next_attempt[side])
+            for side, size in sizes.items():
                 wave += [(side, attempt) for attempt in range(next_attempt[side], next_attempt[side] + size)]
                 next_attempt[side] += size
             if not wave:

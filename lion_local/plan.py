@@ -42,7 +42,7 @@ from pathlib import Path
 from statistics import fmean
 
 from lion_local.config import Config
-from lion_local.generation import SIDES, plan_quotas, wave_size
+from lion_local.generation import SIDES, next_wave, plan_quotas
 from lion_local.iteration_report import usage
 from lion_local.records import seed_records
 from lion_local.roles import generator_messages, referee_messages, student_prompt, teacher_messages
@@ -329,8 +329,7 @@ def _generation(config: Config, directory: Path, acceptance: float) -> tuple[int
     accepted = {side: 0 for side in SIDES}
     decided = passed = 0
     while True:
-        rate = passed / decided if decided else settings.expected_acceptance
-        wave = {side: wave_size(quotas[side] - accepted[side], rate, budgets[side] - calls[side]) for side in SIDES}
+        wave = next_wave(settings.expected_acceptance, quotas, budgets, accepted, calls, passed, decided)
         if not any(wave.values()):
             return sum(calls.values()), sum(accepted.values())
         for side, size in wave.items():
