@@ -121,6 +121,8 @@ def offline_env() -> None:
 def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool, host: str | None, publish: bool) -> None:
     """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
     in the foreground until interrupted."""
+    from lion_local.offline import offline_environ
+    from lion_local.servers import wanted_server
     from lion_local.tiny_models import ensure_tiny_models
     from serving import server_launch, server_process
     from serving.commands import request_model_name
@@ -138,8 +140,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     if host is not None:
         server.host = host
     if dry_run:
-        api_key_for(config, server_name)
-        launch = server_launch(config, server_name)
+        launch = server_launch(server, api_key_for(config, server_name), offline_environ())
         secret_note = f" (API key from ${server.api_key_env})" if server.api_key_env else ""
         click.echo(shlex.join(launch.command) + secret_note)
         return
@@ -149,7 +150,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     job = os.environ.get("SLURM_JOB_ID")
     # Replicas of a job array share the run directory: one log each.
     log_path = Path(config.run_dir) / "logs" / (f"serve-{server_name}-{job}.log" if job else f"serve-{server_name}.log")
-    process, launch = server_process(config, server_name, log_path)
+    process, launch = server_process(wanted_server(config, server_name, log_path))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     process.start()
     try:
@@ -158,7 +159,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
         with ExitStack() as stack:
             if publish:
                 path = stack.enter_context(
-                    published_endpoint(config, server_name, base_url, request_model_name(server))
+                    published_endpoint(server_name, config.endpoint_dir(server_name), base_url, request_model_name(server))
                 )
                 click.echo(f"{server_name} published in {path}")
             click.echo(f"{server_name} serving at {base_url} (log: {log_path}); Ctrl-C stops it")

@@ -31,7 +31,7 @@ from lion_local.config_schema import (
     Imitation,
     RefereeRole,
     Roles,
-    ServerConfig,
+    ServerSpec,
     StudentRole,
     TeacherRole,
     TinyModels,
@@ -42,7 +42,7 @@ from lion_local.config_schema import (
 # The schema's names are imported from here throughout the project, next to load_config.
 __all__ = [
     "Config", "ConfigError", "Discrimination", "Evaluation", "Generation", "GenerationFilters", "GeneratorRole",
-    "Imitation", "RefereeRole", "Roles", "ServerConfig", "StudentRole", "TeacherRole", "TinyModels",
+    "Imitation", "RefereeRole", "Roles", "ServerSpec", "StudentRole", "TeacherRole", "TinyModels",
     "TransformersServeOptions", "VllmOptions", "api_key_for", "check_models_exist", "config_to_yaml", "load_config",
 ]
 
@@ -236,6 +236,9 @@ def _resolve_paths(config: Config) -> None:
             server.model = str(Path(server.model).expanduser().resolve())
         if server.endpoint_dir:
             server.endpoint_dir = str(Path(server.endpoint_dir).expanduser().resolve())
+        program = server.vllm.launcher[0]
+        if "/" in program:  # a path (a bare name is looked up on PATH when the server starts)
+            server.vllm.launcher[0] = str(Path(program).expanduser().absolute())
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,91 +12,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serving.spec import ServerSpec, TransformersServeOptions, VllmOptions
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
-
-
-# ----------------------------------------------------------------------------------------------
-# Servers
-# ----------------------------------------------------------------------------------------------
-
-
-class VllmOptions(_Strict):
-    """Settings passed to `vllm serve` (see serving/commands.py for the flag each one becomes)."""
-
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs one model replica is split over.")
-    data_parallel_size: int = Field(1, ge=1, description="Model replicas behind one server.")
-    max_model_len: int | None = Field(None, ge=16, description="Context length; None: the model's own.")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Share of each GPU's memory vLLM takes.")
-    dtype: str = Field("auto", description="Weights dtype: auto, bfloat16, float16 or float32.")
-    extra_args: list[str] = Field(default_factory=list, description="More `vllm serve` arguments, verbatim.")
-
-
-class TransformersServeOptions(_Strict):
-    """Settings passed to `transformers serve` (the CPU server of the smoke mode and the tests)."""
-
-    device: str = Field("cpu", description="cpu, auto or cuda:N.")
-    dtype: str = Field("auto", description="Weights dtype; auto follows the checkpoint.")
-    extra_args: list[str] = Field(default_factory=list, description="More `transformers serve` arguments.")
-
-
-class ServerConfig(_Strict):
-    """One OpenAI-compatible endpoint: a server lion-local starts, or one that already runs."""
-
-    engine: Literal["vllm", "transformers", "external"] = Field(
-        description="vllm (GPU), transformers (CPU smoke mode) or external (already running)."
-    )
-    model: str | None = Field(None, description="Local model directory (vllm and transformers engines).")
-    served_model_name: str | None = Field(
-        None,
-        description="Model name sent in requests. vllm: defaults to the model directory's name; "
-        "external: required; transformers: always the model path.",
-    )
-    base_urls: list[str] = Field(
-        default_factory=list,
-        description="External engine: base URLs ending in /v1, balanced by the client. Empty: use the endpoints "
-        "that `lion-local serve NAME --publish` (slurm/serve.sh) publishes in endpoint_dir.",
-    )
-    endpoint_dir: str | None = Field(
-        None,
-        description="External engine without base_urls: directory of published endpoint files; "
-        "default <run_dir>/endpoints/<server name>.",
-    )
-    api_key_env: str | None = Field(
-        None, description="Name of the environment variable holding the API key (keys never go in config)."
-    )
-    use_env_proxy: bool = Field(
-        False, description="Send requests through the HTTP(S)_PROXY variables (a hosted API behind a proxy)."
-    )
-    host: str = Field("127.0.0.1", description="Address a started server binds to.")
-    port: int | None = Field(None, ge=1, le=65535, description="Port of a started server; None picks a free one.")
-    startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for a started server's /health.")
-    max_concurrency: int = Field(64, ge=1, description="Requests in flight to this endpoint, over all base URLs.")
-    request_timeout_s: float = Field(600.0, gt=0, description="Timeout of one HTTP attempt.")
-    failure_budget_s: float = Field(
-        300.0, gt=0, description="How long one request may keep failing (with retries) before the stage stops."
-    )
-    backoff_initial_s: float = Field(1.0, gt=0, description="First retry delay; doubles per attempt, with jitter.")
-    backoff_max_s: float = Field(30.0, gt=0, description="Longest retry delay.")
-    vllm: VllmOptions = Field(default_factory=VllmOptions, description="Used when engine is vllm.")
-    transformers: TransformersServeOptions = Field(
-        default_factory=TransformersServeOptions, description="Used when engine is transformers."
-    )
-
-    @model_validator(mode="after")
-    def _engine_needs(self) -> ServerConfig:
-        if self.engine == "external":
-            if self.base_urls and self.endpoint_dir:
-                raise ValueError("give base_urls or endpoint_dir, not both")
-            if self.base_urls and not self.served_model_name:
-                raise ValueError("engine 'external' with base_urls needs served_model_name (the model name the endpoint serves)")
-            for url in self.base_urls:
-                if not url.startswith(("http://", "https://")):
-                    raise ValueError(f"base_urls entry {url!r} must start with http:// or https://")
-        elif not self.model:
-            raise ValueError(f"engine {self.engine!r} needs model: a local model directory")
-        return self
 
 
 # ----------------------------------------------------------------------------------------------
@@ -273,7 +193,7 @@ class Config(_Strict):
     seed_data: str = Field(description="Seed instructions: JSON list or JSONL with instruction and optional input.")
     seed_limit: int | None = Field(None, ge=1, description="Use only the first N seed instructions.")
     tiny_models: TinyModels | None = Field(None, description="Smoke mode: build tiny local models when absent.")
-    servers: dict[str, ServerConfig] = Field(description="Endpoints by name; roles refer to them.")
+    servers: dict[str, ServerSpec] = Field(description="Endpoints by name; roles refer to them.")
     roles: Roles = Field(default_factory=Roles)
     imitation: Imitation = Field(default_factory=Imitation)
     discrimination: Discrimination = Field(default_factory=Discrimination)
@@ -314,7 +234,7 @@ class Config(_Strict):
             )
         return self
 
-    def server_for(self, role: str) -> ServerConfig:
+    def server_for(self, role: str) -> ServerSpec:
         return self.servers[getattr(self.roles, role).server]
 
     def endpoint_dir(self, name: str) -> Path:

@@ -33,7 +33,7 @@ from lion_local.records import pools_for, request_seed
 from lion_local.roles import ask_referee, ask_student, read_review
 from lion_local.run_state import Journal, RunDir, StageOrderError, write_atomic, write_jsonl_atomic
 from lion_local.teacher_cache import ensure_teacher_answers
-from serving import ServerSet
+from lion_local.servers import ServerSet
 
 logger = logging.getLogger(__name__)
 

@@ -26,7 +26,8 @@ from lion_local.roles import (
 )
 from lion_local.seed_data import load_seed_instructions
 from lion_local.tiny_models import ensure_tiny_models
-from serving import Endpoint, ServerError, client_for, running_server
+from lion_local.servers import client_for, config_server
+from serving import Endpoint, ServerError
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
         for name in names:
             started = time.monotonic()
             try:
-                endpoints[name] = servers.enter_context(running_server(config, name, log_dir))
+                endpoints[name] = servers.enter_context(config_server(config, name, log_dir))
             except ServerError as exc:
                 checks.append(Check(f"server {name}", False, str(exc)))
                 continue

@@ -55,7 +55,7 @@ from lion_local.roles import ask_referee, ask_student, ask_teacher, read_review
 from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.run_state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
 from lion_local.teacher_cache import teacher_fingerprint
-from serving import ServerSet
+from lion_local.servers import ServerSet
 from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)

@@ -39,7 +39,7 @@ from lion_local.novelty import NoveltyIndex
 from lion_local.records import by_id, instruction_id, instruction_record, pools_for, request_seed
 from lion_local.roles import ask_generator, parse_generated_instruction
 from lion_local.run_state import Journal, RunDir, StageOrderError, read_jsonl, write_atomic, write_jsonl_atomic
-from serving import ServerSet
+from lion_local.servers import ServerSet
 
 logger = logging.getLogger(__name__)
 

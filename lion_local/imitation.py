@@ -30,7 +30,7 @@ from lion_local.roles.student import student_chat_messages, student_training_tex
 from lion_local.run_state import FINAL, RunDir, write_atomic, write_jsonl_atomic
 from lion_local.teacher_cache import teacher_answers_for
 from lion_local.training_launch import training_command
-from serving import ServerSet
+from lion_local.servers import ServerSet
 from serving.process import die_with_parent
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def run_imitation(config: Config, run: RunDir, k: int | str, servers: ServerSet)
 
     answers = teacher_answers_for(config, run, train_pool, servers, marker)
     # Training needs the GPUs a local teacher holds; the next stage starts it again.
-    servers.stop_all()
+    servers.stop_for_training()
 
     student_dir = run.student(k)
     base = base_checkpoint(config, run, k)

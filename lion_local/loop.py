@@ -38,7 +38,7 @@ from lion_local.run_state import (
     run_lock,
     write_atomic,
 )
-from serving import ServerSet
+from lion_local.servers import ServerSet
 
 logger = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ from lion_local.records import request_seed
 from lion_local.roles import ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.run_state import Journal, RunDir
-from serving import ServerSet
+from lion_local.servers import ServerSet
 from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)

@@ -224,8 +224,10 @@ def _new_model(tokenizer: PreTrainedTokenizerFast, hidden: int, layers: int) -> 
         hidden_size=hidden,
         intermediate_size=hidden * 3,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        # Heads of 32 dimensions: vLLM's CPU attention rejects smaller ones (head_dim 16 fails at
+        # the first request).
+        num_attention_heads=hidden // 32,
+        num_key_value_heads=hidden // 32,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id,

@@ -1,36 +1,41 @@
 """Launching and health-checking the OpenAI-compatible servers the roles talk to.
 
-`running_server(config, name, log_dir)` starts `vllm serve` or `transformers serve` for the
-server `name` of a config (or uses an external endpoint), waits for /health, yields an
-`Endpoint`, and stops the server on exit. An external server without base_urls is found
-through the endpoint files that server jobs publish (serving/published.py). `client_for`
-turns an Endpoint into the async client.
+Everything here works from a `ServerSpec` (serving/spec.py), the description of one server;
+serving/ imports nothing from the package that uses it. `start_servers` starts several servers
+side by side and waits until all answer /health; `running_server` does it for one, yields an
+`Endpoint`, and stops the server on exit. An external server is reached as it is: at its
+base_urls, or through the endpoint files that server jobs publish (serving/published.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lion_local.config import Config, ServerConfig, api_key_for
-from lion_local.endpoint import EndpointClient
+import httpx
+
 from serving.commands import request_model_name, server_command, server_environment
-from serving.process import ServerError, ServerProcess, free_port
+from serving.process import ServerError, ServerProcess, free_port, wait_until_healthy
 from serving.published import live_published_endpoints
+from serving.spec import ServerSpec
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "Endpoint",
     "ServerError",
-    "ServerSet",
-    "client_for",
+    "ServerLaunch",
+    "ServerProcess",
+    "ServerSpec",
+    "StartedServer",
+    "external_endpoint",
     "running_server",
     "server_launch",
     "server_process",
+    "start_servers",
 ]
 
 
@@ -42,6 +47,8 @@ class Endpoint:
     api_key: str | None = field(default=None, repr=False)
     # For a server lion-local started: why its process is gone, or None while it runs.
     server_check: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
+    # The engine and its version as the server reports them ("vllm 0.32.0"); None when unknown.
+    engine: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,116 +62,113 @@ class ServerLaunch:
     health_url: str
 
 
+@dataclass(frozen=True)
+class StartedServer:
+    """One server to start: its name, description, key, the environment to start it in, its model."""
+
+    name: str
+    spec: ServerSpec
+    log_path: Path
+    api_key: str | None = field(default=None, repr=False)
+    environment: Mapping[str, str] | None = field(default=None, repr=False)
+    model: str | None = None
+
+
 def _url_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def server_launch(config: Config, name: str, model: str | None = None) -> ServerLaunch:
-    server = config.servers[name]
-    port = server.port or free_port(_url_host(server.host))
-    internal_port = free_port() if server.engine == "vllm" else None
-    command = server_command(server, server.host, port, model)
-    environment = server_environment(server, api_key_for(config, name), internal_port)
-    root = f"http://{_url_host(server.host)}:{port}"
-    return ServerLaunch(command, environment, port, f"{root}/v1", f"{root}/health")
+def server_launch(
+    spec: ServerSpec, api_key: str | None, environment: Mapping[str, str] | None = None, model: str | None = None
+) -> ServerLaunch:
+    port = spec.port or free_port(_url_host(spec.host))
+    internal_port = free_port() if spec.engine == "vllm" else None
+    command = server_command(spec, spec.host, port, model)
+    launch_environment = server_environment(spec, api_key, internal_port, environment)
+    root = f"http://{_url_host(spec.host)}:{port}"
+    return ServerLaunch(command, launch_environment, port, f"{root}/v1", f"{root}/health")
 
 
-def server_process(
-    config: Config, name: str, log_path: Path, model: str | None = None
-) -> tuple[ServerProcess, ServerLaunch]:
-    """The (not yet started) process of server `name`, and what it will run."""
-    server = config.servers[name]
-    launch = server_launch(config, name, model)
+def server_process(wanted: StartedServer) -> tuple[ServerProcess, ServerLaunch]:
+    """The (not yet started) process of a server, and what it will run."""
+    spec = wanted.spec
+    launch = server_launch(spec, wanted.api_key, wanted.environment, wanted.model)
     process = ServerProcess(
-        name,
+        wanted.name,
         launch.command,
         launch.environment,
-        log_path,
+        wanted.log_path,
         launch.health_url,
-        server.startup_timeout_s,
-        stop_grace_s=60.0 if server.engine == "vllm" else 15.0,
+        spec.startup_timeout_s,
+        stop_grace_s=20.0 if spec.engine == "vllm" else 10.0,
     )
     return process, launch
 
 
-@contextmanager
-def running_server(config: Config, name: str, log_dir: Path, model: str | None = None) -> Iterator[Endpoint]:
-    """Start (or reach) server `name`, yield its Endpoint, stop it afterwards."""
-    server = config.servers[name]
-    api_key = api_key_for(config, name)
-    if server.engine == "external":
-        if server.base_urls:
-            yield Endpoint(name, list(server.base_urls), request_model_name(server), api_key)
-        else:
-            base_urls, published_model = live_published_endpoints(config, name)
-            yield Endpoint(name, base_urls, server.served_model_name or published_model, api_key)
-        return
-    process, launch = server_process(config, name, Path(log_dir) / f"server-{name}.log", model)
-    process.start()
+def engine_version(spec: ServerSpec, base_url: str, api_key: str | None) -> str | None:
+    """The engine and version a started server reports: vLLM answers /version; `transformers serve`
+    is the transformers of the environment that runs it, which answers no such route."""
+    if spec.engine == "transformers":
+        from importlib.metadata import version
+
+        return f"transformers serve {version('transformers')}"
+    root = base_url.removesuffix("/v1")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        process.wait_until_healthy()
-        yield Endpoint(name, [launch.base_url], request_model_name(server, model), api_key, process.exit_report)
+        reply = httpx.get(f"{root}/version", headers=headers, timeout=10.0, trust_env=False)
+        return f"vllm {reply.json()['version']}"
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return "vllm (version unknown)"
+
+
+def start_servers(wanted: list[StartedServer]) -> list[tuple[ServerProcess, Endpoint]]:
+    """Start every server of `wanted` at once, wait until all are healthy, return their endpoints.
+
+    If one fails, all are stopped and the ServerError of the first failure is raised.
+    """
+    started = [(each, *server_process(each)) for each in wanted]
+    processes = [process for _, process, _ in started]
+    try:
+        for process in processes:
+            process.start()
+        wait_until_healthy(processes)
+    except BaseException:
+        for process in processes:
+            process.stop()
+        raise
+    result = []
+    for each, process, launch in started:
+        engine = engine_version(each.spec, launch.base_url, each.api_key)
+        logger.info("%s server: %s at %s", each.name, engine, launch.base_url)
+        endpoint = Endpoint(
+            each.name,
+            [launch.base_url],
+            request_model_name(each.spec, each.model),
+            each.api_key,
+            process.exit_report,
+            engine,
+        )
+        result.append((process, endpoint))
+    return result
+
+
+def external_endpoint(name: str, spec: ServerSpec, api_key: str | None, endpoint_dir: Path) -> Endpoint:
+    """The endpoint of a server that already runs: its base_urls, or the live published ones."""
+    if spec.base_urls:
+        return Endpoint(name, list(spec.base_urls), request_model_name(spec), api_key, engine="external")
+    base_urls, published_model = live_published_endpoints(name, spec, endpoint_dir)
+    return Endpoint(name, base_urls, spec.served_model_name or published_model, api_key, engine="external")
+
+
+@contextmanager
+def running_server(wanted: StartedServer, endpoint_dir: Path | None = None) -> Iterator[Endpoint]:
+    """Start (or reach) one server, yield its Endpoint, stop it afterwards."""
+    if wanted.spec.engine == "external":
+        directory = endpoint_dir or Path(".")
+        yield external_endpoint(wanted.name, wanted.spec, wanted.api_key, directory)
+        return
+    [(process, endpoint)] = start_servers([wanted])
+    try:
+        yield endpoint
     finally:
         process.stop()
-
-
-def client_for(endpoint: Endpoint, server: ServerConfig) -> EndpointClient:
-    return EndpointClient(
-        endpoint.name,
-        endpoint.base_urls,
-        endpoint.model,
-        api_key=endpoint.api_key,
-        max_concurrency=server.max_concurrency,
-        request_timeout_s=server.request_timeout_s,
-        failure_budget_s=server.failure_budget_s,
-        backoff_initial_s=server.backoff_initial_s,
-        backoff_max_s=server.backoff_max_s,
-        use_env_proxy=server.use_env_proxy,
-        server_check=endpoint.server_check,
-    )
-
-
-class ServerSet:
-    """Servers started on first use and kept running across stages until stopped.
-
-    The loop keeps the teacher up from one stage to the next, restarts the student server for
-    each new checkpoint, and stops everything before student training needs the GPUs.
-    """
-
-    def __init__(self, config: Config, log_dir: Path) -> None:
-        self.config = config
-        self.log_dir = Path(log_dir)
-        self._running: dict[str, tuple[str | None, ExitStack, Endpoint]] = {}
-
-    def endpoint(self, name: str, model: str | None = None) -> Endpoint:
-        if name in self._running:
-            running_model, _, endpoint = self._running[name]
-            gone = endpoint.server_check() if endpoint.server_check is not None else None
-            if running_model == model and gone is None:
-                return endpoint
-            if gone is not None:
-                logger.warning("%s; starting it again", gone)
-            self.stop(name)
-        stack = ExitStack()
-        endpoint = stack.enter_context(running_server(self.config, name, self.log_dir, model))
-        self._running[name] = (model, stack, endpoint)
-        return endpoint
-
-    def client(self, name: str, model: str | None = None) -> EndpointClient:
-        """A new async client for server `name`; the caller closes it."""
-        return client_for(self.endpoint(name, model), self.config.servers[name])
-
-    def stop(self, name: str) -> None:
-        if name in self._running:
-            _, stack, _ = self._running.pop(name)
-            stack.close()
-
-    def stop_all(self) -> None:
-        for name in list(self._running):
-            self.stop(name)
-
-    def __enter__(self) -> ServerSet:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop_all()

@@ -8,12 +8,13 @@ environment variables at https://docs.vllm.ai/en/latest/configuration/env_vars.h
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
-from lion_local.config import ServerConfig
-from lion_local.offline import offline_environ
+from serving.spec import ServerSpec
 
 
 def executable(name: str) -> str:
@@ -24,7 +25,7 @@ def executable(name: str) -> str:
     return shutil.which(name) or name
 
 
-def request_model_name(server: ServerConfig, model: str | None = None) -> str:
+def request_model_name(server: ServerSpec, model: str | None = None) -> str:
     """The `model` field requests must carry for this server."""
     if server.engine == "external":
         return str(server.served_model_name)
@@ -34,12 +35,17 @@ def request_model_name(server: ServerConfig, model: str | None = None) -> str:
     return server.served_model_name or Path(str(model or server.model)).name
 
 
-def vllm_command(server: ServerConfig, host: str, port: int, model: str | None = None) -> list[str]:
+def vllm_command(server: ServerSpec, host: str, port: int, model: str | None = None) -> list[str]:
     options = server.vllm
+    launcher = list(options.launcher)
+    if launcher == ["vllm", "serve"]:
+        launcher[0] = executable("vllm")
     command = [
-        executable("vllm"),
-        "serve",
-        str(model or server.model),  # positional model path (cli/serve.html)
+        *launcher,
+        # --model rather than the positional model: `vllm serve` takes both, the api_server module only
+        # this one (engine_args.html#--model).
+        "--model",
+        str(model or server.model),
         # --host/--port: address of the API server (cli/serve.html).
         "--host",
         host,
@@ -65,13 +71,16 @@ def vllm_command(server: ServerConfig, host: str, port: int, model: str | None =
         "--generation-config",
         "vllm",
     ]
+    if options.enforce_eager:
+        # --enforce-eager: no torch.compile or graph capture (engine_args.html#--enforce-eager).
+        command.append("--enforce-eager")
     if options.max_model_len is not None:
         # --max-model-len: context length (engine_args.html#--max-model-len).
         command += ["--max-model-len", str(options.max_model_len)]
     return command + list(options.extra_args)
 
 
-def transformers_command(server: ServerConfig, host: str, port: int, model: str | None = None) -> list[str]:
+def transformers_command(server: ServerSpec, host: str, port: int, model: str | None = None) -> list[str]:
     options = server.transformers
     command = [
         executable("transformers"),
@@ -91,7 +100,7 @@ def transformers_command(server: ServerConfig, host: str, port: int, model: str 
     return command + list(options.extra_args)
 
 
-def server_command(server: ServerConfig, host: str, port: int, model: str | None = None) -> list[str]:
+def server_command(server: ServerSpec, host: str, port: int, model: str | None = None) -> list[str]:
     if server.engine == "vllm":
         return vllm_command(server, host, port, model)
     if server.engine == "transformers":
@@ -99,16 +108,45 @@ def server_command(server: ServerConfig, host: str, port: int, model: str | None
     raise ValueError(f"engine {server.engine!r} is not started by lion-local")
 
 
-def server_environment(server: ServerConfig, api_key: str | None, vllm_internal_port: int | None = None) -> dict:
-    """The offline environment, plus the API key where the server reads it (never the command line)."""
-    extra: dict[str, str] = {}
+def server_environment(
+    server: ServerSpec,
+    api_key: str | None,
+    vllm_internal_port: int | None = None,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """`base` (default: this process's environment), plus the API key where the server reads it
+    (never the command line) and vLLM's own variables."""
+    environment = dict(os.environ if base is None else base)
+    if server.engine != "vllm":
+        return environment
+    options = server.vllm
+    if api_key:
+        # VLLM_API_KEY makes the server require this key, like --api-key, without putting the
+        # key on a command line that `ps` shows (env_vars.html#VLLM_API_KEY).
+        environment["VLLM_API_KEY"] = api_key
+    if vllm_internal_port is not None:
+        # VLLM_PORT: base of vLLM's internal ports; two servers on one node need distinct
+        # ranges (env_vars.html#VLLM_PORT).
+        environment["VLLM_PORT"] = str(vllm_internal_port)
+    if options.cpu_threads_bind is not None:
+        # VLLM_CPU_OMP_THREADS_BIND: cores of the CPU backend's OpenMP threads (env_vars.html).
+        environment["VLLM_CPU_OMP_THREADS_BIND"] = options.cpu_threads_bind
+    if options.cpu_kvcache_space_gib is not None:
+        # VLLM_CPU_KVCACHE_SPACE: GiB of KV cache on the CPU backend (env_vars.html).
+        environment["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kvcache_space_gib)
+    return environment
+
+
+def launcher_problem(server: ServerSpec) -> str | None:
+    """Why the server's command cannot run here (its program is not found), or None."""
     if server.engine == "vllm":
-        if api_key:
-            # VLLM_API_KEY makes the server require this key, like --api-key, without putting the
-            # key on a command line that `ps` shows (env_vars.html#VLLM_API_KEY).
-            extra["VLLM_API_KEY"] = api_key
-        if vllm_internal_port is not None:
-            # VLLM_PORT: base of vLLM's internal ports; two servers on one node need distinct
-            # ranges (env_vars.html#VLLM_PORT).
-            extra["VLLM_PORT"] = str(vllm_internal_port)
-    return offline_environ(**extra)
+        program = server.vllm.launcher[0]
+        if server.vllm.launcher == ["vllm", "serve"]:
+            program = executable("vllm")
+    elif server.engine == "transformers":
+        program = executable("transformers")
+    else:
+        return None
+    if shutil.which(program) is None:
+        return f"{program} is not an executable file or a command on PATH"
+    return None

@@ -1,9 +1,10 @@
 """One server process: started in its own process group, health-checked, stopped as a group.
 
-Stopping sends SIGTERM to the whole group, waits, then SIGKILLs the group: vLLM's engine-core
-workers are separate processes and SIGKILL of the API server alone can leave them holding GPUs.
-On Linux the server also gets SIGTERM when the process that started it dies, so a killed
-lion-local does not leave servers behind.
+Every server runs under serving.supervisor, the leader of its process group, which takes the
+whole tree down when it is stopped, when the server exits, and when the process that started it
+dies (Linux sends it SIGTERM then): vLLM's engine-core and worker processes are separate, and a
+SIGKILL of the API server alone, or of lion-local during a start, leaves them running. Stopping
+sends SIGTERM to the group, waits, then SIGKILLs the group.
 """
 
 from __future__ import annotations
@@ -69,42 +70,56 @@ class ServerProcess:
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}: {shlex.join(self.command)}\n")
             log.flush()
-            self.process = subprocess.Popen(
-                self.command,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=self.environment,
-                start_new_session=True,
-                preexec_fn=die_with_parent,
-            )
+            supervised = [
+                sys.executable, "-m", "serving.supervisor", "--grace-s", str(self.stop_grace_s), "--", *self.command
+            ]
+            try:
+                self.process = subprocess.Popen(
+                    supervised,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=self.environment,
+                    start_new_session=True,
+                    preexec_fn=die_with_parent,
+                )
+            except OSError as exc:
+                raise ServerError(f"{self.name} server could not start: {exc}") from exc
         logger.info("started %s server (pid %d), log: %s", self.name, self.process.pid, self.log_path)
 
     def wait_until_healthy(self) -> None:
-        """Poll /health until it answers 200; fail fast if the process exits first."""
+        wait_until_healthy([self])
+
+    def healthy(self, client: httpx.Client, deadline: float) -> bool:
+        """One health poll: True once /health answers 200; raises if the process exited or time ran out."""
         assert self.process is not None, "start() first"
-        deadline = time.monotonic() + self.startup_timeout_s
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise ServerError(
-                        f"{self.name} server exited with code {code} while starting; "
-                        f"last log lines: {self.log_tail()!r}; full log: {self.log_path}"
-                    )
-                try:
-                    if client.get(self.health_url).status_code == 200:
-                        logger.info("%s server is healthy at %s", self.name, self.health_url)
-                        return
-                except httpx.HTTPError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.stop()
-                    raise ServerError(
-                        f"{self.name} server not healthy after {self.startup_timeout_s:.0f} s "
-                        f"(servers.{self.name}.startup_timeout_s); log: {self.log_path}"
-                    )
-                time.sleep(0.5)
+        code = self.process.poll()
+        if code is not None:
+            raise ServerError(f"{self.name} server exited with code {code} while starting; {self.failure_hint()}")
+        try:
+            if client.get(self.health_url).status_code == 200:
+                logger.info("%s server is healthy at %s", self.name, self.health_url)
+                return True
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            self.stop()
+            raise ServerError(
+                f"{self.name} server not healthy after {self.startup_timeout_s:.0f} s "
+                f"(servers.{self.name}.startup_timeout_s); log: {self.log_path}"
+            )
+        return False
+
+    def failure_hint(self) -> str:
+        """The log's last lines, and the config key to fix when the server rejected its own flags."""
+        tail = self.log_tail()
+        hint = ""
+        if "unrecognized arguments" in tail or "error: argument" in tail:
+            hint = (
+                f"the server rejected a flag: check servers.{self.name}.vllm.extra_args (or the "
+                f"transformers options), or whether servers.{self.name}.vllm.launcher runs a vLLM too old for it; "
+            )
+        return f"{hint}last log lines: {tail!r}; full log: {self.log_path}"
 
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -116,8 +131,7 @@ class ServerProcess:
         code = self.process.returncode
         how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
         return (
-            f"the {self.name} server (pid {self.process.pid}) {how} while in use; "
-            f"last log lines: {self.log_tail()!r}; full log: {self.log_path}"
+            f"the {self.name} server (pid {self.process.pid}) {how} while in use; {self.failure_hint()}"
         )
 
     def stop(self) -> None:
@@ -128,7 +142,8 @@ class ServerProcess:
         if self.process.poll() is None:
             _signal_group(pgid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=self.stop_grace_s)
+                # The supervisor itself waits stop_grace_s for the server, then kills what is left.
+                self.process.wait(timeout=self.stop_grace_s + 10.0)
             except subprocess.TimeoutExpired:
                 logger.warning("%s server ignored SIGTERM for %.0f s; killing it", self.name, self.stop_grace_s)
         # Children (e.g. vLLM engine cores) may outlive the leader; the group goes in every case.
@@ -142,6 +157,25 @@ class ServerProcess:
                 return " | ".join(line.strip() for line in deque(log, maxlen=lines))
         except OSError:
             return ""
+
+
+def wait_until_healthy(processes: list[ServerProcess]) -> None:
+    """Poll every started process until all answer /health, so servers load side by side.
+
+    The first one to die or time out raises, after every process of the list is stopped.
+    """
+    deadlines = {id(process): time.monotonic() + process.startup_timeout_s for process in processes}
+    pending = list(processes)
+    try:
+        with httpx.Client(timeout=5.0, trust_env=False) as client:
+            while pending:
+                pending = [process for process in pending if not process.healthy(client, deadlines[id(process)])]
+                if pending:
+                    time.sleep(0.5)
+    except BaseException:
+        for process in processes:
+            process.stop()
+        raise
 
 
 def _signal_name(number: int) -> str:

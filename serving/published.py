@@ -21,8 +21,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from lion_local.config import Config
 from serving.process import ServerError
+from serving.spec import ServerSpec
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +42,8 @@ def endpoint_file_name(host: str, port: int) -> str:
 
 
 @contextmanager
-def published_endpoint(config: Config, name: str, base_url: str, model: str) -> Iterator[Path]:
-    """Publish server `name` at `base_url` while the block runs; yield the file's path."""
-    directory = config.endpoint_dir(name)
+def published_endpoint(name: str, directory: Path, base_url: str, model: str) -> Iterator[Path]:
+    """Publish server `name` at `base_url` in `directory` while the block runs; yield the file's path."""
     directory.mkdir(parents=True, exist_ok=True)
     address = urlsplit(base_url)
     host = str(address.hostname)
@@ -100,14 +99,12 @@ def _is_healthy(client: httpx.Client, base_url: str) -> bool:
         return False
 
 
-def live_published_endpoints(config: Config, name: str) -> tuple[list[str], str]:
+def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> tuple[list[str], str]:
     """Base URLs and model name of the published endpoints of `name` that answer /health.
 
     Waits up to servers.<name>.startup_timeout_s for one to appear, so an iteration job may be
     submitted together with the service job that hosts its teacher.
     """
-    server = config.servers[name]
-    directory = config.endpoint_dir(name)
     deadline = time.monotonic() + server.startup_timeout_s
     announced = False
     with httpx.Client(timeout=5.0, trust_env=False) as client:

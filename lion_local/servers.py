@@ -1,0 +1,136 @@
+"""The servers of a run: which to start, with what key and environment, and when to stop them.
+
+serving/ starts and stops servers from their specs; this module decides for the loop. A
+`ServerSet` starts servers on first use (several at once when a stage needs several, such as
+the student and the referee of a discrimination), keeps them across stages, restarts the
+student for each new checkpoint, and stops before student training every server whose
+`keep_running_during_training` is off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from lion_local.config import Config, ServerSpec, api_key_for
+from lion_local.endpoint import EndpointClient
+from lion_local.offline import offline_environ
+from serving import Endpoint, ServerProcess, StartedServer, external_endpoint, running_server, start_servers
+
+logger = logging.getLogger(__name__)
+
+
+def wanted_server(config: Config, name: str, log_path: Path, model: str | None = None) -> StartedServer:
+    """Server `name` of the config as serving/ starts it: offline, with its key, logging to log_path."""
+    return StartedServer(
+        name,
+        config.servers[name],
+        log_path,
+        api_key_for(config, name),
+        offline_environ(),
+        model,
+    )
+
+
+def server_log(log_dir: Path, name: str) -> Path:
+    return Path(log_dir) / f"server-{name}.log"
+
+
+@contextmanager
+def config_server(config: Config, name: str, log_dir: Path, model: str | None = None) -> Iterator[Endpoint]:
+    """Start (or reach) server `name` of the config, yield its Endpoint, stop it afterwards."""
+    with running_server(wanted_server(config, name, server_log(log_dir, name), model), config.endpoint_dir(name)) as endpoint:
+        yield endpoint
+
+
+def client_for(endpoint: Endpoint, server: ServerSpec) -> EndpointClient:
+    return EndpointClient(
+        endpoint.name,
+        endpoint.base_urls,
+        endpoint.model,
+        api_key=endpoint.api_key,
+        max_concurrency=server.max_concurrency,
+        request_timeout_s=server.request_timeout_s,
+        failure_budget_s=server.failure_budget_s,
+        backoff_initial_s=server.backoff_initial_s,
+        backoff_max_s=server.backoff_max_s,
+        use_env_proxy=server.use_env_proxy,
+        server_check=endpoint.server_check,
+    )
+
+
+class ServerSet:
+    """Servers started on first use and kept running across stages until stopped."""
+
+    def __init__(self, config: Config, log_dir: Path) -> None:
+        self.config = config
+        self.log_dir = Path(log_dir)
+        self._running: dict[str, tuple[str | None, ServerProcess | None, Endpoint]] = {}
+
+    def _is_current(self, name: str, model: str | None) -> bool:
+        if name not in self._running:
+            return False
+        running_model, _, endpoint = self._running[name]
+        gone = endpoint.server_check() if endpoint.server_check is not None else None
+        if running_model == model and gone is None:
+            return True
+        if gone is not None:
+            logger.warning("%s; starting it again", gone)
+        self.stop(name)
+        return False
+
+    def start(self, wanted: dict[str, str | None]) -> None:
+        """Make every server of `wanted` (name -> model, None for the configured one) run; the
+        missing ones start together."""
+        missing = {name: model for name, model in wanted.items() if not self._is_current(name, model)}
+        to_start = []
+        for name, model in missing.items():
+            spec = self.config.servers[name]
+            if spec.engine == "external":
+                endpoint = external_endpoint(name, spec, api_key_for(self.config, name), self.config.endpoint_dir(name))
+                self._running[name] = (model, None, endpoint)
+            else:
+                to_start.append(wanted_server(self.config, name, server_log(self.log_dir, name), model))
+        for (process, endpoint), each in zip(start_servers(to_start), to_start):
+            self._running[each.name] = (each.model, process, endpoint)
+
+    async def start_async(self, wanted: dict[str, str | None]) -> None:
+        """`start` off the event loop: servers load for tens of seconds."""
+        await asyncio.to_thread(self.start, wanted)
+
+    def endpoint(self, name: str, model: str | None = None) -> Endpoint:
+        self.start({name: model})
+        return self._running[name][2]
+
+    def engines(self) -> dict[str, str]:
+        """Server name -> engine and version, for the servers running now."""
+        return {name: endpoint.engine or "unknown" for name, (_, _, endpoint) in self._running.items()}
+
+    def client(self, name: str, model: str | None = None) -> EndpointClient:
+        """A new async client for server `name`; the caller closes it."""
+        return client_for(self.endpoint(name, model), self.config.servers[name])
+
+    def stop(self, name: str) -> None:
+        if name in self._running:
+            _, process, _ = self._running.pop(name)
+            if process is not None:
+                process.stop()
+
+    def stop_for_training(self) -> None:
+        """Stop the servers that would hold the GPUs student training needs."""
+        for name in list(self._running):
+            if not self.config.servers[name].keep_running_during_training:
+                self.stop(name)
+
+    def stop_all(self) -> None:
+        for name in list(self._running):
+            self.stop(name)
+
+    def __enter__(self) -> ServerSet:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop_all()

@@ -1,0 +1,103 @@
+"""The first process of every server lion-local starts: it runs the server and takes its whole
+process tree down with it.
+
+    python -m serving.supervisor --grace-s 20 -- vllm serve ...
+
+Why it exists: vLLM is an API server, an engine-core process and workers. SIGKILL reaches only
+the process it is sent to, and an API server still loading ignores the SIGTERM that Linux sends
+it when its parent dies (measured: killing lion-local 15 s into a vLLM start left the API server
+and its engine core running). So the process lion-local starts is this small one, which does
+nothing but wait:
+
+- It leads the server's process group, and Linux sends it SIGTERM when lion-local dies
+  (serving.process starts it with PR_SET_PDEATHSIG).
+- On SIGTERM, SIGINT or SIGHUP (lion-local stopping it, lion-local killed, `scancel`), or when
+  the server exits by itself, it sends SIGTERM to every other process of its group, waits up to
+  --grace-s for them, then SIGKILLs what is left. Python's multiprocessing resource trackers are
+  killed last: they unlink the shared memory of the processes they outlived.
+- It exits as the server did (the same code, or killed by the same signal), so the caller sees
+  the server's own end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+RESOURCE_TRACKER = b"multiprocessing.resource_tracker"
+
+
+def group_members(pgid: int) -> dict[int, bytes]:
+    """The live processes of group `pgid` other than this one -> their command lines."""
+    members = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            fields = stat[stat.rindex(")") + 2 :].split()
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                members[int(entry.name)] = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue  # it exited while we looked
+    return members
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def wait_until_gone(server: subprocess.Popen, keep: set[int], deadline: float) -> None:
+    """Wait until only `keep` is left of the group (the server reaped once it exits), or the deadline."""
+    while time.monotonic() < deadline and set(group_members(os.getpgrp())) - keep:
+        server.poll()
+        time.sleep(0.1)
+
+
+def take_down_group(server: subprocess.Popen, grace_s: float) -> None:
+    members = group_members(os.getpgrp())
+    trackers = {pid for pid, command in members.items() if RESOURCE_TRACKER in command}
+    signal_all([pid for pid in members if pid not in trackers], signal.SIGTERM)
+    wait_until_gone(server, trackers, time.monotonic() + grace_s)
+    signal_all([pid for pid in group_members(os.getpgrp()) if pid not in trackers], signal.SIGKILL)
+    # A tracker unlinks its leftover shared memory once the last process it served is gone.
+    wait_until_gone(server, set(), time.monotonic() + 5.0)
+    signal_all(list(group_members(os.getpgrp())), signal.SIGKILL)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--grace-s", type=float, default=20.0, help="Wait after SIGTERM before SIGKILL.")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="The server's command, after --.")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("give the server's command after --")
+    stopping = []
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, lambda number, _frame: stopping.append(number))
+    try:
+        server = subprocess.Popen(command)
+    except OSError as exc:
+        sys.exit(f"supervisor: cannot start {command[0]!r}: {exc}")
+    while server.poll() is None and not stopping:
+        time.sleep(0.2)
+    take_down_group(server, args.grace_s)
+    code = server.wait()
+    if code < 0:
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
