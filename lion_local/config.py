@@ -21,6 +21,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from serving.commands import launcher_problem
 from lion_local.config_schema import (
     Config,
     Discrimination,
@@ -43,7 +44,7 @@ from lion_local.config_schema import (
 __all__ = [
     "Config", "ConfigError", "Discrimination", "Evaluation", "Generation", "GenerationFilters", "GeneratorRole",
     "Imitation", "RefereeRole", "Roles", "ServerSpec", "StudentRole", "TeacherRole", "TinyModels",
-    "TransformersServeOptions", "VllmOptions", "api_key_for", "check_models_exist", "config_to_yaml", "load_config",
+    "TransformersServeOptions", "VllmOptions", "api_key_for", "check_launchers", "check_models_exist", "config_to_yaml", "load_config",
 ]
 
 class ConfigError(Exception):
@@ -266,6 +267,21 @@ def check_models_exist(config: Config, server_names: list[str]) -> None:
             f"servers.{name}.model: {model} {problem}; set it to a local model directory "
             "(nothing is downloaded), e.g. --set servers.{name}.model=/path/to/model".replace("{name}", name)
         )
+
+
+def check_launchers(config: Config, server_names: list[str]) -> None:
+    """Fail with an exit-2 style error when a server's command is not found, before anything starts."""
+    for name in server_names:
+        problem = launcher_problem(config.servers[name])
+        if problem is not None:
+            key = "vllm.launcher" if config.servers[name].engine == "vllm" else "engine"
+            hint = (
+                "install vLLM there (`make install` creates .venv-vllm/ on CPU machines) or point the key at "
+                "your vLLM environment or container"
+                if key == "vllm.launcher"
+                else "install transformers[serving] (the serve extra)"
+            )
+            raise ConfigError(f"servers.{name}.{key}: {problem}; {hint}")
 
 
 def api_key_for(config: Config, server_name: str) -> str | None:

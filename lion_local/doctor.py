@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from lion_local.config import Config, api_key_for, check_models_exist
+from lion_local.config import Config, api_key_for, check_launchers, check_models_exist
 from lion_local.endpoint import EndpointClient, EndpointError
 from lion_local.roles import (
     ask_generator,
@@ -47,6 +47,7 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
     """All checks, in order; the caller reports them and exits non-zero if any failed."""
     names = config.servers_in_use()
     check_models_exist(config, names)
+    check_launchers(config, names)
     for name in names:
         api_key_for(config, name)  # an unset key variable fails here, before anything starts
     seed = load_seed_instructions(config.seed_data, limit=1)[0]

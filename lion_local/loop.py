@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lion_local.config import Config, api_key_for, check_models_exist, config_to_yaml
+from lion_local.config import Config, api_key_for, check_launchers, check_models_exist, config_to_yaml
 from lion_local.discrimination import run_discrimination
 from lion_local.generation import run_generation
 from lion_local.imitation import run_imitation
@@ -92,6 +92,7 @@ def check_inputs(config: Config, run: RunDir) -> None:
     """Everything a run needs beyond the config, checked before the run directory is created."""
     servers = config.servers_in_use()
     check_models_exist(config, servers)
+    check_launchers(config, servers)
     for name in servers:
         api_key_for(config, name)
     if not (run.iteration(1) / "cache_pool.jsonl").exists():

@@ -25,8 +25,8 @@ def tiny_models(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def tiny_run_config(tiny_models: Path, tmp_path: Path) -> Path:
-    """configs/tiny-cpu.yaml with its models and run directory moved under the test's tmp_path."""
-    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    """configs/tiny-cpu-transformers.yaml with its models and run directory moved under the test's tmp_path."""
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu-transformers.yaml").read_text())
     data["run_dir"] = str(tmp_path / "run")
     data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
     data["tiny_models"]["dir"] = str(tiny_models)

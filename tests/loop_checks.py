@@ -1,6 +1,6 @@
 """Helpers shared by the tests that run the whole loop for real (test_loop_integration, test_slurm).
 
-- tiny_config / run_config: configs/tiny-cpu.yaml with absolute paths under a test's tmp dir; the
+- tiny_config / run_config: configs/tiny-cpu-transformers.yaml with absolute paths under a test's tmp dir; the
   run_config variant makes the teacher an external endpoint behind the recording proxy (and,
   greedy, samples at temperature 0 so that two runs of it give the same results).
 - start_proxy / proxy_records / teacher_deliveries: the recording proxy (which can inject faults),
@@ -32,7 +32,7 @@ PROXY = ROOT / "tests" / "recording_proxy.py"
 
 
 def tiny_config(tiny_models: Path, run_dir: Path) -> dict:
-    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu-transformers.yaml").read_text())
     data["run_dir"] = str(run_dir)
     data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
     data["tiny_models"]["dir"] = str(tiny_models)

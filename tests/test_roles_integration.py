@@ -25,7 +25,8 @@ from lion_local.roles import (
 )
 from lion_local.seed_data import load_seed_instructions
 from lion_local.tiny_models import TinyBuild, make_tiny_models
-from serving import ServerError, client_for, running_server
+from lion_local.servers import client_for, config_server
+from serving import ServerError
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,7 +60,7 @@ async def _exercise_roles(config, endpoints, seeds):
 def test_every_role_returns_a_well_formed_parsed_result(tiny_run_config: Path, tmp_path: Path):
     config = load_config(tiny_run_config)
     seeds = load_seed_instructions(config.seed_data)[::20]  # 8 instructions across the categories
-    with running_server(config, "teacher", tmp_path / "logs") as teacher, running_server(
+    with config_server(config, "teacher", tmp_path / "logs") as teacher, config_server(
         config, "student", tmp_path / "logs"
     ) as student:
         results, usage = asyncio.run(_exercise_roles(config, {"teacher": teacher, "student": student}, seeds))
@@ -114,7 +115,7 @@ def test_a_server_that_cannot_load_its_model_fails_fast_naming_its_log(tiny_run_
     config = load_config(tiny_run_config, [f"servers.teacher.model={not_a_model}"])
     started = time.monotonic()
     with pytest.raises(ServerError, match=r"teacher server exited with code \d+ while starting.*server-teacher.log"):
-        with running_server(config, "teacher", tmp_path / "logs"):
+        with config_server(config, "teacher", tmp_path / "logs"):
             pass
     assert time.monotonic() - started < 60
 

@@ -1,10 +1,9 @@
 """Command lines and environments of the servers lion-local starts; how a started server's death is
-reported (a plain Python process stands in for the server) and how ServerSet replaces a server
-that died between stages (a stand-in for starting one)."""
+reported (a plain Python process stands in for the server); how ServerSet replaces a server
+that died between stages (a stand-in for starting one); serving/ imports nothing from lion_local."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import sys
@@ -14,8 +13,10 @@ from pathlib import Path
 import pytest
 
 import serving
+import lion_local.servers
 from lion_local.config import load_config
-from lion_local.offline import OFFLINE_ENVIRONMENT
+from lion_local.offline import OFFLINE_ENVIRONMENT, offline_environ
+from lion_local.servers import ServerSet
 from serving import server_launch
 from serving.commands import request_model_name, server_environment, transformers_command, vllm_command
 from serving.process import ServerProcess
@@ -31,7 +32,7 @@ def test_vllm_command_line_has_every_configured_flag():
     command = vllm_command(config.servers["teacher"], "0.0.0.0", 8123)
     assert Path(command[0]).name == "vllm"
     assert command[1:] == [
-        "serve", "/models/teacher-70b",
+        "serve", "--model", "/models/teacher-70b",
         "--host", "0.0.0.0", "--port", "8123",
         "--served-model-name", "teacher",
         "--tensor-parallel-size", "4",
@@ -48,14 +49,14 @@ def test_vllm_served_name_defaults_to_the_model_directory_name():
     config = load_config(ROOT / "configs/lion-7b.yaml", ["servers.student.served_model_name=null"])
     command = vllm_command(config.servers["student"], "127.0.0.1", 9000, model="/runs/x/iter_2/student")
     assert command[command.index("--served-model-name") + 1] == "student"
-    assert command[2] == "/runs/x/iter_2/student"
+    assert command[command.index("--model") + 1] == "/runs/x/iter_2/student"
     assert request_model_name(config.servers["student"], "/runs/x/iter_2/student") == "student"
 
 
 def test_api_key_reaches_vllm_only_through_its_environment(monkeypatch):
     monkeypatch.setenv("TEACHER_KEY", "sk-abc-123")
     config = load_config(ROOT / "configs/lion-7b.yaml", ["servers.teacher.api_key_env=TEACHER_KEY"])
-    launch = server_launch(config, "teacher")
+    launch = server_launch(config.servers["teacher"], "sk-abc-123")
     assert "sk-abc-123" not in " ".join(launch.command)
     assert "--api-key" not in launch.command
     assert launch.environment["VLLM_API_KEY"] == "sk-abc-123"
@@ -66,7 +67,7 @@ def test_api_key_reaches_vllm_only_through_its_environment(monkeypatch):
 def test_every_started_server_gets_the_offline_environment():
     config = load_config(ROOT / "configs/tiny-cpu.yaml")
     for name in ("teacher", "student"):
-        environment = server_environment(config.servers[name], api_key=None)
+        environment = lion_local.servers.wanted_server(config, name, Path("unused.log")).environment
         for key, value in OFFLINE_ENVIRONMENT.items():
             assert environment[key] == value
     assert set(OFFLINE_ENVIRONMENT) >= {
@@ -75,8 +76,18 @@ def test_every_started_server_gets_the_offline_environment():
     }
 
 
-def test_transformers_command_serves_the_pinned_local_model():
+def test_cpu_vllm_servers_get_disjoint_cores_and_a_bounded_kv_cache():
     config = load_config(ROOT / "configs/tiny-cpu.yaml")
+    teacher, student = (server_environment(config.servers[name], None, None, {}) for name in ("teacher", "student"))
+    assert teacher["VLLM_CPU_OMP_THREADS_BIND"] == "0" and student["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+    assert teacher["VLLM_CPU_KVCACHE_SPACE"] == "1"
+    command = vllm_command(config.servers["teacher"], "127.0.0.1", 8000)
+    assert command[:3] == [str(ROOT / ".venv-vllm/bin/python"), "-m", "vllm.entrypoints.openai.api_server"]
+    assert "--enforce-eager" in command
+
+
+def test_transformers_command_serves_the_pinned_local_model():
+    config = load_config(ROOT / "configs/tiny-cpu-transformers.yaml")
     server = config.servers["teacher"]
     command = transformers_command(server, "127.0.0.1", 8555)
     assert Path(command[0]).name == "transformers"
@@ -90,10 +101,10 @@ def test_transformers_command_serves_the_pinned_local_model():
 
 def test_launch_picks_a_free_port_and_builds_the_urls():
     config = load_config(ROOT / "configs/tiny-cpu.yaml")
-    launch = server_launch(config, "teacher")
+    launch = server_launch(config.servers["teacher"], None)
     assert launch.base_url == f"http://127.0.0.1:{launch.port}/v1"
     assert launch.health_url == f"http://127.0.0.1:{launch.port}/health"
-    fixed = server_launch(load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.port=8999"]), "teacher")
+    fixed = server_launch(load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.port=8999"]).servers["teacher"], None)
     assert fixed.port == 8999
 
 
@@ -104,7 +115,7 @@ def test_external_endpoint_uses_its_served_model_name():
     ])
     assert request_model_name(config.servers["teacher"]) == "big-teacher"
     with pytest.raises(ValueError, match="not started by lion-local"):
-        server_launch(config, "teacher")
+        server_launch(config.servers["teacher"], None)
 
 
 def test_exit_report_says_how_a_started_server_died_and_where_its_log_is(tmp_path):
@@ -132,15 +143,21 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
     dead: set[int] = set()
     starts: list[str] = []
 
-    @contextlib.contextmanager
-    def fake_running_server(config, name, log_dir, model=None):
-        number = len(starts)
-        starts.append(name)
-        report = f"the {name} server (pid {number}) was killed by SIGKILL while in use"
-        yield serving.Endpoint(name, [f"http://127.0.0.1:{number + 1}/v1"], "m", None, lambda: report if number in dead else None)
+    def fake_start_servers(wanted):
+        started = []
+        for each in wanted:
+            number = len(starts)
+            starts.append(each.name)
+            report = f"the {each.name} server (pid {number}) was killed by SIGKILL while in use"
+            endpoint = serving.Endpoint(
+                each.name, [f"http://127.0.0.1:{number + 1}/v1"], "m", None,
+                lambda report=report, number=number: report if number in dead else None,
+            )
+            started.append((None, endpoint))
+        return started
 
-    monkeypatch.setattr(serving, "running_server", fake_running_server)
-    with serving.ServerSet(config, ROOT / "unused-log-dir") as servers, caplog.at_level("WARNING", logger="serving"):
+    monkeypatch.setattr(lion_local.servers, "start_servers", fake_start_servers)
+    with ServerSet(config, ROOT / "unused-log-dir") as servers, caplog.at_level("WARNING", logger="lion_local"):
         first = servers.endpoint("teacher")
         assert servers.endpoint("teacher") is first  # alive: reused
         dead.add(0)
@@ -149,3 +166,28 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
     assert [r.getMessage() for r in caplog.records] == [
         "the teacher server (pid 0) was killed by SIGKILL while in use; starting it again"
     ]
+
+
+def test_serving_imports_nothing_from_lion_local():
+    """The dependency points one way: lion_local uses serving, never the reverse."""
+    import ast
+
+    for path in sorted((ROOT / "serving").glob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                assert name.split(".")[0] != "lion_local", f"{path.name}:{node.lineno} imports {name}"
+
+
+def test_a_server_command_that_does_not_exist_is_named_before_anything_starts():
+    from lion_local.config import ConfigError
+    from lion_local.config import check_launchers
+
+    config = load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.vllm.launcher=[/nowhere/bin/vllm, serve]"])
+    with pytest.raises(ConfigError, match=r"^servers.teacher.vllm.launcher: /nowhere/bin/vllm is not an executable"):
+        check_launchers(config, ["teacher"])

@@ -54,14 +54,15 @@ from click.testing import CliRunner
 import serving.published
 from lion_local.cli import main
 from lion_local.config import ConfigError, api_key_for, load_config
-from lion_local.offline import OFFLINE_ENVIRONMENT
+from lion_local.offline import OFFLINE_ENVIRONMENT, offline_environ
 from lion_local.training_launch import (
     Allocation,
     LaunchError,
     current_allocation,
     multi_node_command,
 )
-from serving import running_server, server_launch
+from lion_local.servers import config_server, wanted_server
+from serving import server_launch
 from serving.commands import executable, server_environment, vllm_command
 from serving.process import ServerError, free_port
 from serving.published import (
@@ -90,6 +91,14 @@ def _write_script(path: Path, body: str) -> Path:
     return path
 
 
+def _publish(config, name: str, base_url: str, model: str):
+    return published_endpoint(name, config.endpoint_dir(name), base_url, model)
+
+
+def _live(config, name: str):
+    return live_published_endpoints(name, config.servers[name], config.endpoint_dir(name))
+
+
 # ----------------------------------------------------------------------------------------------
 # vllm_command and server_environment
 # ----------------------------------------------------------------------------------------------
@@ -112,6 +121,7 @@ def _teacher_config(tmp_path, monkeypatch, *overrides: str):
 def _expected_vllm_args() -> list[str]:
     return [
         "serve",
+        "--model",
         str(ROOT / "models" / "Llama-3.3-70B-Instruct"),
         "--host",
         "0.0.0.0",
@@ -169,7 +179,7 @@ def test_server_launch_keeps_the_api_key_off_the_command_line(tmp_path, monkeypa
     secret = "sk-lion-test-9f8e7d6c"
     monkeypatch.setenv("LION_TEST_TEACHER_KEY", secret)
     config = _teacher_config(tmp_path, monkeypatch, "servers.teacher.api_key_env=LION_TEST_TEACHER_KEY")
-    launch = server_launch(config, "teacher")
+    launch = server_launch(config.servers["teacher"], api_key_for(config, "teacher"))
     assert launch.command[1:] == _expected_vllm_args()
     assert not any(secret in argument for argument in launch.command)
     assert "--api-key" not in launch.command
@@ -190,14 +200,14 @@ def test_server_environment(tmp_path, monkeypatch):
     config = _teacher_config(tmp_path, monkeypatch, "servers.teacher.api_key_env=LION_TEST_TEACHER_KEY")
     server = config.servers["teacher"]
 
-    environment = server_environment(server, api_key_for(config, "teacher"), 41234)
+    environment = server_environment(server, api_key_for(config, "teacher"), 41234, offline_environ())
     assert environment["VLLM_API_KEY"] == "sk-abc"
     assert environment["VLLM_PORT"] == "41234"
     for name, value in OFFLINE_ENVIRONMENT.items():
         assert environment[name] == value, name
     assert environment["LION_TEST_PASSTHROUGH"] == "kept"
 
-    bare = server_environment(server, None)
+    bare = server_environment(server, None, None, offline_environ())
     assert "VLLM_API_KEY" not in bare and "VLLM_PORT" not in bare
     assert all(bare[name] == value for name, value in OFFLINE_ENVIRONMENT.items())
 
@@ -206,7 +216,7 @@ def test_api_key_env_unset_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("LION_TEST_UNSET_KEY", raising=False)
     config = _teacher_config(tmp_path, monkeypatch, "servers.teacher.api_key_env=LION_TEST_UNSET_KEY")
     with pytest.raises(ConfigError, match="LION_TEST_UNSET_KEY"):
-        server_launch(config, "teacher")
+        wanted_server(config, "teacher", tmp_path / "server.log")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -447,7 +457,7 @@ def test_published_endpoint_file(external, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     directory = external.endpoint_dir("teacher")
     assert directory == tmp_path / "run" / "endpoints" / "teacher"
-    with published_endpoint(external, "teacher", "http://hostx:1234/v1", "model-x") as path:
+    with _publish(external, "teacher", "http://hostx:1234/v1", "model-x") as path:
         assert path.parent == directory
         assert path.name == "4242-hostx-1234.json"
         assert sorted(directory.iterdir()) == [path]  # no temporary file left behind
@@ -467,7 +477,7 @@ def test_published_endpoint_file(external, tmp_path, monkeypatch):
 def test_published_endpoint_outside_slurm_is_local_and_withdrawn_on_error(external):
     with (
         pytest.raises(RuntimeError, match="server died"),
-        published_endpoint(external, "teacher", "http://hostx:1234/v1", "model-x") as path,
+        _publish(external, "teacher", "http://hostx:1234/v1", "model-x") as path,
     ):
         assert path.name == "local-hostx-1234.json"
         assert path.exists()
@@ -481,7 +491,7 @@ def test_published_endpoint_in_a_configured_directory(tmp_path, monkeypatch):
         tmp_path, monkeypatch, "servers.teacher.engine=external", f"servers.teacher.endpoint_dir={tmp_path / 'eps'}"
     )
     assert config.endpoint_dir("teacher") == tmp_path / "eps"
-    with published_endpoint(config, "teacher", "http://hosty:80/v1", "m") as path:
+    with _publish(config, "teacher", "http://hosty:80/v1", "m") as path:
         assert path == tmp_path / "eps" / "local-hosty-80.json"
     assert not (tmp_path / "run" / "endpoints").exists()
 
@@ -518,11 +528,11 @@ def test_read_published_skips_json_that_is_not_an_object(tmp_path):
 def test_live_published_endpoints_keep_only_the_live_ones(external, tmp_path):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     with _health_server() as live, ExitStack() as stack:
-        stack.enter_context(published_endpoint(external, "teacher", live, "model-x"))
-        stack.enter_context(published_endpoint(external, "teacher", dead, "model-x"))
+        stack.enter_context(_publish(external, "teacher", live, "model-x"))
+        stack.enter_context(_publish(external, "teacher", dead, "model-x"))
         assert len(list(external.endpoint_dir("teacher").glob("*.json"))) == 2
-        assert live_published_endpoints(external, "teacher") == ([live], "model-x")
-        with running_server(external, "teacher", tmp_path / "logs") as endpoint:
+        assert _live(external, "teacher") == ([live], "model-x")
+        with config_server(external, "teacher", tmp_path / "logs") as endpoint:
             assert endpoint.name == "teacher"
             assert endpoint.base_urls == [live]
             assert endpoint.model == "model-x"
@@ -532,8 +542,8 @@ def test_live_published_endpoints_keep_only_the_live_ones(external, tmp_path):
 def test_live_published_endpoints_balance_over_replicas(external):
     with _health_server() as first, _health_server() as second, ExitStack() as stack:
         for url in (first, second):
-            stack.enter_context(published_endpoint(external, "teacher", url, "model-x"))
-        base_urls, model = live_published_endpoints(external, "teacher")
+            stack.enter_context(_publish(external, "teacher", url, "model-x"))
+        base_urls, model = _live(external, "teacher")
     assert sorted(base_urls) == sorted([first, second])
     assert model == "model-x"
 
@@ -552,7 +562,7 @@ def test_live_published_endpoints_wait_for_a_late_publication(external):
         timer.start()
         try:
             started = time.monotonic()
-            assert live_published_endpoints(external, "teacher") == ([live], "late-model")
+            assert _live(external, "teacher") == ([live], "late-model")
             assert 0.3 < time.monotonic() - started < 1.5
         finally:
             timer.cancel()
@@ -563,7 +573,7 @@ def test_live_published_endpoints_time_out_when_nothing_is_published(external):
     directory = external.endpoint_dir("teacher")
     started = time.monotonic()
     with pytest.raises(ServerError) as caught:
-        live_published_endpoints(external, "teacher")
+        _live(external, "teacher")
     elapsed = time.monotonic() - started
     assert 1.4 <= elapsed < 4.0
     message = str(caught.value)
@@ -577,19 +587,19 @@ def test_live_published_endpoints_time_out_when_none_answers(external):
     external.servers["teacher"].startup_timeout_s = 0.5
     dead = f"http://127.0.0.1:{free_port()}/v1"
     with (
-        published_endpoint(external, "teacher", dead, "model-x"),
+        _publish(external, "teacher", dead, "model-x"),
         pytest.raises(ServerError, match="1 file\\(s\\) there, none answering /health"),
     ):
-        live_published_endpoints(external, "teacher")
+        _live(external, "teacher")
 
 
 def test_live_published_endpoints_refuse_different_models(external):
     with _health_server() as first, _health_server() as second, ExitStack() as stack:
-        stack.enter_context(published_endpoint(external, "teacher", first, "model-a"))
-        stack.enter_context(published_endpoint(external, "teacher", second, "model-b"))
+        stack.enter_context(_publish(external, "teacher", first, "model-a"))
+        stack.enter_context(_publish(external, "teacher", second, "model-b"))
         started = time.monotonic()
         with pytest.raises(ServerError, match="different models") as caught:
-            live_published_endpoints(external, "teacher")
+            _live(external, "teacher")
         assert time.monotonic() - started < 1.0  # an error at once, not after the timeout
     assert "model-a" in str(caught.value) and "model-b" in str(caught.value)
 
