@@ -87,9 +87,14 @@ async def _collect(
                 name = getattr(roles, role).server
                 if name not in clients:
                     model = str(run.student(k)) if role == "student" else None
-                    clients[name] = await stack.enter_async_context(servers.client(name, model))
+                    clients[name] = await stack.enter_async_context(await servers.open_client(name, model))
                 return clients[name]
 
+            # The student's new checkpoint and the referee load side by side.
+            wanted = {roles.student.server: str(run.student(k))} if need_student else {}
+            if pending_reviews:
+                wanted.setdefault(roles.referee.server, None)
+            await servers.start_async(wanted)
             student_client = await client("student") if need_student else None
             referee_client = await client("referee") if pending_reviews else None
 

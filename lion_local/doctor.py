@@ -66,7 +66,7 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
             server = config.servers[name]
             where = ", ".join(endpoints[name].base_urls)
             checks.append(
-                Check(f"server {name}", True, f"{server.engine} at {where} ready in {time.monotonic() - started:.1f} s")
+                Check(f"server {name}", True, f"{endpoints[name].engine} at {where} ready in {time.monotonic() - started:.1f} s")
             )
         checks += asyncio.run(_check_roles(config, endpoints, seed.instruction, seed.input))
     return checks

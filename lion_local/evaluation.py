@@ -222,7 +222,7 @@ async def _evaluate_all(
             """The teacher's or the judge's client, opened on first use (a shared server: one client)."""
             async with connecting:
                 if name not in clients:
-                    clients[name] = await stack.enter_async_context(servers.client(name))
+                    clients[name] = await stack.enter_async_context(await servers.open_client(name))
                 return clients[name]
 
         with Journal(run.root / "eval" / "teacher_answers.jsonl") as journal:
@@ -347,7 +347,7 @@ async def _student_answers(
     if not missing:
         return answers
     try:
-        async with servers.client(role.server, str(checkpoint.path)) as student:
+        async with await servers.open_client(role.server, str(checkpoint.path)) as student:
 
             def call(question: dict):
                 async def ask() -> dict:

@@ -257,7 +257,7 @@ async def _call_generator(
 
         return ask
 
-    async with servers.client(role.server) as client:
+    async with await servers.open_client(role.server) as client:
         await call_all(
             [call(client, side, attempt) for side, attempt in wanted],
             journal,

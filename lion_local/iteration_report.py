@@ -48,6 +48,7 @@ def iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, fl
             },
         },
         "stage_seconds": _stage_seconds(state["stage_seconds"], unrecorded_seconds or {}, prefix),
+        "engines": engines(run),
     }
     if k == FINAL:
         return report
@@ -72,6 +73,11 @@ def iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, fl
     report["roles"]["referee"] = usage(read_jsonl(directory / "reviews.jsonl"))
     report["roles"]["generator"] = usage(read_jsonl(directory / "generator_calls.jsonl"))
     return report
+
+
+def engines(run: RunDir) -> dict[str, str]:
+    """Server name -> the engine and version it last started with ("vllm 0.32.0")."""
+    return {record["server"]: record["engine"] for record in read_jsonl(run.servers_journal) if record.get("engine")}
 
 
 def _stage_seconds(recorded: dict[str, float], unrecorded: dict[str, float], prefix: str) -> dict[str, float]:

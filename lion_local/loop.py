@@ -114,7 +114,7 @@ def execute(config: Config, scope: str, stage: str | None = None) -> list[str]:
 
         ensure_tiny_models(config)
         write_atomic(run.config_yaml, config_to_yaml(config))
-        with run_log(run), ServerSet(config, run.logs) as servers:
+        with run_log(run), ServerSet(config, run.logs, run.servers_journal) as servers:
             for marker in markers:
                 run_stage(config, run, marker, servers)
                 done.append(marker)

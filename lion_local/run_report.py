@@ -328,6 +328,7 @@ def markdown(report: RunReport, run: RunDir) -> str:
     sections = [
         f"# lion-local run report: {report.run_dir.name}",
         f"Completed stages: {', '.join(state['completed']) or 'none'}.",
+        f"Servers: {_engines_line(report)}.",
         "Every number comes from the run's journals (through each iteration's report.json); "
         "`lion-local report` writes this file again whenever it runs.",
         "## Summary per iteration",
@@ -343,6 +344,13 @@ def markdown(report: RunReport, run: RunDir) -> str:
         sections.append("## Plots")
         sections += [f"![{path.stem}](plots/{path.name})" for path in report.plots]
     return "\n\n".join(sections) + "\n"
+
+
+def _engines_line(report: RunReport) -> str:
+    engines: dict[str, str] = {}
+    for iteration in report.iterations:
+        engines.update(iteration.report.get("engines", {}))
+    return ", ".join(f"{name} on {engine}" for name, engine in sorted(engines.items())) or "not recorded"
 
 
 def write_report(run: RunDir) -> RunReport:

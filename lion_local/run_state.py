@@ -59,6 +59,11 @@ class RunDir:
     def logs(self) -> Path:
         return self.root / "logs"
 
+    @property
+    def servers_journal(self) -> Path:
+        """One record per server start: {"server", "engine", "model", "base_url", "started_at"}."""
+        return self.root / "servers.jsonl"
+
     def iteration(self, k: int | str) -> Path:
         """iter_<k>/ for an iteration number; final/ for the final imitation."""
         return self.root / (FINAL if k == FINAL else f"iter_{k}")

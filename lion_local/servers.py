@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +19,17 @@ from pathlib import Path
 from lion_local.config import Config, ServerSpec, api_key_for
 from lion_local.endpoint import EndpointClient
 from lion_local.offline import offline_environ
-from serving import Endpoint, ServerProcess, StartedServer, external_endpoint, running_server, start_servers
+from lion_local.run_state import Journal
+from serving import (
+    Endpoint,
+    Launched,
+    ServerProcess,
+    StartedServer,
+    await_servers,
+    external_endpoint,
+    launch_servers,
+    running_server,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -65,9 +76,13 @@ def client_for(endpoint: Endpoint, server: ServerSpec) -> EndpointClient:
 class ServerSet:
     """Servers started on first use and kept running across stages until stopped."""
 
-    def __init__(self, config: Config, log_dir: Path) -> None:
+    def __init__(self, config: Config, log_dir: Path, started_journal: Path | None = None) -> None:
         self.config = config
         self.log_dir = Path(log_dir)
+        self.started_journal = started_journal
+        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # Started and still loading: stop_all ends these too, so a cancelled start leaves nothing.
+        self._loading: list[ServerProcess] = []
         self._running: dict[str, tuple[str | None, ServerProcess | None, Endpoint]] = {}
 
     def _is_current(self, name: str, model: str | None) -> bool:
@@ -85,33 +100,67 @@ class ServerSet:
     def start(self, wanted: dict[str, str | None]) -> None:
         """Make every server of `wanted` (name -> model, None for the configured one) run; the
         missing ones start together."""
-        missing = {name: model for name, model in wanted.items() if not self._is_current(name, model)}
+        self._finish(self._launch(wanted))
+
+    async def start_async(self, wanted: dict[str, str | None]) -> None:
+        """`start` for async code: the processes start on this (the main) thread, and the tens of
+        seconds they take to load are waited for on another, so the event loop keeps running."""
+        loop = asyncio.get_running_loop()
+        if self._starting is None or self._starting[0] is not loop:
+            self._starting = (loop, asyncio.Lock())
+        async with self._starting[1]:  # two coroutines never start the same server twice
+            launched = self._launch(wanted)
+            await asyncio.to_thread(self._finish, launched)
+
+    def _launch(self, wanted: dict[str, str | None]) -> Launched:
         to_start = []
-        for name, model in missing.items():
+        for name, model in wanted.items():
+            if self._is_current(name, model):
+                continue
             spec = self.config.servers[name]
             if spec.engine == "external":
                 endpoint = external_endpoint(name, spec, api_key_for(self.config, name), self.config.endpoint_dir(name))
                 self._running[name] = (model, None, endpoint)
             else:
                 to_start.append(wanted_server(self.config, name, server_log(self.log_dir, name), model))
-        for (process, endpoint), each in zip(start_servers(to_start), to_start):
-            self._running[each.name] = (each.model, process, endpoint)
+        launched = launch_servers(to_start)
+        self._loading += [process for _, process, _ in launched]
+        return launched
 
-    async def start_async(self, wanted: dict[str, str | None]) -> None:
-        """`start` off the event loop: servers load for tens of seconds."""
-        await asyncio.to_thread(self.start, wanted)
+    def _finish(self, launched: Launched) -> None:
+        try:
+            ready = await_servers(launched)
+        finally:
+            self._loading = [process for process in self._loading if all(process is not p for _, p, _ in launched)]
+        for (process, endpoint), (each, _, _) in zip(ready, launched):
+            self._running[each.name] = (each.model, process, endpoint)
+            self._record_start(endpoint, each.model or each.spec.model)
+
+    def _record_start(self, endpoint: Endpoint, model: str | None) -> None:
+        if self.started_journal is None:
+            return
+        record = {
+            "server": endpoint.name,
+            "engine": endpoint.engine,
+            "model": model,
+            "base_url": endpoint.base_urls[0],
+            "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with Journal(self.started_journal) as journal:
+            journal.append(record)
 
     def endpoint(self, name: str, model: str | None = None) -> Endpoint:
         self.start({name: model})
         return self._running[name][2]
 
-    def engines(self) -> dict[str, str]:
-        """Server name -> engine and version, for the servers running now."""
-        return {name: endpoint.engine or "unknown" for name, (_, _, endpoint) in self._running.items()}
-
     def client(self, name: str, model: str | None = None) -> EndpointClient:
         """A new async client for server `name`; the caller closes it."""
         return client_for(self.endpoint(name, model), self.config.servers[name])
+
+    async def open_client(self, name: str, model: str | None = None) -> EndpointClient:
+        """`client` for async code: a server that must start first loads off the event loop."""
+        await self.start_async({name: model})
+        return self.client(name, model)
 
     def stop(self, name: str) -> None:
         if name in self._running:
@@ -126,6 +175,8 @@ class ServerSet:
                 self.stop(name)
 
     def stop_all(self) -> None:
+        for process in list(self._loading):
+            process.stop()
         for name in list(self._running):
             self.stop(name)
 

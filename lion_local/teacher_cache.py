@@ -103,7 +103,7 @@ def teacher_answers_for(config: Config, run: RunDir, records: list[dict], server
         async with AsyncExitStack() as stack:
 
             async def connect() -> EndpointClient:
-                return await stack.enter_async_context(servers.client(config.roles.teacher.server))
+                return await stack.enter_async_context(await servers.open_client(config.roles.teacher.server))
 
             return await ensure_teacher_answers(run, config, records, connect, stage)
 

@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "Endpoint",
     "ServerError",
+    "Launched",
     "ServerLaunch",
     "ServerProcess",
     "ServerSpec",
@@ -35,6 +36,8 @@ __all__ = [
     "running_server",
     "server_launch",
     "server_process",
+    "await_servers",
+    "launch_servers",
     "start_servers",
 ]
 
@@ -121,23 +124,34 @@ def engine_version(spec: ServerSpec, base_url: str, api_key: str | None) -> str 
         return "vllm (version unknown)"
 
 
-def start_servers(wanted: list[StartedServer]) -> list[tuple[ServerProcess, Endpoint]]:
-    """Start every server of `wanted` at once, wait until all are healthy, return their endpoints.
+Launched = list[tuple[StartedServer, ServerProcess, ServerLaunch]]
+
+
+def launch_servers(wanted: list[StartedServer]) -> Launched:
+    """Start the processes of `wanted` (quick: nothing waits for them to load).
+
+    Call it on a thread that lives as long as the servers, such as the main thread: Linux sends
+    a server SIGTERM when the thread that started it ends (PR_SET_PDEATHSIG follows the thread).
+    """
+    launched = [(each, *server_process(each)) for each in wanted]
+    try:
+        for _, process, _ in launched:
+            process.start()
+    except BaseException:
+        for _, process, _ in launched:
+            process.stop()
+        raise
+    return launched
+
+
+def await_servers(launched: Launched) -> list[tuple[ServerProcess, Endpoint]]:
+    """Wait until every launched server is healthy (any thread may wait) and return the endpoints.
 
     If one fails, all are stopped and the ServerError of the first failure is raised.
     """
-    started = [(each, *server_process(each)) for each in wanted]
-    processes = [process for _, process, _ in started]
-    try:
-        for process in processes:
-            process.start()
-        wait_until_healthy(processes)
-    except BaseException:
-        for process in processes:
-            process.stop()
-        raise
+    wait_until_healthy([process for _, process, _ in launched])
     result = []
-    for each, process, launch in started:
+    for each, process, launch in launched:
         engine = engine_version(each.spec, launch.base_url, each.api_key)
         logger.info("%s server: %s at %s", each.name, engine, launch.base_url)
         endpoint = Endpoint(
@@ -150,6 +164,11 @@ def start_servers(wanted: list[StartedServer]) -> list[tuple[ServerProcess, Endp
         )
         result.append((process, endpoint))
     return result
+
+
+def start_servers(wanted: list[StartedServer]) -> list[tuple[ServerProcess, Endpoint]]:
+    """Start every server of `wanted` at once and wait until all are healthy."""
+    return await_servers(launch_servers(wanted))
 
 
 def external_endpoint(name: str, spec: ServerSpec, api_key: str | None, endpoint_dir: Path) -> Endpoint:

@@ -1,0 +1,243 @@
+"""lion-local on vLLM for real: vLLM's CPU build (.venv-vllm/, made by `make install`) serves the
+tiny teacher and student of configs/tiny-cpu.yaml.
+
+- Every flag lion-local passes to vLLM is parsed by the installed vLLM's own argument parser
+  (tests/vllm_arg_check.py), so a flag that vLLM renames or removes fails here.
+- One shared run (the `vllm_run` fixture), with an API key on both servers:
+  `lion-local doctor` checks every role; `lion-local run` runs with the loopback as its only
+  network interface (as root), is SIGKILLed in the middle of iteration 1's discrimination while
+  both servers are up, and is run again to completion. The tests then check: the loop's
+  invariants; the student checkpoints TRL wrote loaded and answered in vLLM; the engine and its
+  version in report.json and report.md; the key required by the servers (401 without it) and
+  found in no command line, log or run file; no vLLM process and no shared memory left after
+  the kill and after the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lion_local.config import load_config
+from loop_checks import check_invariants, descendants, jsonl, lion_local, process_environment
+from serving.commands import vllm_command
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+SECRET = "sk-lion-vllm-test-5c1d2e"
+OFFLINE = os.geteuid() == 0
+WRAPPER = [sys.executable, str(ROOT / "tests/loopback_only.py")] if OFFLINE else []
+SERVER_MARKS = ("vllm.entrypoints", "VLLM::")
+
+pytestmark = pytest.mark.skipif(
+    not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build): `make install` creates it on CPU machines"
+)
+
+
+def _parsed_by_vllm(argvs: list[list[str]]) -> list[dict]:
+    result = subprocess.run(
+        [str(VLLM_PYTHON), str(ROOT / "tests/vllm_arg_check.py")],
+        input=json.dumps(argvs), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+def test_every_flag_lion_local_passes_is_accepted_by_the_installed_vllm():
+    argvs, names = [], []
+    for path, overrides in [
+        ("configs/tiny-cpu.yaml", []),
+        ("configs/lion-7b.yaml", ["servers.teacher.vllm.enforce_eager=true", "servers.teacher.vllm.max_model_len=4096"]),
+        ("configs/lion-7b.yaml", ["servers.teacher.vllm.max_model_len=null", "servers.teacher.host=0.0.0.0"]),
+    ]:
+        config = load_config(ROOT / path, overrides)
+        for name, server in config.servers.items():
+            if server.engine == "vllm":
+                command = vllm_command(server, server.host, 8000, model=server.model)
+                argvs.append(command[len(server.vllm.launcher):])
+                names.append(f"{path} {name}")
+    rejected = load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.vllm.extra_args=[--no-such-flag]"])
+    server = rejected.servers["teacher"]
+    argvs.append(vllm_command(server, server.host, 8000)[len(server.vllm.launcher):])
+
+    *accepted, control = _parsed_by_vllm(argvs)
+    assert len(accepted) >= 6
+    for name, outcome in zip(names, accepted):
+        assert outcome["ok"], f"{name}: {outcome['error']}"
+    assert not control["ok"] and "--no-such-flag" in control["error"]  # the check can fail
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared vLLM run
+# ----------------------------------------------------------------------------------------------
+
+
+def _vllm_processes() -> dict[int, str]:
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if any(mark in command for mark in SERVER_MARKS):
+                found[int(entry.name)] = command
+    return found
+
+
+def _wait_for_no_vllm(timeout_s: float) -> dict[int, str]:
+    deadline = time.monotonic() + timeout_s
+    while (left := _vllm_processes()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return left
+
+
+def _status_without_key(pid: int, url: str) -> int:
+    """HTTP status of an unauthenticated request to `url`, sent from the network namespace of `pid`."""
+    script = (
+        "import ctypes, os, sys, httpx\n"
+        f"fd = os.open('/proc/{pid}/ns/net', os.O_RDONLY)\n"
+        "assert ctypes.CDLL(None, use_errno=True).setns(fd, 0x40000000) == 0\n" if OFFLINE else "import httpx, sys\n"
+    ) + f"print(httpx.get({url!r}, timeout=10, trust_env=False).status_code)\n"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return int(result.stdout.strip())
+
+
+class Sampler(threading.Thread):
+    """Reads the process tree under a pid every 0.2 s: command lines, environments, servers up."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.commands: set[str] = set()
+        self.environments: list[dict[str, str]] = []
+        self.most_servers_at_once = 0
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            tree = descendants(self.pid)
+            self.commands.update(tree.values())
+            supervisors = [pid for pid, command in tree.items() if "serving.supervisor" in command]
+            self.most_servers_at_once = max(self.most_servers_at_once, len(supervisors))
+            for pid in supervisors:
+                environment = process_environment(pid)
+                if environment:
+                    self.environments.append(environment)
+            time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
+    directory = tmp_path_factory.mktemp("vllm-run")
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    data["run_dir"] = str(directory / "run")
+    data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
+    data["tiny_models"]["dir"] = str(tiny_models)
+    for name in ("teacher", "student"):
+        data["servers"][name]["model"] = str(tiny_models / name)
+        data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
+        data["servers"][name]["api_key_env"] = "LION_TEST_VLLM_KEY"
+    config = directory / "tiny-cpu.yaml"
+    config.write_text(yaml.safe_dump(data))
+    environment = {**os.environ, "LION_TEST_VLLM_KEY": SECRET}
+    shm_before = set(os.listdir("/dev/shm"))
+    outcome: dict = {"config": config, "run_dir": directory / "run", "shm_before": shm_before}
+
+    doctor = subprocess.run(lion_local("doctor", "--config", str(config)), capture_output=True, text=True,
+                            env=environment, cwd=directory, timeout=600)
+    outcome["doctor"] = doctor
+
+    reviews = directory / "run/iter_1/reviews.jsonl"
+    first = subprocess.Popen([*WRAPPER, *lion_local("run", "--config", str(config))], env=environment, cwd=directory,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    sampler = Sampler(first.pid)
+    sampler.start()
+    deadline = time.monotonic() + 400
+    while first.poll() is None and time.monotonic() < deadline:
+        if reviews.exists() and len(reviews.read_text().splitlines()) >= 8:
+            break
+        time.sleep(0.2)
+    assert first.poll() is None, f"the run ended before the kill point: {first.stdout.read()[-3000:]}"
+    student = [r for r in jsonl(directory / "run/servers.jsonl") if r["server"] == "student"][-1]
+    outcome["status_without_key"] = _status_without_key(first.pid, student["base_url"] + "/models")
+    outcome["servers_at_kill"] = sampler.most_servers_at_once
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    outcome["first_output"] = first.stdout.read()
+    outcome["left_after_kill"] = _wait_for_no_vllm(60)
+    outcome["shm_after_kill"] = set(os.listdir("/dev/shm")) - shm_before
+    sampler.done.set()
+
+    second = subprocess.Popen([*WRAPPER, *lion_local("run", "--config", str(config))], env=environment, cwd=directory,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    resumed = Sampler(second.pid)
+    resumed.start()
+    outcome["second_output"] = second.communicate(timeout=900)[0]
+    outcome["second_code"] = second.returncode
+    resumed.done.set()
+    outcome["left_at_end"] = _wait_for_no_vllm(30)
+    outcome["shm_at_end"] = set(os.listdir("/dev/shm")) - shm_before
+    outcome["commands"] = sampler.commands | resumed.commands
+    outcome["server_environments"] = sampler.environments + resumed.environments
+    outcome["report"] = subprocess.run(lion_local("report", "--config", str(config)), capture_output=True,
+                                       text=True, env=environment, cwd=directory, timeout=300)
+    return outcome
+
+
+def test_doctor_checks_every_role_on_vllm(vllm_run: dict):
+    doctor = vllm_run["doctor"]
+    assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
+    assert doctor.stdout.count("vllm 0.32.0 at http://127.0.0.1:") == 2, doctor.stdout
+    for role in ("teacher", "student", "referee", "generator (hard)", "generator (easy)"):
+        assert any(line.startswith("OK") and role in line for line in doctor.stdout.splitlines()), role
+
+
+def test_run_killed_in_discrimination_resumes_to_a_complete_run_on_vllm(vllm_run: dict, tiny_models: Path):
+    assert vllm_run["servers_at_kill"] == 2  # the student and the referee's teacher, up together
+    assert vllm_run["left_after_kill"] == {}, vllm_run["left_after_kill"]
+    assert vllm_run["shm_after_kill"] == set()
+    assert vllm_run["second_code"] == 0, vllm_run["second_output"][-4000:]
+    assert vllm_run["left_at_end"] == {} and vllm_run["shm_at_end"] == set()
+    run_dir = vllm_run["run_dir"]
+    check_invariants(run_dir, tiny_models)
+
+    # Each checkpoint TRL wrote was served by vLLM and answered the whole Cache Pool.
+    started = jsonl(run_dir / "servers.jsonl")
+    for k in (1, 2):
+        assert any(r["server"] == "student" and r["model"] == str(run_dir / f"iter_{k}/student") for r in started)
+        answers = jsonl(run_dir / f"iter_{k}/student_answers.jsonl")
+        assert answers and sum(1 for a in answers if a["answer"].strip()) >= len(answers) // 2
+    assert {r["engine"] for r in started} == {"vllm 0.32.0"}
+    for k in (1, 2, "final"):
+        report = json.loads((run_dir / ("final" if k == "final" else f"iter_{k}") / "report.json").read_text())
+        assert report["engines"] == {"teacher": "vllm 0.32.0", "student": "vllm 0.32.0"}
+    assert vllm_run["report"].returncode == 0, vllm_run["report"].stderr[-2000:]
+    assert "Servers: student on vllm 0.32.0, teacher on vllm 0.32.0." in (run_dir / "report.md").read_text()
+    assert "version 0.32.0" in (run_dir / "logs/server-teacher.log").read_text()
+    assert "teacher server: vllm 0.32.0" in vllm_run["second_output"] + vllm_run["first_output"]
+
+
+def test_vllm_requires_the_key_and_it_is_found_nowhere(vllm_run: dict):
+    assert vllm_run["status_without_key"] == 401
+    assert vllm_run["server_environments"], "no server process was sampled"
+    for environment in vllm_run["server_environments"]:
+        assert environment["VLLM_API_KEY"] == SECRET
+        assert environment["HF_HUB_OFFLINE"] == "1" and environment["VLLM_NO_USAGE_STATS"] == "1"
+    assert not [command for command in vllm_run["commands"] if SECRET in command]
+    assert any("vllm.entrypoints.openai.api_server" in command for command in vllm_run["commands"])
+    for path in vllm_run["run_dir"].rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    for output in (vllm_run["first_output"], vllm_run["second_output"], vllm_run["doctor"].stdout):
+        assert SECRET not in output
