@@ -26,8 +26,8 @@ from lion_local.roles import (
 )
 from lion_local.seed_data import load_seed_instructions
 from lion_local.tiny_models import ensure_tiny_models
-from lion_local.servers import client_for, config_server
-from serving import Endpoint, ServerError
+from lion_local.servers import client_for, config_server, server_log, wanted_server
+from serving import Endpoint, ServerError, await_servers, launch_servers
 
 logger = logging.getLogger(__name__)
 
@@ -56,18 +56,26 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
     checks: list[Check] = []
     endpoints: dict[str, Endpoint] = {}
     with ExitStack() as servers:
+        started = time.monotonic()
+        # Every server loads at once; each is then waited for alone, so one failing stops only itself.
+        local = [name for name in names if config.servers[name].engine != "external"]
+        launched = {entry[0].name: entry for entry in launch_servers(
+            [wanted_server(config, name, server_log(log_dir, name)) for name in local]
+        )}
+        for _, process, _ in launched.values():
+            servers.callback(process.stop)
         for name in names:
-            started = time.monotonic()
             try:
-                endpoints[name] = servers.enter_context(config_server(config, name, log_dir))
+                if name in launched:
+                    [(_, endpoints[name])] = await_servers([launched[name]])
+                else:
+                    endpoints[name] = servers.enter_context(config_server(config, name, log_dir))
             except ServerError as exc:
                 checks.append(Check(f"server {name}", False, str(exc)))
                 continue
-            server = config.servers[name]
             where = ", ".join(endpoints[name].base_urls)
-            checks.append(
-                Check(f"server {name}", True, f"{endpoints[name].engine} at {where} ready in {time.monotonic() - started:.1f} s")
-            )
+            ready = f"ready after {time.monotonic() - started:.1f} s"
+            checks.append(Check(f"server {name}", True, f"{endpoints[name].engine} at {where} {ready}"))
         checks += asyncio.run(_check_roles(config, endpoints, seed.instruction, seed.input))
     return checks
 
