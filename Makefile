@@ -7,6 +7,8 @@
 #   make test      every test; as root it first brings up the local SLURM the batch-script tests
 #                  use (slurm/local-cluster.sh up: installs Debian's SLURM and munge if missing)
 PYTHON ?= python3
+# The two environments and the local SLURM install side by side.
+MAKEFLAGS += -j3
 VENV := .venv
 BIN := $(VENV)/bin
 EXTRAS ?= serve,dev
