@@ -11,6 +11,9 @@ tiny teacher and student of configs/tiny-cpu.yaml.
   version in report.json and report.md; the key required by the servers (401 without it) and
   found in no command line, log or run file; no vLLM process and no shared memory left after
   the kill and after the end.
+- A flag vLLM does not know ends a run in one line naming the config key and the server's log.
+- SIGKILL of lion-local while vLLM is still loading (when vLLM's API server ignores SIGTERM)
+  leaves no vLLM process: the supervisor takes the tree down.
 """
 
 from __future__ import annotations
@@ -241,3 +244,47 @@ def test_vllm_requires_the_key_and_it_is_found_nowhere(vllm_run: dict):
             assert SECRET.encode() not in path.read_bytes(), path
     for output in (vllm_run["first_output"], vllm_run["second_output"], vllm_run["doctor"].stdout):
         assert SECRET not in output
+
+
+def _small_config(tiny_models: Path, directory: Path, *extra_teacher_args: str) -> Path:
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    data["run_dir"] = str(directory / "run")
+    data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
+    data["tiny_models"]["dir"] = str(tiny_models)
+    for name in ("teacher", "student"):
+        data["servers"][name]["model"] = str(tiny_models / name)
+        data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
+    data["servers"]["teacher"]["vllm"]["extra_args"] += list(extra_teacher_args)
+    config = directory / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    return config
+
+
+def test_a_flag_vllm_does_not_know_ends_the_run_in_one_line_naming_the_key(tiny_models: Path, tmp_path: Path):
+    config = _small_config(tiny_models, tmp_path, "--no-such-flag")
+    result = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    [line] = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: teacher server exited with code 2 while starting")
+    assert "servers.teacher.vllm.extra_args" in line and "unrecognized arguments: --no-such-flag" in line
+    assert str(tmp_path / "run/logs/server-teacher.log") in line
+    answers = tmp_path / "run/teacher_answers.jsonl"
+    assert not answers.exists() or not answers.read_text()  # no stage work was done
+    assert _wait_for_no_vllm(30) == {}
+
+
+def test_sigkill_of_lion_local_while_vllm_loads_leaves_no_process(tiny_models: Path, tmp_path: Path):
+    config = _small_config(tiny_models, tmp_path)
+    log = tmp_path / "run/logs/serve-teacher.log"
+    serve = subprocess.Popen(lion_local("serve", "teacher", "--config", str(config)),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    # Killed once the engine core has been spawned and is still loading: the moment an API
+    # server ignores the SIGTERM of its parent's death.
+    while "VLLM::EngineCore" not in " ".join(_vllm_processes().values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "Starting vLLM server" not in log.read_text(), "vLLM finished loading before the kill"
+    assert len(_vllm_processes()) >= 2
+    serve.send_signal(signal.SIGKILL)
+    serve.wait()
+    assert _wait_for_no_vllm(45) == {}
