@@ -8,7 +8,7 @@ records every request body and answers each role from a Python callable the test
 "[Answer of Assistant 1]" is the referee, one holding "#New Instruction#" the generator, any
 other chat the teacher. A handler takes the request body and returns (text, finish_reason).
 
-`FakeServers` stands in for serving.ServerSet: its clients are real EndpointClients pointed at
+`FakeServers` stands in for lion_local.servers.ServerSet: its clients are real EndpointClients pointed at
 the fake, so everything from the HTTP request to the journals is the stages' own code.
 """
 
@@ -108,7 +108,8 @@ class FakeEndpoint:
 
 
 class FakeServers:
-    """What the stages use of ServerSet: client(name, model), stop(name), stop_all()."""
+    """What the stages use of ServerSet: start_async, (open_)client(name, model), stop(name),
+    stop_for_training(), stop_all()."""
 
     def __init__(self, endpoint: FakeEndpoint) -> None:
         self.endpoint = endpoint
@@ -128,8 +129,17 @@ class FakeServers:
             backoff_max_s=0.1,
         )
 
+    async def start_async(self, wanted: dict[str, str | None]) -> None:
+        self.started = getattr(self, "started", []) + [dict(wanted)]
+
+    async def open_client(self, name: str, model: str | None = None) -> EndpointClient:
+        return self.client(name, model)
+
     def stop(self, name: str) -> None:
         self.stopped.append(name)
+
+    def stop_for_training(self) -> None:
+        self.stopped.append("for training")
 
     def stop_all(self) -> None:
         self.stopped.append("*")
