@@ -64,6 +64,7 @@ class ServerProcess:
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
         self.process: subprocess.Popen | None = None
+        self._server_pid: int | None = None  # the server under the supervisor, once seen
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -98,6 +99,7 @@ class ServerProcess:
             raise ServerError(f"{self.name} server exited with code {code} while starting; {self.failure_hint()}")
         try:
             if client.get(self.health_url).status_code == 200:
+                self.server_pid()
                 logger.info("%s server is healthy at %s", self.name, self.health_url)
                 return True
         except httpx.HTTPError:
@@ -121,6 +123,19 @@ class ServerProcess:
             )
         return f"{hint}last log lines: {tail!r}; full log: {self.log_path}"
 
+    def server_pid(self) -> int | None:
+        """The server's own process (the supervisor's child), or None when it cannot be read."""
+        if self.process is None:
+            return None
+        pid = self.process.pid
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        if children:
+            self._server_pid = int(children[0])
+        return self._server_pid
+
     def is_alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
@@ -131,7 +146,8 @@ class ServerProcess:
         code = self.process.returncode
         how = f"was killed by {_signal_name(-code)}" if code < 0 else f"exited with code {code}"
         return (
-            f"the {self.name} server (pid {self.process.pid}) {how} while in use; {self.failure_hint()}"
+            f"the {self.name} server (pid {self._server_pid or self.process.pid}) {how} while in use; "
+            f"{self.failure_hint()}"
         )
 
     def stop(self) -> None:

@@ -128,12 +128,14 @@ def test_exit_report_says_how_a_started_server_died_and_where_its_log_is(tmp_pat
         deadline = time.monotonic() + 10
         while "loading weights" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
-        os.kill(process.process.pid, signal.SIGKILL)
-        process.process.wait(timeout=10)
+        server = process.server_pid()  # the process under the supervisor
+        assert server is not None and server != process.process.pid
+        os.kill(server, signal.SIGKILL)
+        process.process.wait(timeout=10)  # the supervisor ends as its server did
         report = process.exit_report()
     finally:
         process.stop()
-    assert report.startswith(f"the student server (pid {process.process.pid}) was killed by SIGKILL while in use")
+    assert report.startswith(f"the student server (pid {server}) was killed by SIGKILL while in use")
     assert "loading weights" in report and str(log) in report and "\n" not in report
 
 
