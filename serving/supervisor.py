@@ -94,7 +94,8 @@ def main(argv: list[str] | None = None) -> None:
     take_down_group(server, args.grace_s)
     code = server.wait()
     if code < 0:
-        signal.signal(-code, signal.SIG_DFL)
+        if -code not in (signal.SIGKILL, signal.SIGSTOP):  # these two have no handler to reset
+            signal.signal(-code, signal.SIG_DFL)
         os.kill(os.getpid(), -code)
     sys.exit(code)
 

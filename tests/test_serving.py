@@ -126,7 +126,8 @@ def test_exit_report_says_how_a_started_server_died_and_where_its_log_is(tmp_pat
     try:
         assert process.exit_report() is None
         deadline = time.monotonic() + 10
-        while "loading weights" not in log.read_text() and time.monotonic() < deadline:
+        # The log's first line (the command) holds the text too: wait for the server's own line.
+        while "\nloading weights" not in log.read_text() and time.monotonic() < deadline:
             time.sleep(0.05)
         server = process.server_pid()  # the process under the supervisor
         assert server is not None and server != process.process.pid
@@ -145,9 +146,12 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
     dead: set[int] = set()
     starts: list[str] = []
 
-    def fake_start_servers(wanted):
+    def fake_launch_servers(wanted):
+        return [(each, None, None) for each in wanted]
+
+    def fake_await_servers(launched):
         started = []
-        for each in wanted:
+        for each, _, _ in launched:
             number = len(starts)
             starts.append(each.name)
             report = f"the {each.name} server (pid {number}) was killed by SIGKILL while in use"
@@ -158,7 +162,8 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
             started.append((None, endpoint))
         return started
 
-    monkeypatch.setattr(lion_local.servers, "start_servers", fake_start_servers)
+    monkeypatch.setattr(lion_local.servers, "launch_servers", fake_launch_servers)
+    monkeypatch.setattr(lion_local.servers, "await_servers", fake_await_servers)
     with ServerSet(config, ROOT / "unused-log-dir") as servers, caplog.at_level("WARNING", logger="lion_local"):
         first = servers.endpoint("teacher")
         assert servers.endpoint("teacher") is first  # alive: reused
