@@ -77,7 +77,8 @@ def run_imitation(config: Config, run: RunDir, k: int | str, servers: ServerSet)
     train_pool, _ = pools_for(config, run, k)
 
     answers = teacher_answers_for(config, run, train_pool, servers, marker)
-    # Training needs the GPUs a local teacher holds; the next stage starts it again.
+    # Training needs the GPUs a local teacher holds (unless its config keeps it up: a CPU-only
+    # server holds none); the next stage starts what was stopped again.
     servers.stop_for_training()
 
     student_dir = run.student(k)
