@@ -103,7 +103,7 @@ def server_process(wanted: StartedServer) -> tuple[ServerProcess, ServerLaunch]:
         wanted.log_path,
         launch.health_url,
         spec.startup_timeout_s,
-        stop_grace_s=20.0 if spec.engine == "vllm" else 10.0,
+        stop_grace_s=spec.stop_grace_s or (20.0 if spec.engine == "vllm" else 10.0),
     )
     return process, launch
 

@@ -1,6 +1,6 @@
 """One server process: started in its own process group, health-checked, stopped as a group.
 
-Every server runs under serving.supervisor, the leader of its process group, which takes the
+Every server runs under serving/supervisor.py, the leader of its process group, which takes the
 whole tree down when it is stopped, when the server exits, and when the process that started it
 dies (Linux sends it SIGTERM then): vLLM's engine-core and worker processes are separate, and a
 SIGKILL of the API server alone, or of lion-local during a start, leaves them running. Stopping
@@ -26,6 +26,7 @@ import httpx
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
+SUPERVISOR = Path(__file__).with_name("supervisor.py")
 
 
 class ServerError(RuntimeError):
@@ -71,9 +72,8 @@ class ServerProcess:
         with open(self.log_path, "a", encoding="utf-8") as log:
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}: {shlex.join(self.command)}\n")
             log.flush()
-            supervised = [
-                sys.executable, "-m", "serving.supervisor", "--grace-s", str(self.stop_grace_s), "--", *self.command
-            ]
+            # Run as a file, not as a module of this package: it starts in a quarter of the time.
+            supervised = [sys.executable, str(SUPERVISOR), "--grace-s", str(self.stop_grace_s), "--", *self.command]
             try:
                 self.process = subprocess.Popen(
                     supervised,

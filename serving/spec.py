@@ -91,6 +91,12 @@ class ServerSpec(_Strict):
     host: str = Field("127.0.0.1", description="Address a started server binds to.")
     port: int | None = Field(None, ge=1, le=65535, description="Port of a started server; None picks a free one.")
     startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for a started server's /health.")
+    stop_grace_s: float | None = Field(
+        None,
+        gt=0,
+        description="Wait after SIGTERM before a started server's processes are SIGKILLed. None: 20 s for vllm "
+        "(its engine core and workers shut down after the API server), 10 s for transformers.",
+    )
     keep_running_during_training: bool = Field(
         False,
         description="Leave this server up while the student trains. Off by default: on GPU machines training "

@@ -1,7 +1,7 @@
 """The first process of every server lion-local starts: it runs the server and takes its whole
 process tree down with it.
 
-    python -m serving.supervisor --grace-s 20 -- vllm serve ...
+    python serving/supervisor.py --grace-s 20 -- vllm serve ...
 
 Why it exists: vLLM is an API server, an engine-core process and workers. SIGKILL reaches only
 the process it is sent to, and an API server still loading ignores the SIGTERM that Linux sends
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the server's command after --")
+    if os.getpgrp() != os.getpid():
+        os.setpgid(0, 0)  # lead a group of its own, so that taking it down reaches only the server
     stopping = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda number, _frame: stopping.append(number))

@@ -401,7 +401,7 @@ def test_permanent_outage_and_a_dead_student_server_end_the_stage_in_one_line(
         answers = run_dir / "iter_1/student_answers.jsonl"
         wait_for(lambda: lines(answers) >= 3, discrimination, "3 student answers")
         [server] = [pid for pid, command in descendants(discrimination.pid).items()
-                    if str(run_dir / "iter_1/student") in command and "serving.supervisor" not in command]
+                    if str(run_dir / "iter_1/student") in command and "serving/supervisor.py" not in command]
         os.kill(server, signal.SIGKILL)
         killed = time.monotonic()
         _, stderr = discrimination.communicate(timeout=120)

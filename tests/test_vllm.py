@@ -131,7 +131,7 @@ class Sampler(threading.Thread):
         while not self.done.is_set():
             tree = descendants(self.pid)
             self.commands.update(tree.values())
-            supervisors = [pid for pid, command in tree.items() if "serving.supervisor" in command]
+            supervisors = [pid for pid, command in tree.items() if "serving/supervisor.py" in command]
             self.most_servers_at_once = max(self.most_servers_at_once, len(supervisors))
             for pid in supervisors:
                 environment = process_environment(pid)
@@ -148,6 +148,7 @@ def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
     data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
     data["tiny_models"]["dir"] = str(tiny_models)
     data["iterations"] = 1  # the kill, the resume and a checkpoint per stage; the suite's time is short
+    data["seed_limit"] = 16
     for name in ("teacher", "student"):
         data["servers"][name]["model"] = str(tiny_models / name)
         data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
@@ -246,7 +247,7 @@ def test_vllm_requires_the_key_and_it_is_found_nowhere(vllm_run: dict):
         assert SECRET not in output
 
 
-def _small_config(tiny_models: Path, directory: Path, *extra_teacher_args: str) -> Path:
+def _small_config(tiny_models: Path, directory: Path, *extra_teacher_args: str, grace_s: float | None = None) -> Path:
     data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
     data["run_dir"] = str(directory / "run")
     data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
@@ -255,6 +256,7 @@ def _small_config(tiny_models: Path, directory: Path, *extra_teacher_args: str) 
         data["servers"][name]["model"] = str(tiny_models / name)
         data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
     data["servers"]["teacher"]["vllm"]["extra_args"] += list(extra_teacher_args)
+    data["servers"]["teacher"]["stop_grace_s"] = grace_s
     config = directory / "config.yaml"
     config.write_text(yaml.safe_dump(data))
     return config
@@ -274,7 +276,7 @@ def test_a_flag_vllm_does_not_know_ends_the_run_in_one_line_naming_the_key(tiny_
 
 
 def test_sigkill_of_lion_local_while_vllm_loads_leaves_no_process(tiny_models: Path, tmp_path: Path):
-    config = _small_config(tiny_models, tmp_path)
+    config = _small_config(tiny_models, tmp_path, grace_s=5.0)  # a loading API server waits out the grace
     log = tmp_path / "run/logs/serve-teacher.log"
     serve = subprocess.Popen(lion_local("serve", "teacher", "--config", str(config)),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -287,4 +289,4 @@ def test_sigkill_of_lion_local_while_vllm_loads_leaves_no_process(tiny_models: P
     assert len(_vllm_processes()) >= 2
     serve.send_signal(signal.SIGKILL)
     serve.wait()
-    assert _wait_for_no_vllm(45) == {}
+    assert _wait_for_no_vllm(30) == {}
