@@ -180,7 +180,8 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
 @click.option("--force", is_flag=True, help="Replace OUT/teacher and OUT/student if they exist.")
 def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None, force: bool) -> None:
     """Build a tiny LLaMA teacher (trained on CPU) and a random tiny student in OUT/teacher, OUT/student."""
-    from lion_local.tiny_models import TinyBuild, make_tiny_models
+    from lion_local.tiny_build import make_tiny_models
+    from lion_local.tiny_models import TinyBuild
 
     existing = [str(Path(out_dir) / name) for name in ("teacher", "student") if (Path(out_dir) / name).exists()]
     if existing and not force:

@@ -56,6 +56,7 @@ from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.run_state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
 from lion_local.teacher_cache import teacher_fingerprint
 from lion_local.servers import ServerSet
+from lion_local.tiny_models import ensure_tiny_models
 from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)
@@ -90,10 +91,7 @@ def evaluate(config: Config, iteration: int | str | None = None, questions_path:
     for name in {config.roles.teacher.server, config.roles.student.server, judge_server(config)}:
         api_key_for(config, name)
     with run_lock(run):
-        if config.tiny_models is not None:
-            from lion_local.tiny_models import ensure_tiny_models  # imports torch
-
-            ensure_tiny_models(config)
+        ensure_tiny_models(config)
         with run_log(run), ServerSet(config, run.logs) as servers:
             return run_evaluation(config, run, checkpoints, questions, servers)
 

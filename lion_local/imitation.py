@@ -170,8 +170,7 @@ def train_student(config: Config, directory: Path, base: str, examples: list[dic
 def _follow_progress(process: subprocess.Popen, progress_file: Path, description: str) -> None:
     bar = None
     try:
-        while process.poll() is None:
-            time.sleep(1.0)
+        while not _exited_within(process, 1.0):
             try:
                 progress = json.loads(progress_file.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -190,6 +189,15 @@ def _follow_progress(process: subprocess.Popen, progress_file: Path, description
     finally:
         if bar is not None:
             bar.close()
+
+
+def _exited_within(process: subprocess.Popen, seconds: float) -> bool:
+    """Wait up to `seconds`; True as soon as the process has exited, not at the end of the wait."""
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _copy_checkpoint(source: Path, destination: Path) -> None:

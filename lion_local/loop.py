@@ -39,6 +39,7 @@ from lion_local.run_state import (
     write_atomic,
 )
 from lion_local.servers import ServerSet
+from lion_local.tiny_models import ensure_tiny_models
 
 logger = logging.getLogger(__name__)
 
@@ -110,8 +111,6 @@ def execute(config: Config, scope: str, stage: str | None = None) -> list[str]:
     done: list[str] = []
     with run_lock(run):
         markers = markers_for(config, run, scope, stage)  # again: another process may have moved on
-        from lion_local.tiny_models import ensure_tiny_models  # imports torch: only when there is work
-
         ensure_tiny_models(config)
         write_atomic(run.config_yaml, config_to_yaml(config))
         with run_log(run), ServerSet(config, run.logs, run.servers_journal) as servers:

@@ -187,7 +187,7 @@ def wait_until_healthy(processes: list[ServerProcess]) -> None:
             while pending:
                 pending = [process for process in pending if not process.healthy(client, deadlines[id(process)])]
                 if pending:
-                    time.sleep(0.5)
+                    time.sleep(0.2)
     except BaseException:
         for process in processes:
             process.stop()

@@ -24,7 +24,8 @@ from lion_local.roles import (
     parse_teacher_answer,
 )
 from lion_local.seed_data import load_seed_instructions
-from lion_local.tiny_models import TinyBuild, make_tiny_models
+from lion_local.tiny_build import make_tiny_models
+from lion_local.tiny_models import TinyBuild
 from lion_local.servers import client_for, config_server
 from serving import ServerError
 

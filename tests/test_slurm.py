@@ -1,12 +1,11 @@
 """The batch scripts on a real single-node SLURM (slurm/local-cluster.sh: munge, slurmctld, slurmd,
 8 GPUs advertised through device files), with the production #SBATCH lines unchanged.
 
-- test_iteration_jobs_run_one_iteration_each: `sbatch --wait slurm/iteration.sh` completes one
-  iteration, a second submission the next (the final imitation), and one after the run is
-  complete exits 0 without doing anything; the finished run holds every invariant of the loop.
-- test_submit_chains_iterations_through_afterok: `slurm/submit.sh --iterations 2` submits two jobs,
-  the second depending on the first (afterok), and they run iteration 1 and the final imitation
-  in order.
+- test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_nothing:
+  `slurm/submit.sh --iterations 2` submits two slurm/iteration.sh jobs, the second depending on
+  the first (afterok); the first completes iteration 1, the second the next (the final
+  imitation); the finished run holds every invariant of the loop; then `sbatch --wait
+  slurm/iteration.sh` on the complete run exits 0 without doing anything.
 - test_time_limit_signal_requeues_and_resumes: the time-limit signal (USR1 to the batch shell, as
   `--signal=B:USR1@300` sends it) in the middle of the reviews: the job stops lion-local cleanly,
   requeues itself, comes back and completes the iteration with every invariant and no repeated
@@ -116,45 +115,9 @@ def _stages(*iterations: int) -> list[str]:
     return [f"{k}/{stage}" for k in iterations for stage in ("imitation", "discrimination", "generation")]
 
 
-def test_iteration_jobs_run_one_iteration_each(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
-    config = _config(tiny_models, tmp_path, iterations=1, seed_limit=24, generation__new_per_iteration=8)
-    run_dir = tmp_path / "run"
-
-    def sbatch_wait() -> str:
-        result = subprocess.run(
-            ["sbatch", "--wait", str(SLURM / "iteration.sh"), str(config)],
-            cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
-        )
-        assert result.returncode == 0, result.stdout + result.stderr
-        return re.search(r"Submitted batch job (\d+)", result.stdout).group(1)
-
-    first = sbatch_wait()
-    assert _completed(run_dir) == _stages(1)
-    second = sbatch_wait()  # the final imitation is an iteration of its own
-    assert _completed(run_dir) == _stages(1) + ["final/imitation"]
-    check_invariants(run_dir, tiny_models)
-
-    state_before = (run_dir / "state.json").read_bytes()
-    server_logs_before = {path: path.stat().st_size for path in (run_dir / "logs").glob("server-*.log")}
-    started = time.monotonic()
-    third = sbatch_wait()
-    assert time.monotonic() - started < 60
-    assert (run_dir / "state.json").read_bytes() == state_before
-    assert {path: path.stat().st_size for path in (run_dir / "logs").glob("server-*.log")} == server_logs_before
-
-    logs = {job: (run_dir / "logs" / "slurm" / f"iteration-{job}.log").read_text() for job in (first, second, third)}
-    assert f"job {first} (restart 0)" in logs[first] and f"config {config}" in logs[first]
-    assert "iteration 1" in logs[first] and "iteration final" in logs[second]
-    assert "GPUs 0,1,2,3,4,5,6,7" in logs[first]  # the production --gpus-per-node=8, on device files
-    assert "completed 1/imitation, 1/discrimination, 1/generation" in logs[first]
-    assert "iteration none (the run is complete)" in logs[third]
-    assert "is complete: nothing to do" in logs[third]
-    assert "server" not in logs[third].split("nothing to do")[0]
-    # SLURM's own output file (the #SBATCH --output default) holds the same log.
-    assert "is complete: nothing to do" in (tmp_path / f"slurm-lion-iteration-{third}.out").read_text()
-
-
-def test_submit_chains_iterations_through_afterok(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
+def test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_nothing(
+    slurm_cluster, tiny_models: Path, tmp_path: Path
+) -> None:
     # One iteration and the final imitation: the two iterations of a run that submit.sh chains.
     config = _config(tiny_models, tmp_path, iterations=1, seed_limit=24, generation__new_per_iteration=8)
     run_dir = tmp_path / "run"
@@ -173,14 +136,40 @@ def test_submit_chains_iterations_through_afterok(slurm_cluster, tiny_models: Pa
     assert second["JobState"] == "COMPLETED" and second["ExitCode"] == "0:0"
     assert second["StartTime"] >= first["EndTime"]  # ISO timestamps: string order is time order
     assert _completed(run_dir) == _stages(1) + ["final/imitation"]
-    assert "iteration 1" in (run_dir / "logs/slurm" / f"iteration-{jobs[0]}.log").read_text()
-    assert "iteration final" in (run_dir / "logs/slurm" / f"iteration-{jobs[1]}.log").read_text()
-
+    check_invariants(run_dir, tiny_models)
     remaining = subprocess.run(
         [sys.executable, "-m", "lion_local", "status", "--config", str(config), "--remaining-iterations"],
         capture_output=True, text=True,
     )
     assert remaining.returncode == 0 and remaining.stdout.split() == []
+
+    # A submission after the run is complete exits 0 and changes nothing.
+    state_before = (run_dir / "state.json").read_bytes()
+    server_logs_before = {path: path.stat().st_size for path in (run_dir / "logs").glob("server-*.log")}
+    started = time.monotonic()
+    waited = subprocess.run(
+        ["sbatch", "--wait", str(SLURM / "iteration.sh"), str(config)],
+        cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
+    )
+    assert waited.returncode == 0, waited.stdout + waited.stderr
+    assert time.monotonic() - started < 60
+    third = re.search(r"Submitted batch job (\d+)", waited.stdout).group(1)
+    assert (run_dir / "state.json").read_bytes() == state_before
+    assert {path: path.stat().st_size for path in (run_dir / "logs").glob("server-*.log")} == server_logs_before
+
+    logs = {job: (run_dir / "logs" / "slurm" / f"iteration-{job}.log").read_text() for job in (*jobs, third)}
+    assert f"job {jobs[0]} (restart 0)" in logs[jobs[0]] and f"config {config}" in logs[jobs[0]]
+    assert "GPUs 0,1,2,3,4,5,6,7" in logs[jobs[0]]  # the production --gpus-per-node=8, on device files
+    # Each job ran one iteration: the first iteration 1, the second the final imitation.
+    assert "iteration 1" in logs[jobs[0]] and "completed 1/imitation, 1/discrimination, 1/generation" in logs[jobs[0]]
+    assert "==== final/imitation" not in logs[jobs[0]]
+    assert "iteration final" in logs[jobs[1]] and "==== final/imitation done" in logs[jobs[1]]
+    assert "==== 1/" not in logs[jobs[1]]
+    assert "iteration none (the run is complete)" in logs[third]
+    assert "is complete: nothing to do" in logs[third]
+    assert "server" not in logs[third].split("nothing to do")[0]
+    # SLURM's own output file (the #SBATCH --output default) holds the same log.
+    assert "is complete: nothing to do" in (tmp_path / f"slurm-lion-iteration-{third}.out").read_text()
 
 
 def test_time_limit_signal_requeues_and_resumes(
