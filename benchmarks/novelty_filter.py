@@ -138,7 +138,7 @@ def head_to_head(texts: list[str], pool_size: int, candidate_count: int, sample:
     print(f"per-candidate speed ratio (rouge-score pair by pair / index): {per_pair_candidate / per_index_candidate:,.0f}x")
 
 
-def scaling(texts: list[str], rng: random.Random) -> None:
+def scaling(texts: list[str], rng: random.Random, pool_sizes: list[int]) -> None:
     vocabulary = sorted({word for text in texts for word in text.split()})
     held_out = texts[15_000:16_500] or texts[-1500:]
     base = texts[:15_000]
@@ -147,7 +147,7 @@ def scaling(texts: list[str], rng: random.Random) -> None:
         pool_70k.append(edited(base[len(pool_70k) % len(base)], rng, vocabulary))
     print("\n== scaling: 300 candidates per pool size, in order; memory of the index (tracemalloc)")
     print(f"{'pool':>7} {'build s':>8} {'ms/candidate':>13} {'index MiB':>10}")
-    for size in (5_000, 10_000, 15_000, 70_000):
+    for size in pool_sizes:
         tracemalloc.start()
         started = time.perf_counter()
         index = NoveltyIndex(THRESHOLD)
@@ -188,11 +188,14 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=10, help="candidates checked with rouge-score too")
     parser.add_argument("--only", choices=["head-to-head", "scaling"], help="run one part only")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--pool-sizes", default="5000,10000,15000,70000", help="scaling: the pool sizes of the table, comma-separated"
+    )
     args = parser.parse_args()
     rng = random.Random(args.seed)
     texts = load_instructions(args.data, rng)
     if args.only != "head-to-head":
-        scaling(texts, rng)
+        scaling(texts, rng, [int(size) for size in args.pool_sizes.split(",")])
     if args.only != "scaling":
         head_to_head(texts, args.pool, args.candidates, args.sample, rng)
 

@@ -27,7 +27,7 @@ def test_index_is_over_a_thousand_times_faster_with_the_same_decisions():
 
 
 def test_seventy_thousand_pool_fits_time_and_memory_budgets():
-    output = _run("--only", "scaling")
+    output = _run("--only", "scaling", "--pool-sizes", "70000")  # the smaller pools' rows are not checked
     seconds = float(re.search(r"6,000 candidates against a 70,000 pool, one process: ([0-9.]+) s", output).group(1))
     assert seconds <= 60, output
     row = next(line for line in output.splitlines() if line.split()[:1] == ["70000"])
