@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections import Counter
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lion_local.roles.referee import parse_referee_scores, read_review
+
+# Real judge reviews with the score pairs their sources recorded (see REAL_REVIEWS.md beside it).
+REAL_REVIEWS = Path(__file__).resolve().parents[2] / "shared/data/real_reviews.jsonl"
 
 LLAMA_INTRO = (
     "Both assistants address the user's question about sorting a list in Python.\n\n"
@@ -111,6 +118,25 @@ ACCEPTED = [
                  (8, 7), id="bold_score_with_slash"),
     pytest.param(LLAMA_INTRO + "Score of Assistant 1: 8\nScore of Assistant 2: 6\n8 6", (8, 6),
                  id="labelled_and_agreeing_bare_line"),
+    # The styles of real GPT-4 and GPT-3.5 reviews (../shared/data/real_reviews.jsonl):
+    pytest.param("8 9\n" + GPT35_INTRO + "Therefore, Assistant 2 receives a higher score of 9, while "
+                 "Assistant 1 receives a score of 8.", (8, 9), id="first_line_restated_in_prose"),
+    pytest.param("9 8.5\n" + LLAMA_INTRO + "Therefore, Assistant 1 receives a score of 9, while Assistant 2 "
+                 "receives a score o", (9, 8.5), id="first_line_one_side_restated_then_cut"),
+    pytest.param(GPT35_INTRO + "Scores:\nAssistant 1: 2 (incorrect steps and answer)\nAssistant 2: 1 (no steps)",
+                 (2, 1), id="parenthesised_reason"),
+    pytest.param(GPT35_INTRO + "Assistant 1: 2/10 - wrong formula\nAssistant 2: 10/10 - the steps are right",
+                 (2, 10), id="dashed_reason"),
+    pytest.param(GPT35_INTRO + "I would give Assistant 1 a score of 8 and Assistant 2 a score of 9.", (8, 9),
+                 id="give_a_score_of"),
+    pytest.param(GPT35_INTRO + "Assistant 1's score is 3 out of 10, and Assistant 2's score is 10 out of 10. "
+                 "The reason is that Assistant 1 is wrong.", (3, 10), id="score_is_then_more_prose"),
+    pytest.param(GPT35_INTRO + "Output: (1, 10)", (1, 10), id="output_tuple"),
+    pytest.param(GPT35_INTRO + "(10, 2)", (10, 2), id="tuple_alone"),
+    pytest.param(GPT35_INTRO + "The output tuple is (9, 10). Assistant 2 performed better.", (9, 10),
+                 id="tuple_in_a_sentence"),
+    pytest.param("Assistant 1: 9 (small mistake)\nAssistant 2: 1 (no answer)\nOutput: (9, 1)", (9, 1),
+                 id="labelled_and_agreeing_tuple"),
 ]
 
 UNREADABLE = [
@@ -149,6 +175,17 @@ UNREADABLE = [
     pytest.param(LLAMA_INTRO + "Score of Assistant 1:\n8\nScore of Assistant 2:\n6", id="score_on_next_line"),
     pytest.param(GPT35_INTRO + "Assistant 1: 2020\nAssistant 2: 6", id="year_as_score"),
     pytest.param("The answer a child understands: 8\nAssistant 2: 6", id="lowercase_letter_not_label"),
+    pytest.param("0 9\n" + GPT35_INTRO, id="bare_line_zero"),
+    pytest.param("8 9\n" + GPT35_INTRO + "Assistant 1 receives a score of 7.", id="prose_contradicts_first_line"),
+    pytest.param("Here (x1, y1) = (2, 3) and (x2, y2) = (10, 4).\n" + GPT35_INTRO, id="coordinates_not_a_tuple"),
+    pytest.param(GPT35_INTRO + "Output: (8, 6)\nThe final scores are (6, 8).", id="tuples_disagree"),
+    pytest.param("8 6\n" + GPT35_INTRO + "Output: (6, 8)", id="tuple_contradicts_first_line"),
+    pytest.param(GPT35_INTRO + "Output: (0, 10)", id="tuple_zero"),
+    pytest.param(GPT35_INTRO + "I would give Assistant 1 a score of 9 and Assistant 2 a score of 9. Assistant 2 "
+                 "warrants a higher score of 9 compared to Assistant 1's score of 8.", id="score_of_restated_differently"),
+    pytest.param(GPT35_INTRO + "Assistant 1 receives a score of 8 for relevance and Assistant 2 receives a score "
+                 "of 6 for relevance.", id="per_criterion_scores"),
+    pytest.param(GPT35_INTRO + "Assistant 1: 3 (steps)\n", id="one_parenthesised_score"),
 ]
 
 
@@ -308,3 +345,23 @@ def test_property_swapping_labels_swaps_result(a, b, prose, style, reverse) -> N
 )
 def test_read_review_distrusts_a_reply_cut_right_after_a_number(text, finish_reason, expected):
     assert read_review(text, finish_reason) == expected
+
+
+def test_real_reviews_are_read_with_no_wrong_pair() -> None:
+    """8,524 real reviews with the score pairs their sources recorded: none read wrong, at least
+    99% read. The pairs with a 0 are refused (the prompts asked for scores from 1 to 10)."""
+    if not REAL_REVIEWS.exists():
+        pytest.skip(f"{REAL_REVIEWS} is not present (real data is only beside the project, not in it)")
+    reviews = [json.loads(line) for line in REAL_REVIEWS.open(encoding="utf-8")]
+    labelled = [review for review in reviews if review["expected"] is not None]
+    outcomes = Counter()
+    for review in labelled:
+        read = parse_referee_scores(review["text"])
+        expected = tuple(review["expected"])
+        outcome = "unread" if read is None else "right" if read == expected else "wrong"
+        outcomes[outcome] += 1
+        assert outcome != "wrong", (review["source"], review["text"][-300:], read, expected)
+        if 0.0 in expected:
+            assert read is None
+    assert len(labelled) >= 8500
+    assert outcomes["right"] >= 0.99 * len(labelled), outcomes

@@ -63,32 +63,48 @@ _MARKDOWN = re.compile(r"[*_`]")
 # Any number or capital is captured so that "Assistant 3: 7" can be rejected.
 _LABEL = r"(?:assistant|answer|response)[ \t]*#?[ \t]*(?P<id>\d+|(?-i:[A-Z]))\b"
 _SCORE_WORD = r"(?:(?:overall|final)[ \t]+)?(?:score|rating)"
-
-# A score statement: label, optional "'s" and "score"/"rating", a separator,
-# then the number *directly* (so "Assistant 1: It gives 3 examples" is not
-# one). Only horizontal whitespace is allowed, so a statement never spans
-# lines. Dashes need a space before them so "Assistant 1-2" is not "1 gets 2".
-_STATEMENT = re.compile(
-    _LABEL
-    + r"(?:'s|’s)?"
-    + r"(?:(?:[ \t]+" + _SCORE_WORD + r")?[ \t]*[:=]"  # "Assistant 1 score: 8"
-    + r"|(?:[ \t]+" + _SCORE_WORD + r")?[ \t]+[-–—]"  # "Assistant 1 - 8"
-    + r"|[ \t]+" + _SCORE_WORD + r"[ \t]+is[ \t]*:?"  # "Assistant 1's score is 8"
-    + r"|[ \t]+(?:gets|receives)[ \t]+a[ \t]+" + _SCORE_WORD + r"[ \t]+of"
-    + r"|[ \t]+scored)"  # "Assistant 1 scored 8"
-    + r"[ \t]*(?P<num>[-+]?\d+(?:\.\d+)?)"
-    # An optional scale, kept so that "8/100" or "4 out of 5" can be rejected.
-    + r"(?:[ \t]*(?:/|out[ \t]+of)[ \t]*(?P<den>\d+(?:\.\d+)?))?"
-    # After the number only closing punctuation up to the end of the line, or a
-    # joiner leading to the next label ("8, Assistant 2: 6", "8 | Score of
-    # Assistant 2: 6"). This rejects "Assistant 1: 3 steps, ...". `next` marks
-    # that label: it must itself start a score statement (checked below), so
-    # "Assistant 1: 3, Assistant 2 lists 5" is not a statement either.
-    + r"(?=[ \t.,;!)\]]*$"
-    + r"|[ \t]*(?:[.,;|&–—-]|and|vs\.?|versus)?[ \t]*(?:and[ \t]+)?"
+_NUMBER = r"(?P<num>[-+]?\d+(?:\.\d+)?)"
+# An optional scale, kept so that "8/100" or "4 out of 5" can be rejected.
+_SCALE = r"(?:[ \t]*(?:/|out[ \t]+of)[ \t]*(?P<den>\d+(?:\.\d+)?))?"
+# A joiner leading to the next label ("8, Assistant 2: 6", "8 | Score of Assistant 2: 6").
+# `next` marks that label: it must itself start a score statement (checked below), so
+# "Assistant 1: 3, Assistant 2 lists 5" is not a statement.
+_TO_NEXT_LABEL = (
+    r"[ \t]*(?:[.,;|&–—-]|and|vs\.?|versus)?[ \t]*(?:and[ \t]+)?"
     + r"(?:(?:the[ \t]+)?" + _SCORE_WORD + r"[ \t]+(?:of|for)[ \t]+)?(?:the[ \t]+)?"
-    + r"(?P<next>(?:assistant|answer|response)\b))",
-    _FLAGS,
+    + r"(?P<next>(?:assistant|answer|response)\b)"
+)
+
+# A score statement about a labelled assistant, in two strengths. Only horizontal
+# whitespace is allowed, so a statement never spans lines.
+#
+# Terse ("Assistant 1: 8", "Assistant 1 - 8", "Assistant 1 score = 8"): the separator alone
+# says little, so after the number only closing punctuation to the end of the line, a
+# parenthesised reason ("Assistant 1: 4 (incorrect steps)"), a dashed reason
+# ("Assistant 2: 10/10 - the steps are right") or the next label may follow. This rejects
+# "Assistant 1: 3 steps, ...". Dashes need a space before them so "Assistant 1-2" is not
+# "1 gets 2".
+_TERSE = (
+    r"(?:(?:[ \t]+" + _SCORE_WORD + r")?[ \t]*[:=]"
+    + r"|(?:[ \t]+" + _SCORE_WORD + r")?[ \t]+[-–—])"
+    + r"[ \t]*" + _NUMBER + _SCALE
+    + r"(?=[ \t.,;!)\]]*$|[ \t]*\([^()\n]*\)[ \t.]*$|[ \t]+[-–—][ \t]+\S|" + _TO_NEXT_LABEL + ")"
+)
+# Worded ("Assistant 1's score is 8", "Assistant 1's score of 8", "Assistant 2 receives a higher score of 9", "give
+# Assistant 1 a score of 10 and Assistant 2 a score of 1", "Assistant 1 scored 8"): the words
+# make the number a score, so the sentence may go on after a comma, a full stop or a reason
+# ("due to", "because", "as", "since"), but not with "for" ("8 for relevance, 6 for ...").
+_WORDED = (
+    r"(?:(?:'s|’s)[ \t]+(?:\w+[ \t]+)?" + _SCORE_WORD + r"[ \t]+(?:is[ \t]*:?|of)"
+    + r"|[ \t]+(?:gets|receives|earns|deserves|is[ \t]+given)[ \t]+a[ \t]+(?:\w+[ \t]+)?" + _SCORE_WORD + r"[ \t]+of"
+    + r"|[ \t]+a[ \t]+(?:\w+[ \t]+)?" + _SCORE_WORD + r"[ \t]+of"
+    + r"|[ \t]+scored)"
+    + r"[ \t]*" + _NUMBER + _SCALE
+    + r"(?=[ \t]*(?:[.,;!)\]]|$|(?:and|but|while|whereas|due|because|as|since)\b)|" + _TO_NEXT_LABEL + ")"
+)
+_STATEMENTS = (
+    re.compile(_LABEL + r"(?:'s|’s)?" + _TERSE, _FLAGS),
+    re.compile(_LABEL + _WORDED, _FLAGS),
 )
 
 # Vicuna style: a line holding exactly two scores ("8 6", "8, 6", "8/10 6/10").
@@ -97,8 +113,18 @@ _NUM_10 = r"([-+]?\d+(?:\.\d+)?)(?:[ \t]*/[ \t]*10)?"
 _BARE_PAIR = re.compile(
     r"^[ \t]*" + _NUM_10 + r"(?:[ \t]*,[ \t]+|[ \t]+)" + _NUM_10 + r"[ \t]*\.?[ \t]*$"
 )
+# The tuple some judging prompts ask for: "(10, 1)", "Output: (1, 10)", "The output tuple is
+# (9, 10).", "the scores are (1, 5) for Assistant 1 and Assistant 2". Read only from a line that
+# is the tuple alone (after an optional "Word:") or that speaks of a tuple, scores or output,
+# so "(x2, y2) = (10, 4)" in a worked solution is not a score pair.
+_TUPLE = re.compile(r"\([ \t]*([-+]?\d+(?:\.\d+)?)[ \t]*,[ \t]*([-+]?\d+(?:\.\d+)?)[ \t]*\)")
+_TUPLE_LINE = re.compile(r"^[ \t]*(?:[A-Za-z][A-Za-z ]{0,30}:)?[ \t]*\([^()]*\)[ \t.]*$|tuple|scores?\b|output", re.IGNORECASE)
 
 _ID_TO_INDEX = {"1": 0, "2": 1, "A": 0, "B": 1}
+
+
+class _Conflict(Exception):
+    """Two readings of the text disagree: no pair can be trusted."""
 
 
 def _valid(score: float, den: str | None = None) -> bool:
@@ -106,9 +132,10 @@ def _valid(score: float, den: str | None = None) -> bool:
     return (den is None or float(den) == 10.0) and 1.0 <= score <= 10.0
 
 
-def _labelled_scores(text: str) -> tuple[float, float] | None:
+def _labelled_scores(text: str) -> list[float | None]:
+    """Each assistant's score from its labelled statements (None where it has none)."""
     scores: list[float | None] = [None, None]
-    matches = list(_STATEMENT.finditer(text))
+    matches = [match for statement in _STATEMENTS for match in statement.finditer(text)]
     starts = {match.start() for match in matches}
     for match in matches:
         if match["next"] is not None and match.start("next") not in starts:
@@ -116,30 +143,32 @@ def _labelled_scores(text: str) -> tuple[float, float] | None:
         index = _ID_TO_INDEX.get(match["id"])
         score = float(match["num"])
         if index is None:
-            logger.debug("referee scored an unknown assistant: %r", match[0])
-            return None
+            raise _Conflict(f"an unknown assistant was scored: {match[0]!r}")
         if not _valid(score, match["den"]):
-            logger.debug("referee score out of range or scale: %r", match[0])
-            return None
+            raise _Conflict(f"a score out of range or scale: {match[0]!r}")
         if scores[index] is not None and scores[index] != score:
-            logger.debug("referee gave assistant %d two scores", index + 1)
-            return None
+            raise _Conflict(f"assistant {index + 1} was given two scores")
         scores[index] = score
-    if scores[0] is None or scores[1] is None:
-        return None
-    return scores[0], scores[1]
+    return scores
 
 
-def _bare_pair(text: str) -> tuple[float, float] | None:
+def _unlabelled_pair(text: str) -> tuple[float, float] | None:
+    """The pair stated without labels: a bare two-number first or last line, or a score tuple.
+    Every such statement must agree, and both numbers must be valid scores."""
     lines = [line for line in text.splitlines() if line.strip()]
     if not lines:
         return None
     pairs = {m.groups() for m in map(_BARE_PAIR.match, (lines[0], lines[-1])) if m}
-    if len(pairs) != 1:  # none, or first and last lines disagree
+    for line in lines:
+        if _TUPLE_LINE.search(line):
+            pairs.update(m.groups() for m in _TUPLE.finditer(line))
+    if not pairs:
         return None
+    if len({(float(a), float(b)) for a, b in pairs}) != 1:
+        raise _Conflict("the unlabelled score pairs disagree")
     first, second = (float(n) for n in pairs.pop())
     if not (_valid(first) and _valid(second)):
-        return None
+        raise _Conflict("an unlabelled score is out of range")
     return first, second
 
 
@@ -147,24 +176,32 @@ def parse_referee_scores(text: str) -> tuple[float, float] | None:
     """Read the referee's scores for the first and second answer it was shown.
 
     Returns ``(score_1, score_2)`` or ``None`` when both cannot be read with
-    confidence. Labelled statements ("Score of Assistant 1: 8", "Assistant B:
-    6/10", ...) take precedence; the bare two-number line on the first or last
-    non-empty line is used only when the text has no labelled score at all;
-    if both are present and disagree, the answer is ``None``.
+    confidence. A pair stated without labels (the Vicuna-style "8 6" first or last
+    line, a "(8, 6)" score tuple) is read when every labelled statement in the text
+    agrees with it, even if only one assistant's score is restated in words ("8 9 ...
+    Assistant 2 receives a higher score of 9"). Without such a pair, both assistants
+    need a labelled statement ("Score of Assistant 1: 8", "Assistant B: 6/10", "I would
+    give Assistant 1 a score of 8 and Assistant 2 a score of 9"). Any disagreement, an
+    unknown assistant or an out-of-scale score gives ``None``.
     """
     if not isinstance(text, str):
         raise TypeError(f"referee output must be str, not {type(text).__name__}")
     text = _MARKDOWN.sub("", text.replace("\r\n", "\n"))
-    bare = _bare_pair(text)
-    if not _STATEMENT.search(text):
-        result = bare
-    else:
-        result = _labelled_scores(text)
-        if bare is not None and bare != result:
-            result = None  # a bare "8 6" line contradicts the labelled scores
-    if result is None:
+    try:
+        labelled = _labelled_scores(text)
+        unlabelled = _unlabelled_pair(text)
+    except _Conflict as conflict:
+        logger.debug("referee scores not trusted: %s", conflict)
+        return None
+    if unlabelled is not None:
+        if any(score is not None and score != unlabelled[index] for index, score in enumerate(labelled)):
+            logger.debug("referee's labelled scores %s contradict its pair %s", labelled, unlabelled)
+            return None
+        return unlabelled
+    if labelled[0] is None or labelled[1] is None:
         logger.debug("could not read referee scores from %r", text[-200:])
-    return result
+        return None
+    return labelled[0], labelled[1]
 
 
 # A reply cut at the length limit right after a number may have lost the rest of it ("1" of "10").
