@@ -122,6 +122,12 @@ class Imitation(_Strict):
 
 class Discrimination(_Strict):
     tau: float = Field(1.0, description="An instruction is hard when teacher_score - student_score >= tau.")
+    stream_reviews: bool = Field(
+        True,
+        description="Send an instruction's reviews as soon as its student answer is in, and stop the student's "
+        "server after its last answer (on GPU it frees the student's GPUs early). false: every student answer "
+        "first, then the reviews (for servers that share the same CPU cores and slow each other down).",
+    )
 
 
 class GenerationFilters(_Strict):

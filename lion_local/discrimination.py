@@ -29,15 +29,14 @@ from lion_local.config import Config
 from lion_local.endpoint import EndpointClient
 from lion_local.imitation import is_checkpoint
 from lion_local.journaled_calls import call_all, call_fields
+from lion_local.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
 from lion_local.records import pools_for, request_seed
-from lion_local.roles import ask_referee, ask_student, read_review
+from lion_local.roles import ask_student
 from lion_local.run_state import Journal, RunDir, StageOrderError, write_atomic, write_jsonl_atomic
 from lion_local.teacher_cache import ensure_teacher_answers
 from lion_local.servers import ServerSet
 
 logger = logging.getLogger(__name__)
-
-ORDERS = ("teacher_first", "student_first")
 
 
 def run_discrimination(config: Config, run: RunDir, k: int, servers: ServerSet) -> dict:
@@ -73,130 +72,116 @@ async def _collect(
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Teacher answers and student answers by id, and every review, for the whole Cache Pool."""
     directory = run.iteration(k)
-    marker = f"{k}/discrimination"
     roles = config.roles
     with Journal(directory / "student_answers.jsonl") as student_journal, Journal(directory / "reviews.jsonl") as reviews:
-        answered = {record["id"] for record in student_journal.records}
-        need_student = [record for record in cache_pool if record["id"] not in answered]
-        pending_reviews = _pending_reviews(cache_pool, reviews.records, roles.referee.parse_retries)
-
+        calls = _Calls(config, run, k, servers, student_journal, reviews)
+        need_student = [record for record in cache_pool if record["id"] not in calls.student_answers]
+        ids = [record["id"] for record in cache_pool]
+        for pair_id, order, attempt in pending_reviews(ids, reviews.records, roles.referee.parse_retries):
+            calls.pending.setdefault(pair_id, []).append((order, attempt))
         async with AsyncExitStack() as stack:
-            clients: dict[str, EndpointClient] = {}
-
-            async def client(role: str) -> EndpointClient:
-                name = getattr(roles, role).server
-                if name not in clients:
-                    model = str(run.student(k)) if role == "student" else None
-                    clients[name] = await stack.enter_async_context(await servers.open_client(name, model))
-                return clients[name]
-
             # The student's new checkpoint and the referee load side by side.
             wanted = {roles.student.server: str(run.student(k))} if need_student else {}
-            if pending_reviews:
+            if calls.pending:
                 wanted.setdefault(roles.referee.server, None)
             await servers.start_async(wanted)
-            student_client = await client("student") if need_student else None
-            referee_client = await client("referee") if pending_reviews else None
-
-            def student_call(record: dict):
-                async def ask() -> dict:
-                    seed = request_seed(config.seed, "student", k, record["id"])
-                    completion = await ask_student(
-                        student_client, roles.student, record["instruction"], record["input"], seed=seed
-                    )
-                    return {
-                        "id": record["id"],
-                        "answer": completion.text,
-                        **call_fields(completion, seed),
-                    }
-
-                return ask
-
-            _, teacher_answers = await asyncio.gather(
-                call_all([student_call(r) for r in need_student], student_journal, f"{marker}: student answers"),
-                ensure_teacher_answers(run, config, cache_pool, lambda: client("teacher"), marker),
+            clients = {}
+            if need_student:
+                clients["student"] = await calls.client(stack, "student")
+            if calls.pending:
+                clients["referee"] = await calls.client(stack, "referee")
+            calls.unanswered = len(need_student)
+            calls.teacher = asyncio.ensure_future(
+                ensure_teacher_answers(run, config, cache_pool, lambda: calls.client(stack, "teacher"), calls.marker)
             )
-            student_answers = {record["id"]: record for record in student_journal.records}
-
-            def review_call(record: dict, order: str, first_attempt: int):
-                async def ask() -> None:
-                    teacher = teacher_answers[record["id"]]["answer"]
-                    student = student_answers[record["id"]]["answer"]
-                    first, second = (teacher, student) if order == "teacher_first" else (student, teacher)
-                    for attempt in range(first_attempt, roles.referee.parse_retries + 1):
-                        seed = request_seed(config.seed, "referee", k, record["id"], order, attempt)
-                        completion = await ask_referee(
-                            referee_client, roles.referee, record["instruction"], record["input"], first, second, seed=seed
-                        )
-                        scores = read_review(completion.text, completion.finish_reason)
-                        reviews.append(
-                            {
-                                "id": record["id"],
-                                "order": order,
-                                "attempt": attempt,
-                                "raw": completion.text,
-                                "scores": list(scores) if scores is not None else None,
-                                **call_fields(completion, seed),
-                            }
-                        )
-                        if scores is not None:
-                            return None
-                    return None
-
-                return ask
-
-            calls = [review_call(record, order, attempt) for record, order, attempt in pending_reviews]
-            await call_all(calls, reviews, f"{marker}: reviews")
-    return teacher_answers, student_answers, reviews.records
+            try:
+                await calls.run_all(cache_pool, need_student, clients)
+                teacher_answers = await calls.teacher
+            finally:
+                calls.teacher.cancel()
+                await asyncio.gather(calls.teacher, return_exceptions=True)
+    return teacher_answers, calls.student_answers, reviews.records
 
 
-def _pending_reviews(cache_pool: list[dict], reviews: list[dict], parse_retries: int) -> list[tuple[dict, str, int]]:
-    """(record, order, next attempt) for each review not yet read nor given up on."""
-    attempts: Counter[tuple[str, str]] = Counter()
-    readable: set[tuple[str, str]] = set()
-    for review in reviews:
-        key = (review["id"], review["order"])
-        attempts[key] += 1
-        if review["scores"] is not None:
-            readable.add(key)
-    pending = []
-    for record in cache_pool:
-        for order in ORDERS:
-            key = (record["id"], order)
-            if key not in readable and attempts[key] <= parse_retries:
-                pending.append((record, order, attempts[key]))
-    return pending
+class _Calls:
+    """The model calls of one discrimination, each journaled as it returns."""
+
+    def __init__(
+        self, config: Config, run: RunDir, k: int, servers: ServerSet, student_journal: Journal, reviews: Journal
+    ) -> None:
+        self.config, self.run, self.k, self.servers = config, run, k, servers
+        self.marker = f"{k}/discrimination"
+        self.student_journal, self.reviews = student_journal, reviews
+        self.student_answers = {record["id"]: record for record in student_journal.records}
+        self.pending: dict[str, list[tuple[str, int]]] = {}  # id -> (order, next attempt) of each review due
+        self.clients: dict[str, EndpointClient] = {}
+        self.unanswered = 0
+        self.teacher: asyncio.Future[dict[str, dict]]
+
+    async def client(self, stack: AsyncExitStack, role: str) -> EndpointClient:
+        name = getattr(self.config.roles, role).server
+        if name not in self.clients:
+            model = str(self.run.student(self.k)) if role == "student" else None
+            self.clients[name] = await stack.enter_async_context(await self.servers.open_client(name, model))
+        return self.clients[name]
+
+    async def run_all(self, cache_pool: list[dict], need_student: list[dict], clients: dict[str, EndpointClient]) -> None:
+        self.student_client = clients.get("student")
+        self.referee_client = clients.get("referee")
+        if self.config.discrimination.stream_reviews:
+            # An instruction's two reviews are sent as soon as its student answer is in.
+            work = [r for r in cache_pool if r["id"] not in self.student_answers or r["id"] in self.pending]
+            await call_all([lambda r=r: self.answer_then_review(r) for r in work], self.reviews,
+                           f"{self.marker}: student answers and reviews", unit="instruction")
+        else:
+            await call_all([lambda r=r: self.student_answer(r) for r in need_student], self.student_journal,
+                           f"{self.marker}: student answers")
+            await call_all([lambda r=r: self.review(r) for r in cache_pool if r["id"] in self.pending], self.reviews,
+                           f"{self.marker}: reviews", unit="instruction")
+
+    async def answer_then_review(self, record: dict) -> None:
+        if record["id"] not in self.student_answers:
+            await self.student_answer(record)
+        await self.review(record)
+
+    async def student_answer(self, record: dict) -> None:
+        role = self.config.roles.student
+        seed = request_seed(self.config.seed, "student", self.k, record["id"])
+        completion = await ask_student(self.student_client, role, record["instruction"], record["input"], seed=seed)
+        answer = {"id": record["id"], "answer": completion.text, **call_fields(completion, seed)}
+        self.student_journal.append(answer)
+        self.student_answers[record["id"]] = answer
+        self.unanswered -= 1
+        if self.unanswered == 0:  # the last answer is in: its server (its GPUs) is not needed any more
+            await asyncio.to_thread(self.servers.stop, role.server)
+
+    async def review(self, record: dict) -> None:
+        """Both orders' reviews of one instruction that are still due."""
+        role = self.config.roles.referee
+        pair = AnswerPair(
+            record["id"], record["instruction"], record["input"],
+            (await self.teacher)[record["id"]]["answer"], self.student_answers[record["id"]]["answer"],
+        )
+        seed_of = lambda *key: request_seed(self.config.seed, "referee", self.k, *key)  # noqa: E731
+        await asyncio.gather(*(
+            review_call(self.referee_client, role, pair, order, attempt, role.parse_retries, seed_of, self.reviews)()
+            for order, attempt in self.pending.get(record["id"], [])
+        ))
 
 
 def judge(cache_pool: list[dict], reviews: list[dict], tau: float) -> list[dict]:
     """One judgement per Cache Pool instruction from its two readable reviews (or unjudged)."""
-    scores: dict[tuple[str, str], list[float]] = {}
-    for review in reviews:
-        if review["scores"] is not None:
-            scores.setdefault((review["id"], review["order"]), review["scores"])
+    judged = judged_pairs([record["id"] for record in cache_pool], reviews)
     judgements = []
     for record in cache_pool:
-        teacher_first = scores.get((record["id"], "teacher_first"))
-        student_first = scores.get((record["id"], "student_first"))
-        if teacher_first is None or student_first is None:
+        scores = judged.get(record["id"])
+        if scores is None:
             judgements.append(
                 {"id": record["id"], "teacher_score": None, "student_score": None, "gap": None, "label": "unjudged"}
             )
             continue
-        teacher_score = (teacher_first[0] + student_first[1]) / 2
-        student_score = (teacher_first[1] + student_first[0]) / 2
-        gap = teacher_score - student_score
-        judgements.append(
-            {
-                "id": record["id"],
-                "teacher_score": teacher_score,
-                "student_score": student_score,
-                "gap": gap,
-                "label": "hard" if gap >= tau else "easy",
-                "teacher_first": teacher_first,
-                "student_first": student_first,
-            }
-        )
+        label = "hard" if scores["gap"] >= tau else "easy"
+        judgements.append({"id": record["id"], **scores, "label": label})
     return judgements
 
 
@@ -217,6 +202,7 @@ def summarize(judgements: list[dict], reviews: list[dict]) -> dict:
         "mean_student_score": round(fmean(j["student_score"] for j in judged), 4) if judged else None,
         "mean_gap": round(fmean(j["gap"] for j in judged), 4) if judged else None,
         "gap_histogram": gap_histogram([j["gap"] for j in judged]),
+        "position_inconsistent_share": inconsistent_share(judged),
         "referee_replies": len(reviews),
         "unreadable_referee_replies": sum(1 for r in reviews if r["scores"] is None),
     }

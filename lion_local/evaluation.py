@@ -39,7 +39,6 @@ import hashlib
 import json
 import logging
 import re
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -50,8 +49,9 @@ from lion_local.config import Config, api_key_for, check_models_exist
 from lion_local.endpoint import EndpointClient
 from lion_local.imitation import is_checkpoint
 from lion_local.journaled_calls import call_all, call_fields
+from lion_local.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
 from lion_local.records import instruction_id, request_seed
-from lion_local.roles import ask_referee, ask_student, ask_teacher, read_review
+from lion_local.roles import ask_student, ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.run_state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
 from lion_local.teacher_cache import teacher_fingerprint
@@ -60,8 +60,6 @@ from lion_local.tiny_models import ensure_tiny_models
 from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)
-
-ORDERS = ("teacher_first", "student_first")
 
 
 class QuestionsError(Exception):
@@ -257,36 +255,20 @@ async def _evaluate_checkpoint(
     identity = _judge_identity(config)
     keys = {q["id"]: _digest(identity, q["question"], *pairs[q["id"]]) for q in questions}
     with Journal(directory / "judgements.jsonl") as journal:
-        pending = _pending_judgements(questions, _current(journal, keys), judge_retries(config))
+        pending = pending_reviews([q["id"] for q in questions], _current(journal, keys), judge_retries(config))
         logger.info("evaluation %s: %d judgements to request (%s)", checkpoint.name, len(pending), judge)
         judge_client = await client(judge) if pending else None
+        by_id = {q["id"]: q for q in questions}
 
-        def judge_call(question: dict, order: str, first_attempt: int):
-            async def ask() -> None:
-                qid = question["id"]
-                first, second = pairs[qid] if order == "teacher_first" else pairs[qid][::-1]
-                for attempt in range(first_attempt, judge_retries(config) + 1):
-                    seed = request_seed(config.seed, "evaluation-judge", checkpoint.name, qid, order, attempt)
-                    completion = await ask_referee(
-                        judge_client, config.roles.referee, question["question"], "", first, second, seed=seed
-                    )
-                    scores = read_review(completion.text, completion.finish_reason)
-                    journal.append({
-                        "id": qid,
-                        "order": order,
-                        "attempt": attempt,
-                        "raw": completion.text,
-                        "scores": list(scores) if scores is not None else None,
-                        "key": keys[qid],
-                        **call_fields(completion, seed),
-                    })
-                    if scores is not None:
-                        return None
-                return None
+        def judge_call(qid: str, order: str, first_attempt: int):
+            pair = AnswerPair(qid, by_id[qid]["question"], "", *pairs[qid])
+            return review_call(
+                judge_client, config.roles.referee, pair, order, first_attempt, judge_retries(config),
+                lambda *key: request_seed(config.seed, "evaluation-judge", checkpoint.name, *key),
+                journal, extra={"key": keys[qid]},
+            )
 
-            return ask
-
-        calls = [judge_call(question, order, attempt) for question, order, attempt in pending]
+        calls = [judge_call(qid, order, attempt) for qid, order, attempt in pending]
         await call_all(calls, journal, f"evaluation {checkpoint.name}: judgements")
         result = {"checkpoint": checkpoint.name, "iteration": checkpoint.iteration, "judge": judge}
         result.update(relative_scores(questions, _current(journal, keys)))
@@ -371,18 +353,6 @@ async def _student_answers(
     return answers
 
 
-def _pending_judgements(questions: list[dict], judgements: list[dict], retries: int) -> list[tuple[dict, str, int]]:
-    """(question, order, next attempt) for each review not yet read nor given up on."""
-    attempts: Counter[tuple[str, str]] = Counter((j["id"], j["order"]) for j in judgements)
-    readable = {(j["id"], j["order"]) for j in judgements if j["scores"] is not None}
-    return [
-        (question, order, attempts[(question["id"], order)])
-        for question in questions
-        for order in ORDERS
-        if (question["id"], order) not in readable and attempts[(question["id"], order)] <= retries
-    ]
-
-
 def _current(journal: Journal, keys: dict[str, str]) -> list[dict]:
     """The journal's records for the questions asked, less those whose key no longer matches."""
     return [r for r in journal.records if r.get("id") in keys and r.get("key") == keys[r["id"]]]
@@ -408,24 +378,15 @@ def _digest(*parts: object) -> str:
 def relative_scores(questions: list[dict], judgements: list[dict]) -> dict:
     """Counts, totals and relative scores, overall and per category, from one checkpoint's judge
     replies (the arithmetic of the module docstring)."""
-    first_readable: dict[tuple[str, str], list[float]] = {}
-    for judgement in judgements:
-        if judgement["scores"] is not None:
-            first_readable.setdefault((judgement["id"], judgement["order"]), judgement["scores"])
-    scores: dict[str, tuple[float, float]] = {}  # question id -> (teacher_score, student_score)
-    for question in questions:
-        teacher_first = first_readable.get((question["id"], "teacher_first"))
-        student_first = first_readable.get((question["id"], "student_first"))
-        if teacher_first is not None and student_first is not None:
-            scores[question["id"]] = (
-                (teacher_first[0] + student_first[1]) / 2,
-                (teacher_first[1] + student_first[0]) / 2,
-            )
+    judged = judged_pairs([q["id"] for q in questions], judgements)
+    # question id -> (teacher_score, student_score)
+    scores = {qid: (pair["teacher_score"], pair["student_score"]) for qid, pair in judged.items()}
     result = {
         "questions": len(questions),
         "judged": len(scores),
         "excluded_questions": len(questions) - len(scores),
         "unparseable_judgements": sum(1 for judgement in judgements if judgement["scores"] is None),
+        "position_inconsistent_share": inconsistent_share(list(judged.values())),
         **_totals([scores[q["id"]] for q in questions if q["id"] in scores]),
         "by_category": {},
     }

@@ -48,6 +48,7 @@ async def call_all(
     journal: Journal,
     description: str,
     on_record: Callable[[dict], None] | None = None,
+    unit: str = "call",
 ) -> None:
     """Run every call concurrently and append each returned record to `journal`.
 
@@ -56,7 +57,7 @@ async def call_all(
     """
     if not calls:
         return
-    bar = progress_bar(len(calls), description)
+    bar = progress_bar(len(calls), description, unit)
     tasks = [asyncio.ensure_future(call()) for call in calls]
     try:
         for finished in asyncio.as_completed(tasks):

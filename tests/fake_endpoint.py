@@ -115,6 +115,7 @@ class FakeServers:
         self.endpoint = endpoint
         self.clients: list[tuple[str, str | None]] = []
         self.stopped: list[str] = []
+        self.running: set[str] = set()  # stop(name), as ServerSet's, stops only a running server
 
     def client(self, name: str, model: str | None = None) -> EndpointClient:
         self.clients.append((name, model))
@@ -131,12 +132,16 @@ class FakeServers:
 
     async def start_async(self, wanted: dict[str, str | None]) -> None:
         self.started = getattr(self, "started", []) + [dict(wanted)]
+        self.running.update(wanted)
 
     async def open_client(self, name: str, model: str | None = None) -> EndpointClient:
+        self.running.add(name)
         return self.client(name, model)
 
     def stop(self, name: str) -> None:
-        self.stopped.append(name)
+        if name in self.running:
+            self.running.discard(name)
+            self.stopped.append(name)
 
     def stop_for_training(self) -> None:
         self.stopped.append("for training")

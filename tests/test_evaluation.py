@@ -75,6 +75,8 @@ EXPECTED = {
     "judged": 4,
     "excluded_questions": 1,
     "unparseable_judgements": 4,  # q2 teacher_first attempt 0, q3 student_first attempts 0-2
+    # q2: a tie teacher first, the teacher better student first; the other three agree.
+    "position_inconsistent_share": 0.25,
     "teacher_total": 30.0,
     "student_total": 23.0,
     "relative_score": 76.67,  # 100 * 23 / 30
@@ -215,7 +217,7 @@ def test_relative_scores_edge_cases():
     nothing = relative_scores(questions, [{"id": "a", "order": TF, "attempt": 0, "scores": None}])
     assert nothing == {
         "questions": 2, "judged": 0, "excluded_questions": 2, "unparseable_judgements": 1,
-        "teacher_total": 0, "student_total": 0, "relative_score": None,
+        "position_inconsistent_share": None, "teacher_total": 0, "student_total": 0, "relative_score": None,
         "by_category": {"x": {"questions": 1, "judged": 0, "teacher_total": 0, "student_total": 0, "relative_score": None}},
     }
     assert summary_line({"checkpoint": "final", **nothing}) == (

@@ -7,7 +7,7 @@ Covered:
   truncated, banned_word, too_short, leading_punctuation, non_ascii_start.
 - discrimination.judge: scores averaged over both orders, gap = teacher - student, "hard" iff
   gap >= tau, "unjudged" when an order lacks a readable review, a retried review counting.
-- discrimination._pending_reviews, gap_histogram and summarize.
+- judging.pending_reviews and position consistency; discrimination.gap_histogram and summarize.
 - loop.stage_markers and markers_for on the tiny-cpu config: run / iteration / stage scopes,
   StageOrderError for a stage already done or not yet runnable, the optional final imitation.
 - records.instruction_id and request_seed; records.pools_for for iteration 1, iteration 2 and
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from lion_local.config import GenerationFilters, load_config
-from lion_local.discrimination import _pending_reviews, gap_histogram, judge, summarize
+from lion_local.discrimination import gap_histogram, judge, summarize
 from lion_local.generation import filter_reason, plan_quotas
+from lion_local.judging import pending_reviews
 from lion_local.loop import markers_for, stage_markers
 from lion_local.records import instruction_id, instruction_record, pools_for, request_seed
 from lion_local.run_state import FINAL, RunDir, StageOrderError, mark_completed, read_jsonl, write_jsonl_atomic
@@ -175,7 +176,7 @@ def test_filter_non_ascii_start_only_when_enabled():
 
 
 # ----------------------------------------------------------------------------------------------
-# discrimination.judge, _pending_reviews, gap_histogram, summarize
+# discrimination.judge, judging.pending_reviews, gap_histogram, summarize
 # ----------------------------------------------------------------------------------------------
 
 
@@ -266,6 +267,23 @@ def test_judge_with_no_reviews_leaves_every_instruction_unjudged():
     assert judge([], [], tau=1.0) == []
 
 
+def test_position_consistency_is_whether_both_orders_name_the_same_better_answer():
+    agree, disagree, ties, one_tie = _pool("agree", "disagree", "ties", "one tie")
+    reviews = [
+        # teacher_first is [teacher, student], student_first [student, teacher].
+        _review(agree, "teacher_first", [8, 6]), _review(agree, "student_first", [5, 9]),
+        _review(disagree, "teacher_first", [8, 6]), _review(disagree, "student_first", [9, 5]),  # first answer wins
+        _review(ties, "teacher_first", [7, 7]), _review(ties, "student_first", [6, 6]),
+        _review(one_tie, "teacher_first", [7, 7]), _review(one_tie, "student_first", [5, 8]),
+    ]
+    judgements = {j["id"]: j for j in judge([agree, disagree, ties, one_tie], reviews, tau=1.0)}
+    assert [judgements[r["id"]]["position_consistent"] for r in (agree, disagree, ties, one_tie)] == [
+        True, False, True, False,
+    ]
+    summary = summarize(list(judgements.values()), reviews)
+    assert summary["position_inconsistent_share"] == 0.5
+
+
 def test_pending_reviews_lists_unread_orders_with_their_next_attempt():
     done, retrying, exhausted, fresh = _pool("done", "retrying", "exhausted", "fresh")
     reviews = [
@@ -278,21 +296,20 @@ def test_pending_reviews_lists_unread_orders_with_their_next_attempt():
         *[_review(exhausted, "teacher_first", None, attempt) for attempt in range(3)],  # parse_retries=2: 3 tries
         _review(exhausted, "student_first", [5, 5]),
     ]
-    pending = _pending_reviews([done, retrying, exhausted, fresh], reviews, parse_retries=2)
-    assert [(record["id"], order, attempt) for record, order, attempt in pending] == [
+    pending = pending_reviews([r["id"] for r in (done, retrying, exhausted, fresh)], reviews, retries=2)
+    assert pending == [
         (retrying["id"], "student_first", 2),
         (fresh["id"], "teacher_first", 0),
         (fresh["id"], "student_first", 0),
     ]
-    assert pending[0][0] is retrying  # the Cache Pool record itself, for the call
 
 
 def test_pending_reviews_with_no_retries_allows_exactly_one_attempt():
     (record,) = _pool("once")
-    assert len(_pending_reviews([record], [], parse_retries=0)) == 2
+    assert len(pending_reviews([record["id"]], [], retries=0)) == 2
     reviews = [_review(record, "teacher_first", None), _review(record, "student_first", None)]
-    assert _pending_reviews([record], reviews, parse_retries=0) == []
-    assert [p[1:] for p in _pending_reviews([record], reviews, parse_retries=1)] == [
+    assert pending_reviews([record["id"]], reviews, retries=0) == []
+    assert [p[1:] for p in pending_reviews([record["id"]], reviews, retries=1)] == [
         ("teacher_first", 1),
         ("student_first", 1),
     ]

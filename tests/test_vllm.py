@@ -174,8 +174,9 @@ def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
             break
         time.sleep(0.2)
     assert first.poll() is None, f"the run ended before the kill point: {first.stdout.read()[-3000:]}"
-    student = [r for r in jsonl(directory / "run/servers.jsonl") if r["server"] == "student"][-1]
-    outcome["status_without_key"] = _status_without_key(first.pid, student["base_url"] + "/models")
+    # The referee's server (the teacher's): the student's stops once its last answer is in.
+    referee = [r for r in jsonl(directory / "run/servers.jsonl") if r["server"] == "teacher"][-1]
+    outcome["status_without_key"] = _status_without_key(first.pid, referee["base_url"] + "/models")
     outcome["servers_at_kill"] = sampler.most_servers_at_once
     first.send_signal(signal.SIGKILL)
     first.wait()
