@@ -67,6 +67,8 @@ def iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, fl
         "mean_student": discrimination.get("mean_student_score"),
         "mean_gap": discrimination.get("mean_gap"),
         "gap_histogram": discrimination.get("gap_histogram", []),
+        # judged instructions whose two review orders name different better answers
+        "position_inconsistent_share": discrimination.get("position_inconsistent_share"),
     }
     report["generation"] = generation
     report["roles"]["student"] = usage(read_jsonl(directory / "student_answers.jsonl"))

@@ -127,6 +127,7 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
         row("mean teacher score", get("scores", "mean_teacher")),
         row("mean student score", get("scores", "mean_student")),
         row("mean gap", get("scores", "mean_gap")),
+        row("position-inconsistent share", get("scores", "position_inconsistent_share")),
         row("rejected", get("generation", "rejected_total")),
         row("shortfall", get("generation", "shortfall", "total")),
     ]

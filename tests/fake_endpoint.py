@@ -6,7 +6,8 @@ thread (the stages call asyncio.run themselves, so it lives outside their event 
 records every request body and answers each role from a Python callable the test sets in
 `handlers`: the completions endpoint is the student; a chat whose last message holds
 "[Answer of Assistant 1]" is the referee, one holding "#New Instruction#" the generator, any
-other chat the teacher. A handler takes the request body and returns (text, finish_reason).
+other chat the teacher. A handler takes the request body and returns (text, finish_reason);
+`latency_s` holds a role's replies back for a fixed time, as a busy server would.
 
 `FakeServers` stands in for lion_local.servers.ServerSet: its clients are real EndpointClients pointed at
 the fake, so everything from the HTTP request to the journals is the stages' own code.
@@ -32,6 +33,7 @@ class FakeEndpoint:
 
     def __init__(self) -> None:
         self.handlers: dict[str, Handler] = {}
+        self.latency_s: dict[str, float] = {}  # role -> seconds each of its replies is held back
         self.requests: list[tuple[str, dict]] = []
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -83,10 +85,13 @@ class FakeEndpoint:
             role = "generator"
         else:
             role = "teacher"
+        await asyncio.sleep(self.latency_s.get(role, 0.0))
         return self._reply(role, body, chat=True)
 
     async def _completions(self, request: web.Request) -> web.Response:
-        return self._reply("student", await request.json(), chat=False)
+        body = await request.json()
+        await asyncio.sleep(self.latency_s.get("student", 0.0))
+        return self._reply("student", body, chat=False)
 
     def _reply(self, role: str, body: dict, chat: bool) -> web.Response:
         with self._lock:
@@ -116,6 +121,7 @@ class FakeServers:
         self.clients: list[tuple[str, str | None]] = []
         self.stopped: list[str] = []
         self.running: set[str] = set()  # stop(name), as ServerSet's, stops only a running server
+        self.requests_at_stop: dict[str, Counter] = {}  # name -> requests per role when it was stopped
 
     def client(self, name: str, model: str | None = None) -> EndpointClient:
         self.clients.append((name, model))
@@ -142,6 +148,7 @@ class FakeServers:
         if name in self.running:
             self.running.discard(name)
             self.stopped.append(name)
+            self.requests_at_stop[name] = self.endpoint.roles()
 
     def stop_for_training(self) -> None:
         self.stopped.append("for training")

@@ -210,6 +210,30 @@ def retrying_referee(body: dict) -> Reply:
     return scores_text(order, teacher, student), "stop"
 
 
+def test_streamed_and_sequential_discrimination_give_the_same_judgements(fake: FakeEndpoint, tmp_path: Path):
+    """discrimination.stream_reviews changes when reviews are sent, never what they are: the same
+    seeds, the same replies, the same judgements. Streamed, the student's server stops once its
+    last answer is in, before that answer's own reviews are requested."""
+    fake.handlers["referee"] = retrying_referee
+    results = {}
+    for stream in (True, False):
+        config = make_config(tmp_path / f"run-{stream}", f"discrimination.stream_reviews={str(stream).lower()}")
+        run = prepare_iteration(config)
+        servers = FakeServers(fake)
+        fake.reset()
+        run_discrimination(config, run, 1, servers)
+        directory = run.iteration(1)
+        reviews = {(r["id"], r["order"], r["attempt"]): (r["raw"], r["seed"]) for r in read_jsonl(directory / "reviews.jsonl")}
+        results[stream] = (read_jsonl(directory / "judgements.jsonl"), reviews, servers, fake.roles()["referee"])
+    (streamed, streamed_reviews, streamed_servers, referee_calls), (sequential, sequential_reviews, _, _) = (
+        results[True], results[False]
+    )
+    assert streamed == sequential and streamed_reviews == sequential_reviews
+    assert streamed_servers.stopped == ["student"]
+    assert streamed_servers.requests_at_stop["student"]["student"] == len(POOL)
+    assert streamed_servers.requests_at_stop["student"]["referee"] < referee_calls
+
+
 def test_discrimination_retries_unreadable_reviews_then_gives_up(fake: FakeEndpoint, tmp_path: Path):
     config = make_config(tmp_path / "run")
     run = prepare_iteration(config)
