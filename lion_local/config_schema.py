@@ -52,7 +52,20 @@ class RefereeRole(_RoleBase):
 
     server: str = "teacher"
     temperature: float = Field(0.2, ge=0, le=2)
-    max_tokens: int = Field(512, ge=1)
+    max_tokens: int = Field(
+        512, ge=1, description="Most tokens of an explain_first review; the two short modes need only a few."
+    )
+    mode: Literal["explain_first", "scores_only", "expected_score"] = Field(
+        "explain_first",
+        description="explain_first: the paper's review, an explanation then the two scores; scores_only: the reply "
+        "is constrained to the two scores; expected_score: as scores_only, each score the probability-weighted mean "
+        "of the score tokens (needs top_logprobs). The short modes need structured outputs: vLLM or a hosted API.",
+    )
+    structured_output: Literal["regex", "json_schema"] = Field(
+        "regex",
+        description="How the short modes constrain the reply: regex (vLLM's `structured_outputs`, the form vLLM "
+        "follows best) or json_schema (`response_format`, the form hosted OpenAI-compatible APIs take).",
+    )
     parse_retries: int = Field(
         3, ge=0, description="Extra requests when a review cannot be parsed; then the instruction is unjudged."
     )
@@ -227,6 +240,14 @@ class Config(_Strict):
                 close = difflib.get_close_matches(role.server, list(self.servers), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
                 raise ValueError(f"roles.{role_name}.server: no server named {role.server!r}{hint}")
+        referee_engine = self.servers[self.roles.referee.server].engine
+        if self.roles.referee.mode != "explain_first" and referee_engine == "transformers":
+            raise ValueError(
+                f"roles.referee.mode: {self.roles.referee.mode} needs structured outputs"
+                + (" and logprobs" if self.roles.referee.mode == "expected_score" else "")
+                + f", which `transformers serve` (servers.{self.roles.referee.server}) rejects; serve the referee "
+                "with vllm or use mode explain_first"
+            )
         if self.servers[self.roles.student.server].engine == "external":
             raise ValueError(
                 f"servers.{self.roles.student.server}.engine: the student is served from its own checkpoints, "

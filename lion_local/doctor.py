@@ -21,7 +21,7 @@ from lion_local.roles import (
     ask_student,
     ask_teacher,
     parse_generated_instruction,
-    parse_referee_scores,
+    read_review,
     parse_teacher_answer,
 )
 from lion_local.seed_data import load_seed_instructions
@@ -85,72 +85,85 @@ async def _check_roles(
 ) -> list[Check]:
     clients = {name: client_for(endpoint, config.servers[name]) for name, endpoint in endpoints.items()}
     roles = config.roles
-    checks: list[Check] = []
 
     def client(role: str) -> EndpointClient | None:
         return clients.get(getattr(roles, role).server)
 
-    async def attempt(role: str, call, parse, describe) -> tuple[Check, object]:
-        if client(role) is None:
-            return Check(role, False, f"server {getattr(roles, role).server!r} is not available"), None
-        try:
-            completion = await call(client(role))
-        except EndpointError as exc:
-            return Check(role, False, str(exc)), None
-        parsed = parse(completion.text)
-        summary = (
-            f"{completion.seconds:.2f} s, {completion.prompt_tokens}+{completion.completion_tokens} tokens, "
-            f"finish_reason={completion.finish_reason}"
-        )
-        if parsed is None:
-            return Check(role, False, f"{describe}; {summary}", completion.text, None), None
-        return Check(role, True, summary, completion.text, repr(parsed)), parsed
-
     try:
-        teacher_check, teacher_answer = await attempt(
-            "teacher",
+        teacher_check, teacher_answer = await _attempt(
+            "teacher", client("teacher"),
             lambda c: ask_teacher(c, roles.teacher, instruction, input_text, seed=config.seed),
-            parse_teacher_answer,
+            lambda completion: parse_teacher_answer(completion.text),
             "the teacher returned an empty answer",
         )
-        student_check, student_answer = await attempt(
-            "student",
+        student_check, student_answer = await _attempt(
+            "student", client("student"),
             lambda c: ask_student(c, roles.student, instruction, input_text, seed=config.seed),
-            lambda text: text,
+            lambda completion: completion.text,
             "unreachable",
         )
-        checks += [teacher_check, student_check]
-
-        referee_check = None
-        for round_number in range(roles.referee.parse_retries + 1):
-            referee_check, _ = await attempt(
-                "referee",
-                lambda c: ask_referee(
-                    c,
-                    roles.referee,
-                    instruction,
-                    input_text,
-                    str(teacher_answer or "A short, correct answer."),
-                    str(student_answer or ""),
-                    seed=config.seed + round_number,
-                ),
-                parse_referee_scores,
-                "could not read two scores (1-10) from the review",
-            )
-            if referee_check.ok or referee_check.raw is None:
-                break
-        checks.append(referee_check)
-
+        checks = [teacher_check, student_check]
+        answers = (str(teacher_answer or "A short, correct answer."), str(student_answer or ""))
+        checks.append(await _check_referee(config, client("referee"), instruction, input_text, answers))
         for offset, kind in enumerate(("hard", "easy")):
-            generator_check, _ = await attempt(
-                "generator",
+            generator_check, _ = await _attempt(
+                f"generator ({kind})", client("generator"),
                 lambda c: ask_generator(c, roles.generator, instruction, input_text, kind, seed=config.seed + offset),
-                parse_generated_instruction,
+                lambda completion: parse_generated_instruction(completion.text),
                 "the reply did not hold exactly one new instruction",
             )
-            generator_check.name = f"generator ({kind})"
             checks.append(generator_check)
     finally:
         for each in clients.values():
             await each.aclose()
     return checks
+
+
+async def _check_referee(
+    config: Config, client: EndpointClient | None, instruction: str, input_text: str, answers: tuple[str, str]
+) -> Check:
+    """The referee in its configured mode, asked again (as the stages do) while its reply is unreadable."""
+    role = config.roles.referee
+    if role.mode == "explain_first":
+        describe, hint = "could not read two scores (1-10) from the review", ""
+    else:
+        needs = "structured outputs" + (" and top_logprobs" if role.mode == "expected_score" else "")
+        describe = (
+            f"the reply is not the two scores of mode {role.mode}: the endpoint did not apply "
+            f"roles.referee.structured_output: {role.structured_output} (vLLM follows regex, hosted APIs "
+            "json_schema); set the form the endpoint supports, or roles.referee.mode: explain_first"
+        )
+        hint = (
+            f"; mode {role.mode} needs {needs} from the referee's endpoint: serve it with vLLM, or set "
+            "roles.referee.mode: explain_first"
+        )
+    for round_number in range(role.parse_retries + 1):
+        check, _ = await _attempt(
+            "referee", client,
+            lambda c: ask_referee(c, role, instruction, input_text, *answers, seed=config.seed + round_number),
+            lambda completion: read_review(completion, role),
+            describe,
+            hint,
+        )
+        if check.ok or check.raw is None:
+            break
+    check.detail = f"mode {role.mode}, {check.detail}" if check.ok else check.detail
+    return check
+
+
+async def _attempt(name: str, client: EndpointClient | None, call, parse, describe: str, hint: str = "") -> tuple[Check, object]:
+    """One role's request: `parse` reads the completion (None: unreadable, described by `describe`)."""
+    if client is None:
+        return Check(name, False, "its server is not available"), None
+    try:
+        completion = await call(client)
+    except EndpointError as exc:
+        return Check(name, False, f"{exc}{hint}"), None
+    parsed = parse(completion)
+    summary = (
+        f"{completion.seconds:.2f} s, {completion.prompt_tokens}+{completion.completion_tokens} tokens, "
+        f"finish_reason={completion.finish_reason}"
+    )
+    if parsed is None:
+        return Check(name, False, f"{describe}; {summary}", completion.text, None), None
+    return Check(name, True, summary, completion.text, repr(parsed)), parsed

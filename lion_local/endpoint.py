@@ -65,6 +65,8 @@ class Completion:
     completion_tokens: int
     seconds: float
     base_url: str
+    # Chat replies asked with logprobs: one {"token", "logprob", "top_logprobs"} per generated token.
+    logprobs: list[dict] | None = None
 
 
 @dataclass
@@ -287,6 +289,7 @@ class EndpointClient:
                 completion_tokens=int(usage.get("completion_tokens") or 0),
                 seconds=seconds,
                 base_url=base_url,
+                logprobs=(choice.get("logprobs") or {}).get("content") if isinstance(message, dict) else None,
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise self._error(

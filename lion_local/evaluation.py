@@ -51,7 +51,7 @@ from lion_local.imitation import is_checkpoint
 from lion_local.journaled_calls import call_all, call_fields
 from lion_local.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
 from lion_local.records import instruction_id, request_seed
-from lion_local.roles import ask_student, ask_teacher
+from lion_local.roles import ask_student, ask_teacher, referee_identity
 from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.run_state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
 from lion_local.teacher_cache import teacher_fingerprint
@@ -359,11 +359,9 @@ def _current(journal: Journal, keys: dict[str, str]) -> list[dict]:
 
 
 def _judge_identity(config: Config) -> str:
-    """What a judgement depends on besides its question and answers: the judge model, prompt and parameters."""
+    """What a judgement depends on besides its question and answers: the judge model, prompts, mode and parameters."""
     server = config.servers[judge_server(config)]
-    template = resources.files("lion_local.roles").joinpath("referee.txt").read_text(encoding="utf-8")
-    params = config.roles.referee.request_params()
-    return _digest(request_model_name(server), server.model, template, params, config.seed)
+    return _digest(request_model_name(server), server.model, referee_identity(config.roles.referee), config.seed)
 
 
 def _digest(*parts: object) -> str:

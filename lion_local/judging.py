@@ -128,7 +128,7 @@ def review_call(
         for attempt in range(first_attempt, retries + 1):
             seed = seed_of(pair.id, order, attempt)
             completion = await ask_referee(client, role, pair.instruction, pair.input, first, second, seed=seed)
-            scores = read_review(completion.text, completion.finish_reason)
+            scores = read_review(completion, role)
             journal.append(
                 {
                     "id": pair.id,

@@ -22,8 +22,9 @@ Tokens per call, per role: the observed means of the run's journals once the rol
 before that, prompts are the real role prompts (lion_local.roles) built for a sample of the seed
 instructions and counted with the teacher's tokenizer when its model directory is here (the
 chat template applied), else at CHARS_PER_TOKEN characters per token; the referee's prompt adds
-the teacher's and the student's completion estimates; completions are the role's max_tokens
-(the generator's length budget), an upper bound.
+the teacher's and the student's completion estimates, in the referee's mode; completions are the
+role's max_tokens (the generator's length budget; for the referee, its mode's: a few tokens for the
+two short modes), an upper bound.
 
 A started run (state.json exists): a finished stage is counted from its journals ("actual");
 the pools, labels and generated sets on disk replace the predicted ones, and the stages left are
@@ -46,6 +47,7 @@ from lion_local.generation import SIDES, next_wave, plan_quotas
 from lion_local.iteration_report import usage
 from lion_local.records import seed_records
 from lion_local.roles import generator_messages, referee_messages, student_prompt, teacher_messages
+from lion_local.roles.referee import referee_params
 from lion_local.roles.generator import generator_max_tokens
 from lion_local.roles.student import student_chat_messages
 from lion_local.run_state import FINAL, RunDir, read_jsonl, read_state
@@ -187,7 +189,7 @@ def _per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[d
     completion = {
         "teacher": (roles.teacher.max_tokens, "max_tokens, an upper bound"),
         "student": (roles.student.max_tokens, "max_tokens, an upper bound"),
-        "referee": (roles.referee.max_tokens, "max_tokens, an upper bound"),
+        "referee": (referee_params(roles.referee)["max_tokens"], f"max_tokens of mode {roles.referee.mode}, an upper bound"),
         "generator": (fmean(generator_max_tokens(roles.generator, i) for i, _ in texts), "length budget, an upper bound"),
     }
     for role, records in observed.items():
@@ -206,7 +208,7 @@ def _per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[d
             "student": fmean(
                 count.chat(student_chat_messages(i, x)) if chat_student else count.text(student_prompt(i, x)) for i, x in texts
             ),
-            "referee": fmean(count.chat(referee_messages(i, x, "", "")) for i, x in texts) + answers,
+            "referee": fmean(count.chat(referee_messages(i, x, "", "", roles.referee.mode, roles.referee.structured_output)) for i, x in texts) + answers,
             "generator": fmean(count.chat(generator_messages(i, x, side)) for i, x in texts for side in ("hard", "easy")),
         }
     per_call = {}

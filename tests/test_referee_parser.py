@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lion_local.roles.referee import parse_referee_scores, read_review
+from lion_local.roles.referee import parse_referee_scores, read_explained_review
 
 # Real judge reviews with the score pairs their sources recorded (see REAL_REVIEWS.md beside it).
 REAL_REVIEWS = Path(__file__).resolve().parents[2] / "shared/data/real_reviews.jsonl"
@@ -344,7 +344,7 @@ def test_property_swapping_labels_swaps_result(a, b, prose, style, reverse) -> N
     ],
 )
 def test_read_review_distrusts_a_reply_cut_right_after_a_number(text, finish_reason, expected):
-    assert read_review(text, finish_reason) == expected
+    assert read_explained_review(text, finish_reason) == expected
 
 
 def test_real_reviews_are_read_with_no_wrong_pair() -> None:

@@ -23,8 +23,9 @@ def test_teacher_and_referee_messages_carry_the_instruction_and_input():
     messages = teacher_messages("Translate it.", "Bonjour", system_prompt="Be brief.")
     assert messages == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Translate it.\n\nBonjour"}]
     review = referee_messages("Q?", "", "first answer", "second answer")[-1]["content"]
-    assert review.index("first answer") < review.index("second answer")
-    assert review.endswith("Score of Assistant 1: <score>\nScore of Assistant 2: <score>")
+    assert review.index("Score of Assistant 1: <score>\nScore of Assistant 2: <score>") < review.index("[Question]\nQ?")
+    assert review.index("[Question]\nQ?") < review.index("first answer") < review.index("second answer")
+    assert review.endswith("second answer\n[End of Answer of Assistant 2]")
 
 
 def test_generator_templates_differ_by_seed_kind():

@@ -1,13 +1,16 @@
-"""Parsing of the referee's verdict.
+"""The referee: its prompts, its call, and the reading of its verdict in each mode.
 
-The referee (a large LLM) compares two answers to the same question, explains
-its judgement and is asked to finish with::
+roles.referee.mode chooses the review. explain_first (the paper's, template referee.txt) asks
+the referee to explain its judgement and to finish with::
 
     Score of Assistant 1: <score>
     Score of Assistant 2: <score>
 
-Real models deviate (markdown, "Assistant A", "7/10", both scores on one line,
-the Vicuna-style bare "8 6" line, ...). :func:`parse_referee_scores` accepts
+The two short modes, scores_only and expected_score, constrain the reply to the two scores; their
+template and reading are in referee_scores.py.
+
+Real models deviate from the explain_first format (markdown, "Assistant A", "7/10", both scores
+on one line, the Vicuna-style bare "8 6" line, ...). :func:`parse_referee_scores` accepts
 the common styles but is deliberately conservative: a wrong pair of scores
 silently poisons the distillation data, while ``None`` only drops one example.
 So a number is read as a score only when the text makes it a score statement
@@ -17,27 +20,52 @@ or out-of-scale scores, unknown assistants) gives ``None``.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
 from lion_local.config import RefereeRole
-from lion_local.endpoint import Completion, EndpointClient
-from lion_local.roles.templates import render
+from lion_local.endpoint import Completion, EndpointClient, EndpointError
+from lion_local.roles.referee_scores import REPLY_FORMATS, constraint_params, expected_scores, read_scores
+from lion_local.roles.templates import render, template_text
 
 logger = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = "You are a fair and careful judge of the quality of answers."
+_TEMPLATES = {"explain_first": "referee.txt", "scores_only": "referee_scores.txt", "expected_score": "referee_scores.txt"}
 
 
-def referee_messages(instruction: str, input_text: str, answer_1: str, answer_2: str) -> list[dict]:
-    """The chat messages asking for a review of two answers (template: referee.txt)."""
+def referee_messages(
+    instruction: str,
+    input_text: str,
+    answer_1: str,
+    answer_2: str,
+    mode: str = "explain_first",
+    structured_output: str = "regex",
+) -> list[dict]:
+    """The chat messages asking for a review of two answers in `mode`."""
     review_request = render(
-        "referee.txt", instruction=instruction, input=input_text, answer_1=answer_1, answer_2=answer_2
+        _TEMPLATES[mode], instruction=instruction, input=input_text, answer_1=answer_1, answer_2=answer_2,
+        reply_format=REPLY_FORMATS[structured_output],
     )
     return [
         {"role": "system", "content": SYSTEM_PROMPT},
         {"role": "user", "content": review_request.strip()},
     ]
+
+
+def referee_params(role: RefereeRole, seed: int | None = None) -> dict:
+    """The request fields of one review: the role's sampling, and in the short modes the constraint."""
+    params = role.request_params(seed)
+    if role.mode != "explain_first":
+        params.update(constraint_params(role.structured_output, expected_score=role.mode == "expected_score"))
+    return params
+
+
+def referee_identity(role: RefereeRole) -> str:
+    """Everything besides the pair that shapes a review: the prompt texts and the request fields."""
+    template = template_text(_TEMPLATES[role.mode])
+    return json.dumps([SYSTEM_PROMPT, template, role.mode, referee_params(role)], sort_keys=True)
 
 
 async def ask_referee(
@@ -49,8 +77,24 @@ async def ask_referee(
     answer_2: str,
     seed: int | None = None,
 ) -> Completion:
-    params = role.request_params(seed)
-    return await client.chat("referee", referee_messages(instruction, input_text, answer_1, answer_2), **params)
+    messages = referee_messages(instruction, input_text, answer_1, answer_2, role.mode, role.structured_output)
+    completion = await client.chat("referee", messages, **referee_params(role, seed))
+    if role.mode == "expected_score" and completion.logprobs is None:
+        raise EndpointError(
+            f"endpoint '{client.name}' returned no logprobs for the referee's expected_score mode; serve the "
+            "referee with vLLM (it returns top_logprobs) or set roles.referee.mode: scores_only"
+        )
+    return completion
+
+
+def read_review(completion: Completion, role: RefereeRole) -> tuple[float, float] | None:
+    """The two scores of one referee reply in the role's mode, or None when they cannot be trusted."""
+    if role.mode == "scores_only":
+        return read_scores(completion.text, completion.finish_reason, role.structured_output)
+    if role.mode == "expected_score":
+        return expected_scores(completion.text, completion.finish_reason, role.structured_output, completion.logprobs)
+    return read_explained_review(completion.text, completion.finish_reason)
+
 
 _FLAGS = re.IGNORECASE | re.MULTILINE
 
@@ -208,9 +252,9 @@ def parse_referee_scores(text: str) -> tuple[float, float] | None:
 _CUT_AFTER_NUMBER = re.compile(r"[\d.]\s*$")
 
 
-def read_review(text: str, finish_reason: str | None) -> tuple[float, float] | None:
-    """The scores of one referee reply, or None when they cannot be trusted: unreadable, or the
-    reply was cut at the length limit right after a number."""
+def read_explained_review(text: str, finish_reason: str | None) -> tuple[float, float] | None:
+    """The scores of one explain_first reply, or None when they cannot be trusted: unreadable, or
+    the reply was cut at the length limit right after a number."""
     if finish_reason == "length" and _CUT_AFTER_NUMBER.search(text):
         logger.debug("referee reply cut after a number, possibly mid-score: %r", text[-80:])
         return None
