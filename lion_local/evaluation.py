@@ -6,14 +6,11 @@ The teacher and each student checkpoint (iter_<k>/student and final/student: eve
 exists, or only that of --iteration K) answer a question set: --questions FILE, else
 evaluation.questions, else the built-in lion_local/data/eval_questions.jsonl. A judge
 (evaluation.judge_server, by default the referee's server) reviews each teacher/student pair with
-the referee's prompt and sampling parameters, twice: teacher first and student first. A reply it
-cannot read is asked again up to evaluation.parse_retries times (default: the referee's).
+the referee's mode, prompt and sampling parameters, in both orders, through discrimination's own
+pipeline (lion_local/judging.py: retries, up to evaluation.parse_retries, default the referee's;
+a question's two scores).
 
 The arithmetic, per checkpoint:
-- A question is judged when both orders have a readable review (the first readable reply of
-  each order counts). Its scores average the two orders, as in discrimination:
-      teacher_score = (teacher_first[0] + student_first[1]) / 2
-      student_score = (teacher_first[1] + student_first[0]) / 2
 - A question left without a readable review in either order is excluded from both totals and
   counted in excluded_questions; every unreadable reply (a retried one too) is counted in
   unparseable_judgements. Unreadable replies never count as scores.
@@ -106,10 +103,7 @@ def judge_retries(config: Config) -> int:
 def summary_line(result: dict) -> str:
     """One line per result, e.g.
     iter_1: student at 87.5% of the teacher (40 of 40 questions judged, 0 unparseable judgements)"""
-    counts = (
-        f"{result['judged']} of {result['questions']} questions judged, "
-        f"{result['unparseable_judgements']} unparseable judgements"
-    )
+    counts = f"{result['judged']} of {result['questions']} questions judged, {result['unparseable_judgements']} unparseable judgements"
     if result["relative_score"] is None:
         return f"{result['checkpoint']}: no relative score ({counts})"
     return f"{result['checkpoint']}: student at {result['relative_score']:g}% of the teacher ({counts})"

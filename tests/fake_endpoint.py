@@ -6,7 +6,8 @@ thread (the stages call asyncio.run themselves, so it lives outside their event 
 records every request body and answers each role from a Python callable the test sets in
 `handlers`: the completions endpoint is the student; a chat whose last message holds
 "[Answer of Assistant 1]" is the referee, one holding "#New Instruction#" the generator, any
-other chat the teacher. A handler takes the request body and returns (text, finish_reason);
+other chat the teacher. A handler takes the request body and returns (text, finish_reason), or
+(text, finish_reason, logprobs) with the OpenAI chat `logprobs.content` list;
 `latency_s` holds a role's replies back for a fixed time, as a busy server would.
 
 `FakeServers` stands in for lion_local.servers.ServerSet: its clients are real EndpointClients pointed at
@@ -16,6 +17,7 @@ the fake, so everything from the HTTP request to the journals is the stages' own
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -24,7 +26,7 @@ from aiohttp import web
 
 from lion_local.endpoint import EndpointClient
 
-Reply = tuple[str, str | None]
+Reply = tuple[str, str | None] | tuple[str, str | None, list[dict]]
 Handler = Callable[[dict], Reply]
 
 
@@ -101,15 +103,32 @@ class FakeEndpoint:
             # 400 is not retried: the stage fails at once with this message.
             return web.json_response({"error": f"fake endpoint: no handler for the {role}"}, status=400)
         try:
-            text, finish_reason = handler(body)
+            text, finish_reason, *logprobs = handler(body)
         except Exception as exc:  # noqa: BLE001 (a broken test handler must fail the stage fast, not hang it)
             return web.json_response({"error": f"fake {role} handler raised {exc!r}"}, status=400)
         if chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish_reason}
+            if logprobs:
+                choice["logprobs"] = {"content": logprobs[0]}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason}
         usage = {"prompt_tokens": 11, "completion_tokens": len(text.split())}
         return web.json_response({"id": "fake", "model": body.get("model"), "choices": [choice], "usage": usage})
+
+
+_STUDENT_INSTRUCTION = re.compile(r"### Instruction:\n(?P<instruction>.*?)\n\n### Response:", re.DOTALL)
+
+
+def answering_endpoint() -> FakeEndpoint:
+    """A started FakeEndpoint whose teacher answers "TEACHER: answer to <its prompt>" and whose student
+    answers "STUDENT: answer to <the instruction>", so a referee handler can tell the two apart."""
+    endpoint = FakeEndpoint()
+    endpoint.start()
+    endpoint.handlers["teacher"] = lambda body: ("TEACHER: answer to " + body["messages"][-1]["content"], "stop")
+    endpoint.handlers["student"] = lambda body: (
+        "STUDENT: answer to " + _STUDENT_INSTRUCTION.search(body["prompt"])["instruction"], "stop"
+    )
+    return endpoint
 
 
 class FakeServers:

@@ -84,12 +84,18 @@ def proxy_records(log: Path) -> list[dict]:
     return [record for record in jsonl(log) if "path" in record]
 
 
-def run_config(tiny_models: Path, tmp_path: Path, proxy_url: str, greedy: bool = False) -> Path:
+def run_config(
+    tiny_models: Path, tmp_path: Path, proxy_url: str, greedy: bool = False, on_vllm: bool = False, referee_mode: str | None = None
+) -> Path:
+    """The smoke config with the teacher at `proxy_url`: `transformers serve` (which wants its model
+    path as the model name) or, `on_vllm`, vLLM serving it as "teacher"."""
     data = tiny_config(tiny_models, tmp_path / "run")
+    if referee_mode is not None:
+        data["roles"]["referee"]["mode"] = referee_mode
     data["servers"]["teacher"] = {
         "engine": "external",
         "base_urls": [f"{proxy_url}/v1"],
-        "served_model_name": str(tiny_models / "teacher"),  # transformers serve wants its model path
+        "served_model_name": "teacher" if on_vllm else str(tiny_models / "teacher"),
         "max_concurrency": 4,
         "request_timeout_s": 120,
         "failure_budget_s": 60,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from fake_endpoint import FakeEndpoint, FakeServers, Reply
+from fake_endpoint import FakeEndpoint, FakeServers, Reply, answering_endpoint
 
 import lion_local.evaluation as evaluation
 from lion_local.cli import main
@@ -115,10 +115,7 @@ def scripted_judge(body: dict) -> Reply:
 
 @pytest.fixture
 def fake():
-    endpoint = FakeEndpoint()
-    endpoint.start()
-    endpoint.handlers["teacher"] = lambda body: ("TEACHER: answer to " + body["messages"][-1]["content"], "stop")
-    endpoint.handlers["student"] = lambda body: ("STUDENT: answer to " + _STUDENT.search(body["prompt"])["instruction"], "stop")
+    endpoint = answering_endpoint()
     endpoint.handlers["referee"] = scripted_judge
     yield endpoint
     endpoint.stop()

@@ -1,11 +1,15 @@
 """The whole adversarial loop on the tiny models, for real: `lion-local run` as a user runs it.
 
-The teacher is a real `transformers serve` process (started with `lion-local serve teacher`)
-behind a recording proxy, configured as an external endpoint, so that the requests that reached
-the teacher are counted from the server's side, not from lion-local's own journal. The student
-is served by the run itself and trained with TRL under `accelerate launch`.
+The teacher is a real vLLM process (vLLM's CPU build, started with `lion-local serve teacher` on
+configs/tiny-cpu.yaml) behind a recording proxy, configured as an external endpoint, so that the
+requests that reached the teacher are counted from the server's side, not from lion-local's own
+journal. The referee works in mode expected_score (structured outputs and top_logprobs, each
+score the expectation over the score tokens); the other modes' smoke runs are tests/test_vllm.py
+(scores_only) and the runs on `transformers serve` (explain_first). The student is served by the
+run itself and trained with TRL under `accelerate launch`.
 
-test_run_end_to_end: an uninterrupted run at the roles' sampling temperatures; every invariant
+test_run_end_to_end: an uninterrupted run at the roles' sampling temperatures, with real-valued
+expected scores in every judgement; every invariant
 of the method and the run-directory contract; `status` and a second `run` on the complete run;
 `plan`, made before the run, within 10% of the calls the run made, per role; `report`'s table in
 report.md checked number by number against the journals, its plots, and the student's
@@ -17,12 +21,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 from collections import Counter
 from statistics import fmean
 from pathlib import Path
 
 import pytest
+import yaml
 
 from loop_checks import (
     check_invariants,
@@ -32,16 +38,51 @@ from loop_checks import (
     start_proxy,
     stop,
     teacher_deliveries,
+    tiny_config,
+    wait_healthy,
 )
+from serving.process import free_port
 
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+TAU = 0.02  # see test_run_end_to_end
 
 
-def test_run_end_to_end(tiny_models: Path, teacher_url: str, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def vllm_teacher_url(tiny_models: Path, tmp_path_factory) -> str:
+    """The tiny teacher on vLLM for this module only: an idle vLLM worker still keeps a core busy."""
+    if not VLLM_PYTHON.exists():
+        pytest.skip("no .venv-vllm/ (vLLM's CPU build): `make install` creates it on CPU machines")
+    directory = tmp_path_factory.mktemp("vllm-teacher")
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    smoke = tiny_config(tiny_models, directory / "serve-run")
+    data.update(run_dir=smoke["run_dir"], seed_data=smoke["seed_data"], tiny_models=smoke["tiny_models"])
+    port = free_port()
+    data["servers"]["teacher"].update(model=str(tiny_models / "teacher"), port=port)
+    data["servers"]["teacher"]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
+    config = directory / "serve.yaml"
+    config.write_text(yaml.safe_dump(data))
+    with open(directory / "serve.log", "w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "lion_local", "serve", "teacher", "--config", str(config)],
+                                   stdout=log, stderr=log)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout_s=300)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(process)
+
+
+def test_run_end_to_end(tiny_models: Path, vllm_teacher_url: str, tmp_path: Path) -> None:
     proxy_log = tmp_path / "teacher-requests.jsonl"
-    proxy, proxy_url = start_proxy(teacher_url, proxy_log)
+    proxy, proxy_url = start_proxy(vllm_teacher_url, proxy_log)
     try:
-        config = run_config(tiny_models, tmp_path, proxy_url)
+        config = run_config(tiny_models, tmp_path, proxy_url, on_vllm=True, referee_mode="expected_score")
+        # The tiny referee's expected scores of two answers differ by hundredths (its distributions
+        # hardly depend on the answers), so the paper's tau of 1.0 would label every pair easy.
+        data = yaml.safe_load(config.read_text())
+        data["discrimination"]["tau"] = TAU
+        config.write_text(yaml.safe_dump(data))
         # The plan of the demo's config, made before the run, for the run to be checked against.
         plan = subprocess.run(lion_local("plan", "--config", str(config), "--json"), capture_output=True, text=True)
         assert plan.returncode == 0, plan.stderr[-3000:]
@@ -53,7 +94,14 @@ def test_run_end_to_end(tiny_models: Path, teacher_url: str, tmp_path: Path) -> 
     finally:
         stop(proxy)
     run_dir = tmp_path / "run"
-    everything = check_invariants(run_dir, tiny_models)
+    everything = check_invariants(run_dir, tiny_models, tau=TAU)
+
+    # expected_score: every review is the constrained two-score reply, every judgement an expectation.
+    for k in ("1", "2"):
+        reviews = jsonl(run_dir / f"iter_{k}/reviews.jsonl")
+        assert reviews and all(r["scores"] is not None and len(r["raw"].split()) == 2 for r in reviews)
+        judged = [j for j in jsonl(run_dir / f"iter_{k}/judgements.jsonl") if j["label"] != "unjudged"]
+        assert judged and any(not float(j["teacher_score"]).is_integer() for j in judged)
 
     # Every distinct instruction reached the teacher exactly once, as the server side saw it.
     deliveries = teacher_deliveries(proxy_log, everything)

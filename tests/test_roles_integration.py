@@ -27,6 +27,7 @@ from lion_local.seed_data import load_seed_instructions
 from lion_local.tiny_build import make_tiny_models
 from lion_local.tiny_models import TinyBuild
 from lion_local.servers import client_for, config_server
+from loop_checks import run_config
 from serving import ServerError
 
 pytestmark = pytest.mark.integration
@@ -108,6 +109,25 @@ def test_doctor_reports_every_role_ok_offline_and_never_writes_the_key(tiny_run_
     assert any(path.name == "server-teacher.log" for path in written)
     for path in written:
         assert SECRET.encode() not in path.read_bytes(), path
+
+
+@pytest.mark.parametrize("mode", ["scores_only", "expected_score"])
+def test_doctor_says_how_to_fix_a_referee_mode_its_endpoint_cannot_serve(
+    tiny_models: Path, teacher_url: str, tmp_path: Path, mode: str
+):
+    """The teacher as an external endpoint that is `transformers serve` (which has no structured
+    outputs and no logprobs): the config cannot tell, so doctor's real request must."""
+    config = run_config(tiny_models, tmp_path, teacher_url)
+    completed = subprocess.run(
+        [sys.executable, "-m", "lion_local", "doctor", "--config", str(config), "--set", f"roles.referee.mode={mode}"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=600,
+    )
+    assert completed.returncode == 1, completed.stdout + completed.stderr
+    [referee] = [line for line in completed.stdout.splitlines() if line[6:].startswith("referee")]
+    assert referee.startswith("FAIL"), completed.stdout
+    assert f"mode {mode} needs structured outputs" in referee or f"not the two scores of mode {mode}" in referee, referee
+    assert "roles.referee.mode: explain_first" in referee
+    assert all(line.startswith("OK") for line in completed.stdout.splitlines() if line[6:].startswith("teacher"))
 
 
 def test_a_server_that_cannot_load_its_model_fails_fast_naming_its_log(tiny_run_config: Path, tmp_path: Path):

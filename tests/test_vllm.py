@@ -3,7 +3,8 @@ tiny teacher and student of configs/tiny-cpu.yaml.
 
 - Every flag lion-local passes to vLLM is parsed by the installed vLLM's own argument parser
   (tests/vllm_arg_check.py), so a flag that vLLM renames or removes fails here.
-- One shared run (the `vllm_run` fixture), with an API key on both servers:
+- One shared run (the `vllm_run` fixture), with an API key on both servers and the referee in mode
+  scores_only (the reply constrained to the two scores by vLLM's structured outputs):
   `lion-local doctor` checks every role; `lion-local run` (one iteration) runs with the loopback as its only network interface (as root), is SIGKILLed in the
   middle of the discrimination while both servers are up, and is run again to completion. The tests then check: the loop's
   invariants; the student checkpoints TRL wrote loaded and answered in vLLM; the engine and its
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -149,6 +151,7 @@ def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
     # One iteration, no final imitation: the kill, the resume and every stage, in the suite's time.
     data["iterations"] = 1
     data["imitation"]["final_imitation"] = False
+    data["roles"]["referee"]["mode"] = "scores_only"
     for name in ("teacher", "student"):
         data["servers"][name]["model"] = str(tiny_models / name)
         data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
@@ -169,14 +172,18 @@ def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
     sampler = Sampler(first.pid)
     sampler.start()
     deadline = time.monotonic() + 400
+    servers_log = directory / "run/servers.jsonl"
     while first.poll() is None and time.monotonic() < deadline:
+        # The referee's server is the teacher's, up from the imitation on (it stays up while the student
+        # trains). It is asked without the key then, because scores_only reviews come too fast to leave
+        # time for a request between the kill point and the kill.
+        started = [r for r in jsonl(servers_log) if r["server"] == "teacher"] if servers_log.exists() else []
+        if started and "status_without_key" not in outcome:
+            outcome["status_without_key"] = _status_without_key(first.pid, started[-1]["base_url"] + "/models")
         if reviews.exists() and len(reviews.read_text().splitlines()) >= 8:
             break
-        time.sleep(0.2)
+        time.sleep(0.05)
     assert first.poll() is None, f"the run ended before the kill point: {first.stdout.read()[-3000:]}"
-    # The referee's server (the teacher's): the student's stops once its last answer is in.
-    referee = [r for r in jsonl(directory / "run/servers.jsonl") if r["server"] == "teacher"][-1]
-    outcome["status_without_key"] = _status_without_key(first.pid, referee["base_url"] + "/models")
     outcome["servers_at_kill"] = sampler.most_servers_at_once
     first.send_signal(signal.SIGKILL)
     first.wait()
@@ -208,6 +215,7 @@ def test_doctor_checks_every_role_on_vllm(vllm_run: dict):
     assert doctor.stdout.count("vllm 0.32.0 at http://127.0.0.1:") == 2, doctor.stdout
     for role in ("teacher", "student", "referee", "generator (hard)", "generator (easy)"):
         assert any(line.startswith("OK") and role in line for line in doctor.stdout.splitlines()), role
+    assert any(line.startswith("OK") and "referee" in line and "mode scores_only" in line for line in doctor.stdout.splitlines())
 
 
 def test_run_killed_in_discrimination_resumes_to_a_complete_run_on_vllm(vllm_run: dict, tiny_models: Path):
@@ -219,6 +227,9 @@ def test_run_killed_in_discrimination_resumes_to_a_complete_run_on_vllm(vllm_run
     assert vllm_run["left_at_end"] == {} and vllm_run["shm_at_end"] == set()
     run_dir = vllm_run["run_dir"]
     check_invariants(run_dir, tiny_models)
+    reviews = jsonl(run_dir / "iter_1/reviews.jsonl")  # scores_only: each reply is the two scores alone
+    assert reviews and all(re.fullmatch(r"(10|[1-9]) (10|[1-9])", r["raw"]) for r in reviews)
+    assert all(r["completion_tokens"] <= 8 for r in reviews)
 
     # Each checkpoint TRL wrote was served by vLLM and answered the whole Cache Pool.
     started = jsonl(run_dir / "servers.jsonl")
