@@ -227,6 +227,20 @@ def test_lion_7b_paper_scale(tmp_path):
     }
 
 
+
+def test_each_referee_mode_is_planned_with_its_own_tokens(tmp_path):
+    planned = {}
+    for mode, structured in (("explain_first", "regex"), ("scores_only", "regex"), ("expected_score", "json_schema")):
+        config = load_config(ROOT / "configs/lion-7b.yaml", [f"run_dir={tmp_path / 'run'}", f"roles.referee.mode={mode}",
+                                                              f"roles.referee.structured_output={structured}"])
+        plan = build_plan(config)
+        planned[mode] = plan["per_call"]["referee"]
+        assert plan["totals"]["referee"]["calls"] == 348_000  # the mode changes the tokens, not the calls
+    assert [planned[mode]["completion_tokens"] for mode in planned] == [512, 8, 32]
+    assert planned["scores_only"]["completion_source"] == "max_tokens of mode scores_only, an upper bound"
+    # Each mode's own prompt: the short modes' reply format is shorter than the explanation's.
+    assert planned["scores_only"]["prompt_tokens"] < planned["explain_first"]["prompt_tokens"]
+
 # ----------------------------------------------------------------------------------------------
 # A started run: actual counts from the journals, the rest projected from the pools on disk
 # ----------------------------------------------------------------------------------------------
