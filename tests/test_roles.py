@@ -25,7 +25,7 @@ def test_teacher_and_referee_messages_carry_the_instruction_and_input():
     review = referee_messages("Q?", "", "first answer", "second answer")[-1]["content"]
     assert review.index("Score of Assistant 1: <score>\nScore of Assistant 2: <score>") < review.index("[Question]\nQ?")
     assert review.index("[Question]\nQ?") < review.index("first answer") < review.index("second answer")
-    assert review.endswith("second answer\n[End of Answer of Assistant 2]")
+    assert review.endswith("second answer\n[End of Answer of Assistant 2]\n\nNow review the two answers as the task at the top says.")
 
 
 def test_generator_templates_differ_by_seed_kind():
