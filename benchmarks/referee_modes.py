@@ -95,7 +95,7 @@ async def direct_calls(client, role, pairs: list[AnswerPair], extra: dict, task_
         if task_last:
             task, rest = messages[1]["content"].split("\n\n[Question]", 1)
             messages[1]["content"] = "[Question]" + rest + "\n\n" + task
-        return await client.chat("referee", messages, **referee_params(role, seed=1), **extra)
+        return await client.chat("referee", messages, **{**referee_params(role, seed=1), **extra})
 
     started = time.perf_counter()
     completions = await asyncio.gather(*(one(pair, order) for pair in pairs for order in ORDERS))
@@ -132,12 +132,13 @@ async def measure(config, endpoint, pairs: int, out: Path, real_length: float | 
             results[mode]["unjudged"] = 1 - len(judged_pairs(ids, records)) / pairs
         if real_length is not None:
             # What explain_first costs when its reviews are as long as real ones: the same requests with
-            # min_tokens (the replies run on past their end, so they are a cost, not reviews).
+            # min_tokens = max_tokens = that length (the replies run on past their end, so they are a cost,
+            # not reviews).
             reset_prefix_cache(metrics_url)
             await direct_calls(client, roles["explain_first"], answer_pairs(8, offset=pairs), {})
             before = prefix_cache(metrics_url)
             seconds, completions = await direct_calls(client, roles["explain_first"], answer_pairs(pairs),
-                                                      {"min_tokens": round(real_length)})
+                                                      {"min_tokens": round(real_length), "max_tokens": round(real_length)})
             records = [{"completion_tokens": c.completion_tokens, "prompt_tokens": c.prompt_tokens} for c in completions]
             results["explain_first, real length"] = _row(seconds, records, before, prefix_cache(metrics_url), [])
         layout_pairs = answer_pairs(pairs, offset=2 * pairs)
