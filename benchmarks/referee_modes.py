@@ -1,6 +1,6 @@
 """The referee's three modes side by side on one real vLLM server (the tiny teacher as referee).
 
-    .venv/bin/python benchmarks/referee_modes.py [--pairs 128] [--rounds 3] [--block-size 32]
+    .venv/bin/python benchmarks/referee_modes.py [--pairs 128] [--rounds 5] [--block-size 32]
 
 Starts the teacher's server of configs/tiny-cpu.yaml once (vLLM's CPU build), builds the same
 answer pairs from the smoke seeds (each seed's own answer against another seed's, a truncated one
@@ -10,7 +10,8 @@ max_tokens, 512, so no explanation is cut), scores_only and expected_score. A sh
 every mode comes first, so each mode is measured with the shared prompt parts already cached.
 
 Per mode it prints completion and prompt tokens per reply, replies/s, the unjudged share of the
-pairs, the ratios against explain_first, and vLLM's prefix-cache hit share from /metrics. Then the
+pairs, the ratios against explain_first (for speed, the median of the rounds' ratios, each round
+running the modes back to back), and vLLM's prefix-cache hit share from /metrics. Then the
 prompt layout: explain_first with what every review shares first (the shipped templates) against
 the same prompt with the task moved after the answers (the layout before). vLLM's CPU attention
 takes blocks of multiples of 32 tokens (128 by default); --block-size sets it, as GPUs' 16-token
@@ -116,31 +117,23 @@ def real_review_tokens(tokenizer_dir: str) -> float | None:
 async def measure(config, endpoint, pairs: int, out: Path, real_length: float | None, rounds: int) -> tuple[dict, dict]:
     metrics_url = endpoint.base_urls[0].removesuffix("/v1") + "/metrics"
     client = client_for(endpoint, config.servers["teacher"])
-    results, layouts = {}, {}
-    ids = [pair.id for pair in answer_pairs(pairs)]
+    results: dict[str, dict] = {}
     async with client:
         roles = {mode: config.roles.referee.model_copy(update={"mode": mode}) for mode in MODES}
-        for mode in [mode for _ in range(rounds) for mode in MODES]:  # rounds interleaved: drift hits every mode
-            # scores_only and expected_score send identical prompts: each mode starts from an empty
-            # cache, then a warm-up on other pairs caches what every review shares and compiles the grammar.
-            reset_prefix_cache(metrics_url)
-            await review_all(client, roles[mode], answer_pairs(8, offset=pairs), out / f"warmup-{mode}.jsonl")
-            before = prefix_cache(metrics_url)
-            rates = results.get(mode, {}).get("rates", [])
-            seconds, records = await review_all(client, roles[mode], answer_pairs(pairs), out / f"{mode}-{len(rates)}.jsonl")
-            results[mode] = _row(seconds, records, before, prefix_cache(metrics_url), rates)
-            results[mode]["unjudged"] = 1 - len(judged_pairs(ids, records)) / pairs
-        if real_length is not None:
-            # What explain_first costs when its reviews are as long as real ones: the same requests with
-            # min_tokens = max_tokens = that length (the replies run on past their end, so they are a cost,
-            # not reviews).
-            reset_prefix_cache(metrics_url)
-            await direct_calls(client, roles["explain_first"], answer_pairs(8, offset=pairs), {})
-            before = prefix_cache(metrics_url)
-            seconds, completions = await direct_calls(client, roles["explain_first"], answer_pairs(pairs),
-                                                      {"min_tokens": round(real_length), "max_tokens": round(real_length)})
-            records = [{"completion_tokens": c.completion_tokens, "prompt_tokens": c.prompt_tokens} for c in completions]
-            results["explain_first, real length"] = _row(seconds, records, before, prefix_cache(metrics_url), [])
+        for round_number in range(rounds):  # every row in every round: drift between rounds hits all rows
+            for mode in MODES:
+                row = await mode_row(client, roles[mode], pairs, out / f"{mode}-{round_number}", metrics_url)
+                results[mode] = _merge(results.get(mode), row)
+            if real_length is not None:
+                # What explain_first costs when its reviews are as long as real ones: the same requests
+                # with min_tokens = max_tokens = that length (the replies run on past their end, so they
+                # are a cost, not reviews). The control, forced the same way to the tiny referee's own
+                # mean length, shows what forcing costs by itself beside the natural explain_first row.
+                own_length = results["explain_first"]["completion"]
+                for name, length in (("explain_first, real length", real_length), ("explain_first, own length", own_length)):
+                    row = await forced_length_row(client, roles["explain_first"], pairs, round(length), metrics_url)
+                    results[name] = _merge(results.get(name), row)
+        layouts = {}
         layout_pairs = answer_pairs(pairs, offset=2 * pairs)
         for name, task_last in (("task first (shipped)", False), ("task last (before)", True)):
             reset_prefix_cache(metrics_url)
@@ -151,11 +144,39 @@ async def measure(config, endpoint, pairs: int, out: Path, real_length: float | 
     return results, layouts
 
 
-def _row(seconds: float, records: list[dict], before: tuple[float, float], after: tuple[float, float],
-         rates: list[float]) -> dict:
-    """One measured row; `rates`: the replies/s of its earlier rounds (the row reports their median)."""
+async def mode_row(client, role, pairs: int, out: Path, metrics_url: str) -> dict:
+    """One mode's row: every pair in both orders through the pipeline, after a warm-up on other pairs.
+
+    scores_only and expected_score send identical prompts: each mode starts from an empty cache, then
+    the warm-up caches what every review shares and compiles the grammar."""
+    reset_prefix_cache(metrics_url)
+    await review_all(client, role, answer_pairs(8, offset=pairs), out.with_name(out.name + "-warmup.jsonl"))
+    before = prefix_cache(metrics_url)
+    seconds, records = await review_all(client, role, answer_pairs(pairs), out.with_name(out.name + ".jsonl"))
+    row = _row(seconds, records, before, prefix_cache(metrics_url))
+    row["unjudged"] = 1 - len(judged_pairs([pair.id for pair in answer_pairs(pairs)], records)) / pairs
+    return row
+
+
+async def forced_length_row(client, role, pairs: int, length: int, metrics_url: str) -> dict:
+    """explain_first requests made to run exactly `length` tokens (min_tokens = max_tokens), as a row."""
+    reset_prefix_cache(metrics_url)
+    await direct_calls(client, role, answer_pairs(8, offset=pairs), {})
+    before = prefix_cache(metrics_url)
+    seconds, completions = await direct_calls(client, role, answer_pairs(pairs), {"min_tokens": length, "max_tokens": length})
+    records = [{"completion_tokens": c.completion_tokens, "prompt_tokens": c.prompt_tokens} for c in completions]
+    return _row(seconds, records, before, prefix_cache(metrics_url))
+
+
+def _merge(earlier: dict | None, row: dict) -> dict:
+    """A row's latest round, with the replies/s of its earlier rounds kept in `rates`."""
+    return {**row, "rates": [*(earlier["rates"] if earlier else []), *row["rates"]]}
+
+
+def _row(seconds: float, records: list[dict], before: tuple[float, float], after: tuple[float, float]) -> dict:
+    """One measured round of a row (the printed row reports the median of its rounds' replies/s)."""
     return {
-        "rates": [*rates, len(records) / seconds],
+        "rates": [len(records) / seconds],
         "completion": statistics.fmean(r["completion_tokens"] for r in records),
         "prompt": statistics.fmean(r["prompt_tokens"] for r in records),
         "unjudged": None,
@@ -163,10 +184,17 @@ def _row(seconds: float, records: list[dict], before: tuple[float, float], after
     }
 
 
+def speed_ratio(rates: list[float], base_rates: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of the per-round ratios: each round measures every row back to back, so
+    drift between rounds cancels."""
+    ratios = [rate / base for rate, base in zip(rates, base_rates)]
+    return statistics.median(ratios), min(ratios), max(ratios)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=128, help="answer pairs reviewed in each mode (two replies each)")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three modes, interleaved; replies/s is their median")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds of every row, interleaved; replies/s is their median")
     parser.add_argument("--block-size", type=int, default=32, help="vLLM's KV-cache block size (CPU: a multiple of 32)")
     args = parser.parse_args()
     base = load_config(ROOT / "configs/tiny-cpu.yaml")
@@ -193,8 +221,9 @@ def main() -> None:
               f"{r['hit_share']:>12.1%}")
         for base in bases if name in ("scores_only", "expected_score") else []:
             b = results[base]
-            print(f"{'  against ' + base:<102}{b['completion'] / r['completion']:>12.1f}x"
-                  f"{rate / statistics.median(b['rates']):>11.1f}x")
+            ratio, low, high = speed_ratio(r["rates"], b["rates"])
+            print(f"{'  against ' + base:<102}{b['completion'] / r['completion']:>12.1f}x{ratio:>11.1f}x"
+                  f" (rounds {low:.1f}-{high:.1f}x)")
     if real_length is None:
         print(f"{REAL_REVIEWS} is not here: no row at the real reviews' length")
     else:
