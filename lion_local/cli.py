@@ -23,7 +23,7 @@ from lion_local.config import Config, ConfigError, api_key_for, check_launchers,
 from lion_local.endpoint import EndpointError
 from lion_local.imitation import TrainingError
 from lion_local.offline import OFFLINE_ENVIRONMENT
-from lion_local.run_state import RunLockedError, RunStateError, StageOrderError
+from lion_local.run_state import LockUnsupportedError, RunLockedError, RunStateError, StageOrderError
 from lion_local.training_launch import LaunchError
 from lion_local.seed_data import SeedDataError
 from lion_local.evaluation import QuestionsError
@@ -39,7 +39,7 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ConfigError, SeedDataError, StageOrderError, RunStateError, QuestionsError) as exc:
+        except (ConfigError, SeedDataError, StageOrderError, RunStateError, QuestionsError, LockUnsupportedError) as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(2)
         except (ServerError, EndpointError, TrainingError, LaunchError, RunLockedError) as exc:

@@ -9,6 +9,7 @@ A stage can be killed at any instant and re-run. That holds because of three rul
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -35,6 +36,10 @@ class RunStateError(RuntimeError):
 
 class RunLockedError(RuntimeError):
     """Another lion-local process is writing to this run directory."""
+
+
+class LockUnsupportedError(RuntimeError):
+    """The file system under a lock file refuses flock (some Lustre and NFS mounts)."""
 
 
 class RunDir:
@@ -217,6 +222,29 @@ class Journal:
 # ----------------------------------------------------------------------------------------------
 
 
+_NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
+
+
+def lock_exclusively(handle: Any, path: Path, wait: bool) -> bool:
+    """flock `handle` (the open file `path`) exclusively; False when not waiting and it is held.
+
+    The kernel drops the lock when its holder dies, which is what makes a killed run's lock stale
+    rather than stuck. A file system without flock cannot give that, so it is refused, naming the file.
+    """
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno not in _NO_FLOCK:
+            raise
+        raise LockUnsupportedError(
+            f"{path}: this file system does not support file locks (flock: {exc.strerror}); put the "
+            "run directory and tiny_models.dir on one that does (a local disk, or Lustre mounted with -o flock)"
+        ) from None
+    return True
+
+
 @contextmanager
 def run_lock(run: RunDir) -> Iterator[None]:
     """Hold the run directory's writer lock; the kernel releases it when the holder dies."""
@@ -224,8 +252,11 @@ def run_lock(run: RunDir) -> Iterator[None]:
     lock_path = run.root / ".lock"
     handle = open(lock_path, "a+", encoding="utf-8")
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        held = lock_exclusively(handle, lock_path, wait=False)
+    except LockUnsupportedError:
+        handle.close()
+        raise
+    if not held:
         handle.seek(0)
         holder = handle.read().strip() or "another process"
         handle.close()

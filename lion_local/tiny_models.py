@@ -16,13 +16,13 @@ that every command that finds the models in place starts without importing torch
 
 from __future__ import annotations
 
-import fcntl
 import logging
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
 from lion_local.config import Config
+from lion_local.run_state import lock_exclusively
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ def ensure_tiny_models(config: Config) -> None:
     if tiny_models_present(out_dir):
         return
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with open(out_dir.with_name(out_dir.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    lock_path = out_dir.with_name(out_dir.name + ".lock")
+    with open(lock_path, "w") as lock:
+        lock_exclusively(lock, lock_path, wait=True)
         if tiny_models_present(out_dir):
             return  # built by whoever held the lock before us
         from lion_local.tiny_build import make_tiny_models  # torch and transformers: only to build

@@ -18,6 +18,7 @@ Covered:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -28,10 +29,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lion_local.run_state import (
     FINAL,
     Journal,
+    LockUnsupportedError,
     RunDir,
     RunLockedError,
     RunStateError,
@@ -389,3 +392,44 @@ def test_run_lock_is_released_on_exit(tmp_path: Path):
     assert (run.root / ".lock").read_text() == ""  # a clean release leaves no holder behind
     with run_lock(run):  # released: taken again without error
         pass
+
+
+def _no_flock(errno_value: int):
+    def flock(handle, operation):
+        raise OSError(errno_value, os.strerror(errno_value))
+
+    return flock
+
+
+def test_a_file_system_without_flock_is_refused_in_one_line_naming_the_lock(tmp_path: Path, monkeypatch):
+    """Some Lustre and NFS mounts answer flock with ENOSYS: `run` says where and what to do, exit 2."""
+    from click.testing import CliRunner
+
+    from lion_local.cli import main
+    from loop_checks import tiny_config
+
+    data = tiny_config(tmp_path / "models/tiny", tmp_path / "run")  # not built: smoke mode would build them
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(data))
+    monkeypatch.setattr("lion_local.run_state.fcntl.flock", _no_flock(errno.ENOSYS))
+    result = CliRunner().invoke(main, ["run", "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    [line] = result.output.splitlines()
+    assert line.startswith(f"error: {tmp_path}") and ".lock: this file system does not support file locks" in line
+    assert "-o flock" in line
+    assert not (tmp_path / "models/tiny").exists()  # nothing was built or half-written
+
+
+def test_run_lock_on_a_file_system_without_flock_names_the_file_and_other_errors_pass_through(
+    tmp_path: Path, monkeypatch
+):
+    run = RunDir(tmp_path / "run")
+    monkeypatch.setattr("lion_local.run_state.fcntl.flock", _no_flock(errno.EOPNOTSUPP))
+    with pytest.raises(LockUnsupportedError, match=r"run/\.lock: this file system does not support file locks"):
+        with run_lock(run):
+            pass
+    monkeypatch.setattr("lion_local.run_state.fcntl.flock", _no_flock(errno.EIO))
+    with pytest.raises(OSError) as raised:
+        with run_lock(run):
+            pass
+    assert raised.value.errno == errno.EIO and not isinstance(raised.value, LockUnsupportedError)
