@@ -153,7 +153,7 @@ def add_stage_seconds(run: RunDir, marker: str, seconds: float) -> None:
 def read_jsonl(path: Path) -> list[dict]:
     """All complete records of a JSONL file; a torn last line (no newline, or bad JSON) is skipped.
 
-    Bad JSON anywhere else means the file was edited or corrupted, and raises ValueError.
+    Bad JSON anywhere else means the file was edited or corrupted, and raises RunStateError.
     """
     if not path.exists():
         return []
@@ -179,7 +179,10 @@ def _intact_records(path: Path, data: bytes) -> tuple[list[dict], int]:
                 logger.warning("%s:%d: dropping a damaged last line", path, index + 1)
                 intact = start
                 continue
-            raise ValueError(f"{path}:{index + 1}: not valid JSON; the file was edited or corrupted") from None
+            raise RunStateError(
+                f"{path}:{index + 1}: not valid JSON, so the file was edited or corrupted; restore it, or "
+                "delete that line and those after it (their calls are asked again)"
+            ) from None
     if torn_tail.strip():
         logger.warning("%s:%d: dropping a torn last line (no newline)", path, len(lines) + 1)
     return records, intact
@@ -196,7 +199,7 @@ class Journal:
         data = self._handle.read()
         try:
             self.records, intact = _intact_records(path, data)
-        except ValueError:
+        except RunStateError:
             self._handle.close()
             raise
         if intact != len(data):

@@ -136,7 +136,7 @@ def test_journal_rejects_bad_json_in_the_middle_naming_file_and_line(tmp_path: P
     path = tmp_path / "calls.jsonl"
     original = '{"id": "a"}\nnot json\n{"id": "c"}\n{"id": "d"}\n'
     path.write_text(original, encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"{path}:2\b"):
+    with pytest.raises(RunStateError, match=rf"{path}:2\b.*delete that line"):
         Journal(path)
     assert path.read_text(encoding="utf-8") == original  # a corrupt file is not "repaired"
 
@@ -147,9 +147,9 @@ def test_journal_rejects_bad_json_followed_by_a_torn_line(tmp_path: Path):
     # refuse the very file it wrote on the next open.
     path = tmp_path / "calls.jsonl"
     path.write_text('{"id": "a"}\nbad\n{"id": "c", "ans', encoding="utf-8")
-    with pytest.raises(ValueError, match=rf"{path}:2\b"):
+    with pytest.raises(RunStateError, match=rf"{path}:2\b.*delete that line"):
         read_jsonl(path)
-    with pytest.raises(ValueError, match=rf"{path}:2\b"):
+    with pytest.raises(RunStateError, match=rf"{path}:2\b.*delete that line"):
         Journal(path)
 
 
@@ -198,7 +198,7 @@ def test_read_jsonl_skips_blank_lines(tmp_path: Path):
 def test_read_jsonl_rejects_bad_json_in_the_middle(tmp_path: Path):
     path = tmp_path / "calls.jsonl"
     path.write_text('{"id": "a"}\n{"id": "b"}\n{broken\n{"id": "d"}\n{"id": "e"}\n', encoding="utf-8")
-    with pytest.raises(ValueError) as excinfo:
+    with pytest.raises(RunStateError) as excinfo:
         read_jsonl(path)
     assert f"{path}:3:" in str(excinfo.value)
 
