@@ -152,9 +152,10 @@ async def mode_row(client, role, pairs: int, out: Path, metrics_url: str) -> dic
     reset_prefix_cache(metrics_url)
     await review_all(client, role, answer_pairs(8, offset=pairs), out.with_name(out.name + "-warmup.jsonl"))
     before = prefix_cache(metrics_url)
-    seconds, records = await review_all(client, role, answer_pairs(pairs), out.with_name(out.name + ".jsonl"))
+    measured = answer_pairs(pairs)
+    seconds, records = await review_all(client, role, measured, out.with_name(out.name + ".jsonl"))
     row = _row(seconds, records, before, prefix_cache(metrics_url))
-    row["unjudged"] = 1 - len(judged_pairs([pair.id for pair in answer_pairs(pairs)], records)) / pairs
+    row["unjudged"] = 1 - len(judged_pairs([pair.id for pair in measured], records)) / pairs
     return row
 
 

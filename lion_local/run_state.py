@@ -256,7 +256,7 @@ def run_lock(run: RunDir) -> Iterator[None]:
     handle = open(lock_path, "a+", encoding="utf-8")
     try:
         held = lock_exclusively(handle, lock_path, wait=False)
-    except LockUnsupportedError:
+    except BaseException:  # no flock here, or another OSError: the handle must not leak
         handle.close()
         raise
     if not held:
