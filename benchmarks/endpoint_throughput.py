@@ -1,4 +1,4 @@
-"""Throughput benchmark for lion_local.endpoint.EndpointClient.
+"""Throughput benchmark for lion_local.endpoints.client.EndpointClient.
 
 Starts a loopback OpenAI-compatible stub server in a separate process that answers
 every POST .../chat/completions after a fixed delay, then drives it with an
@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lion_local.endpoint import EndpointClient  # noqa: E402
+from lion_local.endpoints.client import EndpointClient  # noqa: E402
 
 _BODY = json.dumps(
     {

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rouge_score import rouge_scorer  # noqa: E402
 from rouge_score.rouge_scorer import _score_lcs  # noqa: E402
 
-from lion_local.novelty import NoveltyIndex  # noqa: E402
+from lion_local.stages.novelty import NoveltyIndex  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared/data/real_instructions.jsonl"
 THRESHOLD = 0.7

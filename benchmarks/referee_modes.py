@@ -5,7 +5,7 @@
 Starts the teacher's server of configs/tiny-cpu.yaml once (vLLM's CPU build), builds the same
 answer pairs from the smoke seeds (each seed's own answer against another seed's, a truncated one
 or an empty one), and reviews every pair in both orders with the stages' own judging pipeline
-(lion_local/judging.py: retries, journal) in each mode: explain_first (with the referee's default
+(lion_local/stages/judging.py: retries, journal) in each mode: explain_first (with the referee's default
 max_tokens, 512, so no explanation is cut), scores_only and expected_score. A short warm-up in
 every mode comes first, so each mode is measured with the shared prompt parts already cached.
 
@@ -37,14 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lion_local.config import load_config  # noqa: E402
-from lion_local.judging import ORDERS, AnswerPair, judged_pairs, review_call  # noqa: E402
-from lion_local.records import instruction_id, request_seed  # noqa: E402
+from lion_local.stages.judging import ORDERS, AnswerPair, judged_pairs, review_call  # noqa: E402
+from lion_local.run.records import instruction_id, request_seed  # noqa: E402
 from lion_local.roles import referee_messages  # noqa: E402
 from lion_local.roles.referee import referee_params  # noqa: E402
-from lion_local.run_state import Journal  # noqa: E402
-from lion_local.seed_data import load_seed_instructions  # noqa: E402
-from lion_local.servers import client_for, config_server  # noqa: E402
-from lion_local.tiny_models import ensure_tiny_models  # noqa: E402
+from lion_local.run.state import Journal  # noqa: E402
+from lion_local.run.seed_data import load_seed_instructions  # noqa: E402
+from lion_local.endpoints.servers import client_for, config_server  # noqa: E402
+from lion_local.smoke.tiny_models import ensure_tiny_models  # noqa: E402
 
 MODES = ("explain_first", "scores_only", "expected_score")
 REAL_REVIEWS = ROOT.parent / "shared/data/real_reviews.jsonl"

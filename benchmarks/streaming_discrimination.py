@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from fake_endpoint import FakeEndpoint, FakeServers  # noqa: E402
 
 from lion_local.config import load_config  # noqa: E402
-from lion_local.discrimination import run_discrimination  # noqa: E402
-from lion_local.records import instruction_record  # noqa: E402
-from lion_local.run_state import RunDir, read_jsonl, write_jsonl_atomic  # noqa: E402
+from lion_local.stages.discrimination import run_discrimination  # noqa: E402
+from lion_local.run.records import instruction_record  # noqa: E402
+from lion_local.run.state import RunDir, read_jsonl, write_jsonl_atomic  # noqa: E402
 
 _QUESTION = re.compile(r"\[Question\]\n(?P<question>.*?)\n\n\[Answer of Assistant 1\]\n(?P<first>.*?)\n", re.DOTALL)
 

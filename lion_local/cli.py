@@ -20,13 +20,13 @@ import click
 
 from lion_local import __version__
 from lion_local.config import Config, ConfigError, api_key_for, check_launchers, check_models_exist, config_to_yaml, load_config
-from lion_local.endpoint import EndpointError
-from lion_local.imitation import TrainingError
+from lion_local.endpoints.client import EndpointError
+from lion_local.stages.imitation import TrainingError
 from lion_local.offline import OFFLINE_ENVIRONMENT
-from lion_local.run_state import LockUnsupportedError, RunLockedError, RunStateError, StageOrderError
-from lion_local.training_launch import LaunchError
-from lion_local.seed_data import SeedDataError
-from lion_local.evaluation import QuestionsError
+from lion_local.run.state import LockUnsupportedError, RunLockedError, RunStateError, StageOrderError
+from lion_local.stages.training_launch import LaunchError
+from lion_local.run.seed_data import SeedDataError
+from lion_local.commands.evaluation import QuestionsError
 from serving.process import ServerError
 
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
@@ -122,8 +122,8 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
     in the foreground until interrupted."""
     from lion_local.offline import offline_environ
-    from lion_local.servers import wanted_server
-    from lion_local.tiny_models import ensure_tiny_models
+    from lion_local.endpoints.servers import wanted_server
+    from lion_local.smoke.tiny_models import ensure_tiny_models
     from serving import server_launch, server_process
     from serving.commands import request_model_name
     from serving.published import published_endpoint, reachable_host
@@ -180,8 +180,8 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
 @click.option("--force", is_flag=True, help="Replace OUT/teacher and OUT/student if they exist.")
 def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None, force: bool) -> None:
     """Build a tiny LLaMA teacher (trained on CPU) and a random tiny student in OUT/teacher, OUT/student."""
-    from lion_local.tiny_build import make_tiny_models
-    from lion_local.tiny_models import TinyBuild
+    from lion_local.smoke.tiny_build import make_tiny_models
+    from lion_local.smoke.tiny_models import TinyBuild
 
     existing = [str(Path(out_dir) / name) for name in ("teacher", "student") if (Path(out_dir) / name).exists()]
     if existing and not force:
@@ -195,7 +195,7 @@ def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None,
 @config_options
 def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
     """Check config, paths, servers and one real request per role; exit 1 naming what failed."""
-    from lion_local.doctor import run_doctor
+    from lion_local.commands.doctor import run_doctor
 
     config = load_config(config_path, overrides)
     checks = run_doctor(config, Path(config.run_dir) / "logs")
@@ -226,7 +226,7 @@ def _stop_on_sigterm() -> None:
 
 
 def _execute(config_path: str, overrides: tuple[str, ...], scope: str, stage: str | None = None) -> None:
-    from lion_local.loop import execute, status_lines
+    from lion_local.stages.loop import execute, status_lines
 
     config = load_config(config_path, overrides)
     _stop_on_sigterm()
@@ -269,8 +269,8 @@ def stage(name: str, config_path: str, overrides: tuple[str, ...]) -> None:
 )
 def status(config_path: str, overrides: tuple[str, ...], remaining_iterations: bool) -> None:
     """Where the run stands: iteration, next stage, and done/total of each stage's work."""
-    from lion_local.loop import remaining_iterations as iterations_left
-    from lion_local.loop import status_lines
+    from lion_local.stages.loop import remaining_iterations as iterations_left
+    from lion_local.stages.loop import status_lines
 
     config = load_config(config_path, overrides)
     if remaining_iterations:
@@ -284,8 +284,8 @@ def status(config_path: str, overrides: tuple[str, ...], remaining_iterations: b
 @config_options
 def report(config_path: str, overrides: tuple[str, ...]) -> None:
     """Per-iteration summary table; writes <run_dir>/report.md and PNG plots in <run_dir>/plots/."""
-    from lion_local.run_report import summary_rows, text_table, write_report
-    from lion_local.run_state import RunDir
+    from lion_local.commands.report import summary_rows, text_table, write_report
+    from lion_local.run.state import RunDir
 
     config = load_config(config_path, overrides)
     run = RunDir(config.run_dir)
@@ -317,7 +317,7 @@ def plan(
 ) -> None:
     """Predicted calls and prompt/completion tokens per role and stage for the whole run (actual
     counts for the stages a started run has finished)."""
-    from lion_local.plan import build_plan, plan_lines
+    from lion_local.commands.plan import build_plan, plan_lines
 
     config = load_config(config_path, overrides)
     result = build_plan(config, seeds=seeds, generator_acceptance=generator_acceptance)
@@ -349,8 +349,8 @@ def _iteration_option(ctx: click.Context, param: click.Parameter, value: str | N
 def evaluate(config_path: str, overrides: tuple[str, ...], iteration: int | str | None, questions_path: str | None) -> None:
     """The paper's relative score: each student checkpoint's total score as a percentage of the
     teacher's, judged in both answer orders; results in <run_dir>/eval/<checkpoint>/result.json."""
-    from lion_local.evaluation import evaluate as evaluate_checkpoints
-    from lion_local.evaluation import summary_line
+    from lion_local.commands.evaluation import evaluate as evaluate_checkpoints
+    from lion_local.commands.evaluation import summary_line
 
     config = load_config(config_path, overrides)
     _stop_on_sigterm()

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Path:
-    from lion_local.tiny_build import make_tiny_models
+    from lion_local.smoke.tiny_build import make_tiny_models
 
     return make_tiny_models(tmp_path_factory.mktemp("models") / "tiny")
 

@@ -10,7 +10,7 @@ other chat the teacher. A handler takes the request body and returns (text, fini
 (text, finish_reason, logprobs) with the OpenAI chat `logprobs.content` list;
 `latency_s` holds a role's replies back for a fixed time, as a busy server would.
 
-`FakeServers` stands in for lion_local.servers.ServerSet: its clients are real EndpointClients pointed at
+`FakeServers` stands in for lion_local.endpoints.servers.ServerSet: its clients are real EndpointClients pointed at
 the fake, so everything from the HTTP request to the journals is the stages' own code.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from aiohttp import web
 
-from lion_local.endpoint import EndpointClient
+from lion_local.endpoints.client import EndpointClient
 
 Reply = tuple[str, str | None] | tuple[str, str | None, list[dict]]
 Handler = Callable[[dict], Reply]

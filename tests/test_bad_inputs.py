@@ -28,8 +28,8 @@ from click.testing import CliRunner
 
 from lion_local.cli import main
 from lion_local.config import Config, load_config
-from lion_local.loop import check_inputs
-from lion_local.run_state import RunDir
+from lion_local.stages.loop import check_inputs
+from lion_local.run.state import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSET_VARIABLE = "LION_BAD_INPUTS_UNSET_KEY"
@@ -716,7 +716,7 @@ def _existing_run(ws: Workspace) -> None:
     (run / "state.json").write_text(json.dumps({"iteration": 1, "completed": [], "stage_seconds": {}}, indent=2) + "\n")
     (run / "config.yaml").write_text(yaml.safe_dump(ws.base_data()))
     (run / "teacher_answers.jsonl").write_text('{"id": "seed-0", "answer": "Red, yellow and blue."}\n')
-    (run / "logs" / "lion-local.log").write_text("12:00:00 INFO lion_local.loop: ==== 1/imitation\n")
+    (run / "logs" / "lion-local.log").write_text("12:00:00 INFO lion_local.stages.loop: ==== 1/imitation\n")
     (run / "iter_1" / "sft_progress.json").write_text('{"step": 3, "max_steps": 10}\n')
     assert not (run / "iter_1" / "cache_pool.jsonl").exists()
 

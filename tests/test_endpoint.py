@@ -1,4 +1,4 @@
-"""Tests for lion_local.endpoint against a scripted loopback OpenAI-compatible server."""
+"""Tests for lion_local.endpoints.client against a scripted loopback OpenAI-compatible server."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from lion_local.endpoint import Completion, EndpointClient, EndpointError, RoleUsage
+from lion_local.endpoints.client import Completion, EndpointClient, EndpointError, RoleUsage
 
 KEY = "sk-test-SECRET-0123456789"
 

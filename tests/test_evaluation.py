@@ -23,10 +23,10 @@ import pytest
 from click.testing import CliRunner
 from fake_endpoint import FakeEndpoint, FakeServers, Reply, answering_endpoint
 
-import lion_local.evaluation as evaluation
+import lion_local.commands.evaluation as evaluation
 from lion_local.cli import main
 from lion_local.config import Config, ConfigError, load_config
-from lion_local.evaluation import (
+from lion_local.commands.evaluation import (
     QuestionsError,
     default_questions,
     load_questions,
@@ -35,8 +35,8 @@ from lion_local.evaluation import (
     select_checkpoints,
     summary_line,
 )
-from lion_local.records import instruction_id, request_seed
-from lion_local.run_state import RunDir, StageOrderError, read_jsonl
+from lion_local.run.records import instruction_id, request_seed
+from lion_local.run.state import RunDir, StageOrderError, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSE_RETRIES = 2

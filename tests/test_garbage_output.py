@@ -1,9 +1,9 @@
 """Garbage model output through a whole iteration: every kind is handled and counted in report.json.
 
-Iteration 1 runs stage by stage through lion_local.loop.run_stage (the function `lion-local run`
+Iteration 1 runs stage by stage through lion_local.stages.loop.run_stage (the function `lion-local run`
 uses: run the stage, write report.json after generation, mark the stage done), against the fake
 endpoint of tests/fake_endpoint.py; imitation really trains the tiny student with
-`accelerate launch -m lion_local.sft`. The fake roles misbehave on purpose:
+`accelerate launch -m lion_local.stages.sft`. The fake roles misbehave on purpose:
 
 - teacher: empty and whitespace-only answers (not trained on), answers cut at the length limit;
 - student: empty and whitespace-only answers, answers cut at the length limit;
@@ -28,10 +28,10 @@ import pytest
 from fake_endpoint import FakeEndpoint, FakeServers, Reply
 
 from lion_local.config import Config, load_config
-from lion_local.loop import run_stage
-from lion_local.records import instruction_id, request_seed
+from lion_local.stages.loop import run_stage
+from lion_local.run.records import instruction_id, request_seed
 from lion_local.roles import parse_generated_instruction, parse_referee_scores
-from lion_local.run_state import RunDir, read_jsonl, read_state
+from lion_local.run.state import RunDir, read_jsonl, read_state
 
 pytestmark = pytest.mark.integration
 
@@ -270,7 +270,7 @@ def test_garbage_output_is_handled_and_counted_in_the_report(fake: FakeEndpoint,
     assert [row["id"] for row in trained] == [IDS[i] for i in range(len(POOL_TEXTS)) if i not in empty_teacher]
     for row in trained:  # cut answers are trained on as they came
         assert roles.teacher[IDS.index(row["id"])][0] in row["completion"]
-    assert imitation["training"]["examples"] == 8  # what lion_local.sft loaded and trained on
+    assert imitation["training"]["examples"] == 8  # what lion_local.stages.sft loaded and trained on
     assert (directory / "student" / "config.json").exists()
 
     # ---- Discrimination: empty and cut student answers counted; unreadable reviews retried,

@@ -10,7 +10,7 @@ from statistics import NormalDist
 
 import pytest
 
-from lion_local.generation import MIN_ACCEPTANCE_ESTIMATE, WAVE_CONFIDENCE, wave_size
+from lion_local.stages.generation import MIN_ACCEPTANCE_ESTIMATE, WAVE_CONFIDENCE, wave_size
 
 
 def at_least(k: int, n: int, p: Fraction) -> Fraction:

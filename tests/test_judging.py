@@ -1,4 +1,4 @@
-"""discrimination and `evaluate` judge through one pipeline (lion_local/judging.py): given the same
+"""discrimination and `evaluate` judge through one pipeline (lion_local/stages/judging.py): given the same
 questions, the same answers and a referee whose replies depend only on what it is shown, both
 commands produce identical judgements, in every referee mode, unreadable replies included."""
 
@@ -13,11 +13,11 @@ import pytest
 from fake_endpoint import FakeEndpoint, FakeServers, Reply, answering_endpoint
 
 from lion_local.config import load_config
-from lion_local.discrimination import run_discrimination
-from lion_local.evaluation import load_questions, run_evaluation, select_checkpoints
-from lion_local.judging import judged_pairs
-from lion_local.records import instruction_record
-from lion_local.run_state import RunDir, read_jsonl, write_jsonl_atomic
+from lion_local.stages.discrimination import run_discrimination
+from lion_local.commands.evaluation import load_questions, run_evaluation, select_checkpoints
+from lion_local.stages.judging import judged_pairs
+from lion_local.run.records import instruction_record
+from lion_local.run.state import RunDir, read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [

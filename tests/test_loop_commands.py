@@ -94,7 +94,7 @@ def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tm
     assert any("transformers serve" in c and c.split("serve ")[1].startswith(str(tmp_path / "run")) for c in commands)
     assert any("transformers serve" in c and "/tiny/teacher" in c for c in commands)
     assert any("accelerate" in c and " launch " in c for c in commands)
-    assert any("-m lion_local.sft" in c for c in commands)
+    assert any("-m lion_local.stages.sft" in c for c in commands)
     for (_, command), environment in started.seen.items():
         if environment is None:
             continue  # it ended before its environment could be read

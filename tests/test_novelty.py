@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from rouge_score import rouge_scorer
 
-from lion_local.novelty import NoveltyIndex
+from lion_local.stages.novelty import NoveltyIndex
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_DATA = ROOT.parent / "shared/data/real_instructions.jsonl"

@@ -14,11 +14,11 @@ from click.testing import CliRunner
 
 from lion_local.cli import main
 from lion_local.config import Config, load_config
-from lion_local.discrimination import judge
-from lion_local.plan import build_plan, plan_lines
-from lion_local.records import instruction_record, pools_for
-from lion_local.run_state import FINAL, RunDir, write_atomic, write_jsonl_atomic
-from lion_local.seed_data import SeedDataError
+from lion_local.stages.discrimination import judge
+from lion_local.commands.plan import build_plan, plan_lines
+from lion_local.run.records import instruction_record, pools_for
+from lion_local.run.state import FINAL, RunDir, write_atomic, write_jsonl_atomic
+from lion_local.run.seed_data import SeedDataError
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE_SEEDS = ROOT / "lion_local/data/smoke_seed.jsonl"

@@ -10,7 +10,7 @@ import math
 import pytest
 
 from lion_local.config import ConfigError, RefereeRole, load_config
-from lion_local.endpoint import Completion
+from lion_local.endpoints.client import Completion
 from lion_local.roles import read_review, referee_identity, referee_messages
 from lion_local.roles import referee as referee_module
 from lion_local.roles.referee import referee_params

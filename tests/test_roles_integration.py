@@ -23,10 +23,10 @@ from lion_local.roles import (
     parse_referee_scores,
     parse_teacher_answer,
 )
-from lion_local.seed_data import load_seed_instructions
-from lion_local.tiny_build import make_tiny_models
-from lion_local.tiny_models import TinyBuild
-from lion_local.servers import client_for, config_server
+from lion_local.run.seed_data import load_seed_instructions
+from lion_local.smoke.tiny_build import make_tiny_models
+from lion_local.smoke.tiny_models import TinyBuild
+from lion_local.endpoints.servers import client_for, config_server
 from loop_checks import run_config
 from serving import ServerError
 

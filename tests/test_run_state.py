@@ -1,4 +1,4 @@
-"""The run directory's on-disk rules (lion_local/run_state.py).
+"""The run directory's on-disk rules (lion_local/run/state.py).
 
 Covered:
 - Journal: records survive a reopen; a torn last line (no trailing newline, or a newline-ended
@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lion_local.run_state import (
+from lion_local.run.state import (
     FINAL,
     Journal,
     LockUnsupportedError,
@@ -324,7 +324,7 @@ def test_add_stage_seconds_does_nothing_without_a_run_directory(tmp_path: Path):
 
 _HOLDER = """
 import sys, time
-from lion_local.run_state import RunDir, run_lock
+from lion_local.run.state import RunDir, run_lock
 with run_lock(RunDir(sys.argv[1])):
     print("holding", flush=True)
     time.sleep(120)
@@ -373,7 +373,7 @@ def test_run_lock_held_by_a_killed_process_is_taken_over(lock_holder, caplog):
     run, holder = lock_holder
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait(timeout=10)
-    with caplog.at_level(logging.WARNING, logger="lion_local.run_state"):
+    with caplog.at_level(logging.WARNING, logger="lion_local.run.state"):
         with run_lock(run):
             holder_line = (run.root / ".lock").read_text(encoding="utf-8")
             assert holder_line.startswith(f"pid {os.getpid()} ")
@@ -411,7 +411,7 @@ def test_a_file_system_without_flock_is_refused_in_one_line_naming_the_lock(tmp_
     data = tiny_config(tmp_path / "models/tiny", tmp_path / "run")  # not built: smoke mode would build them
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(data))
-    monkeypatch.setattr("lion_local.run_state.fcntl.flock", _no_flock(errno.ENOSYS))
+    monkeypatch.setattr("lion_local.run.state.fcntl.flock", _no_flock(errno.ENOSYS))
     result = CliRunner().invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 2, result.output
     [line] = result.output.splitlines()
@@ -424,11 +424,11 @@ def test_run_lock_on_a_file_system_without_flock_names_the_file_and_other_errors
     tmp_path: Path, monkeypatch
 ):
     run = RunDir(tmp_path / "run")
-    monkeypatch.setattr("lion_local.run_state.fcntl.flock", _no_flock(errno.EOPNOTSUPP))
+    monkeypatch.setattr("lion_local.run.state.fcntl.flock", _no_flock(errno.EOPNOTSUPP))
     with pytest.raises(LockUnsupportedError, match=r"run/\.lock: this file system does not support file locks"):
         with run_lock(run):
             pass
-    monkeypatch.setattr("lion_local.run_state.fcntl.flock", _no_flock(errno.EIO))
+    monkeypatch.setattr("lion_local.run.state.fcntl.flock", _no_flock(errno.EIO))
     with pytest.raises(OSError) as raised:
         with run_lock(run):
             pass

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 import serving
-import lion_local.servers
+import lion_local.endpoints.servers
 from lion_local.config import load_config
 from lion_local.offline import OFFLINE_ENVIRONMENT, offline_environ
-from lion_local.servers import ServerSet
+from lion_local.endpoints.servers import ServerSet
 from serving import server_launch
 from serving.commands import request_model_name, server_environment, transformers_command, vllm_command
 from serving.process import ServerProcess
@@ -67,7 +67,7 @@ def test_api_key_reaches_vllm_only_through_its_environment(monkeypatch):
 def test_every_started_server_gets_the_offline_environment():
     config = load_config(ROOT / "configs/tiny-cpu.yaml")
     for name in ("teacher", "student"):
-        environment = lion_local.servers.wanted_server(config, name, Path("unused.log")).environment
+        environment = lion_local.endpoints.servers.wanted_server(config, name, Path("unused.log")).environment
         for key, value in OFFLINE_ENVIRONMENT.items():
             assert environment[key] == value
     assert set(OFFLINE_ENVIRONMENT) >= {
@@ -162,8 +162,8 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
             started.append((None, endpoint))
         return started
 
-    monkeypatch.setattr(lion_local.servers, "launch_servers", fake_launch_servers)
-    monkeypatch.setattr(lion_local.servers, "await_servers", fake_await_servers)
+    monkeypatch.setattr(lion_local.endpoints.servers, "launch_servers", fake_launch_servers)
+    monkeypatch.setattr(lion_local.endpoints.servers, "await_servers", fake_await_servers)
     with ServerSet(config, ROOT / "unused-log-dir") as servers, caplog.at_level("WARNING", logger="lion_local"):
         first = servers.endpoint("teacher")
         assert servers.endpoint("teacher") is first  # alive: reused

@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from lion_local.config import load_config
-from lion_local.imitation import training_examples
-from lion_local.records import instruction_record
+from lion_local.stages.imitation import training_examples
+from lion_local.run.records import instruction_record
 from lion_local.roles.student import student_chat_messages, student_prompt
-from lion_local.sft import gradient_accumulation_steps
-from lion_local.training_launch import accelerate_command
+from lion_local.stages.sft import gradient_accumulation_steps
+from lion_local.stages.training_launch import accelerate_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +54,7 @@ def test_accelerate_command_on_cpu(tmp_path, monkeypatch):
         "no",
         "--cpu",
         "-m",
-        "lion_local.sft",
+        "lion_local.stages.sft",
         str(job_file),
     ]
 
@@ -84,7 +84,7 @@ def test_accelerate_command_on_gpu(tmp_path, monkeypatch, bf16: bool, precision:
         "--mixed_precision",
         precision,
         "-m",
-        "lion_local.sft",
+        "lion_local.stages.sft",
         str(job_file),
     ]
 
@@ -98,7 +98,7 @@ def test_accelerate_command_with_a_config_file(tmp_path, monkeypatch, cuda: bool
     job_file = tmp_path / "job.json"
     command = accelerate_command(config, job_file)
     assert Path(command[0]).name == "accelerate"
-    assert command[1:] == ["launch", "--config_file", accelerate_file, "-m", "lion_local.sft", str(job_file)]
+    assert command[1:] == ["launch", "--config_file", accelerate_file, "-m", "lion_local.stages.sft", str(job_file)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,10 +126,10 @@ def test_gradient_accumulation_steps(effective: int, per_device: int, world: int
 
 
 def test_gradient_accumulation_warns_only_when_not_divisible(caplog):
-    with caplog.at_level("WARNING", logger="lion_local.sft"):
+    with caplog.at_level("WARNING", logger="lion_local.stages.sft"):
         gradient_accumulation_steps(128, 4, 8)
     assert caplog.records == []
-    with caplog.at_level("WARNING", logger="lion_local.sft"):
+    with caplog.at_level("WARNING", logger="lion_local.stages.sft"):
         gradient_accumulation_steps(100, 4, 8)
     assert len(caplog.records) == 1 and "128" in caplog.records[0].getMessage()
 

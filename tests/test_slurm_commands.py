@@ -55,13 +55,13 @@ import serving.published
 from lion_local.cli import main
 from lion_local.config import ConfigError, api_key_for, load_config
 from lion_local.offline import OFFLINE_ENVIRONMENT, offline_environ
-from lion_local.training_launch import (
+from lion_local.stages.training_launch import (
     Allocation,
     LaunchError,
     current_allocation,
     multi_node_command,
 )
-from lion_local.servers import config_server, wanted_server
+from lion_local.endpoints.servers import config_server, wanted_server
 from serving import server_launch
 from serving.commands import executable, server_environment, vllm_command
 from serving.process import ServerError, free_port
@@ -279,7 +279,7 @@ def test_multi_node_command_with_an_accelerate_config(tmp_path, monkeypatch):
         fsdp,
         *_launch_tail(),
         "-m",
-        "lion_local.sft",
+        "lion_local.stages.sft",
         str(job_file),
     ]
 
@@ -301,7 +301,7 @@ def test_multi_node_command_without_an_accelerate_config(tmp_path, monkeypatch, 
         precision,
         *_launch_tail(),
         "-m",
-        "lion_local.sft",
+        "lion_local.stages.sft",
         str(job_file),
     ]
 
@@ -344,7 +344,7 @@ def test_multi_node_wrapper_passes_the_node_rank_and_keeps_the_arguments(tmp_pat
         )
         assert result.returncode == 0, result.stderr
         assert json.loads(result.stdout) == ["launch", "--machine_rank", node_id, *remaining]
-    assert remaining[-3:] == ["-m", "lion_local.sft", str(job_file)]
+    assert remaining[-3:] == ["-m", "lion_local.stages.sft", str(job_file)]
 
 
 # ----------------------------------------------------------------------------------------------

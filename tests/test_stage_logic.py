@@ -22,12 +22,12 @@ from pathlib import Path
 import pytest
 
 from lion_local.config import GenerationFilters, load_config
-from lion_local.discrimination import gap_histogram, judge, summarize
-from lion_local.generation import filter_reason, plan_quotas
-from lion_local.judging import pending_reviews
-from lion_local.loop import markers_for, stage_markers
-from lion_local.records import instruction_id, instruction_record, pools_for, request_seed
-from lion_local.run_state import FINAL, RunDir, StageOrderError, mark_completed, read_jsonl, write_jsonl_atomic
+from lion_local.stages.discrimination import gap_histogram, judge, summarize
+from lion_local.stages.generation import filter_reason, plan_quotas
+from lion_local.stages.judging import pending_reviews
+from lion_local.stages.loop import markers_for, stage_markers
+from lion_local.run.records import instruction_id, instruction_record, pools_for, request_seed
+from lion_local.run.state import FINAL, RunDir, StageOrderError, mark_completed, read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -30,11 +30,11 @@ import pytest
 from fake_endpoint import FakeEndpoint, FakeServers, Reply
 
 from lion_local.config import Config, load_config
-from lion_local.discrimination import run_discrimination
-from lion_local.generation import run_generation
-from lion_local.imitation import is_checkpoint
-from lion_local.records import instruction_id, instruction_record, request_seed
-from lion_local.run_state import RunDir, read_jsonl, write_jsonl_atomic
+from lion_local.stages.discrimination import run_discrimination
+from lion_local.stages.generation import run_generation
+from lion_local.stages.imitation import is_checkpoint
+from lion_local.run.records import instruction_id, instruction_record, request_seed
+from lion_local.run.state import RunDir, read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 

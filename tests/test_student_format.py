@@ -16,9 +16,9 @@ from pathlib import Path
 from aiohttp import web
 
 from lion_local.config import load_config
-from lion_local.endpoint import EndpointClient
-from lion_local.imitation import training_examples
-from lion_local.records import instruction_record
+from lion_local.endpoints.client import EndpointClient
+from lion_local.stages.imitation import training_examples
+from lion_local.run.records import instruction_record
 from lion_local.roles.student import ask_student
 
 ROOT = Path(__file__).resolve().parents[1]

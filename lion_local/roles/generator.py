@@ -11,7 +11,7 @@ import re
 from typing import Literal
 
 from lion_local.config import GeneratorRole
-from lion_local.endpoint import Completion, EndpointClient
+from lion_local.endpoints.client import Completion, EndpointClient
 from lion_local.roles.templates import render
 
 SeedKind = Literal["hard", "easy"]

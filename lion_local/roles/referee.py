@@ -25,7 +25,7 @@ import logging
 import re
 
 from lion_local.config import RefereeRole
-from lion_local.endpoint import Completion, EndpointClient, EndpointError
+from lion_local.endpoints.client import Completion, EndpointClient, EndpointError
 from lion_local.roles.referee_scores import REPLY_FORMATS, constraint_params, expected_scores, read_scores
 from lion_local.roles.templates import render, template_text
 

@@ -8,7 +8,7 @@ completions endpoint, so training and inference see byte-identical prompts.
 from __future__ import annotations
 
 from lion_local.config import StudentRole
-from lion_local.endpoint import Completion, EndpointClient
+from lion_local.endpoints.client import Completion, EndpointClient
 from lion_local.roles.templates import render
 
 

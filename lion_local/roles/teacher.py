@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lion_local.config import TeacherRole
-from lion_local.endpoint import Completion, EndpointClient
+from lion_local.endpoints.client import Completion, EndpointClient
 from lion_local.roles.templates import render
 
 

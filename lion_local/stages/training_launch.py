@@ -1,4 +1,4 @@
-"""The command line that runs student training (`lion_local.sft`) under `accelerate launch`.
+"""The command line that runs student training (`lion_local.stages.sft`) under `accelerate launch`.
 
 On one node, lion-local runs `accelerate launch` itself: with the configured accelerate file
 (FSDP or DeepSpeed over the node's GPUs), or as one local process. When the SLURM job spans
@@ -70,7 +70,7 @@ def accelerate_command(config: Config, job_file: Path, on_gpu: bool | None = Non
         command += ["--mixed_precision", "bf16" if config.imitation.bf16 and on_gpu else "no"]
         if not on_gpu:
             command.append("--cpu")
-    return command + ["-m", "lion_local.sft", str(job_file)]
+    return command + ["-m", "lion_local.stages.sft", str(job_file)]
 
 
 def multi_node_command(config: Config, job_file: Path, allocation: Allocation, gpus_per_node: int) -> list[str]:
@@ -114,7 +114,7 @@ def multi_node_command(config: Config, job_file: Path, allocation: Allocation, g
         "--dynamo_backend",
         "no",
     ]
-    return srun + per_node + launch + ["-m", "lion_local.sft", str(job_file)]
+    return srun + per_node + launch + ["-m", "lion_local.stages.sft", str(job_file)]
 
 
 def training_command(config: Config, job_file: Path) -> list[str]:

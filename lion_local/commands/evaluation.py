@@ -7,7 +7,7 @@ exists, or only that of --iteration K) answer a question set: --questions FILE, 
 evaluation.questions, else the built-in lion_local/data/eval_questions.jsonl. A judge
 (evaluation.judge_server, by default the referee's server) reviews each teacher/student pair with
 the referee's mode, prompt and sampling parameters, in both orders, through discrimination's own
-pipeline (lion_local/judging.py: retries, up to evaluation.parse_retries, default the referee's;
+pipeline (lion_local/stages/judging.py: retries, up to evaluation.parse_retries, default the referee's;
 a question's two scores).
 
 The arithmetic, per checkpoint:
@@ -43,17 +43,17 @@ from importlib import resources
 from pathlib import Path
 
 from lion_local.config import Config, api_key_for, check_models_exist
-from lion_local.endpoint import EndpointClient
-from lion_local.imitation import is_checkpoint
-from lion_local.journaled_calls import call_all, call_fields
-from lion_local.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
-from lion_local.records import instruction_id, request_seed
+from lion_local.endpoints.client import EndpointClient
+from lion_local.stages.imitation import is_checkpoint
+from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
+from lion_local.run.records import instruction_id, request_seed
 from lion_local.roles import ask_student, ask_teacher, referee_identity
 from lion_local.roles.teacher import parse_teacher_answer
-from lion_local.run_state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
-from lion_local.teacher_cache import teacher_fingerprint
-from lion_local.servers import ServerSet
-from lion_local.tiny_models import ensure_tiny_models
+from lion_local.run.state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
+from lion_local.run.teacher_cache import teacher_fingerprint
+from lion_local.endpoints.servers import ServerSet
+from lion_local.smoke.tiny_models import ensure_tiny_models
 from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class Checkpoint:
 
 def evaluate(config: Config, iteration: int | str | None = None, questions_path: str | None = None) -> list[dict]:
     """`lion-local evaluate`: the result of each checkpoint evaluated (see the module docstring)."""
-    from lion_local.loop import run_log  # the run commands' copy of the log in logs/lion-local.log
+    from lion_local.stages.loop import run_log  # the run commands' copy of the log in logs/lion-local.log
 
     run = RunDir(config.run_dir)
     questions = load_questions(questions_path or config.evaluation.questions or default_questions())

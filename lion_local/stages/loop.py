@@ -21,12 +21,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lion_local.config import Config, api_key_for, check_launchers, check_models_exist, config_to_yaml
-from lion_local.discrimination import run_discrimination
-from lion_local.generation import run_generation
-from lion_local.imitation import run_imitation
-from lion_local.iteration_report import write_iteration_report
-from lion_local.records import seed_records
-from lion_local.run_state import (
+from lion_local.stages.discrimination import run_discrimination
+from lion_local.stages.generation import run_generation
+from lion_local.stages.imitation import run_imitation
+from lion_local.stages.iteration_report import write_iteration_report
+from lion_local.run.records import seed_records
+from lion_local.run.state import (
     FINAL,
     STAGES,
     RunDir,
@@ -38,8 +38,8 @@ from lion_local.run_state import (
     run_lock,
     write_atomic,
 )
-from lion_local.servers import ServerSet
-from lion_local.tiny_models import ensure_tiny_models
+from lion_local.endpoints.servers import ServerSet
+from lion_local.smoke.tiny_models import ensure_tiny_models
 
 logger = logging.getLogger(__name__)
 

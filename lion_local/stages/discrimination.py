@@ -26,15 +26,15 @@ from contextlib import AsyncExitStack
 from statistics import fmean
 
 from lion_local.config import Config
-from lion_local.endpoint import EndpointClient
-from lion_local.imitation import is_checkpoint
-from lion_local.journaled_calls import call_all, call_fields
-from lion_local.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
-from lion_local.records import pools_for, request_seed
+from lion_local.endpoints.client import EndpointClient
+from lion_local.stages.imitation import is_checkpoint
+from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
+from lion_local.run.records import pools_for, request_seed
 from lion_local.roles import ask_student
-from lion_local.run_state import Journal, RunDir, StageOrderError, write_atomic, write_jsonl_atomic
-from lion_local.teacher_cache import ensure_teacher_answers
-from lion_local.servers import ServerSet
+from lion_local.run.state import Journal, RunDir, StageOrderError, write_atomic, write_jsonl_atomic
+from lion_local.run.teacher_cache import ensure_teacher_answers
+from lion_local.endpoints.servers import ServerSet
 
 logger = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import hashlib
 import json
 
 from lion_local.config import Config
-from lion_local.run_state import FINAL, RunDir, read_jsonl, write_jsonl_atomic
-from lion_local.seed_data import load_seed_instructions
+from lion_local.run.state import FINAL, RunDir, read_jsonl, write_jsonl_atomic
+from lion_local.run.seed_data import load_seed_instructions
 
 
 def instruction_id(instruction: str, input_text: str = "") -> str:

@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lion_local.run_state import FINAL, RunDir, read_state, write_atomic
+from lion_local.run.state import FINAL, RunDir, read_state, write_atomic
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from lion_local.config import RefereeRole
-from lion_local.endpoint import EndpointClient
-from lion_local.journaled_calls import call_fields
+from lion_local.endpoints.client import EndpointClient
+from lion_local.run.journaled_calls import call_fields
 from lion_local.roles import ask_referee, read_review
-from lion_local.run_state import Journal
+from lion_local.run.state import Journal
 
 ORDERS = ("teacher_first", "student_first")
 

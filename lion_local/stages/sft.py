@@ -1,8 +1,8 @@
 """Student fine-tuning with TRL's SFTTrainer; run under `accelerate launch` by the imitation stage.
 
-    accelerate launch [...] -m lion_local.sft <job.json>
+    accelerate launch [...] -m lion_local.stages.sft <job.json>
 
-The job file (written by lion_local.imitation) names the base checkpoint, the prompt/completion
+The job file (written by lion_local.stages.imitation) names the base checkpoint, the prompt/completion
 dataset, the hyperparameters and where to write. The dataset's prompts come from the same
 `student_prompt` function the student is queried with, and the loss is on the completion (the
 teacher's answer) only. Trainer checkpoints under `work_dir` let a killed training resume; the
@@ -80,7 +80,7 @@ def last_complete_checkpoint(work_dir: Path, remove_incomplete: bool = False) ->
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from lion_local.run_state import write_atomic
+    from lion_local.run.state import write_atomic
 
     write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        logger.error("usage: python -m lion_local.sft <job.json>")
+        logger.error("usage: python -m lion_local.stages.sft <job.json>")
         return 2
     job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
     summary = train(job)

@@ -33,13 +33,13 @@ import unicodedata
 from collections import Counter
 
 from lion_local.config import Config, GenerationFilters
-from lion_local.endpoint import EndpointClient
-from lion_local.journaled_calls import call_all, call_fields
-from lion_local.novelty import NoveltyIndex
-from lion_local.records import by_id, instruction_id, instruction_record, pools_for, request_seed
+from lion_local.endpoints.client import EndpointClient
+from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.stages.novelty import NoveltyIndex
+from lion_local.run.records import by_id, instruction_id, instruction_record, pools_for, request_seed
 from lion_local.roles import ask_generator, parse_generated_instruction
-from lion_local.run_state import Journal, RunDir, StageOrderError, read_jsonl, write_atomic, write_jsonl_atomic
-from lion_local.servers import ServerSet
+from lion_local.run.state import Journal, RunDir, StageOrderError, read_jsonl, write_atomic, write_jsonl_atomic
+from lion_local.endpoints.servers import ServerSet
 
 logger = logging.getLogger(__name__)
 

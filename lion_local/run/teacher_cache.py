@@ -18,13 +18,13 @@ from contextlib import AsyncExitStack
 from importlib import resources
 
 from lion_local.config import Config
-from lion_local.endpoint import EndpointClient
-from lion_local.journaled_calls import call_all, call_fields
-from lion_local.records import request_seed
+from lion_local.endpoints.client import EndpointClient
+from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.run.records import request_seed
 from lion_local.roles import ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
-from lion_local.run_state import Journal, RunDir
-from lion_local.servers import ServerSet
+from lion_local.run.state import Journal, RunDir
+from lion_local.endpoints.servers import ServerSet
 from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ The model (N0 seeds, G = generation.new_per_iteration, K = iterations; the stage
 - referee: two per Cache Pool instruction (both orders) x (1 + retry rate); the retry rate is the
   extra replies per review seen in finished discriminations (unreadable replies), else 0.
 - generator: quotas round(G x hard_ratio) and the rest (from the real label counts once the
-  discrimination has judged); the waves of lion_local.generation are replayed with each wave
+  discrimination has judged); the waves of lion_local.stages.generation are replayed with each wave
   passing its expected share floor(size x a), where a, the share of replies passing the filters
   and the novelty check, is observed in finished generation stages, else
   generation.expected_acceptance (--generator-acceptance wins over both). When a is what the
@@ -43,15 +43,15 @@ from pathlib import Path
 from statistics import fmean
 
 from lion_local.config import Config
-from lion_local.generation import SIDES, next_wave, plan_quotas
-from lion_local.iteration_report import usage
-from lion_local.records import seed_records
+from lion_local.stages.generation import SIDES, next_wave, plan_quotas
+from lion_local.stages.iteration_report import usage
+from lion_local.run.records import seed_records
 from lion_local.roles import generator_messages, referee_messages, student_prompt, teacher_messages
 from lion_local.roles.referee import referee_params
 from lion_local.roles.generator import generator_max_tokens
 from lion_local.roles.student import student_chat_messages
-from lion_local.run_state import FINAL, RunDir, read_jsonl, read_state
-from lion_local.seed_data import SeedDataError, load_seed_instructions
+from lion_local.run.state import FINAL, RunDir, read_jsonl, read_state
+from lion_local.run.seed_data import SeedDataError, load_seed_instructions
 
 logger = logging.getLogger(__name__)
 

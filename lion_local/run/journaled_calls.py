@@ -14,8 +14,8 @@ from collections.abc import Awaitable, Callable
 
 from tqdm import tqdm
 
-from lion_local.endpoint import Completion
-from lion_local.run_state import Journal
+from lion_local.endpoints.client import Completion
+from lion_local.run.state import Journal
 
 
 def call_fields(completion: Completion, seed: int) -> dict:

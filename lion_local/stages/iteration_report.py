@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lion_local.run_state import FINAL, RunDir, read_jsonl, read_state, write_atomic
+from lion_local.run.state import FINAL, RunDir, read_jsonl, read_state, write_atomic
 
 
 def usage(records: list[dict]) -> dict:

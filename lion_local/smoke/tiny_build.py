@@ -1,8 +1,8 @@
-"""Building the tiny smoke-mode models (see lion_local/tiny_models.py for what they are).
+"""Building the tiny smoke-mode models (see lion_local/smoke/tiny_models.py for what they are).
 
 The tokenizer is trained on the seed instructions and the teacher on a synthetic corpus rendered
 with the roles' real prompt templates, so nothing is downloaded. This module imports torch and
-transformers; lion_local/tiny_models.py imports it only when a build is needed.
+transformers; lion_local/smoke/tiny_models.py imports it only when a build is needed.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from lion_local.roles.generator import generator_messages
 from lion_local.roles.referee import referee_messages
 from lion_local.roles.student import student_prompt
 from lion_local.roles.teacher import teacher_messages
-from lion_local.seed_data import SeedInstruction, load_seed_instructions
-from lion_local.tiny_models import TinyBuild, builtin_seed_data
+from lion_local.run.seed_data import SeedInstruction, load_seed_instructions
+from lion_local.smoke.tiny_models import TinyBuild, builtin_seed_data
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lion_local.config import Config, api_key_for, check_launchers, check_models_exist
-from lion_local.endpoint import EndpointClient, EndpointError
+from lion_local.endpoints.client import EndpointClient, EndpointError
 from lion_local.roles import (
     ask_generator,
     ask_referee,
@@ -24,9 +24,9 @@ from lion_local.roles import (
     read_review,
     parse_teacher_answer,
 )
-from lion_local.seed_data import load_seed_instructions
-from lion_local.tiny_models import ensure_tiny_models
-from lion_local.servers import client_for, config_server, server_log, wanted_server
+from lion_local.run.seed_data import load_seed_instructions
+from lion_local.smoke.tiny_models import ensure_tiny_models
+from lion_local.endpoints.servers import client_for, config_server, server_log, wanted_server
 from serving import Endpoint, ServerError, await_servers, launch_servers
 
 logger = logging.getLogger(__name__)

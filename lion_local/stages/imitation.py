@@ -3,7 +3,7 @@
     lion-local stage imitation --config X
 
 Teacher answers come through the run-wide cache (only missing ones are requested). Training
-runs in a separate process, `accelerate launch -m lion_local.sft` (one srun task per node when
+runs in a separate process, `accelerate launch -m lion_local.stages.sft` (one srun task per node when
 the SLURM job spans several; see training_launch.py), continuing from the previous student
 checkpoint (the configured base model in iteration 1), with the loss on the answer only.
 The checkpoint is written to iter_<k>/student.partial/ and renamed to iter_<k>/student/ only
@@ -23,14 +23,14 @@ import time
 from pathlib import Path
 
 from lion_local.config import Config
-from lion_local.journaled_calls import progress_bar
+from lion_local.run.journaled_calls import progress_bar
 from lion_local.offline import offline_environ
-from lion_local.records import pools_for
+from lion_local.run.records import pools_for
 from lion_local.roles.student import student_chat_messages, student_training_text
-from lion_local.run_state import FINAL, RunDir, write_atomic, write_jsonl_atomic
-from lion_local.teacher_cache import teacher_answers_for
-from lion_local.training_launch import training_command
-from lion_local.servers import ServerSet
+from lion_local.run.state import FINAL, RunDir, write_atomic, write_jsonl_atomic
+from lion_local.run.teacher_cache import teacher_answers_for
+from lion_local.stages.training_launch import training_command
+from lion_local.endpoints.servers import ServerSet
 from serving.process import die_with_parent
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ byte-level BPE tokenizer trained here on the seed instructions, so nothing is do
   fixed step count (not a time limit) keeps it deterministic for a seed; the default budget
   trains in about a minute on two CPU cores.
 
-The build itself is lion_local/tiny_build.py. This module only decides whether one is needed, so
+The build itself is lion_local/smoke/tiny_build.py. This module only decides whether one is needed, so
 that every command that finds the models in place starts without importing torch (about 5 s).
 """
 
@@ -22,7 +22,7 @@ from importlib import resources
 from pathlib import Path
 
 from lion_local.config import Config
-from lion_local.run_state import lock_exclusively
+from lion_local.run.state import lock_exclusively
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def ensure_tiny_models(config: Config) -> None:
         lock_exclusively(lock, lock_path, wait=True)
         if tiny_models_present(out_dir):
             return  # built by whoever held the lock before us
-        from lion_local.tiny_build import make_tiny_models  # torch and transformers: only to build
+        from lion_local.smoke.tiny_build import make_tiny_models  # torch and transformers: only to build
 
         logger.info("building the tiny smoke-mode models in %s (about a minute, once)", out_dir)
         make_tiny_models(out_dir, config.seed_data, TinyBuild(seed=config.tiny_models.seed))

@@ -17,9 +17,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from lion_local.config import Config, ServerSpec, api_key_for
-from lion_local.endpoint import EndpointClient
+from lion_local.endpoints.client import EndpointClient
 from lion_local.offline import offline_environ
-from lion_local.run_state import Journal
+from lion_local.run.state import Journal
 from serving import (
     Endpoint,
     Launched,
