@@ -28,7 +28,8 @@ from fake_endpoint import FakeEndpoint, FakeServers  # noqa: E402
 from lion_local.config import load_config  # noqa: E402
 from lion_local.stages.discrimination import run_discrimination  # noqa: E402
 from lion_local.run.records import instruction_record  # noqa: E402
-from lion_local.run.state import RunDir, read_jsonl, write_jsonl_atomic  # noqa: E402
+from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.state import read_jsonl, write_jsonl_atomic  # noqa: E402
 
 _QUESTION = re.compile(r"\[Question\]\n(?P<question>.*?)\n\n\[Answer of Assistant 1\]\n(?P<first>.*?)\n", re.DOTALL)
 
@@ -46,11 +47,11 @@ def one_run(fake: FakeEndpoint, directory: Path, pool: list[dict], stream: bool)
     run = RunDir(config.run_dir)
     write_jsonl_atomic(run.iteration(1) / "train_pool.jsonl", pool)
     write_jsonl_atomic(run.iteration(1) / "cache_pool.jsonl", pool)
-    run.student(1).mkdir(parents=True)
-    (run.student(1) / "config.json").write_text("{}")
-    (run.student(1) / "model.safetensors").write_bytes(b"")
+    run.iteration(1).student.mkdir(parents=True)
+    (run.iteration(1).student / "config.json").write_text("{}")
+    (run.iteration(1).student / "model.safetensors").write_bytes(b"")
     started = time.monotonic()
-    run_discrimination(config, run, 1, FakeServers(fake))
+    run_discrimination(config, run, Iteration(1), FakeServers(fake))
     return time.monotonic() - started, read_jsonl(run.iteration(1) / "judgements.jsonl")
 
 

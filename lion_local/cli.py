@@ -1,8 +1,9 @@
 """The `lion-local` command line.
 
-Exit codes: 0 success; 1 a runtime failure (a server that will not start, an endpoint that
-stays down, a failed check); 2 a bad config, a bad input file or a bad command line, reported
-in one line naming the file and key, before anything is written.
+Exit codes (lion_local.errors): 0 success; 1 a runtime failure (a server that will not start,
+an endpoint that stays down, a failed check); 2 a bad config, input file, run state or command
+line, reported in one line naming the file and key, before anything is written; 3 a stage asked
+for out of order.
 """
 
 from __future__ import annotations
@@ -20,13 +21,9 @@ import click
 
 from lion_local import __version__
 from lion_local.config import Config, ConfigError, api_key_for, check_launchers, check_models_exist, config_to_yaml, load_config
-from lion_local.endpoints.client import EndpointError
-from lion_local.stages.imitation import TrainingError
+from lion_local.errors import LionError, StageOrderError
 from lion_local.offline import OFFLINE_ENVIRONMENT
-from lion_local.run.state import LockUnsupportedError, RunLockedError, RunStateError, StageOrderError
-from lion_local.stages.training_launch import LaunchError
-from lion_local.run.seed_data import SeedDataError
-from lion_local.commands.evaluation import QuestionsError
+from lion_local.run.layout import Iteration, RunDir
 from serving.process import ServerError
 
 DEFAULT_CONFIG = "configs/tiny-cpu.yaml"
@@ -34,15 +31,15 @@ logger = logging.getLogger("lion_local")
 
 
 class _Cli(click.Group):
-    """Turns the project's exceptions into one-line errors with the documented exit codes."""
+    """Turns lion-local's errors into one line each with its exit code (lion_local.errors)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (ConfigError, SeedDataError, StageOrderError, RunStateError, QuestionsError, LockUnsupportedError) as exc:
+        except LionError as exc:
             click.echo(f"error: {exc}", err=True)
-            ctx.exit(2)
-        except (ServerError, EndpointError, TrainingError, LaunchError, RunLockedError) as exc:
+            ctx.exit(exc.exit_code)
+        except ServerError as exc:  # the serving package's own error: a server failed
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
 
@@ -150,7 +147,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     ensure_tiny_models(config)
     job = os.environ.get("SLURM_JOB_ID")
     # Replicas of a job array share the run directory: one log each.
-    log_path = Path(config.run_dir) / "logs" / (f"serve-{server_name}-{job}.log" if job else f"serve-{server_name}.log")
+    log_path = RunDir(config.run_dir).serve_log(server_name, job)
     process, launch = server_process(wanted_server(config, server_name, log_path))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     process.start()
@@ -198,7 +195,7 @@ def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
     from lion_local.commands.doctor import run_doctor
 
     config = load_config(config_path, overrides)
-    checks = run_doctor(config, Path(config.run_dir) / "logs")
+    checks = run_doctor(config, RunDir(config.run_dir).logs)
     for check in checks:
         click.echo(f"{'OK  ' if check.ok else 'FAIL'}  {check.name:<18} {check.detail}")
         if check.raw is not None:
@@ -225,39 +222,54 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
-def _execute(config_path: str, overrides: tuple[str, ...], scope: str, stage: str | None = None) -> None:
+def run_options(command):
+    """--set and --config, and --accept-change for the commands that write the run."""
+    command = click.option(
+        "--accept-change",
+        "accepted_changes",
+        multiple=True,
+        metavar="KEY",
+        help="Continue a run although setting KEY, which shapes its results, changed since it started "
+        "(repeatable; recorded in <run_dir>/identity.json).",
+    )(command)
+    return config_options(command)
+
+
+def _execute(
+    config_path: str, overrides: tuple[str, ...], accepted_changes: tuple[str, ...], scope: str, stage: str | None = None
+) -> None:
     from lion_local.stages.loop import execute, status_lines
 
     config = load_config(config_path, overrides)
     _stop_on_sigterm()
-    done = execute(config, scope, stage)
+    done = execute(config, scope, stage, accepted_changes)
     if not done:
         click.echo(f"run {config.run_dir} is complete: nothing to do")
         return
-    click.echo(f"completed {', '.join(done)}")
+    click.echo(f"completed {', '.join(map(str, done))}")
     click.echo("\n".join(status_lines(config)))
 
 
 @main.command()
-@config_options
-def run(config_path: str, overrides: tuple[str, ...]) -> None:
+@run_options
+def run(config_path: str, overrides: tuple[str, ...], accepted_changes: tuple[str, ...]) -> None:
     """Run every remaining stage of every iteration, then the final imitation (resumes a killed run)."""
-    _execute(config_path, overrides, "run")
+    _execute(config_path, overrides, accepted_changes, "run")
 
 
 @main.command()
-@config_options
-def iteration(config_path: str, overrides: tuple[str, ...]) -> None:
+@run_options
+def iteration(config_path: str, overrides: tuple[str, ...], accepted_changes: tuple[str, ...]) -> None:
     """Run the remaining stages of the next iteration (or the final imitation when only it is left)."""
-    _execute(config_path, overrides, "iteration")
+    _execute(config_path, overrides, accepted_changes, "iteration")
 
 
 @main.command()
 @click.argument("name", type=click.Choice(["imitation", "discrimination", "generation", "final"]))
-@config_options
-def stage(name: str, config_path: str, overrides: tuple[str, ...]) -> None:
+@run_options
+def stage(name: str, config_path: str, overrides: tuple[str, ...], accepted_changes: tuple[str, ...]) -> None:
     """Run one stage of the current iteration; it must be the next one (final: the final imitation)."""
-    _execute(config_path, overrides, "stage", name)
+    _execute(config_path, overrides, accepted_changes, "stage", name)
 
 
 @main.command()
@@ -274,8 +286,8 @@ def status(config_path: str, overrides: tuple[str, ...], remaining_iterations: b
 
     config = load_config(config_path, overrides)
     if remaining_iterations:
-        for iteration_name in iterations_left(config):
-            click.echo(iteration_name)
+        for left in iterations_left(config):
+            click.echo(str(left))
         return
     click.echo("\n".join(status_lines(config)))
 
@@ -285,18 +297,17 @@ def status(config_path: str, overrides: tuple[str, ...], remaining_iterations: b
 def report(config_path: str, overrides: tuple[str, ...]) -> None:
     """Per-iteration summary table; writes <run_dir>/report.md and PNG plots in <run_dir>/plots/."""
     from lion_local.commands.report import summary_rows, text_table, write_report
-    from lion_local.run.state import RunDir
 
     config = load_config(config_path, overrides)
     run = RunDir(config.run_dir)
-    if not any(run.root.glob("iter_*/report.json")):
+    if not any(run.at(each).report.exists() for each in run.numbered_iterations()):
         raise StageOrderError(
             f"{run.root}: nothing to report yet; an iteration's report.json is written when its "
             "generation stage ends (lion-local status shows where the run stands)"
         )
     written = write_report(run)
     click.echo(text_table(*summary_rows(written)))
-    click.echo(f"wrote {run.root / 'report.md'} and {len(written.plots)} plots in {run.root / 'plots'}")
+    click.echo(f"wrote {run.report_md} and {len(written.plots)} plots in {run.plots}")
 
 
 @main.command()
@@ -324,12 +335,13 @@ def plan(
     click.echo(json.dumps(result, indent=2) if as_json else "\n".join(plan_lines(result)))
 
 
-def _iteration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> int | str | None:
-    if value is None or value == "final":
-        return value
-    if value.isdigit() and int(value) >= 1:
-        return int(value)
-    raise click.BadParameter(f"{value!r} is not an iteration: give a number from 1, or final")
+def _iteration_option(ctx: click.Context, param: click.Parameter, value: str | None) -> Iteration | None:
+    if value is None:
+        return None
+    try:
+        return Iteration.parse(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 @main.command()
@@ -346,7 +358,7 @@ def _iteration_option(ctx: click.Context, param: click.Parameter, value: str | N
     type=click.Path(),
     help="Question set, JSONL of {question, category?, id?}; default: evaluation.questions, else the built-in set.",
 )
-def evaluate(config_path: str, overrides: tuple[str, ...], iteration: int | str | None, questions_path: str | None) -> None:
+def evaluate(config_path: str, overrides: tuple[str, ...], iteration: Iteration | None, questions_path: str | None) -> None:
     """The paper's relative score: each student checkpoint's total score as a percentage of the
     teacher's, judged in both answer orders; results in <run_dir>/eval/<checkpoint>/result.json."""
     from lion_local.commands.evaluation import evaluate as evaluate_checkpoints

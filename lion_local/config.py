@@ -21,6 +21,7 @@ from typing import Any, Union
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from lion_local.errors import InputError
 from serving.commands import launcher_problem
 from lion_local.config_schema import (
     Config,
@@ -47,7 +48,7 @@ __all__ = [
     "TransformersServeOptions", "VllmOptions", "api_key_for", "check_launchers", "check_models_exist", "config_to_yaml", "load_config",
 ]
 
-class ConfigError(Exception):
+class ConfigError(InputError):
     """A bad config or a bad path named by it; the message is one line saying where and how to fix it."""
 
 

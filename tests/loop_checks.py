@@ -100,7 +100,7 @@ def run_config(
         "request_timeout_s": 120,
         "failure_budget_s": 60,
     }
-    data["imitation"]["save_steps"] = 2  # trainer checkpoints often enough to kill after one
+    data["imitation"].setdefault("trainer", {})["save_steps"] = 2  # trainer checkpoints often enough to kill after one
     if greedy:
         # Seeded sampling is not repeatable under concurrency on `transformers serve`; greedy is.
         for role in ("teacher", "referee", "generator", "student"):

@@ -29,7 +29,7 @@ from click.testing import CliRunner
 from lion_local.cli import main
 from lion_local.config import Config, load_config
 from lion_local.stages.loop import check_inputs
-from lion_local.run.state import RunDir
+from lion_local.run.layout import RunDir
 
 ROOT = Path(__file__).resolve().parents[1]
 UNSET_VARIABLE = "LION_BAD_INPUTS_UNSET_KEY"

@@ -85,9 +85,10 @@ def test_lion_7b_has_the_paper_settings():
     assert config.generation.new_per_iteration == 6000
     assert config.generation.hard_ratio == 0.5
     assert config.generation.rouge_threshold == 0.7
-    sft = config.imitation
-    assert (sft.learning_rate, sft.num_train_epochs, sft.max_seq_length, sft.effective_batch_size) == (2e-5, 3, 1024, 128)
-    assert (sft.lr_scheduler_type, sft.warmup_ratio, sft.weight_decay, sft.bf16) == ("cosine", 0.03, 0.0, True)
+    sft = config.imitation.trainer
+    assert (sft["learning_rate"], sft["num_train_epochs"], sft["max_length"]) == (2e-5, 3, 1024)
+    assert (sft["per_device_train_batch_size"], config.imitation.effective_batch_size) == (4, 128)
+    assert (sft["lr_scheduler_type"], sft["warmup_steps"], sft["weight_decay"], sft["bf16"]) == ("cosine", 0.03, 0.0, True)
     roles = config.roles
     assert (roles.teacher.temperature, roles.referee.temperature, roles.generator.temperature) == (0.7, 0.2, 1.0)
     assert (roles.student.temperature, roles.student.max_tokens) == (0.7, 1024)
@@ -172,10 +173,10 @@ def test_include_merges_and_later_files_win(tmp_path: Path):
 def test_set_parses_yaml_values_and_creates_sections():
     config = load_config(
         CONFIGS / "tiny-cpu.yaml",
-        ["generation.filters.banned_words=[foo, bar]", "imitation.bf16=true", "discrimination.tau=0.5"],
+        ["generation.filters.banned_words=[foo, bar]", "imitation.trainer.bf16=true", "discrimination.tau=0.5"],
     )
     assert config.generation.filters.banned_words == ["foo", "bar"]
-    assert config.imitation.bf16 is True and config.discrimination.tau == 0.5
+    assert config.imitation.trainer["bf16"] is True and config.discrimination.tau == 0.5
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(CONFIGS / "tiny-cpu.yaml", ["iterations"])
 

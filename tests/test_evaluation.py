@@ -36,7 +36,9 @@ from lion_local.commands.evaluation import (
     summary_line,
 )
 from lion_local.run.records import instruction_id, request_seed
-from lion_local.run.state import RunDir, StageOrderError, read_jsonl
+from lion_local.errors import StageOrderError
+from lion_local.run.layout import FINAL, Iteration, RunDir
+from lion_local.run.state import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 PARSE_RETRIES = 2
@@ -130,9 +132,10 @@ def make_config(run_dir: Path, *overrides: str) -> Config:
 
 def add_checkpoint(run: RunDir, k: int | str) -> None:
     """A student directory that counts as a finished checkpoint (see imitation.is_checkpoint)."""
-    run.student(k).mkdir(parents=True)
-    (run.student(k) / "config.json").write_text("{}")
-    (run.student(k) / "model.safetensors").write_bytes(b"")
+    student = run.at(Iteration.parse(str(k))).student
+    student.mkdir(parents=True)
+    (student / "config.json").write_text("{}")
+    (student / "model.safetensors").write_bytes(b"")
 
 
 def write_questions(path: Path, questions: list[dict] = QUESTIONS) -> Path:
@@ -203,7 +206,7 @@ def test_relative_score_arithmetic_matches_the_stored_judgements(fake: FakeEndpo
     # One teacher and one student answer per question, the student served from its checkpoint.
     assert len(fake.bodies("teacher")) == len(fake.bodies("student")) == len(QUESTIONS)
     assert sorted(r["id"] for r in read_jsonl(run.root / "eval" / "teacher_answers.jsonl")) == sorted(ID_OF.values())
-    assert ("student", str(run.student(1))) in servers.clients and "student" in servers.stopped
+    assert ("student", str(run.iteration(1).student)) in servers.clients and "student" in servers.stopped
     assert ("teacher", None) in servers.clients  # the judge defaults to the referee's server
     # Nothing outside eval/ was written.
     assert sorted(p.name for p in run.root.iterdir()) == ["eval", "iter_1"]
@@ -339,17 +342,17 @@ def test_checkpoint_selection(tmp_path: Path):
     for k in (1, 2, 10, "final"):
         add_checkpoint(run, k)
     (run.iteration(3) / "student.partial").mkdir(parents=True)  # training under way: not a checkpoint
-    (run.student(2) / "model.safetensors").unlink()  # incomplete: not a checkpoint
+    (run.iteration(2).student / "model.safetensors").unlink()  # incomplete: not a checkpoint
     assert [(c.name, c.iteration, c.path) for c in select_checkpoints(run)] == [
-        ("iter_1", 1, run.student(1)),
-        ("iter_10", 10, run.student(10)),
-        ("final", "final", run.student("final")),
+        ("iter_1", Iteration(1), run.iteration(1).student),
+        ("iter_10", Iteration(10), run.iteration(10).student),
+        ("final", FINAL, run.final.student),
     ]
-    assert [c.name for c in select_checkpoints(run, 10)] == ["iter_10"]
-    assert [c.name for c in select_checkpoints(run, "final")] == ["final"]
+    assert [c.name for c in select_checkpoints(run, Iteration(10))] == ["iter_10"]
+    assert [c.name for c in select_checkpoints(run, FINAL)] == ["final"]
     for missing in (2, 3):
         with pytest.raises(StageOrderError, match=f"no student checkpoint of iteration {missing} to evaluate"):
-            select_checkpoints(run, missing)
+            select_checkpoints(run, Iteration(missing))
 
 
 def test_the_default_question_set_ships_with_the_package():
@@ -401,19 +404,20 @@ def test_cli_rejects_bad_inputs_in_one_line_before_writing(tmp_path: Path):
     bad.write_text('{"question": "A?"}\n{"question": ""}\n')
     add_checkpoint(RunDir(run_dir), 1)
     before = snapshot(tmp_path)
+    # exit 2: a bad input; exit 3: a checkpoint asked for before its imitation ran
     cases = [
-        (["--questions", str(bad)], f"error: {bad}:2: field 'question' is empty"),
-        (["--set", f"evaluation.questions={bad}"], f"error: {bad}:2: field 'question' is empty"),
-        (["--iteration", "2"], f"error: {RunDir(run_dir).student(2)}: no student checkpoint of iteration 2"),
-        (["--set", "evaluation.judge_server=teachr"], "error: --set: evaluation.judge_server: no server named 'teachr'"),
+        (["--questions", str(bad)], 2, f"error: {bad}:2: field 'question' is empty"),
+        (["--set", f"evaluation.questions={bad}"], 2, f"error: {bad}:2: field 'question' is empty"),
+        (["--iteration", "2"], 3, f"error: {RunDir(run_dir).iteration(2).student}: no student checkpoint of iteration 2"),
+        (["--set", "evaluation.judge_server=teachr"], 2, "error: --set: evaluation.judge_server: no server named 'teachr'"),
     ]
-    for args, start in cases:
+    for args, code, start in cases:
         result = cli("--set", f"run_dir={run_dir}", *args)
-        assert result.exit_code == 2, result.output
+        assert result.exit_code == code, result.output
         lines = result.output.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(start), lines
     result = cli("--set", f"run_dir={tmp_path / 'empty'}")
-    assert result.exit_code == 2 and "no student checkpoint to evaluate yet" in result.output
+    assert result.exit_code == 3 and "no student checkpoint to evaluate yet" in result.output
     result = cli("--set", f"run_dir={run_dir}", "--iteration", "two")
     assert result.exit_code == 2 and "'two' is not an iteration" in result.output
     assert snapshot(tmp_path) == before

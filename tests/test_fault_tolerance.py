@@ -75,7 +75,8 @@ def greedy_config(tiny_models: Path, tmp_path: Path, proxy_url: str, failure_bud
     path = run_config(tiny_models, tmp_path, proxy_url, greedy=True)
     data = yaml.safe_load(path.read_text())
     data.update(iterations=1, seed_limit=SEEDS)
-    data["imitation"].update(final_imitation=False, save_steps=1)
+    data["imitation"]["final_imitation"] = False
+    data["imitation"].setdefault("trainer", {})["save_steps"] = 1
     data["generation"]["new_per_iteration"] = 8
     data["servers"]["teacher"].update(
         request_timeout_s=REQUEST_TIMEOUT_S, failure_budget_s=failure_budget_s, backoff_initial_s=0.2, backoff_max_s=2.0

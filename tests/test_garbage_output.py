@@ -29,9 +29,11 @@ from fake_endpoint import FakeEndpoint, FakeServers, Reply
 
 from lion_local.config import Config, load_config
 from lion_local.stages.loop import run_stage
+from lion_local.run.layout import Stage
 from lion_local.run.records import instruction_id, request_seed
 from lion_local.roles import parse_generated_instruction, parse_referee_scores
-from lion_local.run.state import RunDir, read_jsonl, read_state
+from lion_local.run.layout import RunDir
+from lion_local.run.state import read_jsonl, read_state
 
 pytestmark = pytest.mark.integration
 
@@ -241,7 +243,7 @@ def test_garbage_output_is_handled_and_counted_in_the_report(fake: FakeEndpoint,
     servers = FakeServers(fake)
     markers = ["1/imitation", "1/discrimination", "1/generation"]
     for marker in markers:
-        run_stage(config, run, marker, servers)
+        run_stage(config, run, Stage.parse(marker), servers)
 
     directory = run.iteration(1)
     report = read_json(directory / "report.json")

@@ -17,7 +17,8 @@ from lion_local.stages.discrimination import run_discrimination
 from lion_local.commands.evaluation import load_questions, run_evaluation, select_checkpoints
 from lion_local.stages.judging import judged_pairs
 from lion_local.run.records import instruction_record
-from lion_local.run.state import RunDir, read_jsonl, write_jsonl_atomic
+from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.state import read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTIONS = [
@@ -72,9 +73,9 @@ def fake():
 
 
 def _checkpoint(run: RunDir) -> None:
-    run.student(1).mkdir(parents=True)
-    (run.student(1) / "config.json").write_text("{}")
-    (run.student(1) / "model.safetensors").write_bytes(b"")
+    run.iteration(1).student.mkdir(parents=True)
+    (run.iteration(1).student / "config.json").write_text("{}")
+    (run.iteration(1).student / "model.safetensors").write_bytes(b"")
 
 
 @pytest.mark.parametrize("mode", ["explain_first", "scores_only", "expected_score"])
@@ -88,7 +89,7 @@ def test_evaluate_and_discrimination_give_identical_judgements_for_identical_rep
     write_jsonl_atomic(run.iteration(1) / "train_pool.jsonl", pool)
     write_jsonl_atomic(run.iteration(1) / "cache_pool.jsonl", pool)
     _checkpoint(run)
-    run_discrimination(config, run, 1, FakeServers(fake))
+    run_discrimination(config, run, Iteration(1), FakeServers(fake))
     discriminated = {j["id"]: j for j in read_jsonl(run.iteration(1) / "judgements.jsonl")}
 
     questions_file = tmp_path / "questions.jsonl"

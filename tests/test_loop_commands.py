@@ -119,7 +119,7 @@ def _step_through_a_run(tiny_run_config: Path, tmp_path: Path, monkeypatch) -> N
     assert status.returncode == 0 and "not started (4 stages to run)" in status.stdout
 
     early = _lion_local(config, "stage", "discrimination")
-    assert early.returncode == 2
+    assert early.returncode == 3  # a stage asked out of order
     assert early.stderr.strip() == (
         "error: stage 1/discrimination cannot run yet: the next stage is 1/imitation; run that first"
     )
@@ -162,7 +162,7 @@ def _step_through_a_run(tiny_run_config: Path, tmp_path: Path, monkeypatch) -> N
     assert report["generation"]["accepted"]["total"] + report["generation"]["shortfall"]["total"] == 4
 
     again = _lion_local(config, "stage", "generation")
-    assert again.returncode == 2
+    assert again.returncode == 3
     assert "every iteration is complete; the next stage is final/imitation" in again.stderr
 
     final = _lion_local(config, "iteration")  # only the final imitation is left

@@ -17,7 +17,8 @@ from lion_local.config import Config, load_config
 from lion_local.stages.discrimination import judge
 from lion_local.commands.plan import build_plan, plan_lines
 from lion_local.run.records import instruction_record, pools_for
-from lion_local.run.state import FINAL, RunDir, write_atomic, write_jsonl_atomic
+from lion_local.run.layout import FINAL, Iteration, RunDir
+from lion_local.run.state import write_atomic, write_jsonl_atomic
 from lion_local.run.seed_data import SeedDataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ def _fake_run(
         if f"{k}/imitation" not in completed:
             break
         directory = run.iteration(k)
-        train, cache = pools_for(config, run, k)
+        train, cache = pools_for(config, run, Iteration(k))
         ask_teacher(train, f"{k}/imitation")
         if f"{k}/discrimination" not in completed:
             break
@@ -250,7 +251,7 @@ def test_started_run_counts_finished_stages_and_projects_the_rest(tmp_path):
     config = _config(tmp_path)
     run = _fake_run(config, DEMO_STAGES[:3], accepted={1: 12}, generator_calls={1: 20}, unreadable={1: 3})
     # 2/imitation is under way: its pools are written and 5 teacher answers journaled.
-    train, _ = pools_for(config, run, 2)
+    train, _ = pools_for(config, run, Iteration(2))
     with open(run.teacher_answers, "a") as journal:
         for record in train[:5]:
             journal.write(json.dumps({"id": record["id"], "answer": "a", "empty": False, "fingerprint": "f",

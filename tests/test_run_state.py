@@ -31,21 +31,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lion_local.run.state import (
-    FINAL,
-    Journal,
-    LockUnsupportedError,
-    RunDir,
-    RunLockedError,
-    RunStateError,
-    add_stage_seconds,
-    mark_completed,
-    read_jsonl,
-    read_state,
-    run_lock,
-    write_atomic,
-    write_jsonl_atomic,
-)
+from lion_local.run.layout import FINAL, RunDir, Stage
+from lion_local.run.state import Journal, LockUnsupportedError, RunLockedError, RunStateError, add_stage_seconds, mark_completed, read_jsonl, read_state, run_lock, write_atomic, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -275,8 +262,8 @@ def test_damaged_state_json_is_reported_with_its_path(tmp_path: Path, content, p
 
 def test_mark_completed_adds_the_marker_once_and_accumulates_seconds(tmp_path: Path):
     run = RunDir(tmp_path / "run")
-    mark_completed(run, "1/imitation", 1.5)
-    mark_completed(run, "1/imitation", 2.25)
+    mark_completed(run, Stage.parse("1/imitation"), 1.5)
+    mark_completed(run, Stage.parse("1/imitation"), 2.25)
     state = read_state(run)
     assert state["completed"] == ["1/imitation"]
     assert state["stage_seconds"] == {"1/imitation": 3.75}
@@ -288,11 +275,11 @@ def test_mark_completed_adds_the_marker_once_and_accumulates_seconds(tmp_path: P
 def test_mark_completed_keeps_the_highest_iteration_and_ignores_final(tmp_path: Path):
     run = RunDir(tmp_path / "run")
     for marker in ("1/imitation", "1/discrimination", "1/generation", "2/imitation"):
-        mark_completed(run, marker, 1.0)
+        mark_completed(run, Stage.parse(marker), 1.0)
     assert read_state(run)["iteration"] == 2
-    mark_completed(run, "1/generation", 1.0)  # an older marker never lowers it
+    mark_completed(run, Stage.parse("1/generation"), 1.0)  # an older marker never lowers it
     assert read_state(run)["iteration"] == 2
-    mark_completed(run, f"{FINAL}/imitation", 4.0)
+    mark_completed(run, Stage.parse(f"{FINAL}/imitation"), 4.0)
     state = read_state(run)
     assert state["iteration"] == 2
     assert state["completed"] == ["1/imitation", "1/discrimination", "1/generation", "2/imitation", "final/imitation"]
@@ -303,18 +290,18 @@ def test_mark_completed_keeps_the_highest_iteration_and_ignores_final(tmp_path: 
 def test_add_stage_seconds_accumulates_without_marking_done(tmp_path: Path):
     run = RunDir(tmp_path / "run")
     run.root.mkdir()
-    add_stage_seconds(run, "1/imitation", 10.0)
-    add_stage_seconds(run, "1/imitation", 0.5)
+    add_stage_seconds(run, Stage.parse("1/imitation"), 10.0)
+    add_stage_seconds(run, Stage.parse("1/imitation"), 0.5)
     state = read_state(run)
     assert state["stage_seconds"] == {"1/imitation": 10.5}
     assert state["completed"] == []
-    mark_completed(run, "1/imitation", 1.0)  # the finished attempt adds to the failed ones
+    mark_completed(run, Stage.parse("1/imitation"), 1.0)  # the finished attempt adds to the failed ones
     assert read_state(run)["stage_seconds"] == {"1/imitation": 11.5}
 
 
 def test_add_stage_seconds_does_nothing_without_a_run_directory(tmp_path: Path):
     run = RunDir(tmp_path / "never-created")
-    add_stage_seconds(run, "1/imitation", 3.0)
+    add_stage_seconds(run, Stage.parse("1/imitation"), 3.0)
     assert not run.root.exists()
 
 
@@ -324,7 +311,8 @@ def test_add_stage_seconds_does_nothing_without_a_run_directory(tmp_path: Path):
 
 _HOLDER = """
 import sys, time
-from lion_local.run.state import RunDir, run_lock
+from lion_local.run.layout import RunDir
+from lion_local.run.state import run_lock
 with run_lock(RunDir(sys.argv[1])):
     print("holding", flush=True)
     time.sleep(120)

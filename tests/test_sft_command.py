@@ -2,7 +2,7 @@
 
 Covered:
 - training_launch.accelerate_command: one local CPU process (exact argument list), the GPU variant
-  (bf16 only when configured), and `--config_file` when imitation.accelerate_config is set.
+  (bf16 only when imitation.trainer.bf16 is set), and `--config_file` when imitation.accelerate_config is set.
 - sft.gradient_accumulation_steps: exact division and rounding up.
 - imitation.training_examples: alpaca rows whose prompt is exactly the inference prompt
   (student_prompt) and whose completion is answer + eos; chat rows built from
@@ -61,7 +61,7 @@ def test_accelerate_command_on_cpu(tmp_path, monkeypatch):
 
 def test_accelerate_command_on_cpu_never_asks_for_bf16(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = _config(tmp_path, monkeypatch, "imitation.bf16=true")
+    config = _config(tmp_path, monkeypatch, "imitation.trainer.bf16=true")
     command = accelerate_command(config, tmp_path / "job.json")
     assert command[command.index("--mixed_precision") + 1] == "no"
     assert "--cpu" in command
@@ -70,7 +70,7 @@ def test_accelerate_command_on_cpu_never_asks_for_bf16(tmp_path, monkeypatch):
 @pytest.mark.parametrize("bf16, precision", [(True, "bf16"), (False, "no")])
 def test_accelerate_command_on_gpu(tmp_path, monkeypatch, bf16: bool, precision: str):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    config = _config(tmp_path, monkeypatch, f"imitation.bf16={str(bf16).lower()}")
+    config = _config(tmp_path, monkeypatch, f"imitation.trainer.bf16={str(bf16).lower()}")
     job_file = tmp_path / "job.json"
     command = accelerate_command(config, job_file)
     assert command[1:] == [

@@ -286,7 +286,7 @@ def test_multi_node_command_with_an_accelerate_config(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bf16, precision", [(True, "bf16"), (False, "no")])
 def test_multi_node_command_without_an_accelerate_config(tmp_path, monkeypatch, bf16: bool, precision: str):
-    config = _config(tmp_path, monkeypatch, f"imitation.bf16={str(bf16).lower()}")
+    config = _config(tmp_path, monkeypatch, f"imitation.trainer.bf16={str(bf16).lower()}")
     assert config.imitation.accelerate_config is None
     job_file = tmp_path / "job.json"
     command = multi_node_command(config, job_file, ALLOCATION, 8)

@@ -25,15 +25,25 @@ from lion_local.config import GenerationFilters, load_config
 from lion_local.stages.discrimination import gap_histogram, judge, summarize
 from lion_local.stages.generation import filter_reason, plan_quotas
 from lion_local.stages.judging import pending_reviews
-from lion_local.stages.loop import markers_for, stage_markers
+from lion_local.stages.loop import run_stages, stages_for
 from lion_local.run.records import instruction_id, instruction_record, pools_for, request_seed
-from lion_local.run.state import FINAL, RunDir, StageOrderError, mark_completed, read_jsonl, write_jsonl_atomic
+from lion_local.errors import StageOrderError
+from lion_local.run.layout import FINAL, Iteration, RunDir, Stage
+from lion_local.run.state import mark_completed, read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # ----------------------------------------------------------------------------------------------
 # generation.plan_quotas
 # ----------------------------------------------------------------------------------------------
+
+
+def markers_for(config, run, scope, stage=None) -> list[str]:
+    return [str(each) for each in stages_for(config, run, scope, stage)]
+
+
+def stage_markers(config) -> list[str]:
+    return [str(each) for each in run_stages(config)]
 
 
 def test_plan_quotas_splits_by_ratio():
@@ -393,7 +403,7 @@ ALL_MARKERS = [
 
 def _complete(run: RunDir, *markers: str) -> None:
     for marker in markers:
-        mark_completed(run, marker, 1.0)
+        mark_completed(run, Stage.parse(marker), 1.0)
 
 
 def test_stage_markers_of_the_tiny_config(tmp_path, monkeypatch):
@@ -419,7 +429,7 @@ def test_markers_for_a_fresh_run(tmp_path, monkeypatch):
     with pytest.raises(StageOrderError, match="next stage is 1/imitation"):
         markers_for(config, run, "stage", "discrimination")
     with pytest.raises(StageOrderError, match="next stage is 1/imitation"):
-        markers_for(config, run, "stage", FINAL)
+        markers_for(config, run, "stage", "final")
     assert not run.root.exists()  # asking changes nothing on disk
 
 
@@ -449,7 +459,7 @@ def test_markers_for_at_an_iteration_boundary(tmp_path, monkeypatch):
     with pytest.raises(StageOrderError, match="next stage is 2/imitation"):
         markers_for(config, run, "stage", "generation")
     with pytest.raises(StageOrderError, match="next stage is 2/imitation"):
-        markers_for(config, run, "stage", FINAL)
+        markers_for(config, run, "stage", "final")
 
 
 def test_markers_for_the_final_imitation(tmp_path, monkeypatch):
@@ -458,7 +468,7 @@ def test_markers_for_the_final_imitation(tmp_path, monkeypatch):
     _complete(run, *ALL_MARKERS[:6])
     assert markers_for(config, run, "run") == ["final/imitation"]
     assert markers_for(config, run, "iteration") == ["final/imitation"]
-    assert markers_for(config, run, "stage", FINAL) == ["final/imitation"]
+    assert markers_for(config, run, "stage", "final") == ["final/imitation"]
     with pytest.raises(StageOrderError, match="every iteration is complete; the next stage is final/imitation"):
         markers_for(config, run, "stage", "generation")
     _complete(run, "final/imitation")
@@ -475,7 +485,7 @@ def test_markers_for_without_final_imitation(tmp_path, monkeypatch):
     assert markers_for(config, run, "run") == ["2/generation"]
     assert markers_for(config, run, "iteration") == ["2/generation"]
     with pytest.raises(StageOrderError, match=r"final imitation is off .*imitation.final_imitation: false"):
-        markers_for(config, run, "stage", FINAL)
+        markers_for(config, run, "stage", "final")
     _complete(run, "2/generation")
     assert markers_for(config, run, "run") == []
     assert markers_for(config, run, "iteration") == []
@@ -534,7 +544,7 @@ def _generated(k: int, *instructions: str, parent: str) -> list[dict]:
 
 def test_pools_of_iteration_one_are_the_seeds(pool_setup):
     config, run, _ = pool_setup
-    train, cache = pools_for(config, run, 1)
+    train, cache = pools_for(config, run, Iteration(1))
     assert train == cache
     assert [(r["instruction"], r["input"]) for r in train] == [(s["instruction"], s.get("input", "")) for s in SEEDS]
     for record in train:
@@ -553,7 +563,7 @@ def test_pools_of_iteration_two_replace_train_and_extend_cache(pool_setup):
     )
     write_jsonl_atomic(run.iteration(1) / "cache_pool.jsonl", cache_1)
     write_jsonl_atomic(run.iteration(1) / "generated.jsonl", generated_1)
-    train, cache = pools_for(config, run, 2)
+    train, cache = pools_for(config, run, Iteration(2))
     assert train == generated_1
     assert cache == cache_1 + generated_1
     assert read_jsonl(run.iteration(2) / "train_pool.jsonl") == generated_1
@@ -562,31 +572,31 @@ def test_pools_of_iteration_two_replace_train_and_extend_cache(pool_setup):
 
 def test_pools_chain_from_iteration_one_to_two(pool_setup):
     config, run, _ = pool_setup
-    _, cache_1 = pools_for(config, run, 1)
+    _, cache_1 = pools_for(config, run, Iteration(1))
     generated_1 = _generated(1, "Compose a limerick about a cat.", parent=cache_1[1]["id"])
     write_jsonl_atomic(run.iteration(1) / "generated.jsonl", generated_1)
-    train_2, cache_2 = pools_for(config, run, 2)
+    train_2, cache_2 = pools_for(config, run, Iteration(2))
     assert train_2 == generated_1
     assert cache_2 == cache_1 + generated_1
 
 
 def test_pools_once_written_are_read_back_even_if_the_seed_file_changes(pool_setup, monkeypatch):
     config, run, seed_file = pool_setup
-    first = pools_for(config, run, 1)
+    first = pools_for(config, run, Iteration(1))
     seed_file.write_text(json.dumps({"instruction": "A completely different seed."}) + "\n", encoding="utf-8")
-    assert pools_for(config, run, 1) == first
+    assert pools_for(config, run, Iteration(1)) == first
     reloaded = _config(Path(config.run_dir).parent, monkeypatch, f"seed_data={seed_file}")
-    assert pools_for(reloaded, run, 1) == first
+    assert pools_for(reloaded, run, Iteration(1)) == first
 
 
 def test_pools_of_iteration_two_are_frozen_once_written(pool_setup):
     config, run, _ = pool_setup
-    _, cache_1 = pools_for(config, run, 1)
+    _, cache_1 = pools_for(config, run, Iteration(1))
     generated_1 = _generated(1, "Compose a limerick about a cat.", parent=cache_1[0]["id"])
     write_jsonl_atomic(run.iteration(1) / "generated.jsonl", generated_1)
-    first = pools_for(config, run, 2)
+    first = pools_for(config, run, Iteration(2))
     write_jsonl_atomic(run.iteration(1) / "generated.jsonl", [])
-    assert pools_for(config, run, 2) == first
+    assert pools_for(config, run, Iteration(2)) == first
 
 
 def test_final_pool_trains_on_the_last_iterations_generated(pool_setup):
@@ -598,7 +608,7 @@ def test_final_pool_trains_on_the_last_iterations_generated(pool_setup):
     train, cache = pools_for(config, run, FINAL)
     assert train == generated_2
     assert cache == []
-    assert run.iteration(FINAL) == run.root / "final"
+    assert run.final.path == run.root / "final"
     assert read_jsonl(run.root / "final" / "train_pool.jsonl") == generated_2
     write_jsonl_atomic(run.iteration(2) / "generated.jsonl", [])
     assert pools_for(config, run, FINAL) == (generated_2, [])  # frozen once written

@@ -34,7 +34,8 @@ from lion_local.stages.discrimination import run_discrimination
 from lion_local.stages.generation import run_generation
 from lion_local.stages.imitation import is_checkpoint
 from lion_local.run.records import instruction_id, instruction_record, request_seed
-from lion_local.run.state import RunDir, read_jsonl, write_jsonl_atomic
+from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.state import read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,10 +171,10 @@ def prepare_iteration(config: Config, records: list[dict] = POOL, student: bool 
     write_jsonl_atomic(directory / "train_pool.jsonl", records)
     write_jsonl_atomic(directory / "cache_pool.jsonl", records)
     if student:
-        run.student(1).mkdir(parents=True)
-        (run.student(1) / "config.json").write_text("{}")
-        (run.student(1) / "model.safetensors").write_bytes(b"")
-        assert is_checkpoint(run.student(1))
+        run.iteration(1).student.mkdir(parents=True)
+        (run.iteration(1).student / "config.json").write_text("{}")
+        (run.iteration(1).student / "model.safetensors").write_bytes(b"")
+        assert is_checkpoint(run.iteration(1).student)
     return run
 
 
@@ -221,7 +222,7 @@ def test_streamed_and_sequential_discrimination_give_the_same_judgements(fake: F
         run = prepare_iteration(config)
         servers = FakeServers(fake)
         fake.reset()
-        run_discrimination(config, run, 1, servers)
+        run_discrimination(config, run, Iteration(1), servers)
         directory = run.iteration(1)
         reviews = {(r["id"], r["order"], r["attempt"]): (r["raw"], r["seed"]) for r in read_jsonl(directory / "reviews.jsonl")}
         results[stream] = (read_jsonl(directory / "judgements.jsonl"), reviews, servers, fake.roles()["referee"])
@@ -240,7 +241,7 @@ def test_discrimination_retries_unreadable_reviews_then_gives_up(fake: FakeEndpo
     fake.handlers["referee"] = retrying_referee
     servers = FakeServers(fake)
 
-    summary = run_discrimination(config, run, 1, servers)
+    summary = run_discrimination(config, run, Iteration(1), servers)
     directory = run.iteration(1)
 
     # Referee requests: A asked 1 + parse_retries times per order, B twice per order, the rest once.
@@ -257,7 +258,7 @@ def test_discrimination_retries_unreadable_reviews_then_gives_up(fake: FakeEndpo
     assert Counter(student_instruction(body) for body in fake.bodies("student")) == Counter(POOL_TEXTS)
     assert Counter(last_content(body) for body in fake.bodies("teacher")) == Counter(POOL_TEXTS)
     assert fake.roles()["generator"] == 0
-    assert ("student", str(run.student(1))) in servers.clients
+    assert ("student", str(run.iteration(1).student)) in servers.clients
     assert servers.stopped == ["student"]
 
     # Judgements: A unjudged with null scores, B judged from its readable retry.
@@ -311,7 +312,7 @@ def test_discrimination_cancels_pure_position_bias(fake: FakeEndpoint, tmp_path:
     run = prepare_iteration(config)
     fake.handlers["referee"] = lambda body: ("Score of Assistant 1: 9\nScore of Assistant 2: 3", "stop")
 
-    summary = run_discrimination(config, run, 1, FakeServers(fake))
+    summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
 
     judgements = read_jsonl(run.iteration(1) / "judgements.jsonl")
     assert len(judgements) == len(POOL)
@@ -329,7 +330,7 @@ def test_discrimination_resumes_from_truncated_journals(fake: FakeEndpoint, tmp_
     run = prepare_iteration(config)
     directory = run.iteration(1)
     fake.handlers["referee"] = retrying_referee
-    first_summary = run_discrimination(config, run, 1, FakeServers(fake))
+    first_summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
     first_judgements = read_jsonl(directory / "judgements.jsonl")
     first_reviews = read_jsonl(directory / "reviews.jsonl")
     first_teacher_cache = run.teacher_answers.read_bytes()
@@ -345,7 +346,7 @@ def test_discrimination_resumes_from_truncated_journals(fake: FakeEndpoint, tmp_
     assert lost_reviews and lost_answers
 
     fake.reset()
-    summary = run_discrimination(config, run, 1, FakeServers(fake))
+    summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
 
     assert fake.roles()["teacher"] == 0  # every answer is in teacher_answers.jsonl
     assert run.teacher_answers.read_bytes() == first_teacher_cache
@@ -368,7 +369,7 @@ def test_discrimination_resumes_a_retry_chain_at_its_next_attempt(fake: FakeEndp
     run = prepare_iteration(config)
     directory = run.iteration(1)
     fake.handlers["referee"] = retrying_referee
-    first_summary = run_discrimination(config, run, 1, FakeServers(fake))
+    first_summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
     first_judgements = read_jsonl(directory / "judgements.jsonl")
 
     # Lost: A's last attempt in one order (its other order has used every attempt), B's readable
@@ -382,7 +383,7 @@ def test_discrimination_resumes_a_retry_chain_at_its_next_attempt(fake: FakeEndp
     (directory / "judgements.jsonl").unlink()
 
     fake.reset()
-    summary = run_discrimination(config, run, 1, FakeServers(fake))
+    summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
 
     asked = Counter((*referee_request(body), referee_attempt(body)) for body in fake.bodies("referee"))
     assert asked == Counter(lost_keys)
@@ -409,7 +410,7 @@ def test_generation_without_hard_seeds_fills_the_quota_from_easy_ones(fake: Fake
     write_judgements(run, labels)
     fake.handlers["generator"] = seeded_generator
 
-    summary = run_generation(config, run, 1, FakeServers(fake))
+    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
     directory = run.iteration(1)
 
     assert summary["quota"] == {"hard": 0, "easy": 6}
@@ -445,7 +446,7 @@ def test_generation_budget_and_shortfall_when_every_reply_repeats_its_seed(fake:
     write_judgements(run, {r["id"]: ("hard" if i % 2 else "easy") for i, r in enumerate(POOL)})
     fake.handlers["generator"] = lambda body: (generator_seed_text(body), "stop")
 
-    summary = run_generation(config, run, 1, FakeServers(fake))
+    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
     directory = run.iteration(1)
 
     quota = {"hard": 3, "easy": 3}
@@ -504,7 +505,7 @@ def test_generation_rejects_garbage_with_the_right_reasons(fake: FakeEndpoint, t
     write_judgements(run, {r["id"]: ("hard" if i % 2 else "easy") for i, r in enumerate(POOL)})
     fake.handlers["generator"] = garbage_generator
 
-    summary = run_generation(config, run, 1, FakeServers(fake))
+    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
     directory = run.iteration(1)
     rejected = read_jsonl(directory / "rejected.jsonl")
     generated = read_jsonl(directory / "generated.jsonl")
@@ -572,7 +573,7 @@ def test_generation_is_deterministic_and_resumes_from_its_journal(fake: FakeEndp
         config = make_config(tmp_path / name)
         run = prepare_iteration(config, student=False)
         write_judgements(run, labels)
-        summaries.append(run_generation(config, run, 1, FakeServers(fake)))
+        summaries.append(run_generation(config, run, Iteration(1), FakeServers(fake)))
         runs.append((config, run))
     (config_a, run_a), (_, run_b) = runs
     dir_a, dir_b = run_a.iteration(1), run_b.iteration(1)
@@ -592,7 +593,7 @@ def test_generation_is_deterministic_and_resumes_from_its_journal(fake: FakeEndp
     (dir_a / "rejected.jsonl").unlink()
 
     fake.reset()
-    summary = run_generation(config_a, run_a, 1, FakeServers(fake))
+    summary = run_generation(config_a, run_a, Iteration(1), FakeServers(fake))
     assert sorted(body["seed"] for body in fake.bodies("generator")) == lost_seeds
     assert fake.roles() == Counter({"generator": 3})
     assert (dir_a / "generated.jsonl").read_bytes() == generated
@@ -617,7 +618,7 @@ def test_generation_accepted_instructions_join_the_novelty_pool(fake: FakeEndpoi
         return novel_sentence(body["seed"]), "stop"
 
     fake.handlers["generator"] = generator
-    run_generation(config, run, 1, FakeServers(fake))
+    run_generation(config, run, Iteration(1), FakeServers(fake))
     directory = run.iteration(1)
 
     generated = read_jsonl(directory / "generated.jsonl")
@@ -651,7 +652,7 @@ def test_generation_waves_are_sized_by_the_expected_then_the_passing_share(fake:
         return novel_sentence(body["seed"]), "stop"
 
     fake.handlers["generator"] = hard_passes_easy_fails_seven_times
-    summary = run_generation(config, run, 1, FakeServers(fake))
+    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
 
     # Wave 1: 8 calls a side (P(Binomial(8, 0.75) >= 3) = 0.996, with 7 calls 0.987). Hard passes
     # 8 and keeps 3; easy passes 1. 9 of 16 passed, so easy's wave 2 for the 2 it lacks is 9 calls

@@ -35,13 +35,13 @@ import asyncio
 import hashlib
 import json
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from lion_local.errors import InputError
 from lion_local.config import Config, api_key_for, check_models_exist
 from lion_local.endpoints.client import EndpointClient
 from lion_local.stages.imitation import is_checkpoint
@@ -50,24 +50,30 @@ from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pai
 from lion_local.run.records import instruction_id, request_seed
 from lion_local.roles import ask_student, ask_teacher, referee_identity
 from lion_local.roles.teacher import parse_teacher_answer
-from lion_local.run.state import FINAL, Journal, RunDir, StageOrderError, run_lock, write_atomic
+from lion_local.errors import StageOrderError
+from lion_local.run.identity import identity_digest, run_identity
+from lion_local.run.layout import FINAL, Iteration, RunDir
+from lion_local.run.state import Journal, run_lock, write_atomic
 from lion_local.run.teacher_cache import teacher_fingerprint
 from lion_local.endpoints.servers import ServerSet
 from lion_local.smoke.tiny_models import ensure_tiny_models
-from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)
 
 
-class QuestionsError(Exception):
+class QuestionsError(InputError):
     """A bad evaluation question file; the message is one line naming the file and the line."""
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    name: str  # "iter_1", "iter_2", ..., "final": its directory under <run_dir>/eval/
-    iteration: int | str  # 1, 2, ..., "final"
+    iteration: Iteration
     path: Path
+
+    @property
+    def name(self) -> str:
+        """"iter_1", ..., "final": also its directory under <run_dir>/eval/."""
+        return self.iteration.dirname
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,7 +81,7 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(config: Config, iteration: int | str | None = None, questions_path: str | None = None) -> list[dict]:
+def evaluate(config: Config, iteration: Iteration | None = None, questions_path: str | None = None) -> list[dict]:
     """`lion-local evaluate`: the result of each checkpoint evaluated (see the module docstring)."""
     from lion_local.stages.loop import run_log  # the run commands' copy of the log in logs/lion-local.log
 
@@ -164,7 +170,7 @@ def load_questions(path: str | Path) -> list[dict]:
     return questions
 
 
-def select_checkpoints(run: RunDir, iteration: int | str | None = None) -> list[Checkpoint]:
+def select_checkpoints(run: RunDir, iteration: Iteration | None = None) -> list[Checkpoint]:
     """The checkpoint of `iteration`, or every finished one in order (iter_1, ..., final)."""
     if iteration is not None:
         checkpoint = _checkpoint(run, iteration)
@@ -174,8 +180,7 @@ def select_checkpoints(run: RunDir, iteration: int | str | None = None) -> list[
                 "imitation first (lion-local status shows where the run stands)"
             )
         return [checkpoint]
-    numbers = sorted(int(m[1]) for p in run.root.glob("iter_*") if (m := re.fullmatch(r"iter_(\d+)", p.name)))
-    found = [c for c in map(lambda k: _checkpoint(run, k), [*numbers, FINAL]) if is_checkpoint(c.path)]
+    found = [c for c in map(lambda k: _checkpoint(run, k), [*run.numbered_iterations(), FINAL]) if is_checkpoint(c.path)]
     if not found:
         raise StageOrderError(
             f"{run.root}: no student checkpoint to evaluate yet; run imitation first (lion-local run or "
@@ -184,8 +189,8 @@ def select_checkpoints(run: RunDir, iteration: int | str | None = None) -> list[
     return found
 
 
-def _checkpoint(run: RunDir, iteration: int | str) -> Checkpoint:
-    return Checkpoint(FINAL if iteration == FINAL else f"iter_{iteration}", iteration, run.student(iteration))
+def _checkpoint(run: RunDir, iteration: Iteration) -> Checkpoint:
+    return Checkpoint(iteration, run.at(iteration).student)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +220,7 @@ async def _evaluate_all(
                     clients[name] = await stack.enter_async_context(await servers.open_client(name))
                 return clients[name]
 
-        with Journal(run.root / "eval" / "teacher_answers.jsonl") as journal:
+        with Journal(run.eval_teacher_answers) as journal:
             # The teacher answers while the first checkpoint's student does.
             teacher = asyncio.ensure_future(
                 _teacher_answers(config, questions, journal, lambda: client(config.roles.teacher.server))
@@ -240,15 +245,15 @@ async def _evaluate_checkpoint(
     client: Callable[[str], Awaitable[EndpointClient]],
     servers: ServerSet,
 ) -> dict:
-    directory = run.root / "eval" / checkpoint.name
+    directory = run.evaluation(checkpoint.iteration)
     judge = judge_server(config)
-    with Journal(directory / "student_answers.jsonl") as student_journal:
+    with Journal(directory.student_answers) as student_journal:
         student_answers = await _student_answers(config, checkpoint, questions, student_journal, servers)
     teacher_answers = await teacher
     pairs = {q["id"]: (teacher_answers[q["id"]]["answer"], student_answers[q["id"]]["answer"]) for q in questions}
     identity = _judge_identity(config)
     keys = {q["id"]: _digest(identity, q["question"], *pairs[q["id"]]) for q in questions}
-    with Journal(directory / "judgements.jsonl") as journal:
+    with Journal(directory.judgements) as journal:
         pending = pending_reviews([q["id"] for q in questions], _current(journal, keys), judge_retries(config))
         logger.info("evaluation %s: %d judgements to request (%s)", checkpoint.name, len(pending), judge)
         judge_client = await client(judge) if pending else None
@@ -264,9 +269,9 @@ async def _evaluate_checkpoint(
 
         calls = [judge_call(qid, order, attempt) for qid, order, attempt in pending]
         await call_all(calls, journal, f"evaluation {checkpoint.name}: judgements")
-        result = {"checkpoint": checkpoint.name, "iteration": checkpoint.iteration, "judge": judge}
+        result = {"checkpoint": checkpoint.name, "iteration": checkpoint.iteration.json_value, "judge": judge}
         result.update(relative_scores(questions, _current(journal, keys)))
-    write_atomic(directory / "result.json", json.dumps(result, indent=2) + "\n")
+    write_atomic(directory.result, json.dumps(result, indent=2) + "\n")
     return result
 
 
@@ -354,8 +359,8 @@ def _current(journal: Journal, keys: dict[str, str]) -> list[dict]:
 
 def _judge_identity(config: Config) -> str:
     """What a judgement depends on besides its question and answers: the judge model, prompts, mode and parameters."""
-    server = config.servers[judge_server(config)]
-    return _digest(request_model_name(server), server.model, referee_identity(config.roles.referee), config.seed)
+    server = identity_digest(run_identity(config), (f"servers.{judge_server(config)}.",))
+    return _digest(server, referee_identity(config.roles.referee), config.seed)
 
 
 def _digest(*parts: object) -> str:

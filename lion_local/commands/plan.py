@@ -43,21 +43,23 @@ from pathlib import Path
 from statistics import fmean
 
 from lion_local.config import Config
-from lion_local.stages.generation import SIDES, next_wave, plan_quotas
+from lion_local.run.layout import FINAL, Iteration, IterationDir, RunDir, Stage
+from lion_local.run.records import pools_from, seed_records
+from lion_local.run.teacher_cache import uncached
+from lion_local.stages.generation import SIDES, WaveSchedule, generation_quotas
 from lion_local.stages.iteration_report import usage
-from lion_local.run.records import seed_records
 from lion_local.roles import generator_messages, referee_messages, student_prompt, teacher_messages
 from lion_local.roles.referee import referee_params
 from lion_local.roles.generator import generator_max_tokens
 from lion_local.roles.student import student_chat_messages
-from lion_local.run.state import FINAL, RunDir, read_jsonl, read_state
 from lion_local.run.seed_data import SeedDataError, load_seed_instructions
+from lion_local.run.state import completed_stages, read_jsonl
 
 logger = logging.getLogger(__name__)
 
 ROLES = ("teacher", "student", "referee", "generator")
 STAGE_ROLES = {"imitation": ("teacher",), "discrimination": ("teacher", "student", "referee"), "generation": ("generator",)}
-JOURNALS = {"student": "student_answers.jsonl", "referee": "reviews.jsonl", "generator": "generator_calls.jsonl"}
+JOURNALS = {"student": "student_answers", "referee": "reviews", "generator": "generator_calls"}  # IterationDir names
 CHARS_PER_TOKEN = 4
 TOKEN_SAMPLE = 200  # seed instructions whose prompts are built and counted
 
@@ -66,7 +68,7 @@ def build_plan(config: Config, seeds: int | None = None, generator_acceptance: f
     """The plan as a JSON-ready dict (the `--json` output; the table prints the same data)."""
     run = RunDir(config.run_dir)
     started = run.state_json.exists()
-    completed = set(read_state(run)["completed"]) if started else set()
+    completed = set(completed_stages(run)) if started else set()
     seed_ids, sample, seeds_source = _seeds(config, run, seeds)
     acceptance, acceptance_source = _acceptance(config, run, completed, generator_acceptance)
     retry_rate, retry_source = _retry_rate(config, run, completed)
@@ -102,7 +104,7 @@ def build_plan(config: Config, seeds: int | None = None, generator_acceptance: f
 
 def _seeds(config: Config, run: RunDir, seeds: int | None) -> tuple[list[str], list[dict], str]:
     """(seed ids, sample records for token counts, where N0 comes from)."""
-    first_pool = run.iteration(1) / "cache_pool.jsonl"
+    first_pool = run.iteration(1).cache_pool
     if first_pool.exists():
         records = read_jsonl(first_pool)
         return [r["id"] for r in records], records, f"the run ({first_pool})"
@@ -123,30 +125,30 @@ def _seeds(config: Config, run: RunDir, seeds: int | None) -> tuple[list[str], l
     return [f"seed/{i}" for i in range(count)], records, source
 
 
-def _acceptance(config: Config, run: RunDir, completed: set[str], given: float | None) -> tuple[float, str]:
+def _acceptance(config: Config, run: RunDir, completed: set[Stage], given: float | None) -> tuple[float, str]:
     """The share of generator replies passing the filters and the novelty check (accepted, or over
     quota): given, observed in finished generation stages, or the config's expectation."""
     if given is not None:
         return given, "--generator-acceptance"
     calls = passed = 0
     for k in range(1, config.iterations + 1):
-        if f"{k}/generation" in completed:
+        if Iteration(k).stage("generation") in completed:
             directory = run.iteration(k)
-            calls += len(read_jsonl(directory / "generator_calls.jsonl"))
-            passed += len(read_jsonl(directory / "generated.jsonl"))
-            passed += sum(r["reason"] == "quota_reached" for r in read_jsonl(directory / "rejected.jsonl"))
+            calls += len(read_jsonl(directory.generator_calls))
+            passed += len(read_jsonl(directory.generated))
+            passed += sum(r["reason"] == "quota_reached" for r in read_jsonl(directory.rejected))
     if calls and passed:
         return passed / calls, f"observed ({passed} of {calls} replies passed)"
     return config.generation.expected_acceptance, "generation.expected_acceptance (--generator-acceptance A to change)"
 
 
-def _retry_rate(config: Config, run: RunDir, completed: set[str]) -> tuple[float, str]:
+def _retry_rate(config: Config, run: RunDir, completed: set[Stage]) -> tuple[float, str]:
     """Extra referee replies per review (unreadable replies asked again), seen in finished discriminations."""
     reviews = replies = 0
     for k in range(1, config.iterations + 1):
-        if f"{k}/discrimination" in completed:
-            reviews += 2 * len(read_jsonl(run.iteration(k) / "cache_pool.jsonl"))
-            replies += len(read_jsonl(run.iteration(k) / "reviews.jsonl"))
+        if Iteration(k).stage("discrimination") in completed:
+            reviews += 2 * len(read_jsonl(run.iteration(k).cache_pool))
+            replies += len(read_jsonl(run.iteration(k).reviews))
     if reviews:
         return max(0, replies - reviews) / reviews, f"observed ({replies} replies for {reviews} reviews)"
     return 0.0, "assumed (every reply readable)"
@@ -208,7 +210,10 @@ def _per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[d
             "student": fmean(
                 count.chat(student_chat_messages(i, x)) if chat_student else count.text(student_prompt(i, x)) for i, x in texts
             ),
-            "referee": fmean(count.chat(referee_messages(i, x, "", "", roles.referee.mode, roles.referee.structured_output)) for i, x in texts) + answers,
+            "referee": fmean(
+                count.chat(referee_messages(i, x, "", "", roles.referee.mode, roles.referee.structured_output, roles.referee.system_prompt))
+                for i, x in texts
+            ) + answers,
             "generator": fmean(count.chat(generator_messages(i, x, side)) for i, x in texts for side in ("hard", "easy")),
         }
     per_call = {}
@@ -233,7 +238,7 @@ def _role_records(config: Config, run: RunDir, role: str) -> list[dict]:
     """Every journaled call of a role in the run so far."""
     if role == "teacher":
         return read_jsonl(run.teacher_answers)
-    return [r for k in range(1, config.iterations + 1) for r in read_jsonl(run.iteration(k) / JOURNALS[role])]
+    return [r for k in range(1, config.iterations + 1) for r in read_jsonl(getattr(run.iteration(k), JOURNALS[role]))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,102 +249,97 @@ def _role_records(config: Config, run: RunDir, role: str) -> list[dict]:
 def _walk(
     config: Config,
     run: RunDir,
-    completed: set[str],
+    completed: set[Stage],
     seed_ids: list[str],
     acceptance: float,
     retry_rate: float,
     per_call: dict,
 ) -> tuple[list[dict], list[dict]]:
-    """Rows (stage, role, calls, tokens, source) and pool sizes, stage by stage, tracking which
-    instructions the teacher has answered by then."""
+    """Rows (stage, role, calls, tokens, source) and pool sizes, stage by stage, with the stages'
+    own rules (pools_from, the teacher cache's `uncached`, the generation waves); pools and
+    generated sets on disk replace predicted ones. Records are bare {"id"} where predicted."""
     teacher_journal = read_jsonl(run.teacher_answers)
     rows: list[dict] = []
     pools: list[dict] = []
+
+    def stage_rows(stage: Stage, predicted: dict[str, int]) -> None:
+        rows.extend(_stage_rows(run, stage, predicted, stage in completed, per_call, teacher_journal))
+
     answered: set[str] = set()
-    cache: list[str] = []
-    generated: list[str] = []
-
-    def stage(marker: str, predicted: dict[str, int]) -> None:
-        directory = run.iteration(marker.split("/")[0])
-        for role in STAGE_ROLES[marker.split("/")[1]]:
-            if role == "teacher":
-                records = [r for r in teacher_journal if r.get("stage") == marker]
-            else:
-                records = read_jsonl(directory / JOURNALS[role])
-            actual = usage(records)
-            row = {"stage": marker, "role": role}
-            if marker in completed:
-                row.update(calls=actual["calls"], prompt_tokens=actual["prompt_tokens"])
-                row.update(completion_tokens=actual["completion_tokens"], source="actual", calls_so_far=actual["calls"])
-            else:
-                calls = max(predicted[role], actual["calls"])
-                row.update(calls=calls, prompt_tokens=round(calls * per_call[role]["prompt_tokens"]))
-                row.update(completion_tokens=round(calls * per_call[role]["completion_tokens"]))
-                row.update(source="predicted", calls_so_far=actual["calls"])
-            rows.append(row)
-
-    for k in range(1, config.iterations + 1):
-        directory = run.iteration(k)
-        on_disk = (directory / "train_pool.jsonl").exists() and (directory / "cache_pool.jsonl").exists()
+    seeds = [{"id": seed_id} for seed_id in seed_ids]
+    cache: list[dict] = []
+    generated: list[dict] = []
+    for iteration in (Iteration(k) for k in range(1, config.iterations + 1)):
+        directory = run.at(iteration)
+        on_disk = directory.train_pool.exists() and directory.cache_pool.exists()
         if on_disk:
-            train = [r["id"] for r in read_jsonl(directory / "train_pool.jsonl")]
-            cache = [r["id"] for r in read_jsonl(directory / "cache_pool.jsonl")]
-        elif k == 1:
-            train, cache = list(seed_ids), list(seed_ids)
+            train, cache = read_jsonl(directory.train_pool), read_jsonl(directory.cache_pool)
         else:
-            train, cache = generated, cache + generated
-        stage(f"{k}/imitation", {"teacher": len(set(train) - answered)})
-        answered |= set(train)
+            train, cache = pools_from(iteration, seeds, cache, generated)
+        stage_rows(iteration.stage("imitation"), {"teacher": len(uncached(train, answered))})
+        answered |= {r["id"] for r in train}
         referee = round(2 * len(cache) * (1 + retry_rate))
-        stage(f"{k}/discrimination", {"teacher": len(set(cache) - answered), "student": len(cache), "referee": referee})
-        answered |= set(cache)
+        teacher = len(uncached(cache, answered))
+        stage_rows(iteration.stage("discrimination"), {"teacher": teacher, "student": len(cache), "referee": referee})
+        answered |= {r["id"] for r in cache}
         calls, accepted = _generation(config, directory, acceptance)
-        stage(f"{k}/generation", {"generator": calls})
-        generated_on_disk = f"{k}/generation" in completed
-        if generated_on_disk:
-            generated = [r["id"] for r in read_jsonl(directory / "generated.jsonl")]
-        else:
-            generated = [f"{k}/new/{i}" for i in range(accepted)]
+        stage_rows(iteration.stage("generation"), {"generator": calls})
+        generated_on_disk = iteration.stage("generation") in completed
+        generated = read_jsonl(directory.generated) if generated_on_disk else [{"id": f"{iteration}/new/{i}"} for i in range(accepted)]
         pools.append({
-            "iteration": str(k), "train": len(train), "cache": len(cache), "generated": len(generated),
+            "iteration": str(iteration), "train": len(train), "cache": len(cache), "generated": len(generated),
             "pools_source": "actual" if on_disk else "predicted",
             "generated_source": "actual" if generated_on_disk else "predicted",
         })
     if config.imitation.final_imitation:
-        final_pool = run.iteration(FINAL) / "train_pool.jsonl"
-        train = [r["id"] for r in read_jsonl(final_pool)] if final_pool.exists() else generated
-        stage(f"{FINAL}/imitation", {"teacher": len(set(train) - answered)})
+        final_pool = run.final.train_pool
+        train = read_jsonl(final_pool) if final_pool.exists() else pools_from(FINAL, [], [], generated)[0]
+        stage_rows(FINAL.stage("imitation"), {"teacher": len(uncached(train, answered))})
         pools.append({
-            "iteration": FINAL, "train": len(train), "cache": None, "generated": None,
+            "iteration": str(FINAL), "train": len(train), "cache": None, "generated": None,
             "pools_source": "actual" if final_pool.exists() else "predicted", "generated_source": None,
         })
     return rows, pools
 
 
-def _generation(config: Config, directory: Path, acceptance: float) -> tuple[int, int]:
-    """(generator calls, accepted instructions) predicted for generation in `directory`'s iteration."""
-    settings = config.generation
-    wanted = settings.new_per_iteration
-    labels = Counter(j["label"] for j in read_jsonl(directory / "judgements.jsonl"))
-    if labels:
-        quotas, _ = plan_quotas(wanted, settings.hard_ratio, labels["hard"], labels["easy"])
-    else:
-        hard = round(wanted * settings.hard_ratio)
-        quotas = {"hard": hard, "easy": wanted - hard}
-    budgets = {side: math.ceil(settings.max_attempts_factor * quotas[side]) for side in SIDES}
-    calls = {side: 0 for side in SIDES}
-    accepted = {side: 0 for side in SIDES}
-    decided = passed = 0
-    while True:
-        wave = next_wave(settings.expected_acceptance, quotas, budgets, accepted, calls, passed, decided)
-        if not any(wave.values()):
-            return sum(calls.values()), sum(accepted.values())
-        for side, size in wave.items():
+def _stage_rows(
+    run: RunDir, stage: Stage, predicted: dict[str, int], finished: bool, per_call: dict, teacher_journal: list[dict]
+) -> list[dict]:
+    """One row per role of a stage: counted from its journals once finished, else predicted."""
+    rows = []
+    for role in STAGE_ROLES[stage.name]:
+        if role == "teacher":
+            records = [r for r in teacher_journal if r.get("stage") == str(stage)]
+        else:
+            records = read_jsonl(getattr(run.at(stage.iteration), JOURNALS[role]))
+        actual = usage(records)
+        row = {"stage": str(stage), "role": role}
+        if finished:
+            row.update(calls=actual["calls"], prompt_tokens=actual["prompt_tokens"])
+            row.update(completion_tokens=actual["completion_tokens"], source="actual", calls_so_far=actual["calls"])
+        else:
+            calls = max(predicted[role], actual["calls"])
+            row.update(calls=calls, prompt_tokens=round(calls * per_call[role]["prompt_tokens"]))
+            row.update(completion_tokens=round(calls * per_call[role]["completion_tokens"]))
+            row.update(source="predicted", calls_so_far=actual["calls"])
+        rows.append(row)
+    return rows
+
+
+def _generation(config: Config, directory: IterationDir, acceptance: float) -> tuple[int, int]:
+    """(generator calls, accepted instructions) predicted for an iteration's generation: the
+    stage's own waves, each call of a side's wave passing in the expected share floor(size x a)."""
+    labels = Counter(j["label"] for j in read_jsonl(directory.judgements))
+    # Before its discrimination has judged, both sides are assumed to have seeds.
+    quotas, budgets, _ = generation_quotas(config, labels["hard"], labels["easy"]) if labels else generation_quotas(config, 1, 1)
+    schedule = WaveSchedule(config.generation.expected_acceptance, quotas, budgets)
+    for wave in iter(schedule.next_wave, []):
+        for side in SIDES:
+            size = sum(1 for each, _ in wave if each == side)
             passing = math.floor(round(size * acceptance, 6))
-            accepted[side] = min(quotas[side], accepted[side] + passing)
-            calls[side] += size
-            decided += size
-            passed += passing
+            for index in range(size):
+                schedule.record(side, passed=index < passing)
+    return sum(schedule.called.values()), sum(schedule.accepted.values())
 
 
 def _sum(rows: list[dict]) -> dict:

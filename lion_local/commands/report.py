@@ -4,7 +4,8 @@
 
 Reads what the run wrote (each iteration's report.json, built from the journals, and the
 evaluation results under eval/), prints a summary table with one column per iteration, and
-writes <run_dir>/report.md with PNG plots in <run_dir>/plots/:
+writes <run_dir>/report.md with PNG plots in <run_dir>/plots/ (every path from
+lion_local.run.layout; the plots' own file names are this module's):
 
     gaps.png        histogram of the teacher-student score gap, one series per iteration
     labels.png      hard / easy / unjudged shares of the Cache Pool per iteration
@@ -24,8 +25,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from lion_local.run.state import FINAL, RunDir, read_state, write_atomic
+from lion_local.run.layout import FINAL, Iteration, RunDir
+from lion_local.run.state import read_state, write_atomic
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -41,10 +47,17 @@ ROLE_STAGES = (
 
 
 @dataclass
-class Iteration:
-    name: str  # "1", "2", ..., "final"
+class IterationSummary:
+    """One iteration's report.json, with its checkpoint's evaluation result if any."""
+
+    iteration: Iteration
     report: dict
     evaluation: dict | None = None
+
+    @property
+    def label(self) -> str:
+        """"iter 1", "iter 2", ..., "final": its column in the tables and its name on the plots."""
+        return str(self.iteration) if self.iteration.is_final else f"iter {self.iteration}"
 
     def usage(self, role: str, stage: str) -> dict:
         roles = self.report.get("roles", {})
@@ -55,25 +68,32 @@ class Iteration:
 
 @dataclass
 class RunReport:
-    run_dir: Path
-    iterations: list[Iteration]
+    run: RunDir
+    iterations: list[IterationSummary]
     evaluations: list[dict] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
+
+    @property
+    def judged(self) -> list[IterationSummary]:
+        """The iterations whose discrimination labelled the Cache Pool."""
+        return [it for it in self.iterations if "labels" in it.report]
+
+    @property
+    def generating(self) -> list[IterationSummary]:
+        """The iterations with a generation stage."""
+        return [it for it in self.iterations if "generation" in it.report]
 
 
 def collect(run: RunDir) -> RunReport:
     """Every iteration report on disk, in loop order, with its checkpoint's evaluation if any."""
     evaluations = _evaluations(run)
-    by_checkpoint = {e["checkpoint"]: e for e in evaluations}
-    iterations = []
-    for directory in sorted(run.root.glob("iter_*"), key=lambda p: int(p.name.split("_")[1])):
-        if (directory / "report.json").exists():
-            name = directory.name.split("_")[1]
-            iterations.append(Iteration(name, _load(directory / "report.json"), by_checkpoint.get(directory.name)))
-    final = run.iteration(FINAL) / "report.json"
-    if final.exists():
-        iterations.append(Iteration(FINAL, _load(final), by_checkpoint.get(FINAL)))
-    return RunReport(run.root, iterations, evaluations)
+    by_iteration = {_evaluated(e): e for e in evaluations}
+    iterations = [
+        IterationSummary(iteration, _load(run.at(iteration).report), by_iteration.get(iteration))
+        for iteration in [*run.numbered_iterations(), FINAL]
+        if run.at(iteration).report.exists()
+    ]
+    return RunReport(run, iterations, evaluations)
 
 
 def _load(path: Path) -> dict:
@@ -81,13 +101,14 @@ def _load(path: Path) -> dict:
 
 
 def _evaluations(run: RunDir) -> list[dict]:
-    results = [_load(path) for path in sorted((run.root / "eval").glob("*/result.json"))]
+    """Every eval/<checkpoint>/result.json, in loop order (iter_1, ..., final)."""
+    results = [_load(path) for path in run.evaluation_results()]
+    return sorted(results, key=lambda result: _evaluated(result).sort_key)
 
-    def order(result: dict) -> tuple[int, int]:
-        iteration = result.get("iteration")
-        return (1, 0) if iteration == FINAL else (0, int(iteration or 0))
 
-    return sorted(results, key=order)
+def _evaluated(result: dict) -> Iteration:
+    """The iteration whose checkpoint a result.json evaluates: its "iteration", 1, 2, ... or "final"."""
+    return Iteration.parse(str(result["iteration"]))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,13 +126,13 @@ def _number(value: object, digits: int = 2) -> str:
 
 def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
     """The summary table: a header (one column per iteration) and its rows."""
-    header = ["", *(f"iter {it.name}" if it.name != FINAL else "final" for it in report.iterations)]
+    header = ["", *(it.label for it in report.iterations)]
 
     def row(label: str, value) -> list[str]:
         return [label, *(value(it) for it in report.iterations)]
 
     def get(*keys: str):
-        def value(it: Iteration) -> str:
+        def value(it: IterationSummary) -> str:
             node = it.report
             for key in keys:
                 node = node.get(key, {}) if isinstance(node, dict) else {}
@@ -153,9 +174,9 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def rejection_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
-    generating = [it for it in report.iterations if "generation" in it.report]
+    generating = report.generating
     reasons = sorted({reason for it in generating for reason in it.report["generation"].get("rejected", {})})
-    header = ["", *(f"iter {it.name}" for it in generating)]
+    header = ["", *(it.label for it in generating)]
     rows = [[f"accepted {side}", *(_number(it.report["generation"]["accepted"].get(side)) for it in generating)]
             for side in ("hard", "easy")]
     rows += [[f"rejected: {reason}", *(_number(it.report["generation"]["rejected"].get(reason, 0)) for it in generating)]
@@ -170,7 +191,7 @@ def cost_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
         for role, stage in ROLE_STAGES:
             usage = it.usage(role, stage)
             if usage.get("calls"):
-                rows.append([it.name, role, stage, *(_number(usage.get(key), 1) for key in
+                rows.append([str(it.iteration), role, stage, *(_number(usage.get(key), 1) for key in
                                                      ("calls", "prompt_tokens", "completion_tokens", "seconds"))])
     return header, rows
 
@@ -193,127 +214,181 @@ def evaluation_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
 
 
 def make_plots(report: RunReport, directory: Path) -> list[Path]:
-    """Write every plot that has data; return their paths."""
+    """Write every plot that has data, in this order; return their paths."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
     directory.mkdir(parents=True, exist_ok=True)
-    judged = [it for it in report.iterations if "labels" in it.report]
-    generating = [it for it in report.iterations if "generation" in it.report]
+    # (file name, the function that draws it or returns None without data, whether its first axes
+    # counts whole numbers of instructions, calls or replies). The file names are this module's own:
+    # lion_local.run.layout names only the folder (RunDir.plots).
+    plots = (
+        ("gaps.png", gaps_plot, True),
+        ("labels.png", labels_plot, False),
+        ("scores.png", scores_plot, False),
+        ("pools.png", pools_plot, True),
+        ("generation.png", generation_plot, True),
+        ("cost.png", cost_plot, True),  # the first panel counts calls
+        ("evaluation.png", evaluation_plot, False),
+    )
     written = []
-
-    def save(figure, name: str, counts: bool = True) -> None:
-        if counts:  # whole numbers of instructions, calls or replies
-            for axes in figure.axes[:1]:
-                axes.yaxis.set_major_locator(MaxNLocator(integer=True))
-        figure.tight_layout()
-        path = directory / name
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
-        written.append(path)
-
-    if judged:
-        figure, axes = plt.subplots(figsize=(8, 4.5))
-        width = 0.8 / len(judged)
-        for index, it in enumerate(judged):
-            bins = it.report["scores"]["gap_histogram"]
-            axes.bar([b["from"] + 0.1 + index * width for b in bins], [b["count"] for b in bins], width=width,
-                     align="edge", label=f"iteration {it.name}")
-        tau = report_tau(report)
-        if tau is not None:
-            axes.axvline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g} (hard at or above)")
-        axes.set(title="Teacher minus student score per instruction",
-                 xlabel="gap (referee score points, teacher - student)", ylabel="instructions")
-        axes.legend()
-        save(figure, "gaps.png")
-
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        names = [f"iter {it.name}" for it in judged]
-        bottom = [0.0] * len(judged)
-        for label, colour in zip(LABELS, ("tab:red", "tab:green", "tab:gray")):
-            shares = [100.0 * it.report["labels"][label] / max(1, sum(it.report["labels"].values())) for it in judged]
-            axes.bar(names, shares, bottom=bottom, label=label, color=colour)
-            bottom = [b + s for b, s in zip(bottom, shares)]
-        axes.set(title="Cache Pool instructions by label", xlabel="iteration", ylabel="share of the Cache Pool (%)",
-                 ylim=(0, 100))
-        axes.legend(bbox_to_anchor=(1.02, 1), loc="upper left")
-        save(figure, "labels.png", counts=False)
-
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        for key, label in (("mean_teacher", "teacher"), ("mean_student", "student")):
-            axes.plot(names, [it.report["scores"][key] for it in judged], marker="o", label=label)
-        axes.set(title="Mean referee score per iteration", xlabel="iteration", ylabel="mean score (1-10)")
-        axes.legend()
-        save(figure, "scores.png", counts=False)
-
-    if report.iterations:
-        figure, axes = plt.subplots(figsize=(8, 4.5))
-        names = [f"iter {it.name}" if it.name != FINAL else "final" for it in report.iterations]
-        width = 0.27
-        for index, key in enumerate(("train", "cache", "generated")):
-            values = [it.report.get("pools", {}).get(key, 0) for it in report.iterations]
-            axes.bar([i + (index - 1) * width for i in range(len(names))], values, width=width, label=f"{key}")
-        axes.set_xticks(range(len(names)), names)
-        axes.set(title="Pool sizes per iteration", xlabel="iteration", ylabel="instructions")
-        axes.legend(["Train Pool", "Cache Pool", "generated (accepted)"])
-        save(figure, "pools.png")
-
-    if generating:
-        figure, axes = plt.subplots(figsize=(8, 4.5))
-        names = [f"iter {it.name}" for it in generating]
-        reasons = sorted({r for it in generating for r in it.report["generation"].get("rejected", {})})
-        series = [(f"accepted {side}", [it.report["generation"]["accepted"].get(side, 0) for it in generating])
-                  for side in ("hard", "easy")]
-        series += [(f"rejected: {r}", [it.report["generation"]["rejected"].get(r, 0) for it in generating]) for r in reasons]
-        bottom = [0] * len(generating)
-        for label, values in series:
-            axes.bar(names, values, bottom=bottom, label=label)
-            bottom = [b + v for b, v in zip(bottom, values)]
-        axes.set(title="Generator replies: accepted per side, rejected per reason", xlabel="iteration",
-                 ylabel="generator replies")
-        axes.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
-        save(figure, "generation.png")
-
-    if report.iterations:
-        figure, panels = plt.subplots(1, 3, figsize=(14, 4.5))
-        pairs = [(role, stage) for role, stage in ROLE_STAGES
-                 if any(it.usage(role, stage).get("calls") for it in report.iterations)]
-        labels = [f"{role}\n{stage}" for role, stage in pairs]
-        width = 0.8 / len(report.iterations)
-        for axes, (title, unit, value) in zip(panels, (
-            ("Calls", "calls", lambda u: u.get("calls", 0)),
-            ("Tokens", "tokens (prompt + completion)", lambda u: u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)),
-            ("Time in calls", "seconds (summed over calls)", lambda u: u.get("seconds", 0.0)),
-        )):
-            for index, it in enumerate(report.iterations):
-                axes.bar([i + index * width for i in range(len(pairs))], [value(it.usage(r, s)) for r, s in pairs],
-                         width=width, label=f"iter {it.name}" if it.name != FINAL else "final")
-            axes.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], labels, fontsize="small")
-            axes.set(title=f"{title} per role and stage", xlabel="role and stage", ylabel=unit)
-        panels[0].legend()
-        save(figure, "cost.png")  # the first panel counts calls
-
-    scored = [e for e in report.evaluations if e.get("relative_score") is not None]
-    if scored:
-        figure, axes = plt.subplots(figsize=(7, 4.5))
-        axes.plot([e["checkpoint"] for e in scored], [e["relative_score"] for e in scored], marker="o",
-                  label="student / teacher")
-        axes.axhline(100, color="black", linestyle="--", linewidth=1, label="the teacher (100%)")
-        axes.set(title="Relative score per checkpoint (judge scores, both orders)", xlabel="checkpoint",
-                 ylabel="student total as % of teacher total")
-        axes.legend()
-        save(figure, "evaluation.png", counts=False)
+    for name, plot, counts in plots:
+        figure = plot(report)
+        if figure is not None:
+            written.append(_save(figure, directory / name, counts))
     return written
 
 
+def _subplots(*args, **kwargs):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def _save(figure: Figure, path: Path, counts: bool) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if counts:
+        for axes in figure.axes[:1]:
+            axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def gaps_plot(report: RunReport) -> Figure | None:
+    """gaps.png: the teacher-student gap histogram, one series per judged iteration, and tau."""
+    judged = report.judged
+    if not judged:
+        return None
+    figure, axes = _subplots(figsize=(8, 4.5))
+    width = 0.8 / len(judged)
+    for index, it in enumerate(judged):
+        bins = it.report["scores"]["gap_histogram"]
+        axes.bar([b["from"] + 0.1 + index * width for b in bins], [b["count"] for b in bins], width=width,
+                 align="edge", label=f"iteration {it.iteration}")
+    tau = report_tau(report)
+    if tau is not None:
+        axes.axvline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g} (hard at or above)")
+    axes.set(title="Teacher minus student score per instruction",
+             xlabel="gap (referee score points, teacher - student)", ylabel="instructions")
+    axes.legend()
+    return figure
+
+
+def labels_plot(report: RunReport) -> Figure | None:
+    """labels.png: the hard / easy / unjudged shares of the Cache Pool per judged iteration."""
+    judged = report.judged
+    if not judged:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    bottom = [0.0] * len(judged)
+    for label, colour in zip(LABELS, ("tab:red", "tab:green", "tab:gray")):
+        shares = [100.0 * it.report["labels"][label] / max(1, sum(it.report["labels"].values())) for it in judged]
+        axes.bar([it.label for it in judged], shares, bottom=bottom, label=label, color=colour)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    axes.set(title="Cache Pool instructions by label", xlabel="iteration", ylabel="share of the Cache Pool (%)",
+             ylim=(0, 100))
+    axes.legend(bbox_to_anchor=(1.02, 1), loc="upper left")
+    return figure
+
+
+def scores_plot(report: RunReport) -> Figure | None:
+    """scores.png: the teacher's and the student's mean referee score per judged iteration."""
+    judged = report.judged
+    if not judged:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    for key, label in (("mean_teacher", "teacher"), ("mean_student", "student")):
+        axes.plot([it.label for it in judged], [it.report["scores"][key] for it in judged], marker="o", label=label)
+    axes.set(title="Mean referee score per iteration", xlabel="iteration", ylabel="mean score (1-10)")
+    axes.legend()
+    return figure
+
+
+def pools_plot(report: RunReport) -> Figure | None:
+    """pools.png: the Train Pool, the Cache Pool and the generated instructions per iteration."""
+    if not report.iterations:
+        return None
+    figure, axes = _subplots(figsize=(8, 4.5))
+    names = [it.label for it in report.iterations]
+    width = 0.27
+    for index, key in enumerate(("train", "cache", "generated")):
+        values = [it.report.get("pools", {}).get(key, 0) for it in report.iterations]
+        axes.bar([i + (index - 1) * width for i in range(len(names))], values, width=width, label=f"{key}")
+    axes.set_xticks(range(len(names)), names)
+    axes.set(title="Pool sizes per iteration", xlabel="iteration", ylabel="instructions")
+    axes.legend(["Train Pool", "Cache Pool", "generated (accepted)"])
+    return figure
+
+
+def generation_plot(report: RunReport) -> Figure | None:
+    """generation.png: the generator's replies accepted per side and rejected per reason, per iteration."""
+    generating = report.generating
+    if not generating:
+        return None
+    figure, axes = _subplots(figsize=(8, 4.5))
+    reasons = sorted({r for it in generating for r in it.report["generation"].get("rejected", {})})
+    series = [(f"accepted {side}", [it.report["generation"]["accepted"].get(side, 0) for it in generating])
+              for side in ("hard", "easy")]
+    series += [(f"rejected: {r}", [it.report["generation"]["rejected"].get(r, 0) for it in generating]) for r in reasons]
+    bottom = [0] * len(generating)
+    for label, values in series:
+        axes.bar([it.label for it in generating], values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axes.set(title="Generator replies: accepted per side, rejected per reason", xlabel="iteration",
+             ylabel="generator replies")
+    axes.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return figure
+
+
+def cost_plot(report: RunReport) -> Figure | None:
+    """cost.png: calls, tokens and seconds per role and stage, one panel each, one series per iteration."""
+    if not report.iterations:
+        return None
+    figure, panels = _subplots(1, 3, figsize=(14, 4.5))
+    pairs = [(role, stage) for role, stage in ROLE_STAGES
+             if any(it.usage(role, stage).get("calls") for it in report.iterations)]
+    labels = [f"{role}\n{stage}" for role, stage in pairs]
+    width = 0.8 / len(report.iterations)
+    for axes, (title, unit, value) in zip(panels, (
+        ("Calls", "calls", lambda u: u.get("calls", 0)),
+        ("Tokens", "tokens (prompt + completion)", lambda u: u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)),
+        ("Time in calls", "seconds (summed over calls)", lambda u: u.get("seconds", 0.0)),
+    )):
+        for index, it in enumerate(report.iterations):
+            axes.bar([i + index * width for i in range(len(pairs))], [value(it.usage(r, s)) for r, s in pairs],
+                     width=width, label=it.label)
+        axes.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], labels, fontsize="small")
+        axes.set(title=f"{title} per role and stage", xlabel="role and stage", ylabel=unit)
+    panels[0].legend()
+    return figure
+
+
+def evaluation_plot(report: RunReport) -> Figure | None:
+    """evaluation.png: the student's score as a percentage of the teacher's, per evaluated checkpoint."""
+    scored = [e for e in report.evaluations if e.get("relative_score") is not None]
+    if not scored:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    axes.plot([e["checkpoint"] for e in scored], [e["relative_score"] for e in scored], marker="o",
+              label="student / teacher")
+    axes.axhline(100, color="black", linestyle="--", linewidth=1, label="the teacher (100%)")
+    axes.set(title="Relative score per checkpoint (judge scores, both orders)", xlabel="checkpoint",
+             ylabel="student total as % of teacher total")
+    axes.legend()
+    return figure
+
+
 def report_tau(report: RunReport) -> float | None:
+    """The run's discrimination.tau from its config.yaml, or None if it cannot be read."""
     try:
         import yaml
 
-        config = yaml.safe_load((report.run_dir / "config.yaml").read_text(encoding="utf-8"))
+        config = yaml.safe_load(report.run.config_yaml.read_text(encoding="utf-8"))
         return float(config["discrimination"]["tau"])
     except (OSError, KeyError, TypeError, ValueError):
         return None
@@ -324,10 +399,11 @@ def report_tau(report: RunReport) -> float | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def markdown(report: RunReport, run: RunDir) -> str:
+def markdown(report: RunReport) -> str:
+    run = report.run
     state = read_state(run)
     sections = [
-        f"# lion-local run report: {report.run_dir.name}",
+        f"# lion-local run report: {run.root.name}",
         f"Completed stages: {', '.join(state['completed']) or 'none'}.",
         f"Servers: {_engines_line(report)}.",
         "Every number comes from the run's journals (through each iteration's report.json); "
@@ -335,7 +411,7 @@ def markdown(report: RunReport, run: RunDir) -> str:
         "## Summary per iteration",
         markdown_table(*summary_rows(report)),
     ]
-    if any("generation" in it.report for it in report.iterations):
+    if report.generating:
         sections += ["## Generation", markdown_table(*rejection_rows(report))]
     sections += ["## Calls, tokens and seconds per role and stage", markdown_table(*cost_rows(report))]
     if report.evaluations:
@@ -343,7 +419,7 @@ def markdown(report: RunReport, run: RunDir) -> str:
                      markdown_table(*evaluation_rows(report))]
     if report.plots:
         sections.append("## Plots")
-        sections += [f"![{path.stem}](plots/{path.name})" for path in report.plots]
+        sections += [f"![{path.stem}]({path.relative_to(run.root).as_posix()})" for path in report.plots]
     return "\n\n".join(sections) + "\n"
 
 
@@ -357,7 +433,7 @@ def _engines_line(report: RunReport) -> str:
 def write_report(run: RunDir) -> RunReport:
     """Collect, plot and write report.md; returns what was reported."""
     report = collect(run)
-    report.plots = make_plots(report, run.root / "plots") if report.iterations else []
-    write_atomic(run.root / "report.md", markdown(report, run))
-    logger.debug("wrote %s and %d plots in %s", run.root / "report.md", len(report.plots), run.root / "plots")
+    report.plots = make_plots(report, run.plots) if report.iterations else []
+    write_atomic(run.report_md, markdown(report))
+    logger.debug("wrote %s and %d plots in %s", run.report_md, len(report.plots), run.plots)
     return report

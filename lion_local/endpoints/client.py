@@ -44,6 +44,8 @@ from typing import Any
 
 import aiohttp
 
+from lion_local.errors import LionError
+
 logger = logging.getLogger(__name__)
 
 _HINTS = {
@@ -53,7 +55,7 @@ _HINTS = {
 }
 
 
-class EndpointError(RuntimeError):
+class EndpointError(LionError):
     """A request to an endpoint failed for good; the message is one line."""
 
 

@@ -31,6 +31,7 @@ from lion_local.roles.templates import render, template_text
 
 logger = logging.getLogger(__name__)
 
+# The paper's judge; roles.referee.system_prompt replaces it.
 SYSTEM_PROMPT = "You are a fair and careful judge of the quality of answers."
 _TEMPLATES = {"explain_first": "referee.txt", "scores_only": "referee_scores.txt", "expected_score": "referee_scores.txt"}
 
@@ -42,14 +43,15 @@ def referee_messages(
     answer_2: str,
     mode: str = "explain_first",
     structured_output: str = "regex",
+    system_prompt: str | None = None,
 ) -> list[dict]:
-    """The chat messages asking for a review of two answers in `mode`."""
+    """The chat messages asking for a review of two answers in `mode` (system_prompt None: SYSTEM_PROMPT)."""
     review_request = render(
         _TEMPLATES[mode], instruction=instruction, input=input_text, answer_1=answer_1, answer_2=answer_2,
         reply_format=REPLY_FORMATS[structured_output],
     )
     return [
-        {"role": "system", "content": SYSTEM_PROMPT},
+        {"role": "system", "content": SYSTEM_PROMPT if system_prompt is None else system_prompt},
         {"role": "user", "content": review_request.strip()},
     ]
 
@@ -65,7 +67,8 @@ def referee_params(role: RefereeRole, seed: int | None = None) -> dict:
 def referee_identity(role: RefereeRole) -> str:
     """Everything besides the pair that shapes a review: the prompt texts and the request fields."""
     template = template_text(_TEMPLATES[role.mode])
-    return json.dumps([SYSTEM_PROMPT, template, role.mode, referee_params(role)], sort_keys=True)
+    system_prompt = SYSTEM_PROMPT if role.system_prompt is None else role.system_prompt
+    return json.dumps([system_prompt, template, role.mode, referee_params(role)], sort_keys=True)
 
 
 async def ask_referee(
@@ -77,7 +80,9 @@ async def ask_referee(
     answer_2: str,
     seed: int | None = None,
 ) -> Completion:
-    messages = referee_messages(instruction, input_text, answer_1, answer_2, role.mode, role.structured_output)
+    messages = referee_messages(
+        instruction, input_text, answer_1, answer_2, role.mode, role.structured_output, role.system_prompt
+    )
     completion = await client.chat("referee", messages, **referee_params(role, seed))
     if role.mode == "expected_score" and completion.logprobs is None:
         raise EndpointError(

@@ -16,7 +16,8 @@ import hashlib
 import json
 
 from lion_local.config import Config
-from lion_local.run.state import FINAL, RunDir, read_jsonl, write_jsonl_atomic
+from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.state import read_jsonl, write_jsonl_atomic
 from lion_local.run.seed_data import load_seed_instructions
 
 
@@ -49,31 +50,37 @@ def seed_records(config: Config) -> list[dict]:
     return [instruction_record(seed.instruction, seed.input, "seed", 0, None) for seed in seeds]
 
 
-def pools_for(config: Config, run: RunDir, k: int | str) -> tuple[list[dict], list[dict]]:
-    """(Train Pool, Cache Pool) of iteration k, written to iter_<k>/ the first time they are built.
+def pools_for(config: Config, run: RunDir, iteration: Iteration) -> tuple[list[dict], list[dict]]:
+    """(Train Pool, Cache Pool) of an iteration, written to its directory the first time they are built.
 
     Once written they are read back, so a seed file edited mid-run cannot change a started run.
     For the final imitation the Cache Pool is not used and is returned empty.
     """
-    directory = run.iteration(k)
-    train_path, cache_path = directory / "train_pool.jsonl", directory / "cache_pool.jsonl"
-    if train_path.exists() and (k == FINAL or cache_path.exists()):
-        return read_jsonl(train_path), [] if k == FINAL else read_jsonl(cache_path)
-
-    if k == FINAL:
-        train = read_jsonl(run.iteration(config.iterations) / "generated.jsonl")
-        write_jsonl_atomic(train_path, train)
-        return train, []
-    if k == 1:
-        train = seed_records(config)
-        cache = list(train)
+    directory = run.at(iteration)
+    if directory.train_pool.exists() and (iteration.is_final or directory.cache_pool.exists()):
+        return read_jsonl(directory.train_pool), [] if iteration.is_final else read_jsonl(directory.cache_pool)
+    if iteration.is_final:
+        train, cache = pools_from(iteration, [], [], read_jsonl(run.iteration(config.iterations).generated))
+    elif iteration.number == 1:
+        train, cache = pools_from(iteration, seed_records(config), [], [])
     else:
-        previous = run.iteration(k - 1)
-        train = read_jsonl(previous / "generated.jsonl")
-        cache = read_jsonl(previous / "cache_pool.jsonl") + train
-    write_jsonl_atomic(cache_path, cache)
-    write_jsonl_atomic(train_path, train)
+        previous = run.iteration(iteration.number - 1)
+        train, cache = pools_from(iteration, [], read_jsonl(previous.cache_pool), read_jsonl(previous.generated))
+    if not iteration.is_final:
+        write_jsonl_atomic(directory.cache_pool, cache)
+    write_jsonl_atomic(directory.train_pool, train)
     return train, cache
+
+
+def pools_from(iteration: Iteration, seeds: list, previous_cache: list, previous_generated: list) -> tuple[list, list]:
+    """The method's rule, for records or bare ids alike (`lion-local plan` predicts with it):
+    Train_1 = Cache_1 = the seeds; Train_k = the instructions generated in k-1 and
+    Cache_k = Cache_(k-1) + Train_k; the final imitation trains on those generated last."""
+    if iteration.is_final:
+        return list(previous_generated), []
+    if iteration.number == 1:
+        return list(seeds), list(seeds)
+    return list(previous_generated), previous_cache + previous_generated
 
 
 def by_id(records: list[dict]) -> dict[str, dict]:

@@ -10,10 +10,12 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from lion_local.errors import InputError
+
 MAX_TEXT_CHARS = 20_000
 
 
-class SeedDataError(Exception):
+class SeedDataError(InputError):
     """A bad seed file; the message is one line naming the file and line."""
 
 

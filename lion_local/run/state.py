@@ -1,4 +1,4 @@
-"""The run directory on disk: its layout, state.json, append-only journals and the writer lock.
+"""The run's durable state: state.json, the append-only journals, whole-file writes and the writer lock.
 
 A stage can be killed at any instant and re-run. That holds because of three rules here:
 - every completed model call is one JSON line appended (and flushed) to a journal, so a re-run
@@ -20,61 +20,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from lion_local.errors import InputError, LionError
+from lion_local.run.layout import RunDir, Stage
+
 logger = logging.getLogger(__name__)
 
-STAGES = ("imitation", "discrimination", "generation")
-FINAL = "final"
-
-
-class StageOrderError(RuntimeError):
-    """A stage was asked for before the stages it depends on finished."""
-
-
-class RunStateError(RuntimeError):
+class RunStateError(InputError):
     """state.json cannot be read; the message names the file and how to repair it."""
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(LionError):
     """Another lion-local process is writing to this run directory."""
 
 
-class LockUnsupportedError(RuntimeError):
+class LockUnsupportedError(InputError):
     """The file system under a lock file refuses flock (some Lustre and NFS mounts)."""
-
-
-class RunDir:
-    """Paths of the run-directory contract (SPEC 2.3); nothing is created until asked."""
-
-    def __init__(self, root: str | os.PathLike) -> None:
-        self.root = Path(root)
-
-    @property
-    def config_yaml(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def state_json(self) -> Path:
-        return self.root / "state.json"
-
-    @property
-    def teacher_answers(self) -> Path:
-        return self.root / "teacher_answers.jsonl"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def servers_journal(self) -> Path:
-        """One record per server start: {"server", "engine", "model", "base_url", "started_at"}."""
-        return self.root / "servers.jsonl"
-
-    def iteration(self, k: int | str) -> Path:
-        """iter_<k>/ for an iteration number; final/ for the final imitation."""
-        return self.root / (FINAL if k == FINAL else f"iter_{k}")
-
-    def student(self, k: int | str) -> Path:
-        return self.iteration(k) / "student"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -111,6 +71,11 @@ def read_state(run: RunDir) -> dict[str, Any]:
     state.setdefault("stage_seconds", {})
     if not isinstance(state["completed"], list) or not all(isinstance(m, str) for m in state["completed"]):
         raise RunStateError(f"{run.state_json}: 'completed' must be a list of stage names; {_STATE_HINT}")
+    for marker in state["completed"]:
+        try:
+            Stage.parse(marker)
+        except ValueError as exc:
+            raise RunStateError(f"{run.state_json}: 'completed': {exc}; {_STATE_HINT}") from None
     if not isinstance(state["iteration"], int) or not isinstance(state["stage_seconds"], dict):
         raise RunStateError(f"{run.state_json}: 'iteration' must be a number and 'stage_seconds' an object; {_STATE_HINT}")
     return state
@@ -123,24 +88,30 @@ _STATE_HINT = (
 )
 
 
-def mark_completed(run: RunDir, marker: str, seconds: float) -> None:
-    """Record a finished stage ("2/discrimination", "final/imitation") in state.json."""
+def completed_stages(run: RunDir) -> list[Stage]:
+    """The stages state.json records as finished, in the order they finished."""
+    return [Stage.parse(marker) for marker in read_state(run)["completed"]]
+
+
+def mark_completed(run: RunDir, stage: Stage, seconds: float) -> None:
+    """Record a finished stage in state.json (its marker, e.g. "2/discrimination", and its time)."""
     state = read_state(run)
+    marker = str(stage)
     if marker not in state["completed"]:
         state["completed"].append(marker)
-    iteration = marker.split("/")[0]
-    if iteration != FINAL:
-        state["iteration"] = max(state["iteration"], int(iteration))
+    if stage.iteration.number is not None:
+        state["iteration"] = max(state["iteration"], stage.iteration.number)
     state["stage_seconds"][marker] = round(state["stage_seconds"].get(marker, 0.0) + seconds, 3)
     state["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_atomic(run.state_json, json.dumps(state, indent=2) + "\n")
 
 
-def add_stage_seconds(run: RunDir, marker: str, seconds: float) -> None:
+def add_stage_seconds(run: RunDir, stage: Stage, seconds: float) -> None:
     """Time spent on an unfinished stage (a killed or failed attempt) still counts in its timings."""
     if not run.state_json.parent.exists():
         return
     state = read_state(run)
+    marker = str(stage)
     state["stage_seconds"][marker] = round(state["stage_seconds"].get(marker, 0.0) + seconds, 3)
     write_atomic(run.state_json, json.dumps(state, indent=2) + "\n")
 
@@ -252,7 +223,7 @@ def lock_exclusively(handle: Any, path: Path, wait: bool) -> bool:
 def run_lock(run: RunDir) -> Iterator[None]:
     """Hold the run directory's writer lock; the kernel releases it when the holder dies."""
     run.root.mkdir(parents=True, exist_ok=True)
-    lock_path = run.root / ".lock"
+    lock_path = run.lock
     handle = open(lock_path, "a+", encoding="utf-8")
     try:
         held = lock_exclusively(handle, lock_path, wait=False)

@@ -1,8 +1,9 @@
 """The run-wide cache of teacher answers (teacher_answers.jsonl).
 
-An answer is keyed by (instruction id, teacher fingerprint): the fingerprint covers the model,
-the prompt template, the system prompt and the sampling parameters, so editing any of them in
-the config makes the teacher answer again, while moving the endpoint to another host does not.
+An answer is keyed by (instruction id, teacher fingerprint): the fingerprint is the part of the
+run's identity (lion_local.run.identity) that shapes a teacher reply (the model and how it is
+served, the prompt template, the system prompt, the sampling parameters, the seed), so editing any
+of them makes the teacher answer again, while moving the endpoint to another host does not.
 Across the whole run each distinct instruction is sent to the teacher once; imitation and
 discrimination both go through `ensure_teacher_answers`, which asks only for what is missing.
 """
@@ -10,12 +11,9 @@ discrimination both go through `ensure_teacher_answers`, which asks only for wha
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from contextlib import AsyncExitStack
-from importlib import resources
 
 from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
@@ -23,26 +21,25 @@ from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.run.records import request_seed
 from lion_local.roles import ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
-from lion_local.run.state import Journal, RunDir
+from lion_local.run.identity import identity_digest, run_identity
+from lion_local.run.layout import RunDir, Stage
+from lion_local.run.state import Journal
 from lion_local.endpoints.servers import ServerSet
-from serving.commands import request_model_name
 
 logger = logging.getLogger(__name__)
 
 
 def teacher_fingerprint(config: Config) -> str:
-    role = config.roles.teacher
-    server = config.server_for("teacher")
-    template = resources.files("lion_local.roles").joinpath("teacher.txt").read_text(encoding="utf-8")
-    identity = {
-        "model": request_model_name(server),
-        "model_path": server.model,
-        "template": template,
-        "system_prompt": role.system_prompt,
-        "params": role.request_params(),
-        "seed": config.seed,
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+    """The part of the run's identity that shapes a teacher answer: the teacher's server (model,
+    engine, dtype, ...), its role (sampling, system prompt), its prompt template and the run seed."""
+    prefixes = (f"servers.{config.roles.teacher.server}.", "roles.teacher.", "prompts.teacher")
+    return identity_digest(run_identity(config), prefixes, keys=("seed",))
+
+
+def uncached(records: list[dict], cached: Collection[str]) -> list[dict]:
+    """The records whose instruction the teacher must still answer: each distinct id once, in
+    order, unless `cached` holds it (`lion-local plan` counts the teacher's calls with it)."""
+    return list({r["id"]: r for r in records if r["id"] not in cached}.values())
 
 
 async def ensure_teacher_answers(
@@ -50,7 +47,7 @@ async def ensure_teacher_answers(
     config: Config,
     records: list[dict],
     connect: Callable[[], Awaitable[EndpointClient]],
-    stage: str,
+    stage: Stage,
 ) -> dict[str, dict]:
     """Teacher answers for `records` by id, asking the teacher only for those not cached yet.
 
@@ -60,7 +57,7 @@ async def ensure_teacher_answers(
     fingerprint = teacher_fingerprint(config)
     with Journal(run.teacher_answers) as journal:
         cached = {r["id"]: r for r in journal.records if r["fingerprint"] == fingerprint}
-        missing = list({r["id"]: r for r in records if r["id"] not in cached}.values())
+        missing = uncached(records, cached)
         if records:
             logger.info(
                 "%s: teacher answers: %d of %d cached, %d to request",
@@ -81,7 +78,7 @@ async def ensure_teacher_answers(
                         "answer": answer if answer is not None else "",
                         "empty": answer is None,
                         "fingerprint": fingerprint,
-                        "stage": stage,
+                        "stage": str(stage),
                         **call_fields(completion, seed),
                     }
 
@@ -96,7 +93,7 @@ async def ensure_teacher_answers(
     return {record["id"]: cached[record["id"]] for record in records}
 
 
-def teacher_answers_for(config: Config, run: RunDir, records: list[dict], servers: ServerSet, stage: str) -> dict[str, dict]:
+def teacher_answers_for(config: Config, run: RunDir, records: list[dict], servers: ServerSet, stage: Stage) -> dict[str, dict]:
     """ensure_teacher_answers for a synchronous stage, with the teacher's server from `servers`."""
 
     async def answers() -> dict[str, dict]:

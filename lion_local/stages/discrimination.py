@@ -32,26 +32,30 @@ from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
 from lion_local.run.records import pools_for, request_seed
 from lion_local.roles import ask_student
-from lion_local.run.state import Journal, RunDir, StageOrderError, write_atomic, write_jsonl_atomic
+from lion_local.errors import StageOrderError
+from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.state import Journal, write_atomic, write_jsonl_atomic
 from lion_local.run.teacher_cache import ensure_teacher_answers
 from lion_local.endpoints.servers import ServerSet
 
 logger = logging.getLogger(__name__)
 
 
-def run_discrimination(config: Config, run: RunDir, k: int, servers: ServerSet) -> dict:
-    """Run (or finish) discrimination k, write judgements.jsonl, and return the stage summary."""
-    directory = run.iteration(k)
-    _, cache_pool = pools_for(config, run, k)
-    student_dir = run.student(k)
-    if not is_checkpoint(student_dir):
-        raise StageOrderError(f"{k}/discrimination needs the student of {k}/imitation at {student_dir}; run imitation first")
+def run_discrimination(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+    """Run (or finish) an iteration's discrimination, write judgements.jsonl, and return the stage summary."""
+    directory = run.at(iteration)
+    _, cache_pool = pools_for(config, run, iteration)
+    if not is_checkpoint(directory.student):
+        raise StageOrderError(
+            f"{iteration.stage('discrimination')} needs the student of {iteration.stage('imitation')} at "
+            f"{directory.student}; run imitation first"
+        )
 
-    teacher_answers, student_answers, reviews = asyncio.run(_collect(config, run, k, cache_pool, servers))
+    teacher_answers, student_answers, reviews = asyncio.run(_collect(config, run, iteration, cache_pool, servers))
     servers.stop(config.roles.student.server)  # the next iteration serves a new checkpoint
 
     judgements = judge(cache_pool, reviews, config.discrimination.tau)
-    write_jsonl_atomic(directory / "judgements.jsonl", judgements)
+    write_jsonl_atomic(directory.judgements, judgements)
 
     summary = summarize(judgements, reviews)
     summary["cache_pool"] = len(cache_pool)
@@ -63,25 +67,25 @@ def run_discrimination(config: Config, run: RunDir, k: int, servers: ServerSet) 
     summary["truncated_teacher_answers"] = sum(
         1 for r in cache_pool if teacher_answers[r["id"]]["finish_reason"] == "length"
     )
-    write_atomic(directory / "discrimination.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(directory.discrimination_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 async def _collect(
-    config: Config, run: RunDir, k: int, cache_pool: list[dict], servers: ServerSet
+    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Teacher answers and student answers by id, and every review, for the whole Cache Pool."""
-    directory = run.iteration(k)
+    directory = run.at(iteration)
     roles = config.roles
-    with Journal(directory / "student_answers.jsonl") as student_journal, Journal(directory / "reviews.jsonl") as reviews:
-        calls = _Calls(config, run, k, servers, student_journal, reviews)
+    with Journal(directory.student_answers) as student_journal, Journal(directory.reviews) as reviews:
+        calls = _Calls(config, run, iteration, servers, student_journal, reviews)
         need_student = [record for record in cache_pool if record["id"] not in calls.student_answers]
         ids = [record["id"] for record in cache_pool]
         for pair_id, order, attempt in pending_reviews(ids, reviews.records, roles.referee.parse_retries):
             calls.pending.setdefault(pair_id, []).append((order, attempt))
         async with AsyncExitStack() as stack:
             # The student's new checkpoint and the referee load side by side.
-            wanted = {roles.student.server: str(run.student(k))} if need_student else {}
+            wanted = {roles.student.server: str(directory.student)} if need_student else {}
             if calls.pending:
                 wanted.setdefault(roles.referee.server, None)
             await servers.start_async(wanted)
@@ -107,10 +111,12 @@ class _Calls:
     """The model calls of one discrimination, each journaled as it returns."""
 
     def __init__(
-        self, config: Config, run: RunDir, k: int, servers: ServerSet, student_journal: Journal, reviews: Journal
+        self, config: Config, run: RunDir, iteration: Iteration, servers: ServerSet, student_journal: Journal, reviews: Journal
     ) -> None:
-        self.config, self.run, self.k, self.servers = config, run, k, servers
-        self.marker = f"{k}/discrimination"
+        self.config, self.servers = config, servers
+        self.k = iteration.number  # in the request seeds
+        self.student_dir = run.at(iteration).student
+        self.marker = iteration.stage("discrimination")
         self.student_journal, self.reviews = student_journal, reviews
         self.student_answers = {record["id"]: record for record in student_journal.records}
         self.pending: dict[str, list[tuple[str, int]]] = {}  # id -> (order, next attempt) of each review due
@@ -121,7 +127,7 @@ class _Calls:
     async def client(self, stack: AsyncExitStack, role: str) -> EndpointClient:
         name = getattr(self.config.roles, role).server
         if name not in self.clients:
-            model = str(self.run.student(self.k)) if role == "student" else None
+            model = str(self.student_dir) if role == "student" else None
             self.clients[name] = await stack.enter_async_context(await self.servers.open_client(name, model))
         return self.clients[name]
 

@@ -38,7 +38,9 @@ from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.novelty import NoveltyIndex
 from lion_local.run.records import by_id, instruction_id, instruction_record, pools_for, request_seed
 from lion_local.roles import ask_generator, parse_generated_instruction
-from lion_local.run.state import Journal, RunDir, StageOrderError, read_jsonl, write_atomic, write_jsonl_atomic
+from lion_local.errors import StageOrderError
+from lion_local.run.layout import Iteration, IterationDir, RunDir
+from lion_local.run.state import Journal, read_jsonl, write_atomic, write_jsonl_atomic
 from lion_local.endpoints.servers import ServerSet
 
 logger = logging.getLogger(__name__)
@@ -101,6 +103,49 @@ def next_wave(
     return {side: wave_size(quotas[side] - accepted[side], rate, budgets[side] - called[side]) for side in SIDES}
 
 
+class WaveSchedule:
+    """Which generator calls come next, wave by wave, and what the decided ones did.
+
+    The stage records each reply's outcome; `lion-local plan` records the outcomes it expects,
+    so both walk the same waves.
+    """
+
+    def __init__(self, expected_acceptance: float, quotas: dict[str, int], budgets: dict[str, int]) -> None:
+        self.expected_acceptance, self.quotas, self.budgets = expected_acceptance, quotas, budgets
+        self.accepted = {side: 0 for side in SIDES}
+        self.called = {side: 0 for side in SIDES}
+        self.passed = self.decided = 0  # passed: the filters and the novelty check, within quota or not
+
+    def next_wave(self) -> list[tuple[str, int]]:
+        """(side, attempt) of each call of the next wave, attempts numbered per side; [] at the end."""
+        sizes = next_wave(
+            self.expected_acceptance, self.quotas, self.budgets, self.accepted, self.called, self.passed, self.decided
+        )
+        wave = [(side, attempt) for side, size in sizes.items() for attempt in range(self.called[side], self.called[side] + size)]
+        for side, size in sizes.items():
+            self.called[side] += size
+        return wave
+
+    def record(self, side: str, passed: bool) -> bool:
+        """Count one decided reply; True when it passed and its side's quota still had room."""
+        self.decided += 1
+        if not passed:
+            return False
+        self.passed += 1
+        if self.accepted[side] >= self.quotas[side]:
+            return False
+        self.accepted[side] += 1
+        return True
+
+
+def generation_quotas(config: Config, hard_seeds: int, easy_seeds: int) -> tuple[dict[str, int], dict[str, int], list[str]]:
+    """(quota per side, call budget per side, notes) of one generation stage."""
+    settings = config.generation
+    quotas, notes = plan_quotas(settings.new_per_iteration, settings.hard_ratio, hard_seeds, easy_seeds)
+    budgets = {side: math.ceil(settings.max_attempts_factor * quotas[side]) for side in SIDES}
+    return quotas, budgets, notes
+
+
 def _at_least(k: int, n: int, p: float) -> float:
     """P(Binomial(n, p) >= k), summed in log space so that n in the tens of thousands is exact."""
     log_p, log_q, log_n_factorial = math.log(p), math.log1p(-p), math.lgamma(n + 1)
@@ -132,107 +177,110 @@ def filter_reason(text: str, finish_reason: str | None, filters: GenerationFilte
     return instruction, None
 
 
-def run_generation(config: Config, run: RunDir, k: int, servers: ServerSet) -> dict:
-    """Run (or finish) generation k; return the stage summary."""
-    directory = run.iteration(k)
-    _, cache_pool = pools_for(config, run, k)
-    judgements_path = directory / "judgements.jsonl"
-    if not judgements_path.exists():
-        raise StageOrderError(f"{k}/generation needs {judgements_path} from {k}/discrimination; run that first")
-    labels = {j["id"]: j["label"] for j in read_jsonl(judgements_path)}
+def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+    """Run (or finish) an iteration's generation; return the stage summary."""
+    directory = run.at(iteration)
+    _, cache_pool = pools_for(config, run, iteration)
+    if not directory.judgements.exists():
+        raise StageOrderError(
+            f"{iteration.stage('generation')} needs {directory.judgements} from "
+            f"{iteration.stage('discrimination')}; run that first"
+        )
+    labels = {j["id"]: j["label"] for j in read_jsonl(directory.judgements)}
     seeds = {side: [r for r in cache_pool if labels.get(r["id"]) == side] for side in SIDES}
-    settings = config.generation
-    quotas, notes = plan_quotas(settings.new_per_iteration, settings.hard_ratio, len(seeds["hard"]), len(seeds["easy"]))
-    budgets = {side: math.ceil(settings.max_attempts_factor * quotas[side]) for side in SIDES}
-
-    index = NoveltyIndex(settings.rouge_threshold)
-    pool_ids: list[str] = []
-    for record in cache_pool:
-        index.add(record["instruction"])
-        pool_ids.append(record["id"])
-    pool = by_id(cache_pool)
-    known_ids = set(pool)
-
-    accepted: list[dict] = []
-    rejected: list[dict] = []
-    counts = {side: 0 for side in SIDES}
-    next_attempt = {side: 0 for side in SIDES}
-    decided = passed = 0  # passed: through the filters and the novelty check, whether or not within quota
-
-    with Journal(directory / "generator_calls.jsonl") as journal:
+    quotas, budgets, notes = generation_quotas(config, len(seeds["hard"]), len(seeds["easy"]))
+    schedule = WaveSchedule(config.generation.expected_acceptance, quotas, budgets)
+    decisions = _Decisions(config, iteration, cache_pool)
+    with Journal(directory.generator_calls) as journal:
         replies = {(r["side"], r["attempt"]): r for r in journal.records}
-        while True:
-            sizes = next_wave(settings.expected_acceptance, quotas, budgets, counts, next_attempt, passed, decided)
-            wave = []
-            for side, size in sizes.items():
-                wave += [(side, attempt) for attempt in range(next_attempt[side], next_attempt[side] + size)]
-                next_attempt[side] += size
-            if not wave:
-                break
+        for wave in iter(schedule.next_wave, []):
             missing = [(side, attempt) for side, attempt in wave if (side, attempt) not in replies]
             if missing:
-                asyncio.run(_call_generator(config, k, missing, seeds, journal, replies, servers))
+                asyncio.run(_call_generator(config, iteration, missing, seeds, journal, replies, servers))
             for side, attempt in wave:
-                reply = replies[(side, attempt)]
-                decided += 1
-                instruction, reason = filter_reason(reply["raw"], reply["finish_reason"], settings.filters)
-                entry = {"side": side, "attempt": attempt, "parent": reply["parent"], "raw": reply["raw"]}
-                if reason is None and instruction.strip() == pool[reply["parent"]]["instruction"].strip():
-                    reason = "repeats_seed"
-                if reason is None:
-                    new_id = instruction_id(instruction, "")
-                    novel, similarity, similar_index = index.check(instruction)
-                    entry["similarity"] = round(similarity, 6)
-                    if new_id in known_ids:
-                        reason = "duplicate"
-                    elif not novel:
-                        reason = "too_similar"
-                        entry["similar_to"] = pool_ids[similar_index]
-                    else:
-                        passed += 1
-                        if counts[side] >= quotas[side]:
-                            reason = "quota_reached"
-                if reason is not None:
-                    rejected.append({"instruction": instruction, "reason": reason, **entry})
-                    continue
-                record = instruction_record(instruction, "", side, k, reply["parent"])
-                accepted.append(record)
-                counts[side] += 1
-                known_ids.add(record["id"])
-                index.add(instruction)
-                pool_ids.append(record["id"])
-            write_jsonl_atomic(directory / "generated.jsonl", accepted)
-            write_jsonl_atomic(directory / "rejected.jsonl", rejected)
+                decisions.decide(schedule, replies[(side, attempt)])
+            decisions.write(directory)
     # An empty wave list on the first pass (nothing to generate) still leaves both files behind.
-    write_jsonl_atomic(directory / "generated.jsonl", accepted)
-    write_jsonl_atomic(directory / "rejected.jsonl", rejected)
+    decisions.write(directory)
+    summary = _summary(config, schedule, decisions, notes, seeds)
+    write_atomic(directory.generation_summary, json.dumps(summary, indent=2) + "\n")
+    return summary
 
-    shortfall = {side: quotas[side] - counts[side] for side in SIDES}
+
+class _Decisions:
+    """The accepted and rejected instructions, decided reply by reply in the journal's fixed order."""
+
+    def __init__(self, config: Config, iteration: Iteration, cache_pool: list[dict]) -> None:
+        self.filters, self.iteration = config.generation.filters, iteration
+        self.index = NoveltyIndex(config.generation.rouge_threshold)
+        self.pool_ids: list[str] = []  # by position in the index
+        for record in cache_pool:
+            self.index.add(record["instruction"])
+            self.pool_ids.append(record["id"])
+        self.pool = by_id(cache_pool)
+        self.known_ids = set(self.pool)
+        self.accepted: list[dict] = []
+        self.rejected: list[dict] = []
+
+    def decide(self, schedule: WaveSchedule, reply: dict) -> None:
+        side = reply["side"]
+        instruction, reason = filter_reason(reply["raw"], reply["finish_reason"], self.filters)
+        entry = {"side": side, "attempt": reply["attempt"], "parent": reply["parent"], "raw": reply["raw"]}
+        if reason is None and instruction.strip() == self.pool[reply["parent"]]["instruction"].strip():
+            reason = "repeats_seed"
+        if reason is None:
+            novel, similarity, similar_index = self.index.check(instruction)
+            entry["similarity"] = round(similarity, 6)
+            if instruction_id(instruction, "") in self.known_ids:
+                reason = "duplicate"
+            elif not novel:
+                reason = "too_similar"
+                entry["similar_to"] = self.pool_ids[similar_index]
+        within_quota = schedule.record(side, passed=reason is None)
+        if reason is None and not within_quota:
+            reason = "quota_reached"
+        if reason is not None:
+            self.rejected.append({"instruction": instruction, "reason": reason, **entry})
+            return
+        record = instruction_record(instruction, "", side, self.iteration.number, reply["parent"])
+        self.accepted.append(record)
+        self.known_ids.add(record["id"])
+        self.index.add(instruction)
+        self.pool_ids.append(record["id"])
+
+    def write(self, directory: IterationDir) -> None:
+        write_jsonl_atomic(directory.generated, self.accepted)
+        write_jsonl_atomic(directory.rejected, self.rejected)
+
+
+def _summary(
+    config: Config, schedule: WaveSchedule, decisions: _Decisions, notes: list[str], seeds: dict[str, list[dict]]
+) -> dict:
+    settings, quotas, budgets = config.generation, schedule.quotas, schedule.budgets
+    shortfall = {side: quotas[side] - schedule.accepted[side] for side in SIDES}
     for side in SIDES:
         if shortfall[side]:
             notes.append(
-                f"{side}: {shortfall[side]} short of {quotas[side]} after {next_attempt[side]} calls "
+                f"{side}: {shortfall[side]} short of {quotas[side]} after {schedule.called[side]} calls "
                 f"(budget ceil({settings.max_attempts_factor} x quota) = {budgets[side]})"
             )
-    summary = {
+    return {
         "wanted": settings.new_per_iteration,
         "quota": quotas,
-        "accepted": {**counts, "total": len(accepted)},
-        "rejected": dict(sorted(Counter(r["reason"] for r in rejected).items())),
-        "rejected_total": len(rejected),
-        "calls": dict(next_attempt),
+        "accepted": {**schedule.accepted, "total": len(decisions.accepted)},
+        "rejected": dict(sorted(Counter(r["reason"] for r in decisions.rejected).items())),
+        "rejected_total": len(decisions.rejected),
+        "calls": dict(schedule.called),
         "budget": budgets,
         "shortfall": {**shortfall, "total": sum(shortfall.values())},
         "seeds": {side: len(seeds[side]) for side in SIDES},
         "notes": notes,
     }
-    write_atomic(directory / "generation.json", json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 async def _call_generator(
     config: Config,
-    k: int,
+    iteration: Iteration,
     wanted: list[tuple[str, int]],
     seeds: dict[str, list[dict]],
     journal: Journal,
@@ -240,6 +288,7 @@ async def _call_generator(
     servers: ServerSet,
 ) -> None:
     role = config.roles.generator
+    k = iteration.number  # in the request seeds
 
     def call(client: EndpointClient, side: str, attempt: int):
         async def ask() -> dict:
@@ -261,6 +310,6 @@ async def _call_generator(
         await call_all(
             [call(client, side, attempt) for side, attempt in wanted],
             journal,
-            f"{k}/generation: generator",
+            f"{iteration.stage('generation')}: generator",
             on_record=lambda reply: replies.__setitem__((reply["side"], reply["attempt"]), reply),
         )

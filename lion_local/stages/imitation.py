@@ -8,7 +8,7 @@ the SLURM job spans several; see training_launch.py), continuing from the previo
 checkpoint (the configured base model in iteration 1), with the loss on the answer only.
 The checkpoint is written to iter_<k>/student.partial/ and renamed to iter_<k>/student/ only
 after training exited cleanly, so a half-written checkpoint is never taken for a finished one.
-The final imitation (k = "final") trains on the last iteration's generated instructions into
+The final imitation (iteration FINAL) trains on the last iteration's generated instructions into
 final/student/.
 """
 
@@ -22,12 +22,14 @@ import subprocess
 import time
 from pathlib import Path
 
+from lion_local.errors import LionError
 from lion_local.config import Config
 from lion_local.run.journaled_calls import progress_bar
 from lion_local.offline import offline_environ
 from lion_local.run.records import pools_for
 from lion_local.roles.student import student_chat_messages, student_training_text
-from lion_local.run.state import FINAL, RunDir, write_atomic, write_jsonl_atomic
+from lion_local.run.layout import Iteration, IterationDir, RunDir
+from lion_local.run.state import write_atomic, write_jsonl_atomic
 from lion_local.run.teacher_cache import teacher_answers_for
 from lion_local.stages.training_launch import training_command
 from lion_local.endpoints.servers import ServerSet
@@ -36,16 +38,16 @@ from serving.process import die_with_parent
 logger = logging.getLogger(__name__)
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LionError):
     """Student training failed; the message names the exit code and the log."""
 
 
-def base_checkpoint(config: Config, run: RunDir, k: int | str) -> str:
-    """The checkpoint imitation k continues from."""
-    if k == 1:
+def base_checkpoint(config: Config, run: RunDir, iteration: Iteration) -> str:
+    """The checkpoint an iteration's imitation continues from."""
+    if iteration.number == 1:
         return str(config.server_for("student").model)
-    previous = config.iterations if k == FINAL else int(k) - 1
-    return str(run.student(previous))
+    previous = config.iterations if iteration.is_final else iteration.number - 1
+    return str(run.iteration(previous).student)
 
 
 def is_checkpoint(directory: Path) -> bool:
@@ -70,19 +72,19 @@ def training_examples(config: Config, records: list[dict], answers: dict[str, di
     return examples
 
 
-def run_imitation(config: Config, run: RunDir, k: int | str, servers: ServerSet) -> dict:
-    """Run (or finish) imitation k and return its summary; the caller marks the stage done."""
-    marker = f"{k}/imitation"
-    directory = run.iteration(k)
-    train_pool, _ = pools_for(config, run, k)
+def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+    """Run (or finish) an iteration's imitation and return its summary; the caller marks the stage done."""
+    marker = iteration.stage("imitation")
+    directory = run.at(iteration)
+    train_pool, _ = pools_for(config, run, iteration)
 
     answers = teacher_answers_for(config, run, train_pool, servers, marker)
     # Training needs the GPUs a local teacher holds (unless its config keeps it up: a CPU-only
     # server holds none); the next stage starts what was stopped again.
     servers.stop_for_training()
 
-    student_dir = run.student(k)
-    base = base_checkpoint(config, run, k)
+    student_dir = directory.student
+    base = base_checkpoint(config, run, iteration)
     summary = {
         "train_pool": len(train_pool),
         "empty_teacher_answers": sum(1 for a in answers.values() if a["empty"]),
@@ -102,22 +104,18 @@ def run_imitation(config: Config, run: RunDir, k: int | str, servers: ServerSet)
             _copy_checkpoint(Path(base), student_dir)
             summary["training"] = {"skipped": "no training examples; the checkpoint is a copy of the base"}
         else:
-            summary["training"] = train_student(config, directory, base, examples, k, marker)
+            summary["training"] = train_student(config, run, directory, base, examples)
     summary.setdefault("examples", len(train_pool) - summary["empty_teacher_answers"])
-    write_atomic(directory / "imitation.json", json.dumps(summary, indent=2) + "\n")
+    write_atomic(directory.imitation_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def train_student(config: Config, directory: Path, base: str, examples: list[dict], k: int | str, marker: str) -> dict:
+def train_student(config: Config, run: RunDir, directory: IterationDir, base: str, examples: list[dict]) -> dict:
     """Fine-tune `base` on `examples` in an `accelerate launch` process; return its summary."""
-    student_dir = directory / "student"
-    partial_dir = directory / "student.partial"
-    work_dir = directory / "sft_checkpoints"
-    log_path = directory / "logs" / "sft.log"
-    data_file = directory / "sft_data.jsonl"
-    job_file = directory / "sft_job.json"
-    progress_file = directory / "sft_progress.json"
-    result_file = directory / "sft_result.json"
+    marker = directory.iteration.stage("imitation")
+    student_dir, partial_dir, work_dir = directory.student, directory.student_partial, directory.sft_checkpoints
+    log_path, data_file, job_file = directory.sft_log, directory.sft_data, directory.sft_job
+    progress_file, result_file = directory.sft_progress, directory.sft_result
 
     write_jsonl_atomic(data_file, examples)
     job = {
@@ -127,9 +125,8 @@ def train_student(config: Config, directory: Path, base: str, examples: list[dic
         "work_dir": str(work_dir),
         "progress_file": str(progress_file),
         "result_file": str(result_file),
-        # One TensorBoard directory per imitation stage: `tensorboard --logdir <run_dir>/tensorboard`.
-        "tensorboard_dir": str(directory.parent / "tensorboard" / directory.name),
-        "seed": config.seed + (0 if k == FINAL else int(k)),
+        "tensorboard_dir": str(run.tensorboard(directory.iteration)),
+        "seed": config.seed + (directory.iteration.number or 0),
         "imitation": config.imitation.model_dump(mode="json"),
     }
     write_atomic(job_file, json.dumps(job, indent=2) + "\n")

@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lion_local.run.state import FINAL, RunDir, read_jsonl, read_state, write_atomic
+from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.state import read_jsonl, read_state, write_atomic
 
 
 def usage(records: list[dict]) -> dict:
@@ -26,17 +27,17 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, float] | None = None) -> dict:
-    """The report of iteration k; `unrecorded_seconds` adds time not yet in state.json (the
-    stage finishing now), so the report can be written before the stage is marked done."""
-    directory = run.iteration(k)
-    prefix = f"{k}/"
+def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict[str, float] | None = None) -> dict:
+    """The report of an iteration; `unrecorded_seconds` adds time not yet in state.json (the
+    stage finishing now, by marker), so the report can be written before the stage is marked done."""
+    directory = run.at(iteration)
+    prefix = f"{iteration}/"
     teacher_calls = [r for r in read_jsonl(run.teacher_answers) if r.get("stage", "").startswith(prefix)]
     state = read_state(run)
-    imitation = _load(directory / "imitation.json")
+    imitation = _load(directory.imitation_summary)
     report: dict = {
-        "iteration": k,
-        "pools": {"train": len(read_jsonl(directory / "train_pool.jsonl"))},
+        "iteration": iteration.json_value,
+        "pools": {"train": len(read_jsonl(directory.train_pool))},
         "imitation": imitation,
         "roles": {
             "teacher": {
@@ -50,12 +51,12 @@ def iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, fl
         "stage_seconds": _stage_seconds(state["stage_seconds"], unrecorded_seconds or {}, prefix),
         "engines": engines(run),
     }
-    if k == FINAL:
+    if iteration.is_final:
         return report
 
-    discrimination = _load(directory / "discrimination.json")
-    generation = _load(directory / "generation.json")
-    cache_size = len(read_jsonl(directory / "cache_pool.jsonl"))
+    discrimination = _load(directory.discrimination_summary)
+    generation = _load(directory.generation_summary)
+    cache_size = len(read_jsonl(directory.cache_pool))
     generated = generation.get("accepted", {}).get("total", 0)
     report["pools"].update(
         {"cache": cache_size, "generated": generated, "next_train": generated, "next_cache": cache_size + generated}
@@ -71,9 +72,9 @@ def iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, fl
         "position_inconsistent_share": discrimination.get("position_inconsistent_share"),
     }
     report["generation"] = generation
-    report["roles"]["student"] = usage(read_jsonl(directory / "student_answers.jsonl"))
-    report["roles"]["referee"] = usage(read_jsonl(directory / "reviews.jsonl"))
-    report["roles"]["generator"] = usage(read_jsonl(directory / "generator_calls.jsonl"))
+    report["roles"]["student"] = usage(read_jsonl(directory.student_answers))
+    report["roles"]["referee"] = usage(read_jsonl(directory.reviews))
+    report["roles"]["generator"] = usage(read_jsonl(directory.generator_calls))
     return report
 
 
@@ -87,7 +88,7 @@ def _stage_seconds(recorded: dict[str, float], unrecorded: dict[str, float], pre
     return {m: round(recorded.get(m, 0.0) + unrecorded.get(m, 0.0), 3) for m in markers}
 
 
-def write_iteration_report(run: RunDir, k: int | str, unrecorded_seconds: dict[str, float] | None = None) -> dict:
-    report = iteration_report(run, k, unrecorded_seconds)
-    write_atomic(run.iteration(k) / "report.json", json.dumps(report, indent=2) + "\n")
+def write_iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict[str, float] | None = None) -> dict:
+    report = iteration_report(run, iteration, unrecorded_seconds)
+    write_atomic(run.at(iteration).report, json.dumps(report, indent=2) + "\n")
     return report

@@ -3,7 +3,8 @@
     accelerate launch [...] -m lion_local.stages.sft <job.json>
 
 The job file (written by lion_local.stages.imitation) names the base checkpoint, the prompt/completion
-dataset, the hyperparameters and where to write. The dataset's prompts come from the same
+dataset, the imitation section (its `trainer` mapping reaches trl's SFTConfig unchanged, next to the
+keys lion-local sets: sft_config_kwargs) and where to write. The dataset's prompts come from the same
 `student_prompt` function the student is queried with, and the loss is on the completion (the
 teacher's answer) only. Trainer checkpoints under `work_dir` let a killed training resume; the
 finished model and its tokenizer are saved (safetensors) to `output_dir`, which the parent
@@ -23,9 +24,9 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
-def gradient_accumulation_steps(effective_batch_size: int, per_device_batch_size: int, world_size: int) -> int:
+def gradient_accumulation_steps(effective_batch_size: int, per_device_train_batch_size: int, world_size: int) -> int:
     """Accumulation so that per_device x world x accumulation reaches the effective batch (rounded up)."""
-    per_step = per_device_batch_size * world_size
+    per_step = per_device_train_batch_size * world_size
     steps = max(1, math.ceil(effective_batch_size / per_step))
     if steps * per_step != effective_batch_size:
         logger.warning(
@@ -85,20 +86,40 @@ def _write_json(path: Path, payload: dict) -> None:
     write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-def train(job: dict) -> dict:
-    import torch
-    from datasets import load_dataset
-    from transformers import AutoTokenizer, TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+def sft_config_kwargs(job: dict, world_size: int, on_gpu: bool, attn_implementation: str) -> dict:
+    """trl.SFTConfig's keyword arguments: imitation.trainer unchanged, then what lion-local decides.
 
-    hyper = job["imitation"]
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    on_gpu = torch.cuda.is_available()  # decided by torch, never by CUDA_VISIBLE_DEVICES
-    progress_path = Path(job["progress_file"])
+    The config refuses the keys set here in imitation.trainer (config_schema.LION_LOCAL_TRAINER_KEYS),
+    so nothing below overrides a configured value; bf16 is honoured on a GPU only.
+    """
+    imitation = job["imitation"]
+    trainer = imitation["trainer"]
+    return {
+        **trainer,
+        "bf16": bool(trainer.get("bf16", False)) and on_gpu,
+        "output_dir": job["work_dir"],
+        "gradient_accumulation_steps": gradient_accumulation_steps(
+            imitation["effective_batch_size"], trainer["per_device_train_batch_size"], world_size
+        ),
+        "completion_only_loss": True,
+        "packing": False,
+        "seed": job["seed"],
+        "data_seed": job["seed"],
+        "use_cpu": not on_gpu,
+        "save_strategy": "steps",
+        "save_total_limit": 1,
+        "report_to": "tensorboard" if job.get("tensorboard_dir") else "none",
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "model_init_kwargs": {"attn_implementation": attn_implementation},
+    }
+
+
+def progress_callback(progress_path: Path):
+    """A TrainerCallback that lets the parent process draw a progress bar and `lion-local status` report steps."""
+    from transformers import TrainerCallback
 
     class ProgressFile(TrainerCallback):
-        """Lets the parent process draw a progress bar and `lion-local status` report steps."""
-
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.is_world_process_zero:
                 loss = (logs or {}).get("loss")
@@ -108,48 +129,33 @@ def train(job: dict) -> dict:
             if state.is_world_process_zero:
                 _write_json(progress_path, {"step": state.global_step, "max_steps": state.max_steps})
 
+    return ProgressFile()
+
+
+def train(job: dict) -> dict:
+    """Fine-tune the job's base model on its dataset, resuming from a complete checkpoint; return a summary."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    on_gpu = torch.cuda.is_available()  # decided by torch, never by CUDA_VISIBLE_DEVICES
     tokenizer = AutoTokenizer.from_pretrained(job["base_model"])
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     dataset = load_dataset("json", data_files=job["data_file"], split="train")
-    tensorboard_dir = job.get("tensorboard_dir")
-    if tensorboard_dir:
+    if job.get("tensorboard_dir"):
         # Loss and learning rate as event files in the run directory; nothing leaves the machine.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = tensorboard_dir
-    config = SFTConfig(
-        output_dir=job["work_dir"],
-        learning_rate=hyper["learning_rate"],
-        num_train_epochs=hyper["num_train_epochs"],
-        per_device_train_batch_size=hyper["per_device_batch_size"],
-        gradient_accumulation_steps=gradient_accumulation_steps(
-            hyper["effective_batch_size"], hyper["per_device_batch_size"], world_size
-        ),
-        lr_scheduler_type=hyper["lr_scheduler_type"],
-        warmup_steps=hyper["warmup_ratio"],  # a float below 1 is a share of all steps
-        weight_decay=hyper["weight_decay"],
-        bf16=hyper["bf16"] and on_gpu,
-        activation_checkpointing=hyper["gradient_checkpointing"],  # the new name of gradient checkpointing
-        max_length=hyper["max_seq_length"],
-        completion_only_loss=True,
-        packing=False,
-        seed=job["seed"],
-        data_seed=job["seed"],
-        use_cpu=not on_gpu,
-        save_strategy="steps",
-        save_steps=hyper["save_steps"],
-        save_total_limit=1,
-        logging_steps=hyper["logging_steps"],
-        report_to="tensorboard" if tensorboard_dir else "none",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        model_init_kwargs={"attn_implementation": attention_implementation()},
-    )
+        os.environ["TENSORBOARD_LOGGING_DIR"] = job["tensorboard_dir"]
+    logger.info("imitation.trainer: %s", json.dumps(job["imitation"]["trainer"], sort_keys=True))
+    config = SFTConfig(**sft_config_kwargs(job, world_size, on_gpu, attention_implementation()))
     trainer = SFTTrainer(
         model=job["base_model"],
         args=config,
         train_dataset=dataset,
         processing_class=tokenizer,
-        callbacks=[ProgressFile()],
+        callbacks=[progress_callback(Path(job["progress_file"]))],
     )
     # Every process picks the same checkpoint; only the first one removes what was cut short.
     resume = last_complete_checkpoint(Path(job["work_dir"]), remove_incomplete=os.environ.get("RANK", "0") == "0")

@@ -17,11 +17,12 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from lion_local.errors import LionError
 from lion_local.config import Config
 from serving.commands import executable
 
 
-class LaunchError(RuntimeError):
+class LaunchError(LionError):
     """Training cannot be launched as configured; the message says why and how to fix it."""
 
 
@@ -67,7 +68,7 @@ def accelerate_command(config: Config, job_file: Path, on_gpu: bool | None = Non
         command += ["--config_file", config.imitation.accelerate_config]
     else:
         command += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
-        command += ["--mixed_precision", "bf16" if config.imitation.bf16 and on_gpu else "no"]
+        command += ["--mixed_precision", "bf16" if config.imitation.trainer.get("bf16") and on_gpu else "no"]
         if not on_gpu:
             command.append("--cpu")
     return command + ["-m", "lion_local.stages.sft", str(job_file)]
@@ -98,7 +99,7 @@ def multi_node_command(config: Config, job_file: Path, allocation: Allocation, g
     if config.imitation.accelerate_config:
         launch += ["--config_file", config.imitation.accelerate_config]
     else:
-        launch += ["--multi_gpu", "--mixed_precision", "bf16" if config.imitation.bf16 else "no"]
+        launch += ["--multi_gpu", "--mixed_precision", "bf16" if config.imitation.trainer.get("bf16") else "no"]
     launch += [
         "--num_machines",
         str(nodes),
