@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lion_local import config_schema
+from lion_local import trainer_settings
 from lion_local.config import ConfigError, load_config
-from lion_local.config_schema import LION_LOCAL_TRAINER_KEYS, PAPER_TRAINER
+from lion_local.trainer_settings import LION_LOCAL_TRAINER_KEYS, PAPER_TRAINER
 from lion_local.stages.sft import sft_config_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -274,13 +274,13 @@ def test_fields_read_from_the_sources_are_sft_configs_fields():
     import dataclasses
 
     trl = pytest.importorskip("trl")
-    assert set(config_schema.sft_config_fields()) == {field.name for field in dataclasses.fields(trl.SFTConfig)}
+    assert set(trainer_settings.sft_config_fields()) == {field.name for field in dataclasses.fields(trl.SFTConfig)}
 
 
 def test_loading_a_config_imports_neither_trl_nor_torch():
     code = (
         "import sys; from lion_local.config import load_config; load_config('configs/tiny-cpu.yaml'); "
-        "from lion_local.config_schema import sft_config_fields; assert sft_config_fields(); "
+        "from lion_local.trainer_settings import sft_config_fields; assert sft_config_fields(); "
         "print(sorted(m for m in ('trl', 'torch', 'transformers', 'datasets') if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -294,7 +294,7 @@ def without_trl(monkeypatch):
 
     find_spec = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
-    caches = (config_schema.sft_config_fields, config_schema._parsed)
+    caches = (trainer_settings.sft_config_fields, trainer_settings._parsed)
     for cache in caches:
         cache.cache_clear()
     yield
@@ -304,7 +304,7 @@ def without_trl(monkeypatch):
 
 
 def test_without_trl_the_field_check_is_skipped(tmp_path, monkeypatch, without_trl):
-    assert config_schema.sft_config_fields() is None
+    assert trainer_settings.sft_config_fields() is None
     config = _config(tmp_path, monkeypatch, "imitation.trainer.learning_rat=1.0e-3")
     assert config.imitation.trainer["learning_rat"] == 1e-3
     # What lion-local sets itself is refused all the same.

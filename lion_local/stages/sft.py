@@ -89,7 +89,7 @@ def _write_json(path: Path, payload: dict) -> None:
 def sft_config_kwargs(job: dict, world_size: int, on_gpu: bool, attn_implementation: str) -> dict:
     """trl.SFTConfig's keyword arguments: imitation.trainer unchanged, then what lion-local decides.
 
-    The config refuses the keys set here in imitation.trainer (config_schema.LION_LOCAL_TRAINER_KEYS),
+    The config refuses the keys set here in imitation.trainer (trainer_settings.LION_LOCAL_TRAINER_KEYS),
     so nothing below overrides a configured value; bf16 is honoured on a GPU only.
     """
     imitation = job["imitation"]

@@ -1,0 +1,197 @@
+"""The PNG plots of `lion-local report`, one function per plot, each drawn from a RunReport.
+
+Each plot function returns a figure, or None when the run has no data for it; make_plots writes
+those that have data under <run_dir>/plots/.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from lion_local.commands.report import LABELS, ROLE_STAGES, RunReport
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+
+def make_plots(report: RunReport, directory: Path) -> list[Path]:
+    """Write every plot that has data, in this order; return their paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+
+    directory.mkdir(parents=True, exist_ok=True)
+    # (file name, the function that draws it or returns None without data, whether its first axes
+    # counts whole numbers of instructions, calls or replies). The file names are this module's own:
+    # lion_local.run.layout names only the folder (RunDir.plots).
+    plots = (
+        ("gaps.png", gaps_plot, True),
+        ("labels.png", labels_plot, False),
+        ("scores.png", scores_plot, False),
+        ("pools.png", pools_plot, True),
+        ("generation.png", generation_plot, True),
+        ("cost.png", cost_plot, True),  # the first panel counts calls
+        ("evaluation.png", evaluation_plot, False),
+    )
+    written = []
+    for name, plot, counts in plots:
+        figure = plot(report)
+        if figure is not None:
+            written.append(_save(figure, directory / name, counts))
+    return written
+
+
+def _subplots(*args, **kwargs):
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(*args, **kwargs)
+
+
+def _save(figure: Figure, path: Path, counts: bool) -> Path:
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    if counts:
+        for axes in figure.axes[:1]:
+            axes.yaxis.set_major_locator(MaxNLocator(integer=True))
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def gaps_plot(report: RunReport) -> Figure | None:
+    """gaps.png: the teacher-student gap histogram, one series per judged iteration, and tau."""
+    judged = report.judged
+    if not judged:
+        return None
+    figure, axes = _subplots(figsize=(8, 4.5))
+    width = 0.8 / len(judged)
+    for index, it in enumerate(judged):
+        bins = it.report["scores"]["gap_histogram"]
+        axes.bar([b["from"] + 0.1 + index * width for b in bins], [b["count"] for b in bins], width=width,
+                 align="edge", label=f"iteration {it.iteration}")
+    tau = report_tau(report)
+    if tau is not None:
+        axes.axvline(tau, color="black", linestyle="--", linewidth=1, label=f"tau = {tau:g} (hard at or above)")
+    axes.set(title="Teacher minus student score per instruction",
+             xlabel="gap (referee score points, teacher - student)", ylabel="instructions")
+    axes.legend()
+    return figure
+
+
+def labels_plot(report: RunReport) -> Figure | None:
+    """labels.png: the hard / easy / unjudged shares of the Cache Pool per judged iteration."""
+    judged = report.judged
+    if not judged:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    bottom = [0.0] * len(judged)
+    for label, colour in zip(LABELS, ("tab:red", "tab:green", "tab:gray")):
+        shares = [100.0 * it.report["labels"][label] / max(1, sum(it.report["labels"].values())) for it in judged]
+        axes.bar([it.label for it in judged], shares, bottom=bottom, label=label, color=colour)
+        bottom = [b + s for b, s in zip(bottom, shares)]
+    axes.set(title="Cache Pool instructions by label", xlabel="iteration", ylabel="share of the Cache Pool (%)",
+             ylim=(0, 100))
+    axes.legend(bbox_to_anchor=(1.02, 1), loc="upper left")
+    return figure
+
+
+def scores_plot(report: RunReport) -> Figure | None:
+    """scores.png: the teacher's and the student's mean referee score per judged iteration."""
+    judged = report.judged
+    if not judged:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    for key, label in (("mean_teacher", "teacher"), ("mean_student", "student")):
+        axes.plot([it.label for it in judged], [it.report["scores"][key] for it in judged], marker="o", label=label)
+    axes.set(title="Mean referee score per iteration", xlabel="iteration", ylabel="mean score (1-10)")
+    axes.legend()
+    return figure
+
+
+def pools_plot(report: RunReport) -> Figure | None:
+    """pools.png: the Train Pool, the Cache Pool and the generated instructions per iteration."""
+    if not report.iterations:
+        return None
+    figure, axes = _subplots(figsize=(8, 4.5))
+    names = [it.label for it in report.iterations]
+    width = 0.27
+    for index, key in enumerate(("train", "cache", "generated")):
+        values = [it.report.get("pools", {}).get(key, 0) for it in report.iterations]
+        axes.bar([i + (index - 1) * width for i in range(len(names))], values, width=width, label=f"{key}")
+    axes.set_xticks(range(len(names)), names)
+    axes.set(title="Pool sizes per iteration", xlabel="iteration", ylabel="instructions")
+    axes.legend(["Train Pool", "Cache Pool", "generated (accepted)"])
+    return figure
+
+
+def generation_plot(report: RunReport) -> Figure | None:
+    """generation.png: the generator's replies accepted per side and rejected per reason, per iteration."""
+    generating = report.generating
+    if not generating:
+        return None
+    figure, axes = _subplots(figsize=(8, 4.5))
+    reasons = sorted({r for it in generating for r in it.report["generation"].get("rejected", {})})
+    series = [(f"accepted {side}", [it.report["generation"]["accepted"].get(side, 0) for it in generating])
+              for side in ("hard", "easy")]
+    series += [(f"rejected: {r}", [it.report["generation"]["rejected"].get(r, 0) for it in generating]) for r in reasons]
+    bottom = [0] * len(generating)
+    for label, values in series:
+        axes.bar([it.label for it in generating], values, bottom=bottom, label=label)
+        bottom = [b + v for b, v in zip(bottom, values)]
+    axes.set(title="Generator replies: accepted per side, rejected per reason", xlabel="iteration",
+             ylabel="generator replies")
+    axes.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return figure
+
+
+def cost_plot(report: RunReport) -> Figure | None:
+    """cost.png: calls, tokens and seconds per role and stage, one panel each, one series per iteration."""
+    if not report.iterations:
+        return None
+    figure, panels = _subplots(1, 3, figsize=(14, 4.5))
+    pairs = [(role, stage) for role, stage in ROLE_STAGES
+             if any(it.usage(role, stage).get("calls") for it in report.iterations)]
+    labels = [f"{role}\n{stage}" for role, stage in pairs]
+    width = 0.8 / len(report.iterations)
+    for axes, (title, unit, value) in zip(panels, (
+        ("Calls", "calls", lambda u: u.get("calls", 0)),
+        ("Tokens", "tokens (prompt + completion)", lambda u: u.get("prompt_tokens", 0) + u.get("completion_tokens", 0)),
+        ("Time in calls", "seconds (summed over calls)", lambda u: u.get("seconds", 0.0)),
+    )):
+        for index, it in enumerate(report.iterations):
+            axes.bar([i + index * width for i in range(len(pairs))], [value(it.usage(r, s)) for r, s in pairs],
+                     width=width, label=it.label)
+        axes.set_xticks([i + 0.4 - width / 2 for i in range(len(pairs))], labels, fontsize="small")
+        axes.set(title=f"{title} per role and stage", xlabel="role and stage", ylabel=unit)
+    panels[0].legend()
+    return figure
+
+
+def evaluation_plot(report: RunReport) -> Figure | None:
+    """evaluation.png: the student's score as a percentage of the teacher's, per evaluated checkpoint."""
+    scored = [e for e in report.evaluations if e.get("relative_score") is not None]
+    if not scored:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    axes.plot([e["checkpoint"] for e in scored], [e["relative_score"] for e in scored], marker="o",
+              label="student / teacher")
+    axes.axhline(100, color="black", linestyle="--", linewidth=1, label="the teacher (100%)")
+    axes.set(title="Relative score per checkpoint (judge scores, both orders)", xlabel="checkpoint",
+             ylabel="student total as % of teacher total")
+    axes.legend()
+    return figure
+
+
+def report_tau(report: RunReport) -> float | None:
+    """The run's discrimination.tau from its config.yaml, or None if it cannot be read."""
+    try:
+        import yaml
+
+        config = yaml.safe_load(report.run.config_yaml.read_text(encoding="utf-8"))
+        return float(config["discrimination"]["tau"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
