@@ -13,6 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
+from lion_local.run.layout import RunDir
 from lion_local.trainer_settings import MOVED_IMITATION_KEYS, PAPER_TRAINER, sft_config_fields, trainer_key_problem
 from serving.spec import ServerSpec, TransformersServeOptions, VllmOptions
 
@@ -296,7 +297,7 @@ class Config(_Strict):
     def endpoint_dir(self, name: str) -> Path:
         """Where endpoints of server `name` are published by `lion-local serve NAME --publish`."""
         configured = self.servers[name].endpoint_dir
-        return Path(configured) if configured else Path(self.run_dir) / "endpoints" / name
+        return Path(configured) if configured else RunDir(self.run_dir).endpoints(name)
 
     def servers_in_use(self) -> list[str]:
         """The names of the servers some role talks to."""

@@ -10,7 +10,7 @@ quick.
 Offline: every lion-local command runs in a network namespace whose only interface is the
 loopback (tests/loopback_only.py, as root), so the whole smoke pipeline is shown to need nothing
 beyond this machine; and every process lion-local starts (servers, accelerate, the trainer),
-sampled from /proc while the commands run, was started with the offline environment of SPEC 2.4.
+sampled from /proc while the commands run, was started with the offline environment (`OFFLINE_ENVIRONMENT` in `lion_local/offline.py`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The student sees byte-identical prompts in training and at inference (SPEC 2.1).
+"""The student sees byte-identical prompts in training and at inference (`student_prompt`, lion_local/roles/student.py).
 
 The training side is the prompt/completion row imitation writes for SFTTrainer; the inference
 side is the `prompt` field the student role actually sends to /v1/completions, captured by a

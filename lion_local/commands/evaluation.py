@@ -38,16 +38,15 @@ import logging
 from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
-from lion_local.errors import InputError
 from lion_local.config import Config, api_key_for, check_models_exist
 from lion_local.endpoints.client import EndpointClient
 from lion_local.stages.imitation import is_checkpoint
 from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
-from lion_local.run.records import instruction_id, request_seed
+from lion_local.commands.questions import default_questions, load_questions
+from lion_local.run.records import request_seed
 from lion_local.roles import ask_student, ask_teacher, referee_identity
 from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.errors import StageOrderError
@@ -59,10 +58,6 @@ from lion_local.endpoints.servers import ServerSet
 from lion_local.smoke.tiny_models import ensure_tiny_models
 
 logger = logging.getLogger(__name__)
-
-
-class QuestionsError(InputError):
-    """A bad evaluation question file; the message is one line naming the file and the line."""
 
 
 @dataclass(frozen=True)
@@ -116,58 +111,8 @@ def summary_line(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs: the questions and the checkpoints
+# Inputs: the checkpoints (the questions: lion_local.commands.questions)
 # ----------------------------------------------------------------------------------------------
-
-
-def default_questions() -> Path:
-    return Path(str(resources.files("lion_local.data").joinpath("eval_questions.jsonl")))
-
-
-def load_questions(path: str | Path) -> list[dict]:
-    """[{"id", "question", "category"}] from a JSONL file; a bad line raises QuestionsError."""
-    path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise QuestionsError(f"{path}: question file not found; give a JSONL file of question objects") from None
-    except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise QuestionsError(f"{path}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
-    except OSError as exc:
-        raise QuestionsError(f"{path}: cannot read the question file: {exc.strerror}") from None
-    questions: list[dict] = []
-    line_of: dict[str, int] = {}
-    # Only "\n" ends a line: splitlines() would also split at U+2028 inside JSON strings.
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QuestionsError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
-        if not isinstance(item, dict):
-            raise QuestionsError(f"{where}: expected an object with a 'question' field, got {type(item).__name__}")
-        question, category, given_id = item.get("question"), item.get("category"), item.get("id")
-        if not isinstance(question, str) or not question.strip():
-            problem = "missing" if question is None else "empty" if isinstance(question, str) else "not a string"
-            raise QuestionsError(f"{where}: field 'question' is {problem}; each line needs a non-empty question")
-        if category is not None and not isinstance(category, str):
-            raise QuestionsError(f"{where}: field 'category' must be a string, not {type(category).__name__}")
-        if given_id is not None and (type(given_id) not in (str, int) or given_id == ""):
-            raise QuestionsError(f"{where}: field 'id' must be a non-empty string or an integer")
-        question_id = str(given_id) if given_id is not None else instruction_id(question.strip())
-        if question_id in line_of:
-            raise QuestionsError(
-                f"{where}: id {question_id!r} repeats the one at line {line_of[question_id]} "
-                "(a question without an id is identified by its text); ids must be unique"
-            )
-        line_of[question_id] = number
-        questions.append({"id": question_id, "question": question.strip(), "category": category or None})
-    if not questions:
-        raise QuestionsError(f"{path}: the question file holds no questions")
-    return questions
 
 
 def select_checkpoints(run: RunDir, iteration: Iteration | None = None) -> list[Checkpoint]:

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from lion_local.config import Config, ServerSpec, api_key_for
 from lion_local.endpoints.client import EndpointClient
 from lion_local.offline import offline_environ
-from lion_local.run.state import Journal
 from serving import (
     Endpoint,
     Launched,
@@ -76,10 +75,11 @@ def client_for(endpoint: Endpoint, server: ServerSpec) -> EndpointClient:
 class ServerSet:
     """Servers started on first use and kept running across stages until stopped."""
 
-    def __init__(self, config: Config, log_dir: Path, started_journal: Path | None = None) -> None:
+    def __init__(self, config: Config, log_dir: Path, on_start: Callable[[dict], None] | None = None) -> None:
+        """`on_start` receives one record per server start (the loop journals them in servers.jsonl)."""
         self.config = config
         self.log_dir = Path(log_dir)
-        self.started_journal = started_journal
+        self.on_start = on_start
         self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         # Started and still loading: stop_all ends these too, so a cancelled start leaves nothing.
         self._loading: list[ServerProcess] = []
@@ -137,7 +137,7 @@ class ServerSet:
             self._record_start(endpoint, each.model or each.spec.model)
 
     def _record_start(self, endpoint: Endpoint, model: str | None) -> None:
-        if self.started_journal is None:
+        if self.on_start is None:
             return
         record = {
             "server": endpoint.name,
@@ -146,8 +146,7 @@ class ServerSet:
             "base_url": endpoint.base_urls[0],
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        with Journal(self.started_journal) as journal:
-            journal.append(record)
+        self.on_start(record)
 
     def endpoint(self, name: str, model: str | None = None) -> Endpoint:
         self.start({name: model})

@@ -26,7 +26,7 @@ from lion_local.errors import StageOrderError
 from lion_local.run.identity import check_resume
 from lion_local.run.layout import FINAL, Iteration, RunDir, Stage, all_stages
 from lion_local.run.records import seed_records
-from lion_local.run.state import add_stage_seconds, completed_stages, mark_completed, read_jsonl, read_state, run_lock, write_atomic
+from lion_local.run.state import Journal, add_stage_seconds, completed_stages, mark_completed, read_jsonl, read_state, run_lock, write_atomic
 from lion_local.smoke.tiny_models import ensure_tiny_models
 from lion_local.stages.discrimination import run_discrimination
 from lion_local.stages.generation import run_generation
@@ -101,7 +101,7 @@ def execute(config: Config, scope: str, stage: str | None = None, accepted_chang
         check_resume(run, config, accepted_changes, next_stage=str(stages[0]) if stages else "")
         ensure_tiny_models(config)
         write_atomic(run.config_yaml, config_to_yaml(config))
-        with run_log(run), ServerSet(config, run.logs, run.servers_journal) as servers:
+        with run_log(run), Journal(run.servers_journal) as started, ServerSet(config, run.logs, started.append) as servers:
             for each in stages:
                 run_stage(config, run, each, servers)
                 done.append(each)
