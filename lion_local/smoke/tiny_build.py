@@ -28,7 +28,7 @@ from lion_local.smoke.tiny_models import TinyBuild, builtin_seed_data
 
 logger = logging.getLogger(__name__)
 
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
+RESERVED_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 EOS = "</s>"
 CHAT_TEMPLATE = (
     "{%- for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor -%}"
@@ -154,7 +154,7 @@ def train_tokenizer(examples: list[tuple[str, str]], vocab_size: int) -> PreTrai
     bpe.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=RESERVED_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -165,7 +165,7 @@ def train_tokenizer(examples: list[tuple[str, str]], vocab_size: int) -> PreTrai
         bos_token="<s>",
         eos_token=EOS,
         pad_token="<pad>",
-        additional_special_tokens=SPECIAL_TOKENS[4:],
+        additional_special_tokens=RESERVED_TOKENS[4:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     tokenizer.model_max_length = 1024
