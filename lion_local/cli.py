@@ -312,6 +312,30 @@ def report(config_path: str, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @config_options
+# A plain path: export refuses a file, or a folder inside the run directory, in one line.
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder to write to (outside the run directory).")
+@click.option(
+    "--format",
+    "data_format",
+    type=click.Choice(["messages", "alpaca", "all"]),
+    default="all",
+    show_default=True,
+    help="Training data as chat messages JSONL (train.messages.jsonl), Alpaca JSON (train.alpaca.json), or both.",
+)
+@click.option("--hf", is_flag=True, help="Also save a datasets DatasetDict (train, cache_pool) in OUT/hf/ for load_from_disk.")
+@click.option("--partial", is_flag=True, help="Include the files of unfinished stages as they are (marked partial in export.json).")
+def export(config_path: str, overrides: tuple[str, ...], out_dir: str, data_format: str, hf: bool, partial: bool) -> None:
+    """Write the run's distilled data to OUT: every instruction the student was trained on with the
+    teacher's answer and its provenance, and each discrimination's judged Cache Pool; reads the run only."""
+    from lion_local.commands.export import export_run, summary_lines
+
+    config = load_config(config_path, overrides)
+    result = export_run(config, Path(out_dir), data_format, hf=hf, partial=partial)
+    click.echo("\n".join(summary_lines(result)))
+
+
+@main.command()
+@config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
 @click.option(
     "--seeds",

@@ -53,6 +53,7 @@ class ConfigError(InputError):
 
 
 PATH_FIELDS = ("run_dir", "seed_data", "tiny_models.dir", "imitation.accelerate_config", "evaluation.questions")
+PATH_LIST_FIELDS = ("generation.decontamination.question_files",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +234,12 @@ def _resolve_paths(config: Config) -> None:
                 break
         if node is not None and getattr(node, leaf) is not None:
             setattr(node, leaf, str(Path(getattr(node, leaf)).expanduser().resolve()))
+    for dotted in PATH_LIST_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for part in parents:
+            node = getattr(node, part)
+        setattr(node, leaf, [str(Path(path).expanduser().resolve()) for path in getattr(node, leaf)])
     for server in config.servers.values():
         if server.model:
             server.model = str(Path(server.model).expanduser().resolve())

@@ -119,6 +119,26 @@ def _key_error(title: str, key: str, value: Any, message: str) -> ValidationErro
     return ValidationError.from_exception_data(title, [detail])
 
 
+class Lora(_Strict):
+    """A LoRA student: peft trains a low-rank adapter on the configured student's frozen weights."""
+
+    rank: int = Field(16, ge=1, description="The adapter's rank r.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha: the update is scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
+        min_length=1,
+        description="Module names that get an adapter (LLaMA: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+        "down_proj).",
+    )
+    serve: Literal["merged", "adapter"] = Field(
+        "merged",
+        description="merged: each checkpoint is the base with the adapter merged in (full weights; the adapter "
+        "beside it in student/adapter/); adapter: the checkpoint is the adapter, which vLLM serves on the base "
+        "model (--enable-lora).",
+    )
+
+
 class Imitation(_Strict):
     """Student fine-tuning with TRL's SFTTrainer (defaults: the paper's settings)."""
 
@@ -137,6 +157,9 @@ class Imitation(_Strict):
     )
     accelerate_config: str | None = Field(
         None, description="accelerate config file (configs/accelerate/*.yaml); None: one process."
+    )
+    peft: Lora | None = Field(
+        None, description="Train a LoRA adapter instead of full weights (None: full weights, the paper's way)."
     )
     final_imitation: bool = Field(True, description="After the last iteration, train on the last Train Pool.")
     rendezvous_port: int = Field(
@@ -185,6 +208,37 @@ class GenerationFilters(_Strict):
     drop_truncated: bool = Field(True, description="Drop instructions cut off by the length budget.")
 
 
+class Decontamination(_Strict):
+    """Rejects a generated instruction too close to an evaluation question (reason `contaminated`)."""
+
+    enabled: bool = Field(
+        True,
+        description="Check every generated instruction against the evaluation questions below, after the "
+        "post-filters and before the novelty check; false: no check.",
+    )
+    include_builtin_questions: bool = Field(
+        True, description="Check against the built-in question set (lion_local/data/eval_questions.jsonl)."
+    )
+    question_files: list[str] = Field(
+        default_factory=list,
+        description="More question files to check against, JSONL of {question, category?, id?} as for "
+        "evaluation.questions (e.g. the file evaluation.questions names).",
+    )
+    rouge_threshold: float = Field(
+        0.7,
+        gt=0,
+        le=1,
+        description="Reject an instruction whose ROUGE-L F against some question is above this (kept if <= this, "
+        "as generation.rouge_threshold).",
+    )
+    ngram: int = Field(
+        13,
+        ge=1,
+        description="Reject an instruction sharing any run of this many words (lowercased, punctuation ignored) "
+        "with some question; an instruction shorter than this is checked by ROUGE-L only.",
+    )
+
+
 class Generation(_Strict):
     new_per_iteration: int = Field(6000, ge=1, description="New instructions wanted per iteration (N).")
     hard_ratio: float = Field(0.5, ge=0, le=1, description="Share of N generated from hard seeds.")
@@ -198,11 +252,12 @@ class Generation(_Strict):
         0.9,
         gt=0,
         le=1,
-        description="Share of generator replies expected to pass the filters and the novelty check: "
-        "sizes each iteration's first wave of generator calls, and `lion-local plan` assumes it until "
-        "a generation stage of the run has finished.",
+        description="Share of generator replies expected to pass the filters, the decontamination and the "
+        "novelty check: sizes each iteration's first wave of generator calls, and `lion-local plan` assumes "
+        "it until a generation stage of the run has finished.",
     )
     filters: GenerationFilters = Field(default_factory=GenerationFilters)
+    decontamination: Decontamination = Field(default_factory=Decontamination)
 
 
 class Evaluation(_Strict):
@@ -277,6 +332,12 @@ class Config(_Strict):
                 + (" and logprobs" if self.roles.referee.mode == "expected_score" else "")
                 + f", which `transformers serve` (servers.{self.roles.referee.server}) rejects; serve the referee "
                 "with vllm or use mode explain_first"
+            )
+        peft = self.imitation.peft
+        if peft is not None and peft.serve == "adapter" and self.servers[self.roles.student.server].engine != "vllm":
+            raise ValueError(
+                f"imitation.peft.serve: adapter checkpoints are served by vLLM (--enable-lora), but "
+                f"servers.{self.roles.student.server} is not a vllm server; use serve: merged"
             )
         if self.servers[self.roles.student.server].engine == "external":
             raise ValueError(

@@ -8,6 +8,7 @@ environment variables at https://docs.vllm.ai/en/latest/configuration/env_vars.h
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -35,8 +36,30 @@ def request_model_name(server: ServerSpec, model: str | None = None) -> str:
     return server.served_model_name or Path(str(model or server.model)).name
 
 
+# vLLM accepts these values of --max-lora-rank only (engine_args.html#--max-lora-rank).
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def lora_adapter(model: str | None) -> dict | None:
+    """The adapter_config.json of a PEFT LoRA adapter directory, or None for a full model."""
+    path = Path(str(model)) / "adapter_config.json" if model else None
+    if path is None or not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def _lora_args(adapter: dict, name: str, directory: str) -> list[str]:
+    """Serve the adapter at `directory` on its base model, to requests naming `name`."""
+    rank = next((r for r in VLLM_LORA_RANKS if r >= adapter["r"]), adapter["r"])
+    # --enable-lora, --lora-modules NAME=PATH, --max-lora-rank (engine_args.html#--enable-lora).
+    return ["--enable-lora", "--lora-modules", f"{name}={directory}", "--max-lora-rank", str(rank)]
+
+
 def vllm_command(server: ServerSpec, host: str, port: int, model: str | None = None) -> list[str]:
+    """The vLLM server of `server` (or of checkpoint `model`; a LoRA adapter is served on its base)."""
     options = server.vllm
+    adapter = lora_adapter(model)
+    name = request_model_name(server, model)
     launcher = list(options.launcher)
     if launcher == ["vllm", "serve"]:
         launcher[0] = executable("vllm")
@@ -45,7 +68,7 @@ def vllm_command(server: ServerSpec, host: str, port: int, model: str | None = N
         # --model rather than the positional model: `vllm serve` takes both, the api_server module only
         # this one (engine_args.html#--model).
         "--model",
-        str(model or server.model),
+        str(adapter["base_model_name_or_path"] if adapter else model or server.model),
         # --host/--port: address of the API server (cli/serve.html).
         "--host",
         host,
@@ -53,7 +76,7 @@ def vllm_command(server: ServerSpec, host: str, port: int, model: str | None = N
         str(port),
         # --served-model-name: the name clients send as `model` (engine_args.html#--served-model-name).
         "--served-model-name",
-        request_model_name(server, model),
+        f"{name}-base" if adapter else name,
         # --tensor-parallel-size: GPUs one replica is split over (engine_args.html#--tensor-parallel-size).
         "--tensor-parallel-size",
         str(options.tensor_parallel_size),
@@ -77,6 +100,8 @@ def vllm_command(server: ServerSpec, host: str, port: int, model: str | None = N
     if options.max_model_len is not None:
         # --max-model-len: context length (engine_args.html#--max-model-len).
         command += ["--max-model-len", str(options.max_model_len)]
+    if adapter:
+        command += _lora_args(adapter, name, str(model))
     return command + list(options.extra_args)
 
 

@@ -26,7 +26,7 @@ from fake_endpoint import FakeEndpoint, FakeServers, Reply, answering_endpoint
 import lion_local.commands.evaluation as evaluation
 from lion_local.cli import main
 from lion_local.config import Config, ConfigError, load_config
-from lion_local.commands.questions import QuestionsError, default_questions, load_questions
+from lion_local.run.questions import QuestionsError, default_questions, load_questions
 from lion_local.commands.evaluation import (
     relative_scores,
     run_evaluation,

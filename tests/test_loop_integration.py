@@ -134,6 +134,19 @@ def test_run_end_to_end(tiny_models: Path, vllm_teacher_url: str, tmp_path: Path
     for name in ("iter_1", "iter_2", "final"):  # the student's training curves, offline
         assert list((run_dir / "tensorboard" / name).glob("events.out.tfevents.*")), name
 
+    # `export`: every trained instruction with a non-empty teacher answer, each judged Cache Pool.
+    from lion_local.run.seed_data import load_seed_instructions
+
+    out = tmp_path / "export"
+    exported = subprocess.run(lion_local("export", "--config", str(config), "--out", str(out), "--hf"), capture_output=True, text=True)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    empty = {r["id"] for r in jsonl(run_dir / "teacher_answers.jsonl") if r["empty"]}
+    trained = [r for name in ("iter_1", "iter_2", "final") for r in jsonl(run_dir / name / "train_pool.jsonl") if r["id"] not in empty]
+    assert len(jsonl(out / "train.messages.jsonl")) == len(load_seed_instructions(out / "train.alpaca.json")) == len(trained)
+    cache = sum(len(jsonl(run_dir / f"iter_{k}/cache_pool.jsonl")) for k in (1, 2))
+    assert len(jsonl(out / "cache_pool.judgements.jsonl")) == cache
+    assert (out / "hf" / "dataset_dict.json").exists()
+
 
 def _table(markdown: str, heading: str) -> dict[str, list[str]]:
     """A markdown table under `heading`: first cell of each row -> the other cells."""

@@ -311,10 +311,11 @@ def test_plan_command_json_and_table(tmp_path):
     plan = json.loads(result.stdout)
     assert set(plan) == {
         "run_dir", "started", "completed_stages", "seeds", "seeds_source", "new_per_iteration", "iterations",
-        "final_imitation", "generator_acceptance", "generator_acceptance_source", "referee_retry_rate",
+        "final_imitation", "student_training", "generator_acceptance", "generator_acceptance_source", "referee_retry_rate",
         "referee_retry_source", "token_counting", "per_call", "pools", "rows", "totals",
     }
     assert plan["generator_acceptance"] == 0.8 and plan["generator_acceptance_source"] == "--generator-acceptance"
+    assert plan["student_training"] == {"mode": "full weights", "trainable_parameters": None}
     assert set(plan["rows"][0]) == {"stage", "role", "calls", "prompt_tokens", "completion_tokens", "source", "calls_so_far"}
     assert set(plan["totals"]) == {"teacher", "student", "referee", "generator", "all"}
     assert set(plan["per_call"]["referee"]) == {"prompt_tokens", "completion_tokens", "prompt_source", "completion_source"}

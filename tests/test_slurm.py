@@ -119,7 +119,9 @@ def test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_no
     slurm_cluster, tiny_models: Path, tmp_path: Path
 ) -> None:
     # One iteration and the final imitation: the two iterations of a run that submit.sh chains.
-    config = _config(tiny_models, tmp_path, iterations=1, seed_limit=24, generation__new_per_iteration=8)
+    # A LoRA student, merged into full weights for serving (the adapter on vLLM: tests/test_vllm.py).
+    lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"], "serve": "merged"}
+    config = _config(tiny_models, tmp_path, iterations=1, seed_limit=24, generation__new_per_iteration=8, imitation__peft=lora)
     run_dir = tmp_path / "run"
     result = subprocess.run(
         ["bash", str(SLURM / "submit.sh"), str(config), "--iterations", "2"],
@@ -137,6 +139,14 @@ def test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_no
     assert second["StartTime"] >= first["EndTime"]  # ISO timestamps: string order is time order
     assert _completed(run_dir) == _stages(1) + ["final/imitation"]
     check_invariants(run_dir, tiny_models)
+    # Merged LoRA checkpoints: full weights served as usual, the adapter of the configured rank beside
+    # them, and the final imitation continuing iteration 1's adapter.
+    for name in ("iter_1", "final"):
+        student = run_dir / name / "student"
+        assert (student / "model.safetensors").is_file() and not (student / "adapter_config.json").exists()
+        assert json.loads((student / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    job = json.loads((run_dir / "final" / "sft_job.json").read_text())
+    assert job["adapter_init"] == str(run_dir / "iter_1" / "student" / "adapter")
     remaining = subprocess.run(
         [sys.executable, "-m", "lion_local", "status", "--config", str(config), "--remaining-iterations"],
         capture_output=True, text=True,

@@ -41,6 +41,7 @@ SECRET = "sk-lion-vllm-test-5c1d2e"
 OFFLINE = os.geteuid() == 0
 WRAPPER = [sys.executable, str(ROOT / "tests/loopback_only.py")] if OFFLINE else []
 SERVER_MARKS = ("vllm.entrypoints", "VLLM::")
+LORA_RANK = 4
 
 pytestmark = pytest.mark.skipif(
     not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build): `make install` creates it on CPU machines"
@@ -56,8 +57,17 @@ def _parsed_by_vllm(argvs: list[list[str]]) -> list[dict]:
     return json.loads(result.stdout)
 
 
-def test_every_flag_lion_local_passes_is_accepted_by_the_installed_vllm():
+def test_every_flag_lion_local_passes_is_accepted_by_the_installed_vllm(tmp_path):
     argvs, names = [], []
+    # A LoRA student checkpoint (imitation.peft.serve: adapter) is served with --enable-lora.
+    adapter = tmp_path / "student"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"r": 4, "base_model_name_or_path": "/models/student"}))
+    student = load_config(ROOT / "configs/tiny-cpu.yaml").servers["student"]
+    lora = vllm_command(student, student.host, 8000, model=str(adapter))
+    assert lora[lora.index("--model") + 1] == "/models/student" and "student=" + str(adapter) in lora
+    argvs.append(lora[len(student.vllm.launcher):])
+    names.append("a LoRA adapter")
     for path, overrides in [
         ("configs/tiny-cpu.yaml", []),
         ("configs/lion-7b.yaml", ["servers.teacher.vllm.enforce_eager=true", "servers.teacher.vllm.max_model_len=4096"]),
@@ -152,6 +162,8 @@ def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
     data["iterations"] = 1
     data["imitation"]["final_imitation"] = False
     data["roles"]["referee"]["mode"] = "scores_only"
+    # A LoRA student served as an adapter on its base model (--enable-lora); merged: tests/test_slurm.py.
+    data["imitation"]["peft"] = {"rank": LORA_RANK, "target_modules": ["q_proj", "v_proj"], "serve": "adapter"}
     for name in ("teacher", "student"):
         data["servers"][name]["model"] = str(tiny_models / name)
         data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
@@ -231,9 +243,19 @@ def test_run_killed_in_discrimination_resumes_to_a_complete_run_on_vllm(vllm_run
     assert reviews and all(re.fullmatch(r"(10|[1-9]) (10|[1-9])", r["raw"]) for r in reviews)
     assert all(r["completion_tokens"] <= 8 for r in reviews)
 
-    # Each checkpoint TRL wrote was served by vLLM and answered the whole Cache Pool.
+    # The LoRA adapter TRL wrote (of the configured rank, no full weights) was served by vLLM on the
+    # base model and answered the whole Cache Pool.
+    student = run_dir / "iter_1/student"
+    adapter = json.loads((student / "adapter_config.json").read_text())
+    assert adapter["r"] == LORA_RANK and sorted(adapter["target_modules"]) == ["q_proj", "v_proj"]
+    assert (student / "adapter_model.safetensors").is_file() and not (student / "model.safetensors").exists()
+    imitation = json.loads((run_dir / "iter_1/imitation.json").read_text())
+    assert 0 < imitation["training"]["trainable_parameters"] < imitation["training"]["parameters"] / 10
     started = jsonl(run_dir / "servers.jsonl")
-    assert any(r["server"] == "student" and r["model"] == str(run_dir / "iter_1/student") for r in started)
+    assert any(r["server"] == "student" and r["model"] == str(student) for r in started)
+    assert "--enable-lora" in (run_dir / "logs/server-student.log").read_text() or any(
+        "--enable-lora" in command for command in vllm_run["commands"]
+    )
     answers = jsonl(run_dir / "iter_1/student_answers.jsonl")
     assert answers and sum(1 for a in answers if a["answer"].strip()) >= len(answers) // 2
     assert {r["engine"] for r in started} == {"vllm 0.32.0"}

@@ -24,6 +24,9 @@ Files, all under <run_dir>/eval/ (the run itself is never modified; server logs 
     <checkpoint>/judgements.jsonl       every judge reply: {"id", "order", "attempt", "raw", "scores", ...}
     <checkpoint>/result.json            the totals and relative scores, written whole at the end
 Each call is journaled as it returns, so a killed evaluation resumes without repeating one.
+A question set that the run's generation did not decontaminate against (generation.decontamination
+off, or the file neither the built-in set with include_builtin_questions nor among its
+question_files; compared by resolved path) is evaluated all the same, with a one-line warning.
 Every journal line carries a `key`, a hash of what its result depends on (the question text,
 the model and its parameters; for a judgement both answers too): a line whose key no longer
 matches (a question edited, another teacher or judge configured) is ignored and asked again.
@@ -44,8 +47,9 @@ from lion_local.config import Config, api_key_for, check_models_exist
 from lion_local.endpoints.client import EndpointClient
 from lion_local.stages.imitation import is_checkpoint
 from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.stages.decontamination import question_files
 from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
-from lion_local.commands.questions import default_questions, load_questions
+from lion_local.run.questions import default_questions, load_questions
 from lion_local.run.records import request_seed
 from lion_local.roles import ask_student, ask_teacher, referee_identity
 from lion_local.roles.teacher import parse_teacher_answer
@@ -81,7 +85,9 @@ def evaluate(config: Config, iteration: Iteration | None = None, questions_path:
     from lion_local.stages.loop import run_log  # the run commands' copy of the log in logs/lion-local.log
 
     run = RunDir(config.run_dir)
-    questions = load_questions(questions_path or config.evaluation.questions or default_questions())
+    path = Path(questions_path or config.evaluation.questions or default_questions())
+    questions = load_questions(path)
+    warn_if_not_decontaminated(config, path)
     checkpoints = select_checkpoints(run, iteration)
     check_models_exist(config, [config.roles.teacher.server, judge_server(config)])
     for name in {config.roles.teacher.server, config.roles.student.server, judge_server(config)}:
@@ -90,6 +96,19 @@ def evaluate(config: Config, iteration: Iteration | None = None, questions_path:
         ensure_tiny_models(config)
         with run_log(run), ServerSet(config, run.logs) as servers:
             return run_evaluation(config, run, checkpoints, questions, servers)
+
+
+def warn_if_not_decontaminated(config: Config, path: Path) -> bool:
+    """Warn (one line) when the run's generation did not decontaminate against this question file
+    (compared by resolved path); True when it warned."""
+    if path.expanduser().resolve() in question_files(config):
+        return False
+    why = "is off" if not config.generation.decontamination.enabled else "did not include this file"
+    logger.warning(
+        "evaluation: the questions of %s were not part of the run's decontamination (generation.decontamination "
+        "%s): generated instructions may paraphrase them and inflate the scores", path, why,
+    )
+    return True
 
 
 def judge_server(config: Config) -> str:
@@ -111,7 +130,7 @@ def summary_line(result: dict) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Inputs: the checkpoints (the questions: lion_local.commands.questions)
+# Inputs: the checkpoints (the questions: lion_local.run.questions)
 # ----------------------------------------------------------------------------------------------
 
 

@@ -14,11 +14,13 @@ The model (N0 seeds, G = generation.new_per_iteration, K = iterations; the stage
   extra replies per review seen in finished discriminations (unreadable replies), else 0.
 - generator: quotas round(G x hard_ratio) and the rest (from the real label counts once the
   discrimination has judged); the waves of lion_local.stages.generation are replayed with each wave
-  passing its expected share floor(size x a), where a, the share of replies passing the filters
-  and the novelty check, is observed in finished generation stages, else
+  passing its expected share floor(size x a), where a, the share of replies passing the filters,
+  the decontamination and the novelty check, is observed in finished generation stages, else
   generation.expected_acceptance (--generator-acceptance wins over both). When a is what the
   first wave was sized for, one wave fills the quota in 99% of sides, so the count rarely moves.
-Tokens per call, per role: the observed means of the run's journals once the role has made calls;
+  Once a generation stage has finished, the replies it rejected as `contaminated` (too close to
+  an evaluation question) are counted too: "generator_contaminated" in the JSON, absent before.
+Tokens per call, per role (lion_local.commands.plan_tokens): the observed means of the run's journals once the role has made calls;
 before that, prompts are the real role prompts (lion_local.roles) built for a sample of the seed
 instructions and counted with the teacher's tokenizer when its model directory is here (the
 chat template applied), else at CHARS_PER_TOKEN characters per token; the referee's prompt adds
@@ -40,28 +42,21 @@ import math
 from collections import Counter
 from importlib import resources
 from pathlib import Path
-from statistics import fmean
 
+from lion_local.commands.plan_tokens import JOURNALS, ROLES, per_call_tokens
 from lion_local.config import Config
 from lion_local.run.layout import FINAL, Iteration, IterationDir, RunDir, Stage
 from lion_local.run.records import pools_from, seed_records
 from lion_local.run.teacher_cache import uncached
+from lion_local.stages.lora import lora_parameter_count
 from lion_local.stages.generation import SIDES, WaveSchedule, generation_quotas
 from lion_local.stages.iteration_report import usage
-from lion_local.roles import generator_messages, referee_messages, student_prompt, teacher_messages
-from lion_local.roles.referee import referee_params
-from lion_local.roles.generator import generator_max_tokens
-from lion_local.roles.student import student_chat_messages
 from lion_local.run.seed_data import SeedDataError, load_seed_instructions
 from lion_local.run.state import completed_stages, read_jsonl
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("teacher", "student", "referee", "generator")
 STAGE_ROLES = {"imitation": ("teacher",), "discrimination": ("teacher", "student", "referee"), "generation": ("generator",)}
-JOURNALS = {"student": "student_answers", "referee": "reviews", "generator": "generator_calls"}  # IterationDir names
-CHARS_PER_TOKEN = 4
-TOKEN_SAMPLE = 200  # seed instructions whose prompts are built and counted
 
 
 def build_plan(config: Config, seeds: int | None = None, generator_acceptance: float | None = None) -> dict:
@@ -72,7 +67,8 @@ def build_plan(config: Config, seeds: int | None = None, generator_acceptance: f
     seed_ids, sample, seeds_source = _seeds(config, run, seeds)
     acceptance, acceptance_source = _acceptance(config, run, completed, generator_acceptance)
     retry_rate, retry_source = _retry_rate(config, run, completed)
-    per_call, counting = _per_call_tokens(config, run, sample)
+    contaminated = _contaminated(config, run, completed)
+    per_call, counting = per_call_tokens(config, run, sample)
     rows, pools = _walk(config, run, completed, seed_ids, acceptance, retry_rate, per_call)
     totals = {role: _sum([r for r in rows if r["role"] == role]) for role in ROLES}
     totals["all"] = _sum(rows)
@@ -85,8 +81,10 @@ def build_plan(config: Config, seeds: int | None = None, generator_acceptance: f
         "new_per_iteration": config.generation.new_per_iteration,
         "iterations": config.iterations,
         "final_imitation": config.imitation.final_imitation,
+        "student_training": student_training(config),
         "generator_acceptance": round(acceptance, 4),
         "generator_acceptance_source": acceptance_source,
+        **({"generator_contaminated": contaminated} if contaminated else {}),
         "referee_retry_rate": round(retry_rate, 4),
         "referee_retry_source": retry_source,
         "token_counting": counting,
@@ -95,6 +93,16 @@ def build_plan(config: Config, seeds: int | None = None, generator_acceptance: f
         "rows": rows,
         "totals": totals,
     }
+
+
+def student_training(config: Config) -> dict:
+    """Full weights or a LoRA adapter, with the adapter's trainable parameters when the student's
+    config.json is here (lion_local.stages.lora counts them)."""
+    lora = config.imitation.peft
+    if lora is None:
+        return {"mode": "full weights", "trainable_parameters": None}
+    count = lora_parameter_count(str(config.server_for("student").model), lora.rank, lora.target_modules)
+    return {"mode": f"LoRA rank {lora.rank} ({lora.serve})", "trainable_parameters": count}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,8 +134,8 @@ def _seeds(config: Config, run: RunDir, seeds: int | None) -> tuple[list[str], l
 
 
 def _acceptance(config: Config, run: RunDir, completed: set[Stage], given: float | None) -> tuple[float, str]:
-    """The share of generator replies passing the filters and the novelty check (accepted, or over
-    quota): given, observed in finished generation stages, or the config's expectation."""
+    """The share of generator replies passing every check of the decisions (accepted, or over
+    quota; a contaminated reply does not pass): given, observed in finished generation stages, or the config's expectation."""
     if given is not None:
         return given, "--generator-acceptance"
     calls = passed = 0
@@ -142,6 +150,17 @@ def _acceptance(config: Config, run: RunDir, completed: set[Stage], given: float
     return config.generation.expected_acceptance, "generation.expected_acceptance (--generator-acceptance A to change)"
 
 
+def _contaminated(config: Config, run: RunDir, completed: set[Stage]) -> dict | None:
+    """{"contaminated", "replies"} over the finished generation stages; None before one has finished."""
+    replies = contaminated = finished = 0
+    for k in range(1, config.iterations + 1):
+        if Iteration(k).stage("generation") in completed:
+            finished += 1
+            replies += len(read_jsonl(run.iteration(k).generator_calls))
+            contaminated += sum(r["reason"] == "contaminated" for r in read_jsonl(run.iteration(k).rejected))
+    return {"contaminated": contaminated, "replies": replies} if finished else None
+
+
 def _retry_rate(config: Config, run: RunDir, completed: set[Stage]) -> tuple[float, str]:
     """Extra referee replies per review (unreadable replies asked again), seen in finished discriminations."""
     reviews = replies = 0
@@ -152,93 +171,6 @@ def _retry_rate(config: Config, run: RunDir, completed: set[Stage]) -> tuple[flo
     if reviews:
         return max(0, replies - reviews) / reviews, f"observed ({replies} replies for {reviews} reviews)"
     return 0.0, "assumed (every reply readable)"
-
-
-class _TokenCounter:
-    """Tokens of a prompt: the teacher's tokenizer when its directory is here, else characters / 4."""
-
-    def __init__(self, model_dir: str | None) -> None:
-        self.tokenizer = None
-        self.description = f"about {CHARS_PER_TOKEN} characters per token (no local tokenizer)"
-        if model_dir and Path(model_dir).is_dir():
-            try:
-                from transformers import AutoTokenizer
-
-                self.tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-                self.description = f"the teacher's tokenizer ({model_dir})"
-            except (OSError, ValueError, ImportError) as exc:
-                logger.warning("cannot load the tokenizer of %s (%s); estimating tokens from characters", model_dir, exc)
-
-    def text(self, text: str) -> int:
-        if self.tokenizer is None:
-            return math.ceil(len(text) / CHARS_PER_TOKEN)
-        return len(self.tokenizer(text)["input_ids"])
-
-    def chat(self, messages: list[dict]) -> int:
-        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
-            return self.text("\n".join(m["content"] for m in messages))
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[dict, str]:
-    """Prompt and completion tokens per call of each role, with where each number comes from."""
-    # Calls without reported usage (an endpoint that returns none) say nothing about tokens.
-    observed = {role: [r for r in _role_records(config, run, role) if r.get("prompt_tokens")] for role in ROLES}
-    roles = config.roles
-    step = max(1, len(sample) // TOKEN_SAMPLE)
-    texts = [(r["instruction"], r["input"]) for r in sample[::step][:TOKEN_SAMPLE]] or [("", "")]
-    completion = {
-        "teacher": (roles.teacher.max_tokens, "max_tokens, an upper bound"),
-        "student": (roles.student.max_tokens, "max_tokens, an upper bound"),
-        "referee": (referee_params(roles.referee)["max_tokens"], f"max_tokens of mode {roles.referee.mode}, an upper bound"),
-        "generator": (fmean(generator_max_tokens(roles.generator, i) for i, _ in texts), "length budget, an upper bound"),
-    }
-    for role, records in observed.items():
-        if records:
-            completion[role] = (fmean(r["completion_tokens"] for r in records), f"observed mean of {len(records)} calls")
-    prompt_sources = {role: f"observed mean of {len(observed[role])} calls" for role in ROLES if observed[role]}
-    counting = "the run's journals (observed)"
-    estimate: dict[str, float] = {}
-    if len(prompt_sources) < len(ROLES):
-        count = _TokenCounter(config.server_for("teacher").model if config.server_for("teacher").engine != "external" else None)
-        counting = count.description
-        chat_student = roles.student.prompt_format == "chat"
-        answers = completion["teacher"][0] + completion["student"][0]
-        estimate = {
-            "teacher": fmean(count.chat(teacher_messages(i, x, roles.teacher.system_prompt)) for i, x in texts),
-            "student": fmean(
-                count.chat(student_chat_messages(i, x)) if chat_student else count.text(student_prompt(i, x)) for i, x in texts
-            ),
-            "referee": fmean(
-                count.chat(referee_messages(i, x, "", "", roles.referee.mode, roles.referee.structured_output, roles.referee.system_prompt))
-                for i, x in texts
-            ) + answers,
-            "generator": fmean(count.chat(generator_messages(i, x, side)) for i, x in texts for side in ("hard", "easy")),
-        }
-    per_call = {}
-    for role in ROLES:
-        if observed[role]:
-            prompt = fmean(r["prompt_tokens"] for r in observed[role])
-        else:
-            prompt = estimate[role]
-            prompt_sources[role] = "role prompts of sample instructions" + (
-                " + teacher and student completions" if role == "referee" else ""
-            )
-        per_call[role] = {
-            "prompt_tokens": round(prompt, 2),
-            "completion_tokens": round(completion[role][0], 2),
-            "prompt_source": prompt_sources[role],
-            "completion_source": completion[role][1],
-        }
-    return per_call, counting
-
-
-def _role_records(config: Config, run: RunDir, role: str) -> list[dict]:
-    """Every journaled call of a role in the run so far."""
-    if role == "teacher":
-        return read_jsonl(run.teacher_answers)
-    return [r for k in range(1, config.iterations + 1) for r in read_jsonl(getattr(run.iteration(k), JOURNALS[role]))]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -351,6 +283,11 @@ def _sum(rows: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------------
 
 
+def _training_note(training: dict) -> str:
+    count = training["trainable_parameters"]
+    return training["mode"] + (f", {count:,} trainable parameters per imitation" if count is not None else "")
+
+
 def plan_lines(plan: dict) -> list[str]:
     """The plan as a readable table: a header with N0, G, iterations and assumptions, then rows."""
     done = len(plan["completed_stages"])
@@ -363,10 +300,12 @@ def plan_lines(plan: dict) -> list[str]:
             f"iteration; {plan['iterations']} iterations{final}"
         ),
         (
-            f"generator acceptance {plan['generator_acceptance']:.2f}: {plan['generator_acceptance_source']}; "
+            f"generator acceptance {plan['generator_acceptance']:.2f}: {plan['generator_acceptance_source']}"
+            f"{_contaminated_note(plan)}; "
             f"referee retries {plan['referee_retry_rate']:.3f} per review: {plan['referee_retry_source']}"
         ),
         f"prompt tokens counted with {plan['token_counting']}",
+        f"student training: {_training_note(plan['student_training'])}",
     ]
     for role, each in plan["per_call"].items():
         lines.append(
@@ -386,6 +325,11 @@ def plan_lines(plan: dict) -> list[str]:
     for role, total in plan["totals"].items():
         lines.append(_line("total", role, total, ""))
     return lines
+
+
+def _contaminated_note(plan: dict) -> str:
+    observed = plan.get("generator_contaminated")
+    return f", contaminated {observed['contaminated']:,} of {observed['replies']:,} replies" if observed else ""
 
 
 def _line(stage: str, role: str, numbers: dict, note: str) -> str:

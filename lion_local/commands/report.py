@@ -138,6 +138,7 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
 
     rows = [
         row("Train Pool", get("pools", "train")),
+        row("trainable parameters", get("imitation", "training", "trainable_parameters")),
         row("Cache Pool", get("pools", "cache")),
         row("generated", get("pools", "generated")),
         *(row(label, get("labels", label)) for label in LABELS),

@@ -5,20 +5,28 @@
 N = generation.new_per_iteration instructions are wanted, round(N x hard_ratio) from hard seeds
 and the rest from easy seeds; when one side has no seeds the other fills the whole quota. Each
 generator call takes a seed drawn uniformly from its side with an RNG fixed by (run seed,
-iteration, side, attempt number), so a re-run draws the same seeds. A reply is kept only when
-it parses as one instruction, passes the post-filters (generation.filters) and is novel: its
-ROUGE-L F against every Cache Pool instruction and every instruction accepted before it is at
-most generation.rouge_threshold (NoveltyIndex: rouge-score's exact values). Each side may make
+iteration, side, attempt number), so a re-run draws the same seeds. A reply is decided by
+these checks in this order, the first that fails naming the rejection reason: it parses as one
+instruction (empty, unparseable), passes the post-filters (generation.filters: truncated,
+banned_word, too_short, leading_punctuation, non_ascii_start), is not its seed word for word
+(repeats_seed), is not contaminated (contaminated: its ROUGE-L F against every evaluation
+question of generation.decontamination is at most its rouge_threshold and it shares no
+`ngram`-word run with one; lion_local.stages.decontamination), is not a known id (duplicate) and
+is novel (too_similar: its ROUGE-L F against every Cache Pool instruction and every instruction
+accepted before it is at most generation.rouge_threshold; NoveltyIndex: rouge-score's exact
+values); a reply passing them all is kept while its side's quota has room (quota_reached after).
+Decontamination comes before the novelty check, so a contaminated instruction is never
+compared with the pool, and it never counts as passing in the waves below. Each side may make
 at most ceil(max_attempts_factor x its quota) calls; what it then still lacks is the shortfall.
 
 Calls are made in waves. A side's wave is the fewest calls of which, with probability
-WAVE_CONFIDENCE, enough pass (filters and novelty) to fill what the side still lacks, each
+WAVE_CONFIDENCE, enough pass (every check above) to fill what the side still lacks, each
 passing with probability generation.expected_acceptance in the first wave and the share seen
 passing so far after it: one wave usually finishes a side, so few waves wait on a straggler,
 while the calls asked beyond the quota stay a few standard deviations of a binomial. Every reply
 is journaled (generator_calls.jsonl); decisions are then taken in a fixed order (wave, side,
-attempt), so the accepted and rejected instructions are a pure function of the journal: a killed
-stage re-run replays the journal, asks only for the calls that were missing, and writes
+attempt), so the accepted and rejected instructions are a pure function of the journal (given
+the Cache Pool, the config and the evaluation questions): a killed stage re-run replays the journal, asks only for the calls that were missing, and writes
 generated.jsonl and rejected.jsonl whole after each wave.
 """
 
@@ -35,6 +43,7 @@ from collections import Counter
 from lion_local.config import Config, GenerationFilters
 from lion_local.endpoints.client import EndpointClient
 from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.stages.decontamination import decontamination_index
 from lion_local.stages.novelty import NoveltyIndex
 from lion_local.run.records import by_id, instruction_id, instruction_record, pools_for, request_seed
 from lion_local.roles import ask_generator, parse_generated_instruction
@@ -114,7 +123,7 @@ class WaveSchedule:
         self.expected_acceptance, self.quotas, self.budgets = expected_acceptance, quotas, budgets
         self.accepted = {side: 0 for side in SIDES}
         self.called = {side: 0 for side in SIDES}
-        self.passed = self.decided = 0  # passed: the filters and the novelty check, within quota or not
+        self.passed = self.decided = 0  # passed: every check of the decisions, within quota or not
 
     def next_wave(self) -> list[tuple[str, int]]:
         """(side, attempt) of each call of the next wave, attempts numbered per side; [] at the end."""
@@ -212,6 +221,7 @@ class _Decisions:
 
     def __init__(self, config: Config, iteration: Iteration, cache_pool: list[dict]) -> None:
         self.filters, self.iteration = config.generation.filters, iteration
+        self.decontamination = decontamination_index(config)  # None when generation.decontamination is off
         self.index = NoveltyIndex(config.generation.rouge_threshold)
         self.pool_ids: list[str] = []  # by position in the index
         for record in cache_pool:
@@ -228,6 +238,11 @@ class _Decisions:
         entry = {"side": side, "attempt": reply["attempt"], "parent": reply["parent"], "raw": reply["raw"]}
         if reason is None and instruction.strip() == self.pool[reply["parent"]]["instruction"].strip():
             reason = "repeats_seed"
+        if reason is None and self.decontamination is not None:
+            contaminated = self.decontamination.check(instruction)
+            if contaminated is not None:
+                reason = "contaminated"
+                entry.update(contaminated)  # the question's id, and its ROUGE-L F or the shared n-gram
         if reason is None:
             novel, similarity, similar_index = self.index.check(instruction)
             entry["similarity"] = round(similarity, 6)

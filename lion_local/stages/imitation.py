@@ -31,6 +31,7 @@ from lion_local.roles.student import student_chat_messages, student_training_tex
 from lion_local.run.layout import Iteration, IterationDir, RunDir
 from lion_local.run.state import write_atomic, write_jsonl_atomic
 from lion_local.run.teacher_cache import teacher_answers_for
+from lion_local.stages.lora import adapter_of, is_adapter
 from lion_local.stages.training_launch import training_command
 from lion_local.endpoints.servers import ServerSet
 from serving.process import die_with_parent
@@ -43,15 +44,33 @@ class TrainingError(LionError):
 
 
 def base_checkpoint(config: Config, run: RunDir, iteration: Iteration) -> str:
-    """The checkpoint an iteration's imitation continues from."""
-    if iteration.number == 1:
+    """The checkpoint an iteration's imitation continues from (a LoRA student: always the
+    configured model; its adapter continues, see `adapter_init`)."""
+    previous = _previous_student(config, run, iteration)
+    if previous is None or config.imitation.peft is not None:
         return str(config.server_for("student").model)
-    previous = config.iterations if iteration.is_final else iteration.number - 1
-    return str(run.iteration(previous).student)
+    return str(previous)
+
+
+def adapter_init(config: Config, run: RunDir, iteration: Iteration) -> str | None:
+    """The adapter a LoRA student's training starts from: the previous iteration's (None: a new one)."""
+    previous = _previous_student(config, run, iteration)
+    if config.imitation.peft is None or previous is None:
+        return None
+    adapter = adapter_of(previous, config.imitation.peft.serve)
+    return str(adapter) if is_adapter(adapter) else None  # a copied full checkpoint holds none
+
+
+def _previous_student(config: Config, run: RunDir, iteration: Iteration) -> Path | None:
+    if iteration.number == 1:
+        return None
+    return run.iteration(config.iterations if iteration.is_final else iteration.number - 1).student
 
 
 def is_checkpoint(directory: Path) -> bool:
-    return directory.is_dir() and (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
+    """A finished student: full weights, or a LoRA adapter (imitation.peft.serve: adapter)."""
+    full = (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
+    return directory.is_dir() and (full or is_adapter(directory))
 
 
 def training_examples(config: Config, records: list[dict], answers: dict[str, dict], eos_token: str) -> list[dict]:
@@ -101,7 +120,7 @@ def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: Se
         summary["examples"] = len(examples)
         if not examples:
             logger.warning("%s: no training examples (empty Train Pool or answers); the student is unchanged", marker)
-            _copy_checkpoint(Path(base), student_dir)
+            _copy_checkpoint(_previous_student(config, run, iteration) or Path(base), student_dir)
             summary["training"] = {"skipped": "no training examples; the checkpoint is a copy of the base"}
         else:
             summary["training"] = train_student(config, run, directory, base, examples)
@@ -127,6 +146,7 @@ def train_student(config: Config, run: RunDir, directory: IterationDir, base: st
         "result_file": str(result_file),
         "tensorboard_dir": str(run.tensorboard(directory.iteration)),
         "seed": config.seed + (directory.iteration.number or 0),
+        "adapter_init": adapter_init(config, run, directory.iteration),
         "imitation": config.imitation.model_dump(mode="json"),
     }
     write_atomic(job_file, json.dumps(job, indent=2) + "\n")

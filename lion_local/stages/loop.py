@@ -28,6 +28,7 @@ from lion_local.run.layout import FINAL, Iteration, RunDir, Stage, all_stages
 from lion_local.run.records import seed_records
 from lion_local.run.state import Journal, add_stage_seconds, completed_stages, mark_completed, read_jsonl, read_state, run_lock, write_atomic
 from lion_local.smoke.tiny_models import ensure_tiny_models
+from lion_local.stages.decontamination import decontamination_index
 from lion_local.stages.discrimination import run_discrimination
 from lion_local.stages.generation import run_generation
 from lion_local.stages.imitation import run_imitation
@@ -82,6 +83,7 @@ def check_inputs(config: Config, run: RunDir) -> None:
         api_key_for(config, name)
     if not run.iteration(1).cache_pool.exists():
         seed_records(config)  # a bad seed file fails here, before anything is written
+    decontamination_index(config)  # and so does a bad question file
 
 
 def execute(config: Config, scope: str, stage: str | None = None, accepted_changes: tuple[str, ...] = ()) -> list[Stage]:

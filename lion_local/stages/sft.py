@@ -94,6 +94,7 @@ def sft_config_kwargs(job: dict, world_size: int, on_gpu: bool, attn_implementat
     """
     imitation = job["imitation"]
     trainer = imitation["trainer"]
+    padding_free = bool(trainer.get("padding_free", False))
     return {
         **trainer,
         "bf16": bool(trainer.get("bf16", False)) and on_gpu,
@@ -102,7 +103,10 @@ def sft_config_kwargs(job: dict, world_size: int, on_gpu: bool, attn_implementat
             imitation["effective_batch_size"], trainer["per_device_train_batch_size"], world_size
         ),
         "completion_only_loss": True,
-        "packing": False,
+        # padding_free: TRL keeps max_length only by packing, so whole examples are packed best-fit
+        # into max_length rows, each attending to itself alone; the loss stays on the answers.
+        "packing": padding_free,
+        **({"packing_strategy": "bfd"} if padding_free else {}),
         "seed": job["seed"],
         "data_seed": job["seed"],
         "use_cpu": not on_gpu,
@@ -132,6 +136,11 @@ def progress_callback(progress_path: Path):
     return ProgressFile()
 
 
+def _parameter_counts(model) -> tuple[int, int]:
+    """(trainable, all) parameters of the model being trained."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
+
+
 def train(job: dict) -> dict:
     """Fine-tune the job's base model on its dataset, resuming from a complete checkpoint; return a summary."""
     import torch
@@ -149,12 +158,21 @@ def train(job: dict) -> dict:
         # Loss and learning rate as event files in the run directory; nothing leaves the machine.
         os.environ["TENSORBOARD_LOGGING_DIR"] = job["tensorboard_dir"]
     logger.info("imitation.trainer: %s", json.dumps(job["imitation"]["trainer"], sort_keys=True))
-    config = SFTConfig(**sft_config_kwargs(job, world_size, on_gpu, attention_implementation()))
+    kwargs = sft_config_kwargs(job, world_size, on_gpu, attention_implementation())
+    model, peft_config = job["base_model"], None
+    lora = job["imitation"].get("peft")
+    if lora:
+        from lion_local.stages.lora import model_to_train
+
+        model, peft_config = model_to_train(job, kwargs["model_init_kwargs"])
+        if not isinstance(model, str):
+            kwargs["model_init_kwargs"] = None  # TRL takes them only for a model it loads itself
     trainer = SFTTrainer(
-        model=job["base_model"],
-        args=config,
+        model=model,
+        args=SFTConfig(**kwargs),
         train_dataset=dataset,
         processing_class=tokenizer,
+        peft_config=peft_config,
         callbacks=[progress_callback(Path(job["progress_file"]))],
     )
     # Every process picks the same checkpoint; only the first one removes what was cut short.
@@ -162,10 +180,18 @@ def train(job: dict) -> dict:
     if resume is not None:
         logger.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    trainer.save_model(job["output_dir"])
+    trainable, parameters = _parameter_counts(trainer.model)
+    if not lora:
+        trainer.save_model(job["output_dir"])
+    elif trainer.is_world_process_zero():
+        from lion_local.stages.lora import save_student
+
+        save_student(trainer.model, Path(job["output_dir"]), lora["serve"])
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(job["output_dir"])
     return {
+        "trainable_parameters": trainable,
+        "parameters": parameters,
         "examples": len(dataset),
         "steps": trainer.state.global_step,
         "train_loss": result.training_loss,

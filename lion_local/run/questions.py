@@ -2,6 +2,9 @@
 
 The built-in set is lion_local/data/eval_questions.jsonl. A question without an id is identified
 by its text (the instruction id of lion_local.run.records), so editing it makes a new question.
+Two readers share this module: `lion-local evaluate` (the questions it asks) and the generation
+stage's decontamination (lion_local.stages.decontamination: the questions no generated
+instruction may come close to), so it sits in the run model, below both.
 """
 
 from __future__ import annotations
