@@ -20,8 +20,8 @@ from pathlib import Path
 import click
 
 from lion_local import __version__
-from lion_local.config import Config, ConfigError, api_key_for, check_launchers, check_models_exist, config_to_yaml, load_config
-from lion_local.errors import LionError, StageOrderError
+from lion_local.config import ConfigError, api_key_for, check_launchers, check_models_exist, config_to_yaml, load_config
+from lion_local.errors import LionError
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run.layout import Iteration, RunDir
 from serving.process import ServerError
@@ -119,14 +119,14 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
     in the foreground until interrupted."""
     from lion_local.offline import offline_environ
-    from lion_local.endpoints.servers import wanted_server
+    from lion_local.endpoints.servers import server_named, wanted_server
     from lion_local.smoke.tiny_models import ensure_tiny_models
     from serving import server_launch, server_process
     from serving.commands import request_model_name
     from serving.published import published_endpoint, reachable_host
 
     config = load_config(config_path, overrides)
-    server_name = _server_name(config, name)
+    server_name = server_named(config, name)
     server = config.servers[server_name]
     if server.engine == "external":
         where = ", ".join(server.base_urls) or f"endpoints published in {config.endpoint_dir(server_name)}"
@@ -192,16 +192,16 @@ def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None,
 @config_options
 def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
     """Check config, paths, servers and one real request per role; exit 1 naming what failed."""
-    from lion_local.commands.doctor import run_doctor
+    from lion_local.commands.doctor import one_line, run_doctor
 
     config = load_config(config_path, overrides)
     checks = run_doctor(config, RunDir(config.run_dir).logs)
     for check in checks:
         click.echo(f"{'OK  ' if check.ok else 'FAIL'}  {check.name:<18} {check.detail}")
         if check.raw is not None:
-            click.echo(f"      raw:    {_one_line(check.raw)}")
+            click.echo(f"      raw:    {one_line(check.raw)}")
         if check.parsed is not None and check.parsed != repr(check.raw):
-            click.echo(f"      parsed: {_one_line(check.parsed)}")
+            click.echo(f"      parsed: {one_line(check.parsed)}")
     failed = [check.name for check in checks if not check.ok]
     if failed:
         click.echo(f"doctor: FAILED: {', '.join(failed)}", err=True)
@@ -300,11 +300,6 @@ def report(config_path: str, overrides: tuple[str, ...]) -> None:
 
     config = load_config(config_path, overrides)
     run = RunDir(config.run_dir)
-    if not any(run.at(each).report.exists() for each in run.numbered_iterations()):
-        raise StageOrderError(
-            f"{run.root}: nothing to report yet; an iteration's report.json is written when its "
-            "generation stage ends (lion-local status shows where the run stands)"
-        )
     written = write_report(run)
     click.echo(text_table(*summary_rows(written)))
     click.echo(f"wrote {run.report_md} and {len(written.plots)} plots in {run.plots}")
@@ -392,22 +387,6 @@ def evaluate(config_path: str, overrides: tuple[str, ...], iteration: Iteration 
     _stop_on_sigterm()
     for result in evaluate_checkpoints(config, iteration, questions_path):
         click.echo(summary_line(result))
-
-
-def _server_name(config: Config, name: str) -> str:
-    if name in config.servers:
-        return name
-    role = getattr(config.roles, name, None)
-    if role is not None and hasattr(role, "server"):
-        return role.server
-    choices = ", ".join(sorted({*config.servers, "teacher", "referee", "generator", "student"}))
-    raise ConfigError(f"serve {name}: no server or role of that name; choose one of: {choices}")
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    """Newlines and other unprintable characters escaped, so each reply stays on one line."""
-    flat = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
-    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

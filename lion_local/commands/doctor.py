@@ -167,3 +167,9 @@ async def _attempt(name: str, client: EndpointClient | None, call, parse, descri
     if parsed is None:
         return Check(name, False, f"{describe}; {summary}", completion.text, None), None
     return Check(name, True, summary, completion.text, repr(parsed)), parsed
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    """Newlines and other unprintable characters escaped, so each reply stays on one line."""
+    flat = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+    return flat if len(flat) <= limit else flat[:limit] + "..."

@@ -26,6 +26,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lion_local.errors import StageOrderError
 from lion_local.run.layout import FINAL, Iteration, RunDir
 from lion_local.run.state import read_state, write_atomic
 
@@ -245,6 +246,11 @@ def write_report(run: RunDir) -> RunReport:
     """Collect, plot and write report.md; returns what was reported."""
     from lion_local.commands.report_plots import make_plots  # matplotlib: only when writing
 
+    if not any(run.at(each).report.exists() for each in run.numbered_iterations()):
+        raise StageOrderError(
+            f"{run.root}: nothing to report yet; an iteration's report.json is written when its "
+            "generation stage ends (lion-local status shows where the run stands)"
+        )
     report = collect(run)
     report.plots = make_plots(report, run.plots) if report.iterations else []
     write_atomic(run.report_md, markdown(report))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lion_local.config import Config, ServerSpec, api_key_for
+from lion_local.config import Config, ConfigError, ServerSpec, api_key_for
 from lion_local.endpoints.client import EndpointClient
 from lion_local.offline import offline_environ
 from serving import (
@@ -43,6 +43,17 @@ def wanted_server(config: Config, name: str, log_path: Path, model: str | None =
         offline_environ(),
         model,
     )
+
+
+def server_named(config: Config, name: str) -> str:
+    """The server NAME of `lion-local serve NAME`: a server of the config, or the server of a role."""
+    if name in config.servers:
+        return name
+    role = getattr(config.roles, name, None)
+    if role is not None and hasattr(role, "server"):
+        return role.server
+    choices = ", ".join(sorted({*config.servers, "teacher", "referee", "generator", "student"}))
+    raise ConfigError(f"serve {name}: no server or role of that name; choose one of: {choices}")
 
 
 def server_log(log_dir: Path, name: str) -> Path:
