@@ -26,7 +26,7 @@ import pytest
 from rouge_score import rouge_scorer
 
 from fake_endpoint import FakeEndpoint, FakeServers, Reply
-from test_stages_with_fake_endpoints import (  # noqa: F401 (fake: the fixture)  # noqa: F401  (a fixture)
+from test_stages_with_fake_endpoints import (  # noqa: F401 (fake: the fixture)
     POOL,
     fake,
     generator_call_of,
