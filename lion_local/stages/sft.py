@@ -136,11 +136,6 @@ def progress_callback(progress_path: Path):
     return ProgressFile()
 
 
-def _parameter_counts(model) -> tuple[int, int]:
-    """(trainable, all) parameters of the model being trained."""
-    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(p.numel() for p in model.parameters())
-
-
 def train(job: dict) -> dict:
     """Fine-tune the job's base model on its dataset, resuming from a complete checkpoint; return a summary."""
     import torch
@@ -180,7 +175,7 @@ def train(job: dict) -> dict:
     if resume is not None:
         logger.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    trainable, parameters = _parameter_counts(trainer.model)
+    summary = _summary(trainer, result, len(dataset), resume is not None)
     if not lora:
         trainer.save_model(job["output_dir"])
     elif trainer.is_world_process_zero():
@@ -189,16 +184,26 @@ def train(job: dict) -> dict:
         save_student(trainer.model, Path(job["output_dir"]), lora["serve"])
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(job["output_dir"])
+    return summary
+
+
+def _summary(trainer, result, examples: int, resumed: bool) -> dict:
+    import torch
+
+    model = trainer.model
+    logged_tokens = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
     return {
-        "trainable_parameters": trainable,
-        "parameters": parameters,
-        "examples": len(dataset),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "examples": examples,
         "steps": trainer.state.global_step,
+        # Tokens trained on, padding excluded (TRL's count, at the last logged step).
+        "tokens": int(max(logged_tokens)) if logged_tokens else None,
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics.get("train_runtime"),
-        "resumed": resume is not None,
-        "world_size": world_size,
-        "device": "cuda" if on_gpu else "cpu",
+        "resumed": resumed,
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "device": "cuda" if torch.cuda.is_available() else "cpu",
     }
 
 
