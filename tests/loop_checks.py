@@ -262,15 +262,20 @@ def check_invariants(run_dir: Path, tiny_models: Path, tau: float = 1.0, thresho
     answers = jsonl(run_dir / "teacher_answers.jsonl")
     assert len({r["id"] for r in answers}) == len(answers), "an instruction was answered twice"
 
-    # Each checkpoint's weights differ from the one it continued from.
+    # Each checkpoint's weights differ from the one it continued from (a LoRA adapter served as
+    # such: its B matrices, zero when an adapter starts, were trained away from zero).
     chain = [tiny_models / "student"] + [run_dir / f"iter_{k}/student" for k in range(1, iterations + 1)]
     if final:
         chain.append(run_dir / "final/student")
     for before, after in zip(chain, chain[1:]):
+        assert (after / "tokenizer.json").exists()
+        if (after / "adapter_model.safetensors").exists():
+            adapter = load_file(after / "adapter_model.safetensors")
+            assert any(name.endswith("lora_B.weight") and tensor.abs().sum() > 0 for name, tensor in adapter.items())
+            continue
         old, new = load_file(before / "model.safetensors"), load_file(after / "model.safetensors")
         assert old.keys() == new.keys()
         assert any(not old[name].equal(new[name]) for name in old), f"{after} equals {before}"
-        assert (after / "tokenizer.json").exists()
 
     last = iterations
     everything = jsonl(run_dir / f"iter_{last}/cache_pool.jsonl") + jsonl(run_dir / f"iter_{last}/generated.jsonl")
