@@ -175,7 +175,7 @@ def train(job: dict) -> dict:
     if resume is not None:
         logger.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
-    summary = _summary(trainer, result, len(dataset), resume is not None)
+    summary = _summary(trainer, result, len(dataset), resume is not None, world_size, on_gpu)
     if not lora:
         trainer.save_model(job["output_dir"])
     elif trainer.is_world_process_zero():
@@ -187,9 +187,7 @@ def train(job: dict) -> dict:
     return summary
 
 
-def _summary(trainer, result, examples: int, resumed: bool) -> dict:
-    import torch
-
+def _summary(trainer, result, examples: int, resumed: bool, world_size: int, on_gpu: bool) -> dict:
     model = trainer.model
     logged_tokens = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
     return {
@@ -202,8 +200,8 @@ def _summary(trainer, result, examples: int, resumed: bool) -> dict:
         "train_loss": result.training_loss,
         "train_runtime_s": result.metrics.get("train_runtime"),
         "resumed": resumed,
-        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
-        "device": "cuda" if torch.cuda.is_available() else "cpu",
+        "world_size": world_size,
+        "device": "cuda" if on_gpu else "cpu",
     }
 
 
