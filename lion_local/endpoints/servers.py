@@ -13,7 +13,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 from lion_local.config import Config, ConfigError, ServerSpec, api_key_for
@@ -91,7 +91,9 @@ class ServerSet:
         self.config = config
         self.log_dir = Path(log_dir)
         self.on_start = on_start
-        self._starting: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
+        # One lock per server name (on the running event loop): two coroutines never start the same
+        # server twice, while different servers start side by side from separate coroutines.
+        self._starting: tuple[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] | None = None
         # Started and still loading: stop_all ends these too, so a cancelled start leaves nothing.
         self._loading: list[ServerProcess] = []
         self._running: dict[str, tuple[str | None, ServerProcess | None, Endpoint]] = {}
@@ -118,8 +120,11 @@ class ServerSet:
         seconds they take to load are waited for on another, so the event loop keeps running."""
         loop = asyncio.get_running_loop()
         if self._starting is None or self._starting[0] is not loop:
-            self._starting = (loop, asyncio.Lock())
-        async with self._starting[1]:  # two coroutines never start the same server twice
+            self._starting = (loop, {})
+        locks = self._starting[1]
+        async with AsyncExitStack() as held:
+            for name in sorted(wanted):  # always in one order, so two callers cannot deadlock
+                await held.enter_async_context(locks.setdefault(name, asyncio.Lock()))
             launched = self._launch(wanted)
             await asyncio.to_thread(self._finish, launched)
 

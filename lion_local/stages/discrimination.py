@@ -76,34 +76,33 @@ async def _collect(
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Teacher answers and student answers by id, and every review, for the whole Cache Pool."""
     directory = run.at(iteration)
-    roles = config.roles
-    with Journal(directory.student_answers) as student_journal, Journal(directory.reviews) as reviews:
-        calls = _Calls(config, run, iteration, servers, student_journal, reviews)
+    with Journal(directory.student_answers) as student_journal:
+        calls = _Calls(config, run, iteration, servers, student_journal)
         need_student = [record for record in cache_pool if record["id"] not in calls.student_answers]
-        ids = [record["id"] for record in cache_pool]
-        for pair_id, order, attempt in pending_reviews(ids, reviews.records, roles.referee.parse_retries):
-            calls.pending.setdefault(pair_id, []).append((order, attempt))
         async with AsyncExitStack() as stack:
-            # The student's new checkpoint and the referee load side by side.
-            wanted = {roles.student.server: str(directory.student)} if need_student else {}
-            if calls.pending:
-                wanted.setdefault(roles.referee.server, None)
-            await servers.start_async(wanted)
-            clients = {}
-            if need_student:
-                clients["student"] = await calls.client(stack, "student")
-            if calls.pending:
-                clients["referee"] = await calls.client(stack, "referee")
-            calls.unanswered = len(need_student)
-            calls.teacher = asyncio.ensure_future(
-                ensure_teacher_answers(run, config, cache_pool, lambda: calls.client(stack, "teacher"), calls.marker)
-            )
+            # A checkpoint takes tens of seconds to load, so the student's server is launched before
+            # the longest journal (the reviews) is read; the referee's loads beside it, and the
+            # reviews of instructions already answered (a resumed stage) go out while it loads.
+            student = calls.client(stack, "student") if need_student else None
+            await asyncio.sleep(0)  # the student's start runs up to its wait: its process is launched
             try:
-                await calls.run_all(cache_pool, need_student, clients)
-                teacher_answers = await calls.teacher
+                with Journal(directory.reviews) as reviews:
+                    calls.reviews = reviews
+                    ids = [record["id"] for record in cache_pool]
+                    for pair_id, order, attempt in pending_reviews(ids, reviews.records, config.roles.referee.parse_retries):
+                        calls.pending.setdefault(pair_id, []).append((order, attempt))
+                    referee = calls.client(stack, "referee") if calls.pending else None
+                    calls.unanswered = len(need_student)
+                    calls.teacher = asyncio.ensure_future(
+                        ensure_teacher_answers(run, config, cache_pool, lambda: calls.client(stack, "teacher"), calls.marker)
+                    )
+                    await calls.run_all(cache_pool, need_student, student, referee)
+                    teacher_answers = await calls.teacher
             finally:
-                calls.teacher.cancel()
-                await asyncio.gather(calls.teacher, return_exceptions=True)
+                pending = [*calls.clients.values(), *([calls.teacher] if calls.teacher is not None else [])]
+                for each in pending:
+                    each.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
     return teacher_answers, calls.student_answers, reviews.records
 
 
@@ -111,29 +110,40 @@ class _Calls:
     """The model calls of one discrimination, each journaled as it returns."""
 
     def __init__(
-        self, config: Config, run: RunDir, iteration: Iteration, servers: ServerSet, student_journal: Journal, reviews: Journal
+        self, config: Config, run: RunDir, iteration: Iteration, servers: ServerSet, student_journal: Journal
     ) -> None:
         self.config, self.servers = config, servers
         self.k = iteration.number  # in the request seeds
         self.student_dir = run.at(iteration).student
         self.marker = iteration.stage("discrimination")
-        self.student_journal, self.reviews = student_journal, reviews
+        self.student_journal = student_journal
+        self.reviews: Journal  # opened once the student's server is launching
         self.student_answers = {record["id"]: record for record in student_journal.records}
         self.pending: dict[str, list[tuple[str, int]]] = {}  # id -> (order, next attempt) of each review due
-        self.clients: dict[str, EndpointClient] = {}
+        self.clients: dict[str, asyncio.Future[EndpointClient]] = {}  # by server name, opened once
         self.unanswered = 0
-        self.teacher: asyncio.Future[dict[str, dict]]
+        self.teacher: asyncio.Future[dict[str, dict]] | None = None
 
-    async def client(self, stack: AsyncExitStack, role: str) -> EndpointClient:
+    def client(self, stack: AsyncExitStack, role: str) -> asyncio.Future[EndpointClient]:
+        """The client of a role's server, opened (its server started) at the first ask, in the background."""
         name = getattr(self.config.roles, role).server
         if name not in self.clients:
             model = str(self.student_dir) if role == "student" else None
-            self.clients[name] = await stack.enter_async_context(await self.servers.open_client(name, model))
+
+            async def open_client() -> EndpointClient:
+                return await stack.enter_async_context(await self.servers.open_client(name, model))
+
+            self.clients[name] = asyncio.ensure_future(open_client())
         return self.clients[name]
 
-    async def run_all(self, cache_pool: list[dict], need_student: list[dict], clients: dict[str, EndpointClient]) -> None:
-        self.student_client = clients.get("student")
-        self.referee_client = clients.get("referee")
+    async def run_all(
+        self,
+        cache_pool: list[dict],
+        need_student: list[dict],
+        student: asyncio.Future[EndpointClient] | None,
+        referee: asyncio.Future[EndpointClient] | None,
+    ) -> None:
+        self.student_client, self.referee_client = student, referee
         if self.config.discrimination.stream_reviews:
             # An instruction's two reviews are sent as soon as its student answer is in.
             work = [r for r in cache_pool if r["id"] not in self.student_answers or r["id"] in self.pending]
@@ -153,7 +163,7 @@ class _Calls:
     async def student_answer(self, record: dict) -> None:
         role = self.config.roles.student
         seed = request_seed(self.config.seed, "student", self.k, record["id"])
-        completion = await ask_student(self.student_client, role, record["instruction"], record["input"], seed=seed)
+        completion = await ask_student(await self.student_client, role, record["instruction"], record["input"], seed=seed)
         answer = {"id": record["id"], "answer": completion.text, **call_fields(completion, seed)}
         self.student_journal.append(answer)
         self.student_answers[record["id"]] = answer
@@ -169,8 +179,9 @@ class _Calls:
             (await self.teacher)[record["id"]]["answer"], self.student_answers[record["id"]]["answer"],
         )
         seed_of = lambda *key: request_seed(self.config.seed, "referee", self.k, *key)  # noqa: E731
+        client = await self.referee_client
         await asyncio.gather(*(
-            review_call(self.referee_client, role, pair, order, attempt, role.parse_retries, seed_of, self.reviews)()
+            review_call(client, role, pair, order, attempt, role.parse_retries, seed_of, self.reviews)()
             for order, attempt in self.pending.get(record["id"], [])
         ))
 
