@@ -301,6 +301,25 @@ def test_retries_500_503_429_and_dropped_connection_then_succeeds():
     assert (usage.calls, usage.retries, usage.failures) == (1, 4, 0)
 
 
+def test_time_a_retry_waits_for_a_free_slot_does_not_count_against_the_failure_budget():
+    # One slot: the first call fails, then waits behind two slow calls (1.2 s, more than the
+    # 0.5 s budget) before its retry, which fails once more; the call after that succeeds.
+    script = [Reply(503, b"busy"), Reply(delay=0.6), Reply(delay=0.6), Reply(503, b"busy")]
+
+    async def main():
+        async with FakeServer(script=script) as server, client_for(
+            server.base_url, max_concurrency=1, failure_budget_s=0.5
+        ) as client:
+            results = await asyncio.gather(*(client.chat("teacher", MESSAGES) for _ in range(3)))
+        return server, client, results
+
+    server, client, results = asyncio.run(main())
+    assert [r.text for r in results] == ["hello"] * 3
+    assert len(server.seen) == 5
+    usage = client.usage["teacher"]
+    assert (usage.calls, usage.retries, usage.failures) == (3, 2, 0)
+
+
 def test_retry_after_is_honoured_and_capped():
     async def one(retry_after: str, backoff_max_s: float) -> float:
         script = [Reply(429, b"wait", headers={"Retry-After": retry_after})]

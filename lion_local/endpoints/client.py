@@ -55,6 +55,9 @@ _HINTS = {
 }
 
 
+IDLE_CONNECTION_S = 4.0
+
+
 class EndpointError(LionError):
     """A request to an endpoint failed for good; the message is one line."""
 
@@ -89,6 +92,7 @@ class _Retryable:
     error: str
     retry_after: float | None = None
     refused: bool = False  # the connection itself failed: the URL may be down
+    queued_s: float = 0.0  # time the attempt waited for a free slot before it was sent
 
 
 class EndpointClient:
@@ -164,8 +168,10 @@ class EndpointClient:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            # The semaphore bounds connections in use; the pool just keeps them alive.
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30.0)
+            # The semaphore bounds connections in use; the pool just keeps them alive, for less
+            # time than vLLM's server does (uvicorn closes an idle connection after 5 s): a
+            # connection reused just as the server closes it fails as "Server disconnected".
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_CONNECTION_S)
             self._session = aiohttp.ClientSession(
                 connector=connector, headers=self._headers, timeout=self._timeout, trust_env=self._use_env_proxy
             )
@@ -205,7 +211,11 @@ class EndpointClient:
             self._aborted.discard(task)
 
     async def _with_retries(self, usage: RoleUsage, path: str, payload: dict) -> Completion:
-        first_failure: float | None = None
+        # The failure budget counts the time since the first failure less the time retries spent
+        # queued for a slot: behind thousands of queued calls a retry may wait minutes for its
+        # turn, which is no sign of an outage.
+        failing_for = 0.0
+        last_failure: float | None = None
         attempts = 0
         while True:
             attempts += 1
@@ -219,8 +229,9 @@ class EndpointClient:
                 return outcome
 
             now = time.monotonic()
-            first_failure = now if first_failure is None else first_failure
-            failing_for = now - first_failure
+            if last_failure is not None:
+                failing_for += max(0.0, now - last_failure - outcome.queued_s)
+            last_failure = now
             url = outcome.base_url + path
             gone = self._server_check() if self._server_check is not None else None
             if gone is not None:
@@ -254,7 +265,9 @@ class EndpointClient:
             await asyncio.sleep(delay)
 
     async def _attempt(self, path: str, payload: dict) -> Completion | _Retryable:
+        waiting_since = time.monotonic()
         async with self._slots:
+            queued_s = time.monotonic() - waiting_since
             base_url = self._pick_url()
             url = base_url + path
             self._outstanding[base_url] += 1
@@ -267,14 +280,14 @@ class EndpointClient:
                     body_text = await response.text(errors="replace")
                     retry_after = _retry_after(response.headers.get("Retry-After"))
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-                return _Retryable(base_url, _describe(exc, self.request_timeout_s), refused=_refused(exc))
+                return _Retryable(base_url, _describe(exc, self.request_timeout_s), refused=_refused(exc), queued_s=queued_s)
             finally:
                 self._outstanding[base_url] -= 1
                 self.in_flight -= 1
             seconds = time.perf_counter() - started
 
         if status in (408, 429) or status >= 500:
-            return _Retryable(base_url, f"HTTP {status}: {_snippet(body_text)}", retry_after=retry_after)
+            return _Retryable(base_url, f"HTTP {status}: {_snippet(body_text)}", retry_after=retry_after, queued_s=queued_s)
         if not 200 <= status < 300:
             hint = _HINTS.get(status, "the request was rejected and will not be retried")
             raise self._error(url, f"returned HTTP {status}: {_snippet(body_text)}; {hint}")
