@@ -25,6 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lion_local.endpoints.client import EndpointClient  # noqa: E402
+from role_server import next_request  # noqa: E402  (this directory is the script's)
 
 _BODY = json.dumps(
     {
@@ -67,20 +68,8 @@ class _StubProtocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while True:
-            end = self.buffer.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(self.buffer[:end]).lower()
-            length = 0
-            for line in head.split(b"\r\n")[1:]:
-                if line.startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-            if len(self.buffer) < end + 4 + length:
-                return  # body not complete yet
-            del self.buffer[: end + 4 + length]
-            request_line = head.split(b"\r\n", 1)[0]
-            reply = _OK if b"/chat/completions " in request_line else _NOT_FOUND
+        while (request := next_request(self.buffer)) is not None:
+            reply = _OK if request[0].endswith("/chat/completions HTTP/1.1") else _NOT_FOUND
             _Stats.in_flight += 1
             _Stats.peak = max(_Stats.peak, _Stats.in_flight)
             asyncio.get_running_loop().call_later(self.delay, self._send, reply)

@@ -114,6 +114,21 @@ def _response(status: str, body: bytes) -> bytes:
     return head.encode() + body
 
 
+def next_request(buffer: bytearray) -> tuple[str, bytes] | None:
+    """Take one complete HTTP/1.1 request (head and Content-Length body) off the front of
+    `buffer`: (request line, body); None while it is incomplete."""
+    end = buffer.find(b"\r\n\r\n")
+    if end < 0:
+        return None
+    lines = bytes(buffer[:end]).decode("latin-1").split("\r\n")
+    length = next((int(line.split(":", 1)[1]) for line in lines[1:] if line.lower().startswith("content-length:")), 0)
+    if len(buffer) < end + 4 + length:
+        return None
+    body = bytes(buffer[end + 4 : end + 4 + length])
+    del buffer[: end + 4 + length]
+    return lines[0], body
+
+
 class _Protocol(asyncio.Protocol):
     """Minimal HTTP/1.1: head, Content-Length body, one JSON reply per request, keep-alive."""
 
@@ -127,16 +142,9 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        while (end := self.buffer.find(b"\r\n\r\n")) >= 0:
-            head = bytes(self.buffer[:end]).decode("latin-1")
-            lines = head.split("\r\n")
-            length = next((int(l.split(":", 1)[1]) for l in lines[1:] if l.lower().startswith("content-length:")), 0)
-            if len(self.buffer) < end + 4 + length:
-                return
-            body = bytes(self.buffer[end + 4 : end + 4 + length])
-            del self.buffer[: end + 4 + length]
+        while (request := next_request(self.buffer)) is not None:
             assert self.transport is not None
-            self.transport.write(self._answer(lines[0], body))
+            self.transport.write(self._answer(*request))
 
     def _answer(self, request_line: str, body: bytes) -> bytes:
         method, _, rest = request_line.partition(" ")
