@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lion_local.endpoints.client import EndpointClient  # noqa: E402
-from role_server import next_request  # noqa: E402  (this directory is the script's)
+from role_server import RequestProtocol  # noqa: E402  (this directory is the script's)
 
 _BODY = json.dumps(
     {
@@ -55,24 +55,18 @@ class _Stats:
     peak = 0
 
 
-class _StubProtocol(asyncio.Protocol):
-    """Minimal HTTP/1.1: parse head + Content-Length body, reply after `delay`."""
+class _StubProtocol(RequestProtocol):
+    """Replies after `delay`, on a timer rather than a task per request."""
 
     def __init__(self, delay: float) -> None:
+        super().__init__()
         self.delay = delay
-        self.buffer = bytearray()
-        self.transport: asyncio.Transport | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.buffer += data
-        while (request := next_request(self.buffer)) is not None:
-            reply = _OK if request[0].endswith("/chat/completions HTTP/1.1") else _NOT_FOUND
-            _Stats.in_flight += 1
-            _Stats.peak = max(_Stats.peak, _Stats.in_flight)
-            asyncio.get_running_loop().call_later(self.delay, self._send, reply)
+    def handle(self, request_line: str, body: bytes) -> None:
+        reply = _OK if request_line.endswith("/chat/completions HTTP/1.1") else _NOT_FOUND
+        _Stats.in_flight += 1
+        _Stats.peak = max(_Stats.peak, _Stats.in_flight)
+        asyncio.get_running_loop().call_later(self.delay, self._send, reply)
 
     def _send(self, reply: bytes) -> None:
         _Stats.in_flight -= 1

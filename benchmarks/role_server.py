@@ -129,11 +129,10 @@ def next_request(buffer: bytearray) -> tuple[str, bytes] | None:
     return lines[0], body
 
 
-class _Protocol(asyncio.Protocol):
-    """Minimal HTTP/1.1: head, Content-Length body, one JSON reply per request, keep-alive."""
+class RequestProtocol(asyncio.Protocol):
+    """Minimal keep-alive HTTP/1.1 server side: each complete request goes to `handle`."""
 
-    def __init__(self, roles: Roles) -> None:
-        self.roles = roles
+    def __init__(self) -> None:
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
 
@@ -143,8 +142,22 @@ class _Protocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while (request := next_request(self.buffer)) is not None:
-            assert self.transport is not None
-            self.transport.write(self._answer(*request))
+            self.handle(*request)
+
+    def handle(self, request_line: str, body: bytes) -> None:
+        raise NotImplementedError
+
+
+class _Protocol(RequestProtocol):
+    """One JSON reply per request, at once."""
+
+    def __init__(self, roles: Roles) -> None:
+        super().__init__()
+        self.roles = roles
+
+    def handle(self, request_line: str, body: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(self._answer(request_line, body))
 
     def _answer(self, request_line: str, body: bytes) -> bytes:
         method, _, rest = request_line.partition(" ")
