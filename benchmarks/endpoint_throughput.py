@@ -55,30 +55,30 @@ class _Stats:
     peak = 0
 
 
-class _StubProtocol(RequestProtocol):
-    """Replies after `delay`, on a timer rather than a task per request."""
+def _stub_handler(delay: float):
+    """Reply after `delay`, on a timer rather than a task per request."""
 
-    def __init__(self, delay: float) -> None:
-        super().__init__()
-        self.delay = delay
-
-    def handle(self, request_line: str, body: bytes) -> None:
+    def handle(transport: asyncio.Transport, request_line: str, body: bytes) -> None:
         reply = _OK if request_line.endswith("/chat/completions HTTP/1.1") else _NOT_FOUND
         _Stats.in_flight += 1
         _Stats.peak = max(_Stats.peak, _Stats.in_flight)
-        asyncio.get_running_loop().call_later(self.delay, self._send, reply)
+        asyncio.get_running_loop().call_later(delay, _send, transport, reply)
 
-    def _send(self, reply: bytes) -> None:
-        _Stats.in_flight -= 1
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(reply)
+    return handle
+
+
+def _send(transport: asyncio.Transport, reply: bytes) -> None:
+    _Stats.in_flight -= 1
+    if not transport.is_closing():
+        transport.write(reply)
 
 
 def _serve(delay: float, conn) -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
+        handle = _stub_handler(delay)
         server = await loop.create_server(
-            lambda: _StubProtocol(delay), "127.0.0.1", 0, backlog=4096
+            lambda: RequestProtocol(handle), "127.0.0.1", 0, backlog=4096
         )
         conn.send(server.sockets[0].getsockname()[1])
         stop = asyncio.Event()

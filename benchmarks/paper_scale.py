@@ -200,16 +200,18 @@ def made_calls(run_dir: Path) -> dict[str, dict[str, int]]:
     return made
 
 
-def journal_bytes(run_dir: Path, stage: str) -> int:
-    """Bytes on disk of the journals a stage appends to (its share of teacher_answers.jsonl included)."""
-    k, name = stage.split("/")
-    directory = run_dir / (f"iter_{k}" if k != "final" else "final")
-    files = {"imitation": [], "discrimination": ["student_answers.jsonl", "reviews.jsonl"], "generation": ["generator_calls.jsonl"]}[name]
-    total = sum((directory / f).stat().st_size for f in files if (directory / f).exists())
+def journal_bytes(run_dir: Path, stages: list[str]) -> dict[str, int]:
+    """Bytes on disk of the journals each stage appends to (its share of teacher_answers.jsonl included)."""
+    sizes = dict.fromkeys(stages, 0)
     for line in (run_dir / "teacher_answers.jsonl").read_bytes().splitlines(keepends=True):
-        if f'"stage": "{stage}"'.encode() in line:
-            total += len(line)
-    return total
+        stage = json.loads(line)["stage"]
+        sizes[stage] = sizes.get(stage, 0) + len(line)
+    files = {"discrimination": ["student_answers.jsonl", "reviews.jsonl"], "generation": ["generator_calls.jsonl"]}
+    for stage in stages:
+        k, name = stage.split("/")
+        directory = run_dir / (f"iter_{k}" if k != "final" else "final")
+        sizes[stage] += sum((directory / f).stat().st_size for f in files.get(name, []) if (directory / f).exists())
+    return sizes
 
 
 def main() -> None:
@@ -281,6 +283,7 @@ def summarize(plan: dict, run_dir: Path, stage_cpu: dict[str, float], stage_wall
     """Per-stage and whole-run figures; a stage's wall time is what the watch saw, over both runs."""
     state = json.loads((run_dir / "state.json").read_text())
     made = made_calls(run_dir)
+    sizes = journal_bytes(run_dir, state["completed"])
     stages = []
     for stage in state["completed"]:
         calls = sum(made.get(stage, {}).values())
@@ -289,7 +292,7 @@ def summarize(plan: dict, run_dir: Path, stage_cpu: dict[str, float], stage_wall
         stages.append({
             "stage": stage, "wall_s": seconds, "recorded_s": state["stage_seconds"][stage], "calls": calls, "calls_per_s": round(calls / seconds, 1) if seconds else None,
             "cpu_s": round(cpu, 2), "cpu_ms_per_call": round(1000 * cpu / calls, 3) if calls else None,
-            "journal_mib": round(journal_bytes(run_dir, stage) / 2**20, 2),
+            "journal_mib": round(sizes[stage] / 2**20, 2),
         })
     predicted = {role: plan["totals"][role]["calls"] for role in ROLES}
     actual = {role: sum(per_stage.get(role, 0) for per_stage in made.values()) for role in ROLES}

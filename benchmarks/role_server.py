@@ -27,6 +27,7 @@ import json
 import random
 import re
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 MODELS = ("teacher", "referee", "generator")
@@ -130,9 +131,11 @@ def next_request(buffer: bytearray) -> tuple[str, bytes] | None:
 
 
 class RequestProtocol(asyncio.Protocol):
-    """Minimal keep-alive HTTP/1.1 server side: each complete request goes to `handle`."""
+    """Minimal keep-alive HTTP/1.1 server side: each complete request goes to
+    handle(transport, request line, body), which writes the reply now or later."""
 
-    def __init__(self) -> None:
+    def __init__(self, handle: Callable[[asyncio.Transport, str, bytes], None]) -> None:
+        self.handle = handle
         self.buffer = bytearray()
         self.transport: asyncio.Transport | None = None
 
@@ -142,22 +145,18 @@ class RequestProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self.buffer += data
         while (request := next_request(self.buffer)) is not None:
-            self.handle(*request)
-
-    def handle(self, request_line: str, body: bytes) -> None:
-        raise NotImplementedError
+            assert self.transport is not None
+            self.handle(self.transport, *request)
 
 
-class _Protocol(RequestProtocol):
-    """One JSON reply per request, at once."""
+class _Replies:
+    """The role server's reply to each request, written at once."""
 
     def __init__(self, roles: Roles) -> None:
-        super().__init__()
         self.roles = roles
 
-    def handle(self, request_line: str, body: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(self._answer(request_line, body))
+    def handle(self, transport: asyncio.Transport, request_line: str, body: bytes) -> None:
+        transport.write(self._answer(request_line, body))
 
     def _answer(self, request_line: str, body: bytes) -> bytes:
         method, _, rest = request_line.partition(" ")
@@ -187,7 +186,8 @@ class _Protocol(RequestProtocol):
 
 async def serve(port: int, port_file: Path | None, roles: Roles) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _Protocol(roles), "127.0.0.1", port, backlog=4096)
+    replies = _Replies(roles)
+    server = await loop.create_server(lambda: RequestProtocol(replies.handle), "127.0.0.1", port, backlog=4096)
     bound = server.sockets[0].getsockname()[1]
     if port_file is not None:
         temporary = port_file.with_name(port_file.name + ".tmp")
