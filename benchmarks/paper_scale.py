@@ -221,6 +221,8 @@ def main() -> None:
     parser.add_argument("--new-per-iteration", type=int, default=6000)
     parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data/real_instructions.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "runs/paper-scale-bench")
+    parser.add_argument("--tiny-models", type=Path, default=ROOT / "models/tiny",
+                        help="the tiny models' directory (built there on first use)")
     parser.add_argument("--novelty-sample", type=int, default=4, help="generated instructions per iteration checked with rouge-score")
     parser.add_argument("--results", type=Path, help="also write the figures here as JSON")
     args = parser.parse_args()
@@ -233,8 +235,10 @@ def main() -> None:
     print(f"seeds: {real + variants} ({real} real instructions from {args.data.name}, {variants} lead-in variants of them)")
 
     with role_server(out, args.data) as (base_url, server):
+        tiny = args.tiny_models.resolve()
         overrides = [f"run_dir={run_dir}", f"seed_data={seeds_path}", f"iterations={args.iterations}",
-                     f"generation.new_per_iteration={args.new_per_iteration}"]
+                     f"generation.new_per_iteration={args.new_per_iteration}", f"tiny_models.dir={tiny}",
+                     f"servers.student.model={tiny / 'student'}"]
         overrides += [f'servers.{name}.base_urls=["{base_url}"]' for name in ("teacher", "referee", "generator")]
         config_args = ["--config", str(CONFIG), *[item for o in overrides for item in ("--set", o)]]
         plan = json.loads(subprocess.run(LION_LOCAL + ["plan", *config_args, "--json"], capture_output=True, text=True,
@@ -271,7 +275,7 @@ def main() -> None:
         "to_student_server_launch_s": round(launch_s, 2) if launch_s is not None else None,
     }
     results["seeds"] = {"real": real, "variants": variants}
-    check_invariants(run_dir, ROOT / "models/tiny", novelty_sample=args.novelty_sample)
+    check_invariants(run_dir, tiny, novelty_sample=args.novelty_sample)
     results["invariants"] = "passed"
     print_results(results)
     if args.results:

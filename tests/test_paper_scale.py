@@ -16,11 +16,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_short_paper_scale_run_is_predicted_cheap_small_and_quick_to_resume(tmp_path):
+def test_short_paper_scale_run_is_predicted_cheap_small_and_quick_to_resume(tiny_models, tmp_path):
     results = tmp_path / "results.json"
     completed = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks/paper_scale.py"), "--seeds", "3000", "--iterations", "1",
-         "--new-per-iteration", "1000", "--out", str(tmp_path / "bench"), "--results", str(results)],
+         "--new-per-iteration", "1000", "--out", str(tmp_path / "bench"), "--results", str(results),
+         "--tiny-models", str(tiny_models)],
         capture_output=True, text=True, timeout=900,
     )
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
