@@ -14,13 +14,12 @@ import os
 import shlex
 import signal
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import click
 
 from lion_local import __version__
-from lion_local.config import ConfigError, api_key_for, check_launchers, check_models_exist, config_to_yaml, load_config
+from lion_local.config import ConfigError, config_to_yaml, load_config
 from lion_local.errors import LionError
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run.layout import Iteration, RunDir
@@ -118,55 +117,9 @@ def offline_env() -> None:
 def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool, host: str | None, publish: bool) -> None:
     """Run server NAME (a server of the config, or a role: teacher, referee, generator, student)
     in the foreground until interrupted."""
-    from lion_local.offline import offline_environ
-    from lion_local.endpoints.servers import server_named, wanted_server
-    from lion_local.smoke.tiny_models import ensure_tiny_models
-    from serving import server_launch, server_process
-    from serving.commands import request_model_name
-    from serving.published import published_endpoint, reachable_host
+    from lion_local.commands.serve import serve_server
 
-    config = load_config(config_path, overrides)
-    server_name = server_named(config, name)
-    server = config.servers[server_name]
-    if server.engine == "external":
-        where = ", ".join(server.base_urls) or f"endpoints published in {config.endpoint_dir(server_name)}"
-        raise ConfigError(
-            f"servers.{server_name}.engine: external ({where}): nothing to start; "
-            "serve it from a config that gives its engine and model"
-        )
-    if host is not None:
-        server.host = host
-    if dry_run:
-        launch = server_launch(server, api_key_for(config, server_name), offline_environ())
-        secret_note = f" (API key from ${server.api_key_env})" if server.api_key_env else ""
-        click.echo(shlex.join(launch.command) + secret_note)
-        return
-    check_models_exist(config, [server_name])
-    check_launchers(config, [server_name])
-    api_key_for(config, server_name)
-    ensure_tiny_models(config)
-    job = os.environ.get("SLURM_JOB_ID")
-    # Replicas of a job array share the run directory: one log each.
-    log_path = RunDir(config.run_dir).serve_log(server_name, job)
-    process, launch = server_process(wanted_server(config, server_name, log_path))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    process.start()
-    try:
-        process.wait_until_healthy()
-        base_url = f"http://{reachable_host(server.host)}:{launch.port}/v1"
-        with ExitStack() as stack:
-            if publish:
-                path = stack.enter_context(
-                    published_endpoint(server_name, config.endpoint_dir(server_name), base_url, request_model_name(server))
-                )
-                click.echo(f"{server_name} published in {path}")
-            click.echo(f"{server_name} serving at {base_url} (log: {log_path}); Ctrl-C stops it")
-            code = process.process.wait()
-            raise ServerError(f"{server_name} server exited with code {code}; log: {log_path}")
-    except KeyboardInterrupt:
-        pass
-    finally:
-        process.stop()
+    serve_server(load_config(config_path, overrides), name, host, publish, dry_run, click.echo)
 
 
 @main.command("make-tiny")

@@ -22,7 +22,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lion_local.errors import InputError
+from serving.access import StartedFor, key_rule, server_key
 from serving.commands import launcher_problem
+from serving.process import ServerError
 from lion_local.config_schema import (
     Config,
     Discrimination,
@@ -45,7 +47,8 @@ from lion_local.config_schema import (
 __all__ = [
     "Config", "ConfigError", "Discrimination", "Evaluation", "Generation", "GenerationFilters", "GeneratorRole",
     "Imitation", "RefereeRole", "Roles", "ServerSpec", "StudentRole", "TeacherRole", "TinyModels",
-    "TransformersServeOptions", "VllmOptions", "api_key_for", "check_launchers", "check_models_exist", "config_to_yaml", "load_config",
+    "TransformersServeOptions", "VllmOptions", "api_key_for", "check_access", "check_launchers", "check_models_exist", "config_to_yaml", "load_config",
+    "server_key_for",
 ]
 
 class ConfigError(InputError):
@@ -304,6 +307,22 @@ def api_key_for(config: Config, server_name: str) -> str | None:
             f"export {variable}=<key> before running"
         )
     return value
+
+
+def check_access(config: Config, server_name: str, started_for: StartedFor = "run") -> None:
+    """Fail before anything starts when the server's key variable is unset, or when the server may not
+    start as configured (beyond loopback with no key it can require: serving/access.py)."""
+    try:
+        key_rule(server_name, config.servers[server_name], api_key_for(config, server_name) is not None, started_for)
+    except ServerError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def server_key_for(config: Config, server_name: str, started_for: StartedFor = "run") -> str | None:
+    """The key the server requires when lion-local starts (or reaches) it: the configured one, a new
+    random one (serving/access.py says when), or None."""
+    check_access(config, server_name, started_for)
+    return server_key(server_name, config.servers[server_name], api_key_for(config, server_name), started_for)
 
 
 def config_to_yaml(config: Config) -> str:

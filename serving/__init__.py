@@ -52,6 +52,8 @@ class Endpoint:
     server_check: Callable[[], str | None] | None = field(default=None, repr=False, compare=False)
     # The engine and its version as the server reports them ("vllm 0.32.0"); None when unknown.
     engine: str | None = None
+    # Keys of single base URLs, in place of api_key (published replicas each require their own).
+    api_keys: Mapping[str, str] = field(default_factory=dict, repr=False)
 
 
 @dataclass(frozen=True)
@@ -175,8 +177,10 @@ def external_endpoint(name: str, spec: ServerSpec, api_key: str | None, endpoint
     """The endpoint of a server that already runs: its base_urls, or the live published ones."""
     if spec.base_urls:
         return Endpoint(name, list(spec.base_urls), request_model_name(spec), api_key, engine="external")
-    base_urls, published_model = live_published_endpoints(name, spec, endpoint_dir)
-    return Endpoint(name, base_urls, spec.served_model_name or published_model, api_key, engine="external")
+    published, published_model = live_published_endpoints(name, spec, endpoint_dir)
+    keys = {url: key for url, key in published.items() if key}
+    model = spec.served_model_name or published_model
+    return Endpoint(name, list(published), model, api_key, api_keys=keys, engine="external")
 
 
 @contextmanager

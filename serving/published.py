@@ -5,6 +5,9 @@ JSON file describing it is written atomically to <run_dir>/endpoints/<NAME>/ (or
 `endpoint_dir`), and removed when the server stops. A run whose config makes that server
 `engine: external` with no `base_urls` reads every file there, keeps the endpoints that answer
 /health, and balances its requests over them; replicas (a job array) simply publish more files.
+
+A file holds the key its server requires (each replica has its own) and is written and read under
+serving/access.py's rules: 0600 in a 0700 directory, this user's only.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from serving.access import check_private_directory, private_directory, read_private, write_private
 from serving.process import ServerError
 from serving.spec import ServerSpec
 
@@ -42,9 +46,12 @@ def endpoint_file_name(host: str, port: int) -> str:
 
 
 @contextmanager
-def published_endpoint(name: str, directory: Path, base_url: str, model: str) -> Iterator[Path]:
-    """Publish server `name` at `base_url` in `directory` while the block runs; yield the file's path."""
-    directory.mkdir(parents=True, exist_ok=True)
+def published_endpoint(
+    name: str, directory: Path, base_url: str, model: str, api_key: str | None
+) -> Iterator[Path]:
+    """Publish server `name` at `base_url` (requiring `api_key`) in `directory` while the block runs;
+    yield the file's path."""
+    private_directory(directory)
     address = urlsplit(base_url)
     host = str(address.hostname)
     port = address.port or (443 if address.scheme == "https" else 80)
@@ -53,6 +60,7 @@ def published_endpoint(name: str, directory: Path, base_url: str, model: str) ->
         "server": name,
         "base_url": base_url,
         "model": model,
+        "api_key": api_key,
         "host": host,
         "port": port,
         "pid": os.getpid(),
@@ -60,9 +68,7 @@ def published_endpoint(name: str, directory: Path, base_url: str, model: str) ->
         "slurm_array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"),
         "published_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    write_private(path, json.dumps(record, indent=2) + "\n")
     logger.info("published %s at %s in %s", name, base_url, path)
     try:
         yield path
@@ -72,15 +78,21 @@ def published_endpoint(name: str, directory: Path, base_url: str, model: str) ->
 
 
 def read_published(directory: Path) -> list[dict]:
-    """Every well-formed endpoint file in `directory` (others are skipped with a warning)."""
+    """Every well-formed endpoint file in `directory` (malformed ones are skipped with a warning).
+
+    ServerError when the directory or a file in it is another user's or not private (access.py).
+    """
+    check_private_directory(directory)
     records = []
     for path in sorted(directory.glob("*.json")):
         try:
-            record = json.loads(path.read_text(encoding="utf-8"))
+            record = json.loads(read_private(path))
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
             if not isinstance(record.get("base_url"), str) or not isinstance(record.get("model"), str):
                 raise ValueError("needs string fields base_url and model")
+            if not isinstance(record.get("api_key"), (str, type(None))):
+                raise ValueError("api_key must be a string or null")
         except FileNotFoundError:
             continue  # withdrawn between the listing and the read
         except (OSError, ValueError) as exc:
@@ -99,8 +111,9 @@ def _is_healthy(client: httpx.Client, base_url: str) -> bool:
         return False
 
 
-def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> tuple[list[str], str]:
-    """Base URLs and model name of the published endpoints of `name` that answer /health.
+def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> tuple[dict[str, str | None], str]:
+    """The published endpoints of `name` that answer /health (base URL -> the key it requires) and
+    the model they serve.
 
     Waits up to servers.<name>.startup_timeout_s for one to appear, so an iteration job may be
     submitted together with the service job that hosts its teacher.
@@ -109,7 +122,10 @@ def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> 
     announced = False
     with httpx.Client(timeout=5.0, trust_env=False) as client:
         while True:
-            records = read_published(directory) if directory.is_dir() else []
+            try:
+                records = read_published(directory) if directory.is_dir() else []
+            except ServerError as exc:
+                raise ServerError(f"servers.{name}: {exc}") from None
             live = [record for record in records if _is_healthy(client, record["base_url"])]
             if live:
                 models = sorted({record["model"] for record in live})
@@ -126,7 +142,7 @@ def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> 
                     directory,
                     f" ({stale} not answering, ignored)" if stale else "",
                 )
-                return [record["base_url"] for record in live], models[0]
+                return {record["base_url"]: record.get("api_key") for record in live}, models[0]
             if time.monotonic() > deadline:
                 seen = f"{len(records)} file(s) there, none answering /health" if records else "no endpoint file there"
                 raise ServerError(

@@ -88,7 +88,17 @@ class ServerSpec(_Strict):
     use_env_proxy: bool = Field(
         False, description="Send requests through the HTTP(S)_PROXY variables (a hosted API behind a proxy)."
     )
-    host: str = Field("127.0.0.1", description="Address a started server binds to.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address a started server binds to. Beyond loopback (0.0.0.0, a host name or address) a vLLM "
+        "server always requires an API key: api_key_env's, else a random key per start (a service job "
+        "publishes it with its endpoint, readable by you only); `transformers serve` cannot require one.",
+    )
+    allow_open_server: bool = Field(
+        False,
+        description="Let a server lion-local starts bind beyond loopback with no API key, with a warning: anyone "
+        "who can reach the node can then send it requests. Off: such a server requires a key, or is refused.",
+    )
     port: int | None = Field(None, ge=1, le=65535, description="Port of a started server; None picks a free one.")
     startup_timeout_s: float = Field(900.0, gt=0, description="Longest wait for a started server's /health.")
     stop_grace_s: float | None = Field(

@@ -17,7 +17,8 @@ Covered:
   hostnames` (real or fake), SLURM_NNODES/SLURM_NODELIST fallbacks, LaunchError when the node
   list is missing, when scontrol fails and when scontrol is absent.
 - serving.published: published_endpoint writes one JSON file (SLURM job id or "local" in its
-  name) and removes it on exit and on error; read_published skips malformed files;
+  name; the key; 0600 in a 0700 directory) and removes it on exit and on error; read_published
+  skips malformed files (access rules: tests/test_access.py);
   live_published_endpoints against real HTTP servers (live vs dead endpoints, replicas, waiting
   for a late publication, timeout error naming the directory and `sbatch slurm/serve.sh`,
   replicas serving different models); reachable_host; serving.running_server on an external
@@ -91,8 +92,23 @@ def _write_script(path: Path, body: str) -> Path:
     return path
 
 
-def _publish(config, name: str, base_url: str, model: str):
-    return published_endpoint(name, config.endpoint_dir(name), base_url, model)
+def _publish(config, name: str, base_url: str, model: str, api_key: str | None = None):
+    return published_endpoint(name, config.endpoint_dir(name), base_url, model, api_key)
+
+
+def _private_directory(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    directory.chmod(0o700)
+    return directory
+
+
+def _write_endpoint(path: Path, content: str | bytes) -> None:
+    """An endpoint file as a service job leaves it: this user's, mode 0600."""
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content)
+    path.chmod(0o600)
 
 
 def _live(config, name: str):
@@ -457,11 +473,13 @@ def test_published_endpoint_file(external, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
     directory = external.endpoint_dir("teacher")
     assert directory == tmp_path / "run" / "endpoints" / "teacher"
-    with _publish(external, "teacher", "http://hostx:1234/v1", "model-x") as path:
+    with _publish(external, "teacher", "http://hostx:1234/v1", "model-x", "key-of-4242") as path:
         assert path.parent == directory
         assert path.name == "4242-hostx-1234.json"
         assert sorted(directory.iterdir()) == [path]  # no temporary file left behind
+        assert path.stat().st_mode & 0o777 == 0o600 and directory.stat().st_mode & 0o777 == 0o700
         record = json.loads(path.read_text())
+        assert record["api_key"] == "key-of-4242"
         assert record["base_url"] == "http://hostx:1234/v1"
         assert record["model"] == "model-x"
         assert record["host"] == "hostx"
@@ -497,14 +515,14 @@ def test_published_endpoint_in_a_configured_directory(tmp_path, monkeypatch):
 
 
 def test_read_published_skips_malformed_files(tmp_path):
-    directory = tmp_path / "eps"
-    directory.mkdir()
+    directory = _private_directory(tmp_path / "eps")
     good = {"base_url": "http://a:1/v1", "model": "m", "host": "a", "port": 1}
-    (directory / "1-a-1.json").write_text(json.dumps(good))
-    (directory / "2-b-2.json").write_text('{"base_url": "http://b:2/v1", "mod')  # torn
-    (directory / "3-c-3.json").write_text(json.dumps({"model": "m", "host": "c", "port": 3}))  # no base_url
-    (directory / "4-d-4.json").write_text(json.dumps({"base_url": "http://d:4/v1", "model": 7}))  # model not str
-    (directory / "5-e-5.json").write_bytes(b"\xff\xfe not utf-8")
+    _write_endpoint(directory / "1-a-1.json", json.dumps(good))
+    _write_endpoint(directory / "2-b-2.json", '{"base_url": "http://b:2/v1", "mod')  # torn
+    _write_endpoint(directory / "3-c-3.json", json.dumps({"model": "m", "host": "c", "port": 3}))  # no base_url
+    _write_endpoint(directory / "4-d-4.json", json.dumps({"base_url": "http://d:4/v1", "model": 7}))  # model not str
+    _write_endpoint(directory / "5-e-5.json", b"\xff\xfe not utf-8")
+    _write_endpoint(directory / "6-f-6.json", json.dumps({"base_url": "http://f:6/v1", "model": "m", "api_key": 6}))
     (directory / "notes.txt").write_text("not an endpoint")
     records = read_published(directory)
     assert len(records) == 1
@@ -516,11 +534,10 @@ def test_read_published_skips_malformed_files(tmp_path):
 def test_read_published_skips_json_that_is_not_an_object(tmp_path):
     # The docstring promises every file that is not a well-formed endpoint is skipped with a warning;
     # valid JSON that is not an object (a list, null, a string) is not a well-formed endpoint either.
-    directory = tmp_path / "eps"
-    directory.mkdir()
-    (directory / "1-a-1.json").write_text(json.dumps({"base_url": "http://a:1/v1", "model": "m"}))
+    directory = _private_directory(tmp_path / "eps")
+    _write_endpoint(directory / "1-a-1.json", json.dumps({"base_url": "http://a:1/v1", "model": "m"}))
     for content in ("[1, 2]", "null", '"http://b:2/v1"'):
-        (directory / "2-b-2.json").write_text(content)
+        _write_endpoint(directory / "2-b-2.json", content)
         records = read_published(directory)
         assert [record["base_url"] for record in records] == ["http://a:1/v1"], content
 
@@ -531,7 +548,7 @@ def test_live_published_endpoints_keep_only_the_live_ones(external, tmp_path):
         stack.enter_context(_publish(external, "teacher", live, "model-x"))
         stack.enter_context(_publish(external, "teacher", dead, "model-x"))
         assert len(list(external.endpoint_dir("teacher").glob("*.json"))) == 2
-        assert _live(external, "teacher") == ([live], "model-x")
+        assert _live(external, "teacher") == ({live: None}, "model-x")
         with config_server(external, "teacher", tmp_path / "logs") as endpoint:
             assert endpoint.name == "teacher"
             assert endpoint.base_urls == [live]
@@ -541,10 +558,13 @@ def test_live_published_endpoints_keep_only_the_live_ones(external, tmp_path):
 
 def test_live_published_endpoints_balance_over_replicas(external):
     with _health_server() as first, _health_server() as second, ExitStack() as stack:
-        for url in (first, second):
-            stack.enter_context(_publish(external, "teacher", url, "model-x"))
-        base_urls, model = _live(external, "teacher")
-    assert sorted(base_urls) == sorted([first, second])
+        for url, key in ((first, "key-1"), (second, "key-2")):
+            stack.enter_context(_publish(external, "teacher", url, "model-x", key))
+        published, model = _live(external, "teacher")
+        with config_server(external, "teacher", Path("unused-logs")) as endpoint:
+            assert sorted(endpoint.base_urls) == sorted([first, second])
+            assert endpoint.api_keys == {first: "key-1", second: "key-2"}  # each replica requires its own
+    assert published == {first: "key-1", second: "key-2"}
     assert model == "model-x"
 
 
@@ -553,16 +573,16 @@ def test_live_published_endpoints_wait_for_a_late_publication(external):
     with _health_server() as live:
 
         def publish() -> None:
-            directory.mkdir(parents=True, exist_ok=True)
+            _private_directory(directory)
             temporary = directory / ".late.json.tmp"
-            temporary.write_text(json.dumps({"base_url": live, "model": "late-model"}))
+            _write_endpoint(temporary, json.dumps({"base_url": live, "model": "late-model"}))
             os.replace(temporary, directory / "local-late.json")
 
         timer = threading.Timer(0.4, publish)
         timer.start()
         try:
             started = time.monotonic()
-            assert _live(external, "teacher") == ([live], "late-model")
+            assert _live(external, "teacher") == ({live: None}, "late-model")
             assert 0.3 < time.monotonic() - started < 1.5
         finally:
             timer.cancel()

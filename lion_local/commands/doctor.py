@@ -13,7 +13,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from lion_local.config import Config, api_key_for, check_launchers, check_models_exist
+from lion_local.config import Config, check_access, check_launchers, check_models_exist
 from lion_local.endpoints.client import EndpointClient, EndpointError
 from lion_local.roles import (
     ask_generator,
@@ -49,7 +49,7 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
     check_models_exist(config, names)
     check_launchers(config, names)
     for name in names:
-        api_key_for(config, name)  # an unset key variable fails here, before anything starts
+        check_access(config, name)  # an unset key variable, or a server that may not start so, fails here
     seed = load_seed_instructions(config.seed_data, limit=1)[0]
     ensure_tiny_models(config)
 

@@ -43,7 +43,7 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from lion_local.config import Config, api_key_for, check_models_exist
+from lion_local.config import Config, check_access, check_models_exist
 from lion_local.endpoints.client import EndpointClient
 from lion_local.stages.imitation import is_checkpoint
 from lion_local.run.journaled_calls import call_all, call_fields
@@ -91,7 +91,7 @@ def evaluate(config: Config, iteration: Iteration | None = None, questions_path:
     checkpoints = select_checkpoints(run, iteration)
     check_models_exist(config, [config.roles.teacher.server, judge_server(config)])
     for name in {config.roles.teacher.server, config.roles.student.server, judge_server(config)}:
-        api_key_for(config, name)
+        check_access(config, name)
     with run_lock(run):
         ensure_tiny_models(config)
         with run_log(run), ServerSet(config, run.logs) as servers:

@@ -38,7 +38,7 @@ import json
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +105,7 @@ class EndpointClient:
         model: str,
         *,
         api_key: str | None = None,
+        api_keys: Mapping[str, str] | None = None,
         max_concurrency: int = 64,
         request_timeout_s: float = 600.0,
         failure_budget_s: float = 300.0,
@@ -128,13 +129,15 @@ class EndpointClient:
         self.failure_budget_s = failure_budget_s
         self.backoff_initial_s = backoff_initial_s
         self.backoff_max_s = backoff_max_s
-        self._api_key = api_key
+        # A key per base URL: `api_keys` names some (published replicas each have their own), api_key the rest.
+        keys = {url.rstrip("/"): key for url, key in (api_keys or {}).items()}
+        self._keys = {url: keys.get(url, api_key) for url in self.base_urls}
         self._server_check = server_check  # returns why the server process is gone, or None
         self.usage: dict[str, RoleUsage] = {}
         self.in_flight = 0
         self.max_in_flight_seen = 0
 
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._headers = {url: {"Authorization": f"Bearer {key}"} if key else {} for url, key in self._keys.items()}
         self._timeout = aiohttp.ClientTimeout(total=request_timeout_s, connect=min(10.0, request_timeout_s))
         self._session: aiohttp.ClientSession | None = None  # created in the running event loop
         # Off by default: endpoints are usually on the cluster's own network, and reading the
@@ -173,7 +176,7 @@ class EndpointClient:
             # connection reused just as the server closes it fails as "Server disconnected".
             connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=IDLE_CONNECTION_S)
             self._session = aiohttp.ClientSession(
-                connector=connector, headers=self._headers, timeout=self._timeout, trust_env=self._use_env_proxy
+                connector=connector, timeout=self._timeout, trust_env=self._use_env_proxy
             )
         return self._session
 
@@ -275,7 +278,7 @@ class EndpointClient:
             self.max_in_flight_seen = max(self.max_in_flight_seen, self.in_flight)
             started = time.perf_counter()
             try:
-                async with self._http().post(url, json=payload) as response:
+                async with self._http().post(url, json=payload, headers=self._headers[base_url]) as response:
                     status = response.status
                     body_text = await response.text(errors="replace")
                     retry_after = _retry_after(response.headers.get("Retry-After"))
@@ -347,7 +350,10 @@ class EndpointClient:
 
     def _scrub(self, message: str) -> str:
         message = " ".join(message.split())  # one line, whatever the server sent
-        return message.replace(self._api_key, "***") if self._api_key else message
+        for key in self._keys.values():
+            if key:
+                message = message.replace(key, "***")
+        return message
 
 
 def _snippet(body: str) -> str:

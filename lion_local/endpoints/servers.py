@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
-from lion_local.config import Config, ConfigError, ServerSpec, api_key_for
+from lion_local.config import Config, ConfigError, ServerSpec, api_key_for, server_key_for
 from lion_local.endpoints.client import EndpointClient
 from lion_local.offline import offline_environ
 from serving import (
@@ -29,17 +29,21 @@ from serving import (
     launch_servers,
     running_server,
 )
+from serving.access import StartedFor
 
 logger = logging.getLogger(__name__)
 
 
-def wanted_server(config: Config, name: str, log_path: Path, model: str | None = None) -> StartedServer:
-    """Server `name` of the config as serving/ starts it: offline, with its key, logging to log_path."""
+def wanted_server(
+    config: Config, name: str, log_path: Path, model: str | None = None, started_for: StartedFor = "run"
+) -> StartedServer:
+    """Server `name` of the config as serving/ starts it: offline, with the key it will require
+    (serving/access.py), logging to log_path."""
     return StartedServer(
         name,
         config.servers[name],
         log_path,
-        api_key_for(config, name),
+        server_key_for(config, name, started_for),
         offline_environ(),
         model,
     )
@@ -73,6 +77,7 @@ def client_for(endpoint: Endpoint, server: ServerSpec) -> EndpointClient:
         endpoint.base_urls,
         endpoint.model,
         api_key=endpoint.api_key,
+        api_keys=endpoint.api_keys,
         max_concurrency=server.max_concurrency,
         request_timeout_s=server.request_timeout_s,
         failure_budget_s=server.failure_budget_s,

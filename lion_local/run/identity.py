@@ -44,6 +44,7 @@ OPERATIONAL = (
     "servers.*.base_urls",
     "servers.*.endpoint_dir",
     "servers.*.api_key_env",
+    "servers.*.allow_open_server",
     "servers.*.use_env_proxy",
     "servers.*.host",
     "servers.*.port",

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from lion_local.config import Config, api_key_for, check_launchers, check_models_exist, config_to_yaml
+from lion_local.config import Config, check_access, check_launchers, check_models_exist, config_to_yaml
 from lion_local.endpoints.servers import ServerSet
 from lion_local.errors import StageOrderError
 from lion_local.run.identity import check_resume
@@ -80,7 +80,7 @@ def check_inputs(config: Config, run: RunDir) -> None:
     check_models_exist(config, servers)
     check_launchers(config, servers)
     for name in servers:
-        api_key_for(config, name)
+        check_access(config, name)
     if not run.iteration(1).cache_pool.exists():
         seed_records(config)  # a bad seed file fails here, before anything is written
     decontamination_index(config)  # and so does a bad question file
