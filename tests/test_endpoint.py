@@ -545,3 +545,25 @@ def test_api_key_is_sent_but_never_logged_raised_or_repr(caplog):
     for record in caplog.records:
         assert KEY not in record.getMessage()
     assert KEY not in caplog.text
+
+
+def test_each_base_url_gets_its_own_key_and_every_key_is_scrubbed():
+    """Published replicas each require their own key (serving/access.py): a request carries the
+    key of the URL it goes to, and no error message shows any of them."""
+    second_key = "sk-second-SECRET-9876543210"
+
+    async def main():
+        async with FakeServer() as first, FakeServer(script=[Reply(401, f"bad {second_key}".encode())]) as second:
+            keys = {first.base_url: KEY, second.base_url + "/": second_key}  # a trailing slash is the same URL
+            async with client_for(first.base_url, second.base_url, api_keys=keys) as client:
+                outcomes = await asyncio.gather(
+                    *(client.chat("teacher", MESSAGES) for _ in range(6)), return_exceptions=True
+                )
+        return first, second, outcomes
+
+    first, second, outcomes = asyncio.run(main())
+    assert first.seen and second.seen
+    assert {s.headers["authorization"] for s in first.seen} == {f"Bearer {KEY}"}
+    assert {s.headers["authorization"] for s in second.seen} == {f"Bearer {second_key}"}
+    errors = [str(outcome) for outcome in outcomes if isinstance(outcome, EndpointError)]
+    assert errors and all(second_key not in error and "***" in error for error in errors)
