@@ -64,7 +64,8 @@ def key_rule(name: str, spec: ServerSpec, has_configured_key: bool, started_for:
         if beyond_loopback:
             raise ServerError(
                 f"servers.{name}.host: {spec.host} binds beyond loopback, and `transformers serve` cannot require "
-                f"an API key; bind 127.0.0.1, use engine vllm, or set servers.{name}.allow_open_server: true "
+                f"an API key; bind 127.0.0.1 (`serve --host`, SERVE_HOST for slurm/serve.sh), use engine vllm, or set "
+                f"servers.{name}.allow_open_server: true "
                 "(anyone who reaches this node can then use it)"
             )
         return "open"

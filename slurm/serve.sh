@@ -12,6 +12,9 @@
 # no base_urls, e.g.
 #   sbatch slurm/iteration.sh configs/lion-7b.yaml --set servers.teacher.engine=external
 # and balance their requests over every replica that is published and healthy.
+# Bound beyond loopback, the server requires an API key: servers.<server>.api_key_env's, else a
+# random key made by this job, passed to the server in its environment and written into the
+# endpoint file only you can read (see slurm/README.md). It is never printed here.
 # Environment: LION_LOCAL (the lion-local executable), SERVE_HOST (bind address, default 0.0.0.0).
 #SBATCH --job-name=lion-serve
 #SBATCH --nodes=1

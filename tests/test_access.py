@@ -8,7 +8,8 @@
 - Endpoint files: 0600 in a 0700 directory whatever the umask, a loose directory of this user's
   tightened by the writer; a reader refuses, in one line naming the file and what to do, files and
   directories others may read or write, and those of another user (made so with chown, as root).
-The real service job, its 401 and the search for the key everywhere: tests/test_slurm.py.
+The real service job, its 401, the iteration job and doctor using its key, and the search for the
+key everywhere: tests/test_slurm.py.
 """
 
 from __future__ import annotations
@@ -260,3 +261,4 @@ def test_another_users_endpoint_directory_is_refused_by_readers_and_writers(tmp_
         with _published(directory):
             pass
     assert list(directory.iterdir()) == []
+

@@ -10,10 +10,13 @@
   `--signal=B:USR1@300` sends it) in the middle of the reviews: the job stops lion-local cleanly,
   requeues itself, comes back and completes the iteration with every invariant and no repeated
   teacher call, counted at a recording proxy in front of the teacher.
-- test_teacher_service_job_serves_an_iteration_job: `slurm/serve.sh` as a job array of two
-  replicas publishes two endpoint files; an iteration job whose config makes the teacher
-  external finds them, spreads its requests over both, and starts no teacher of its own;
-  cancelling the service withdraws the files.
+- test_teacher_service_job_serves_an_iteration_job: `slurm/serve.sh` as a job array of two vLLM
+  replicas (CPU build) with no API key configured: each makes a key of its own and publishes it
+  with its endpoint (0600 in a 0700 directory); a request without the key, or with the other
+  replica's, gets 401; an iteration job whose config makes the teacher external finds both, spreads
+  its requests over them and starts no teacher of its own; `doctor` reaches both too; the keys are
+  in no other file the run or the jobs wrote and on no command line; cancelling the service
+  withdraws the files.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from loop_checks import check_invariants, jsonl, run_config, start_proxy, stop, teacher_deliveries, tiny_config
@@ -229,11 +233,45 @@ def test_time_limit_signal_requeues_and_resumes(
     assert {len(times) for times in deliveries.values()} == {1}, "an instruction reached the teacher twice"
 
 
+def _service_config(tiny_models: Path, tmp_path: Path) -> Path:
+    """configs/tiny-cpu.yaml, small, with no API key configured: the teacher on vLLM's CPU build, and
+    the student, which the iteration job starts on loopback, on `transformers serve` (it starts sooner)."""
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    transformers = yaml.safe_load((ROOT / "configs/tiny-cpu-transformers.yaml").read_text())
+    data.update(run_dir=str(tmp_path / "run"), seed_data=str(ROOT / "lion_local/data/smoke_seed.jsonl"),
+                iterations=1, seed_limit=24)
+    data["tiny_models"]["dir"] = str(tiny_models)
+    data["imitation"]["final_imitation"] = False
+    data["generation"]["new_per_iteration"] = 8
+    data["servers"]["student"] = transformers["servers"]["student"]
+    data["servers"]["teacher"]["vllm"]["launcher"][0] = str(ROOT / ".venv-vllm" / "bin" / "python")
+    for name in ("teacher", "student"):
+        data["servers"][name]["model"] = str(tiny_models / name)
+        assert "api_key_env" not in data["servers"][name]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _command_lines() -> list[bytes]:
+    lines = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                lines.append((entry / "cmdline").read_bytes())
+            except OSError:
+                pass  # exited while we looked
+    return lines
+
+
+def _files_holding(root: Path, secret: bytes) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file() and secret in path.read_bytes()]
+
+
 def test_teacher_service_job_serves_an_iteration_job(slurm_cluster, tiny_models: Path, tmp_path: Path) -> None:
-    config = _config(
-        tiny_models, tmp_path, iterations=1, seed_limit=24,
-        generation__new_per_iteration=8, imitation__final_imitation=False,
-    )
+    """Two vLLM replicas with no key configured: each makes its own, publishes it in a private file,
+    and answers only requests that carry it; the iteration job and doctor find the keys there."""
+    config = _service_config(tiny_models, tmp_path)
     run_dir = tmp_path / "run"
     endpoints = run_dir / "endpoints" / "teacher"
     # The service gets no GPU here: the iteration job takes the node's eight. One thread per
@@ -243,22 +281,49 @@ def test_teacher_service_job_serves_an_iteration_job(slurm_cluster, tiny_models:
         cwd=tmp_path, OMP_NUM_THREADS="1",
     )
     try:
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + 300
         while len(list(endpoints.glob("*.json"))) < 2:
             assert time.monotonic() < deadline, f"two endpoints not published: {list(endpoints.glob('*'))}"
             time.sleep(1.0)
-        published = [json.loads(path.read_text()) for path in endpoints.glob("*.json")]
+        files = sorted(endpoints.glob("*.json"))
+        published = [json.loads(path.read_text()) for path in files]
         assert {record["slurm_array_task_id"] for record in published} == {"0", "1"}
         assert len({record["base_url"] for record in published}) == 2
+        keys = [record["api_key"] for record in published]
+        assert all(isinstance(key, str) and len(key) >= 40 for key in keys) and keys[0] != keys[1]
+        assert endpoints.stat().st_mode & 0o777 == 0o700
+        assert {path.stat().st_mode & 0o777 for path in files} == {0o600}
+
+        for record in published:
+            url = record["base_url"] + "/chat/completions"
+            body = {"model": record["model"], "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+            assert httpx.post(url, json=body, timeout=30, trust_env=False).status_code == 401
+            wrong = {"Authorization": f"Bearer {keys[0] if record['api_key'] == keys[1] else keys[1]}"}
+            assert httpx.post(url, json=body, headers=wrong, timeout=30, trust_env=False).status_code == 401
+            right = {"Authorization": f"Bearer {record['api_key']}"}
+            assert httpx.post(url, json=body, headers=right, timeout=60, trust_env=False).status_code == 200
 
         result = subprocess.run(
             ["sbatch", "--wait", str(SLURM / "iteration.sh"), str(config), "--set", "servers.teacher.engine=external"],
             cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
         )
         assert result.returncode == 0, result.stdout + result.stderr
+        doctor = subprocess.run(
+            [str(Path(sys.executable).parent / "lion-local"), "doctor", "--config", str(config),
+             "--set", "servers.teacher.engine=external"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        )
+        assert doctor.returncode == 0, doctor.stdout[-3000:] + doctor.stderr[-3000:]
+        assert re.search(r"^OK +server teacher +external at http://", doctor.stdout, re.M), doctor.stdout
+        processes = _command_lines()
+        holding = {key: _files_holding(tmp_path, key.encode()) for key in keys}
     finally:
         subprocess.run(["scancel", service], check=True)
 
+    for key, path in zip(keys, files):
+        assert holding[key] == [path], f"the key of {path.name} is in {holding[key]}"
+        assert not [line for line in processes if key.encode() in line], "a key is on a command line"
+        assert key not in result.stdout + result.stderr + doctor.stdout + doctor.stderr
     assert _completed(run_dir) == _stages(1)
     assert not (run_dir / "logs" / "server-teacher.log").exists(), "the iteration job started its own teacher"
     assert "teacher: 2 published endpoint(s)" in (run_dir / "logs" / "lion-local.log").read_text()
@@ -268,7 +333,9 @@ def test_teacher_service_job_serves_an_iteration_job(slurm_cluster, tiny_models:
         assert replica_log.read_text().count("POST /v1/chat/completions") >= 10, f"{replica_log} got few requests"
     assert len(jsonl(run_dir / "teacher_answers.jsonl")) == 24
 
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + 90
     while list(endpoints.glob("*.json")):
         assert time.monotonic() < deadline, "the cancelled service left its endpoint files"
         time.sleep(0.5)
+    for key in keys:  # withdrawn with its file: the key is in no file the run or the jobs wrote
+        assert _files_holding(tmp_path, key.encode()) == []
