@@ -321,8 +321,10 @@ def check_access(config: Config, server_name: str, started_for: StartedFor = "ru
 def server_key_for(config: Config, server_name: str, started_for: StartedFor = "run") -> str | None:
     """The key the server requires when lion-local starts (or reaches) it: the configured one, a new
     random one (serving/access.py says when), or None."""
-    check_access(config, server_name, started_for)
-    return server_key(server_name, config.servers[server_name], api_key_for(config, server_name), started_for)
+    try:
+        return server_key(server_name, config.servers[server_name], api_key_for(config, server_name), started_for)
+    except ServerError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def config_to_yaml(config: Config) -> str:
