@@ -252,6 +252,7 @@ def main() -> None:
 
         stage_cpu: dict[str, float] = {}
         stage_wall: dict[str, float] = {}
+        server_cpu_before = proc_cpu_rss(server.pid)  # its start-up is not per-call work
         started = time.monotonic()
         first = Watch(start_run(config_args, out, 1), run_dir / "logs/lion-local.log", stage_cpu, stage_wall)
         killed = first.until_exit(kill_when=lambda: count_lines(target) >= kill_at)
@@ -267,6 +268,8 @@ def main() -> None:
         if second.process.returncode != 0:
             raise SystemExit(f"the resumed lion-local run exited {second.process.returncode}; see {out}")
         server_cpu = proc_cpu_rss(server.pid)
+        if server_cpu is not None and server_cpu_before is not None:
+            server_cpu = (server_cpu[0] - server_cpu_before[0], server_cpu[1])
 
     results = summarize(plan, run_dir, stage_cpu, stage_wall, [first, second], wall, server_cpu)
     results["resume"] = {
@@ -302,6 +305,7 @@ def summarize(plan: dict, run_dir: Path, stage_cpu: dict[str, float], stage_wall
     actual = {role: sum(per_stage.get(role, 0) for per_stage in made.values()) for role in ROLES}
     total_calls = sum(actual.values())
     total_cpu = sum(watch.cpu for watch in watches)
+    served = sum(actual[role] for role in ROLES if role != "student")
     return {
         "stages": stages,
         "calls": {"predicted": predicted, "made": actual,
@@ -311,6 +315,9 @@ def summarize(plan: dict, run_dir: Path, stage_cpu: dict[str, float], stage_wall
         "peak_rss_mib": round(max(watch.peak_rss for watch in watches) / 2**20, 1),
         "wall_s": round(wall, 1),
         "role_server_cpu_s": round(server_cpu[0], 1) if server_cpu else None,
+        # The same host's cost of one bare HTTP exchange, measured beside lion-local in this run:
+        # what a host-independent reading of lion-local's own per-call CPU is compared against.
+        "role_server_ms_per_call": round(1000 * server_cpu[0] / served, 4) if server_cpu and served else None,
         "engines": json.loads((run_dir / "iter_1/report.json").read_text()).get("engines"),
     }
 
@@ -330,7 +337,8 @@ def print_results(results: dict) -> None:
     print(f"resume ({resume['killed_at']['journal']} killed at {resume['killed_at']['lines']} lines): first new call "
           f"{resume['to_first_new_call_s']} s after the second `lion-local run` (student server launched at "
           f"{resume['to_student_server_launch_s']} s)")
-    print(f"engines {results['engines']}; role server CPU {results['role_server_cpu_s']} s; "
+    print(f"engines {results['engines']}; role server CPU {results['role_server_cpu_s']} s during the run "
+          f"({results['role_server_ms_per_call']} ms per call it served); "
           f"whole run {results['wall_s']} s; invariants {results['invariants']}")
 
 

@@ -33,9 +33,13 @@ def test_short_paper_scale_run_is_predicted_cheap_small_and_quick_to_resume(tiny
     stages = {row["stage"]: row for row in figures["stages"]}
     assert list(stages) == ["1/imitation", "1/discrimination", "1/generation", "final/imitation"]
     # lion-local's own CPU per model call where calls dominate (the whole run's figure also
-    # carries a fixed cost: imports, and reading the tokenizer for training).
-    assert stages["1/discrimination"]["cpu_ms_per_call"] < 1.0, stages
-    assert stages["1/generation"]["cpu_ms_per_call"] < 1.0, stages
+    # carries a fixed cost: imports, and reading the tokenizer for training). The goal is 1 ms on
+    # the development host, where the role server spends 0.08 ms per call; hosts differ up to 3.5x
+    # in what an HTTP exchange over loopback costs (docs/benchmarks.md), so on a host where it
+    # costs more the bar is ten of the role server's calls, measured beside lion-local in this run.
+    bar_ms = max(1.0, 10 * figures["role_server_ms_per_call"])
+    assert stages["1/discrimination"]["cpu_ms_per_call"] < bar_ms, (bar_ms, stages)
+    assert stages["1/generation"]["cpu_ms_per_call"] < bar_ms, (bar_ms, stages)
     assert figures["peak_rss_mib"] < 4096, figures
     # From the second `lion-local run` to the launch of the student's server: lion-local's own
     # part of the resume; the first new call then waits for vLLM to load the checkpoint.

@@ -71,7 +71,12 @@ def test_every_role_returns_a_well_formed_parsed_result(tiny_run_config: Path, t
     generated = [parse_generated_instruction(r.text) for *_, hard, easy in results for r in (hard, easy)]
     assert all(parse_teacher_answer(answer.text) for answer, *_ in results)
     assert all(student.finish_reason in ("stop", "length") for _, student, *_ in results)
-    assert sum(review is not None for review in reviews) >= 14, [r.text for *_, a, b, _, _ in results for r in (a, b)]
+    # The tiny teacher's weights differ between CPU hosts (same seed, other float kernels): 14 to
+    # 16 of these 16 reviews read on one host, 13 on another, the rest stopping after the first
+    # score line, which the parser must refuse (asserted below).
+    assert sum(review is not None for review in reviews) >= 12, [r.text for *_, a, b, _, _ in results for r in (a, b)]
+    unread = [r.text for *_, a, b, _, _ in results for r in (a, b) if parse_referee_scores(r.text) is None]
+    assert all(text.count("Score of Assistant") < 2 for text in unread), unread
     scores = [score for review in reviews if review for score in review]
     assert all(1 <= score <= 10 for score in scores)
     assert len(set(reviews) - {None}) >= 2, "the referee's scores must vary between instructions"
