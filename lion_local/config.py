@@ -33,6 +33,7 @@ from lion_local.config_schema import (
     GenerationFilters,
     GeneratorRole,
     Imitation,
+    RefereeCheck,
     RefereeRole,
     Roles,
     ServerSpec,
@@ -46,7 +47,7 @@ from lion_local.config_schema import (
 # The schema's names are imported from here throughout the project, next to load_config.
 __all__ = [
     "Config", "ConfigError", "Discrimination", "Evaluation", "Generation", "GenerationFilters", "GeneratorRole",
-    "Imitation", "RefereeRole", "Roles", "ServerSpec", "StudentRole", "TeacherRole", "TinyModels",
+    "Imitation", "RefereeCheck", "RefereeRole", "Roles", "ServerSpec", "StudentRole", "TeacherRole", "TinyModels",
     "TransformersServeOptions", "VllmOptions", "api_key_for", "check_access", "check_launchers", "check_models_exist", "config_to_yaml", "load_config",
     "server_key_for",
 ]

@@ -32,6 +32,13 @@ class _RoleBase(_Strict):
     temperature: float = Field(ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(ge=1, description="Most tokens generated per request.")
+    warn_truncated_share: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Warn when more than this share of the role's replies in a stage was cut at the length "
+        "limit (teacher, student and generator; a cut review shows as unjudged instead).",
+    )
 
     def request_params(self, seed: int | None = None, max_tokens: int | None = None) -> dict:
         """The sampling fields of one request; `seed` only when given (not every server takes it)."""
@@ -162,6 +169,12 @@ class Imitation(_Strict):
         None, description="Train a LoRA adapter instead of full weights (None: full weights, the paper's way)."
     )
     final_imitation: bool = Field(True, description="After the last iteration, train on the last Train Pool.")
+    drop_truncated_answers: bool = Field(
+        False,
+        description="Leave teacher answers cut at roles.teacher.max_tokens out of training (counted in imitation.json "
+        "as dropped_truncated_answers). false: train on them as they are, as the paper did; the student then also "
+        "learns to stop where the cut fell.",
+    )
     rendezvous_port: int = Field(
         29500, ge=1, le=65535, description="Multi-node training: c10d rendezvous port on the job's first node."
     )
@@ -186,8 +199,36 @@ class Imitation(_Strict):
         return {**PAPER_TRAINER, **trainer}
 
 
+class RefereeCheck(_Strict):
+    """How the referee's judgement is measured, and when a discrimination stops because it is worthless
+    (lion_local/stages/referee_health.py). None of these changes a judgement: they are operational."""
+
+    control_pairs: int = Field(
+        16,
+        ge=0,
+        description="Control pairs reviewed first in each discrimination: the teacher's answer against an empty, a "
+        "cut or another instruction's answer to the same instruction, so the better side is known. They never enter "
+        "a pool. 0: none (then only the unjudged share of the Cache Pool is checked).",
+    )
+    min_control_accuracy: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="Stop when the referee prefers the teacher's answer in a smaller share of the judged control "
+        "pairs (0.5 is a coin; a capable referee is near 1.0).",
+    )
+    max_unjudged_share: float = Field(
+        0.2,
+        ge=0,
+        le=1,
+        description="Stop when a larger share of the control pairs, or of the Cache Pool once reviewed, is left "
+        "without a readable review in either order.",
+    )
+
+
 class Discrimination(_Strict):
     tau: float = Field(1.0, description="An instruction is hard when teacher_score - student_score >= tau.")
+    referee_check: RefereeCheck = Field(default_factory=RefereeCheck)
     stream_reviews: bool = Field(
         True,
         description="Send an instruction's reviews as soon as its student answer is in, and stop the student's "
@@ -275,6 +316,13 @@ class Evaluation(_Strict):
     )
     parse_retries: int | None = Field(
         None, ge=0, description="Extra requests when a judgement cannot be parsed; None: roles.referee.parse_retries."
+    )
+    held_out_seeds: int = Field(
+        32,
+        ge=0,
+        description="Seed instructions that follow the first seed_limit of seed_data, never in the run's pools, on "
+        "which each checkpoint's NLL of the teacher's answers is measured beside the evaluation questions' (none "
+        "without seed_limit). 0: the questions only.",
     )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -45,7 +46,10 @@ def test_every_mode_puts_what_reviews_share_before_the_pair():
         shared = one_order.split("[Answer of Assistant 1]")[0]
         assert other_order.startswith(shared) and shared.endswith("Which is larger, 3 or 5?\n\n"), mode
     assert "Score of Assistant 1: <score>" in layouts["explain_first"][0]
-    assert "for example: 7 4" in layouts["scores_only"][0] and layouts["scores_only"] == layouts["expected_score"]
+    assert layouts["scores_only"] == layouts["expected_score"]
+    # No example scores for a small referee to copy, and the format restated after the answers.
+    assert not re.search(r"\d+ \d+", layouts["scores_only"][0].replace("1 to 10", ""))
+    assert layouts["scores_only"][0].endswith("Now give the two scores (1 to 10): Assistant 1's, a space, Assistant 2's.")
     json_prompt = referee_messages("Q?", "", "a", "b", mode="scores_only", structured_output="json_schema")
     assert '{"assistant_1": <score>, "assistant_2": <score>}' in json_prompt[1]["content"]
 

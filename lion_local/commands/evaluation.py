@@ -10,19 +10,21 @@ the referee's mode, prompt and sampling parameters, in both orders, through disc
 pipeline (lion_local/stages/judging.py: retries, up to evaluation.parse_retries, default the referee's;
 a question's two scores).
 
-The arithmetic, per checkpoint:
-- A question left without a readable review in either order is excluded from both totals and
-  counted in excluded_questions; every unreadable reply (a retried one too) is counted in
-  unparseable_judgements. Unreadable replies never count as scores.
-- relative_score = 100 * sum(student_score) / sum(teacher_score) over the judged questions: the
-  student's total score as a percentage of the teacher's, rounded to 2 decimals; null when no
-  question is judged. The same for each category, over the questions that carry it.
+The arithmetic (the student's total score as a percentage of the teacher's) is in
+lion_local/commands/evaluation_results.py.
+
+Beside the judged score, each checkpoint gets a judge-free one, and so does the initial student
+(servers.<student>.model, eval/initial/): its NLL per token of the teacher's answers to the
+questions and to evaluation.held_out_seeds unused seed instructions, with the teacher's own figure
+beside it (lion_local/commands/evaluation_likelihood.py), in result.json under "likelihood".
 
 Files, all under <run_dir>/eval/ (the run itself is never modified; server logs go to logs/):
     teacher_answers.jsonl               the teacher's answers, shared by every checkpoint
+    teacher_likelihood.jsonl            the teacher's NLL of each of its answers
     <checkpoint>/student_answers.jsonl  the answers of iter_<k>/student or final/student
     <checkpoint>/judgements.jsonl       every judge reply: {"id", "order", "attempt", "raw", "scores", ...}
-    <checkpoint>/result.json            the totals and relative scores, written whole at the end
+    <checkpoint>/likelihood.jsonl       the checkpoint's NLL of each teacher answer
+    <checkpoint>/result.json            the totals, relative scores and likelihood, written whole at the end
 Each call is journaled as it returns, so a killed evaluation resumes without repeating one.
 A question set that the run's generation did not decontaminate against (generation.decontamination
 off, or the file neither the built-in set with include_builtin_questions nor among its
@@ -43,19 +45,20 @@ from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+from lion_local.commands.evaluation_results import relative_scores, summary_line
+from lion_local.commands.evaluation_likelihood import checkpoint_likelihood, held_out_seeds, teacher_likelihood
 from lion_local.config import Config, check_access, check_models_exist
 from lion_local.endpoints.client import EndpointClient
 from lion_local.stages.imitation import is_checkpoint
 from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.decontamination import question_files
-from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
+from lion_local.stages.judging import AnswerPair, pending_reviews, referee_fingerprint, review_call
 from lion_local.run.questions import default_questions, load_questions
 from lion_local.run.records import request_seed
-from lion_local.roles import ask_student, ask_teacher, referee_identity
+from lion_local.roles import ask_student, ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.errors import StageOrderError
-from lion_local.run.identity import identity_digest, run_identity
-from lion_local.run.layout import FINAL, Iteration, RunDir
+from lion_local.run.layout import FINAL, INITIAL, EvaluationDir, Iteration, RunDir
 from lion_local.run.state import Journal, run_lock, write_atomic
 from lion_local.run.teacher_cache import teacher_fingerprint
 from lion_local.endpoints.servers import ServerSet
@@ -66,13 +69,13 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Checkpoint:
-    iteration: Iteration
+    iteration: Iteration | None  # None: the initial student, measured by its likelihood only
     path: Path
 
     @property
     def name(self) -> str:
-        """"iter_1", ..., "final": also its directory under <run_dir>/eval/."""
-        return self.iteration.dirname
+        """"initial", "iter_1", ..., "final": also its directory under <run_dir>/eval/."""
+        return INITIAL if self.iteration is None else self.iteration.dirname
 
 
 # ----------------------------------------------------------------------------------------------
@@ -89,13 +92,16 @@ def evaluate(config: Config, iteration: Iteration | None = None, questions_path:
     questions = load_questions(path)
     warn_if_not_decontaminated(config, path)
     checkpoints = select_checkpoints(run, iteration)
-    check_models_exist(config, [config.roles.teacher.server, judge_server(config)])
+    if iteration is None:
+        checkpoints.insert(0, Checkpoint(None, Path(str(config.server_for("student").model))))
+    check_models_exist(config, [config.roles.teacher.server, config.roles.student.server, judge_server(config)])
     for name in {config.roles.teacher.server, config.roles.student.server, judge_server(config)}:
         check_access(config, name)
+    held_out = held_out_seeds(config, run)
     with run_lock(run):
         ensure_tiny_models(config)
         with run_log(run), ServerSet(config, run.logs) as servers:
-            return run_evaluation(config, run, checkpoints, questions, servers)
+            return run_evaluation(config, run, checkpoints, questions, servers, held_out)
 
 
 def warn_if_not_decontaminated(config: Config, path: Path) -> bool:
@@ -118,15 +124,6 @@ def judge_server(config: Config) -> str:
 def judge_retries(config: Config) -> int:
     retries = config.evaluation.parse_retries
     return config.roles.referee.parse_retries if retries is None else retries
-
-
-def summary_line(result: dict) -> str:
-    """One line per result, e.g.
-    iter_1: student at 87.5% of the teacher (40 of 40 questions judged, 0 unparseable judgements)"""
-    counts = f"{result['judged']} of {result['questions']} questions judged, {result['unparseable_judgements']} unparseable judgements"
-    if result["relative_score"] is None:
-        return f"{result['checkpoint']}: no relative score ({counts})"
-    return f"{result['checkpoint']}: student at {result['relative_score']:g}% of the teacher ({counts})"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -163,14 +160,20 @@ def _checkpoint(run: RunDir, iteration: Iteration) -> Checkpoint:
 
 
 def run_evaluation(
-    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], servers: ServerSet
+    config: Config,
+    run: RunDir,
+    checkpoints: list[Checkpoint],
+    questions: list[dict],
+    servers: ServerSet,
+    held_out: list[dict] = (),
 ) -> list[dict]:
     """Evaluate each checkpoint in turn, write its result.json, and return the results."""
-    return asyncio.run(_evaluate_all(config, run, checkpoints, questions, servers))
+    return asyncio.run(_evaluate_all(config, run, checkpoints, questions, list(held_out), servers))
 
 
 async def _evaluate_all(
-    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], servers: ServerSet
+    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], held_out: list[dict],
+    servers: ServerSet,
 ) -> list[dict]:
     results = []
     async with AsyncExitStack() as stack:
@@ -184,19 +187,27 @@ async def _evaluate_all(
                     clients[name] = await stack.enter_async_context(await servers.open_client(name))
                 return clients[name]
 
-        with Journal(run.eval_teacher_answers) as journal:
-            # The teacher answers while the first checkpoint's student does.
-            teacher = asyncio.ensure_future(
-                _teacher_answers(config, questions, journal, lambda: client(config.roles.teacher.server))
-            )
+        items = questions + held_out
+        teacher_client = lambda: client(config.roles.teacher.server)  # noqa: E731
+        with Journal(run.eval_teacher_answers) as journal, Journal(run.eval_teacher_likelihood) as teacher_nll:
+            # The teacher answers (then scores its own answers) while the first checkpoint's student works.
+            teacher = asyncio.ensure_future(_teacher_answers(config, items, journal, teacher_client))
+
+            async def own_likelihood() -> dict:
+                return await teacher_likelihood(config, items, await teacher, teacher_nll, teacher_client)
+
+            figure = asyncio.ensure_future(own_likelihood())
             try:
                 for checkpoint in checkpoints:
-                    result = await _evaluate_checkpoint(config, run, checkpoint, questions, teacher, client, servers)
+                    result = await _evaluate_checkpoint(config, run, checkpoint, questions, items, teacher, client, servers)
+                    result["likelihood"]["teacher"] = await figure
+                    write_atomic(run.evaluation(checkpoint.iteration).result, json.dumps(result, indent=2) + "\n")
                     logger.info("evaluation: %s", summary_line(result))
                     results.append(result)
             finally:
-                teacher.cancel()
-                await asyncio.gather(teacher, return_exceptions=True)
+                for task in (teacher, figure):
+                    task.cancel()
+                await asyncio.gather(teacher, figure, return_exceptions=True)
     return results
 
 
@@ -205,17 +216,38 @@ async def _evaluate_checkpoint(
     run: RunDir,
     checkpoint: Checkpoint,
     questions: list[dict],
+    items: list[dict],
     teacher: Awaitable[dict[str, dict]],
     client: Callable[[str], Awaitable[EndpointClient]],
     servers: ServerSet,
 ) -> dict:
+    """One checkpoint's result (the initial student: its likelihood only); the caller writes it."""
     directory = run.evaluation(checkpoint.iteration)
+    initial = checkpoint.iteration is None
+    with Journal(directory.student_answers) as answers_journal, Journal(directory.likelihood) as nll_journal:
+        student_answers, likelihood = await _student_work(
+            config, checkpoint, [] if initial else questions, items, teacher, answers_journal, nll_journal, servers
+        )
+    result = {"checkpoint": checkpoint.name, "iteration": INITIAL if initial else checkpoint.iteration.json_value}
+    if not initial:
+        result.update(await _judged(config, directory, checkpoint, questions, await teacher, student_answers, client))
+    result["likelihood"] = likelihood
+    return result
+
+
+async def _judged(
+    config: Config,
+    directory: EvaluationDir,
+    checkpoint: Checkpoint,
+    questions: list[dict],
+    teacher_answers: dict[str, dict],
+    student_answers: dict[str, dict],
+    client: Callable[[str], Awaitable[EndpointClient]],
+) -> dict:
+    """The judge's reviews of each question's pair in both orders, and the relative scores."""
     judge = judge_server(config)
-    with Journal(directory.student_answers) as student_journal:
-        student_answers = await _student_answers(config, checkpoint, questions, student_journal, servers)
-    teacher_answers = await teacher
     pairs = {q["id"]: (teacher_answers[q["id"]]["answer"], student_answers[q["id"]]["answer"]) for q in questions}
-    identity = _judge_identity(config)
+    identity = referee_fingerprint(config, judge)
     keys = {q["id"]: _digest(identity, q["question"], *pairs[q["id"]]) for q in questions}
     with Journal(directory.judgements) as journal:
         pending = pending_reviews([q["id"] for q in questions], _current(journal, keys), judge_retries(config))
@@ -228,15 +260,12 @@ async def _evaluate_checkpoint(
             return review_call(
                 judge_client, config.roles.referee, pair, order, first_attempt, judge_retries(config),
                 lambda *key: request_seed(config.seed, "evaluation-judge", checkpoint.name, *key),
-                journal, extra={"key": keys[qid]},
+                journal.append, extra={"key": keys[qid]},
             )
 
         calls = [judge_call(qid, order, attempt) for qid, order, attempt in pending]
         await call_all(calls, journal, f"evaluation {checkpoint.name}: judgements")
-        result = {"checkpoint": checkpoint.name, "iteration": checkpoint.iteration.json_value, "judge": judge}
-        result.update(relative_scores(questions, _current(journal, keys)))
-    write_atomic(directory.result, json.dumps(result, indent=2) + "\n")
-    return result
+        return {"judge": judge, **relative_scores(questions, _current(journal, keys))}
 
 
 async def _teacher_answers(
@@ -244,7 +273,8 @@ async def _teacher_answers(
 ) -> dict[str, dict]:
     """The teacher's answer to every question by id, asking only for those not journaled."""
     fingerprint = teacher_fingerprint(config)
-    keys = {q["id"]: _digest(fingerprint, q["question"]) for q in questions}
+    # A held-out seed instruction may carry an input; a question does not.
+    keys = {q["id"]: _digest(fingerprint, q["question"], *([q["input"]] if q.get("input") else [])) for q in questions}
     answers = {r["id"]: r for r in _current(journal, keys)}
     missing = [q for q in questions if q["id"] not in answers]
     logger.info("evaluation: teacher answers: %d of %d journaled", len(questions) - len(missing), len(questions))
@@ -255,7 +285,7 @@ async def _teacher_answers(
     def call(question: dict):
         async def ask() -> dict:
             seed = request_seed(config.seed, "evaluation-teacher", question["id"])
-            completion = await ask_teacher(teacher, config.roles.teacher, question["question"], seed=seed)
+            completion = await ask_teacher(teacher, config.roles.teacher, question["question"], question.get("input", ""), seed=seed)
             answer = parse_teacher_answer(completion.text)
             return {
                 "id": question["id"],
@@ -276,10 +306,18 @@ async def _teacher_answers(
     return answers
 
 
-async def _student_answers(
-    config: Config, checkpoint: Checkpoint, questions: list[dict], journal: Journal, servers: ServerSet
-) -> dict[str, dict]:
-    """One checkpoint's answer to every question by id; its server runs only while answers are missing."""
+async def _student_work(
+    config: Config,
+    checkpoint: Checkpoint,
+    questions: list[dict],
+    items: list[dict],
+    teacher: Awaitable[dict[str, dict]],
+    journal: Journal,
+    nll_journal: Journal,
+    servers: ServerSet,
+) -> tuple[dict[str, dict], dict]:
+    """One checkpoint's answer to every question by id, and its likelihood of the teacher's answers;
+    its server runs only while an answer or a likelihood is missing."""
     role = config.roles.student
     identity = _digest(role.prompt_format, role.request_params(), config.seed)
     keys = {q["id"]: _digest(identity, q["question"]) for q in questions}
@@ -287,33 +325,39 @@ async def _student_answers(
     missing = [q for q in questions if q["id"] not in answers]
     logger.info("evaluation %s: student answers: %d of %d journaled", checkpoint.name,
                 len(questions) - len(missing), len(questions))
-    if not missing:
-        return answers
-    try:
-        async with await servers.open_client(role.server, str(checkpoint.path)) as student:
+    opened: list[asyncio.Future[EndpointClient]] = []
+    async with AsyncExitStack() as stack:
 
-            def call(question: dict):
-                async def ask() -> dict:
-                    seed = request_seed(config.seed, "evaluation-student", checkpoint.name, question["id"])
-                    completion = await ask_student(student, role, question["question"], seed=seed)
-                    return {
-                        "id": question["id"],
-                        "answer": completion.text,
-                        "key": keys[question["id"]],
-                        **call_fields(completion, seed),
-                    }
+        async def connect() -> EndpointClient:
+            """The checkpoint's server, started at the first need."""
+            if not opened:
+                opening = servers.open_client(role.server, str(checkpoint.path))
+                opened.append(asyncio.ensure_future(_entered(stack, opening)))
+            return await opened[0]
 
-                return ask
+        try:
+            if missing:
+                student = await connect()
 
-            await call_all(
-                [call(q) for q in missing],
-                journal,
-                f"evaluation {checkpoint.name}: student answers",
-                on_record=lambda record: answers.__setitem__(record["id"], record),
-            )
-    finally:
-        servers.stop(role.server)  # the next checkpoint is served anew; a local judge may need the GPUs
-    return answers
+                def call(question: dict):
+                    async def ask() -> dict:
+                        seed = request_seed(config.seed, "evaluation-student", checkpoint.name, question["id"])
+                        completion = await ask_student(student, role, question["question"], seed=seed)
+                        return {"id": question["id"], "answer": completion.text, "key": keys[question["id"]],
+                                **call_fields(completion, seed)}
+
+                    return ask
+
+                await call_all([call(q) for q in missing], journal, f"evaluation {checkpoint.name}: student answers",
+                               on_record=lambda record: answers.__setitem__(record["id"], record))
+            likelihood = await checkpoint_likelihood(config, str(checkpoint.path), items, await teacher, nll_journal, connect)
+        finally:
+            servers.stop(role.server)  # the next checkpoint is served anew; a local judge may need the GPUs
+    return answers, likelihood
+
+
+async def _entered(stack: AsyncExitStack, opening: Awaitable[EndpointClient]) -> EndpointClient:
+    return await stack.enter_async_context(await opening)
 
 
 def _current(journal: Journal, keys: dict[str, str]) -> list[dict]:
@@ -321,48 +365,5 @@ def _current(journal: Journal, keys: dict[str, str]) -> list[dict]:
     return [r for r in journal.records if r.get("id") in keys and r.get("key") == keys[r["id"]]]
 
 
-def _judge_identity(config: Config) -> str:
-    """What a judgement depends on besides its question and answers: the judge model, prompts, mode and parameters."""
-    server = identity_digest(run_identity(config), (f"servers.{judge_server(config)}.",))
-    return _digest(server, referee_identity(config.roles.referee), config.seed)
-
-
 def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# The arithmetic
-# ----------------------------------------------------------------------------------------------
-
-
-def relative_scores(questions: list[dict], judgements: list[dict]) -> dict:
-    """Counts, totals and relative scores, overall and per category, from one checkpoint's judge
-    replies (the arithmetic of the module docstring)."""
-    judged = judged_pairs([q["id"] for q in questions], judgements)
-    # question id -> (teacher_score, student_score)
-    scores = {qid: (pair["teacher_score"], pair["student_score"]) for qid, pair in judged.items()}
-    result = {
-        "questions": len(questions),
-        "judged": len(scores),
-        "excluded_questions": len(questions) - len(scores),
-        "unparseable_judgements": sum(1 for judgement in judgements if judgement["scores"] is None),
-        "position_inconsistent_share": inconsistent_share(list(judged.values())),
-        **_totals([scores[q["id"]] for q in questions if q["id"] in scores]),
-        "by_category": {},
-    }
-    for category in dict.fromkeys(q["category"] for q in questions if q["category"]):
-        members = [q["id"] for q in questions if q["category"] == category]
-        judged = [scores[qid] for qid in members if qid in scores]
-        result["by_category"][category] = {"questions": len(members), "judged": len(judged), **_totals(judged)}
-    return result
-
-
-def _totals(pairs: list[tuple[float, float]]) -> dict:
-    teacher_total = sum(teacher for teacher, _ in pairs)
-    student_total = sum(student for _, student in pairs)
-    return {
-        "teacher_total": round(teacher_total, 4),
-        "student_total": round(student_total, 4),
-        "relative_score": round(100 * student_total / teacher_total, 2) if pairs and teacher_total > 0 else None,
-    }

@@ -10,8 +10,12 @@ The model (N0 seeds, G = generation.new_per_iteration, K = iterations; the stage
   answered before (none: the Train Pool is a subset of the Cache Pool), the final imitation for
   the last generated set.
 - student: one call per Cache Pool instruction in each discrimination.
-- referee: two per Cache Pool instruction (both orders) x (1 + retry rate); the retry rate is the
-  extra replies per review seen in finished discriminations (unreadable replies), else 0.
+- referee: two per Cache Pool instruction and per control pair (both orders; control pairs:
+  discrimination.referee_check.control_pairs, at most one per Cache Pool instruction) x (1 + retry
+  rate); the retry rate is the extra replies per review seen in finished discriminations
+  (unreadable replies), else 0. Each referee row also gives its bound: every review retried
+  roles.referee.parse_retries times ("calls_max"), what a referee that never writes a readable
+  review costs before the stage stops.
 - generator: quotas round(G x hard_ratio) and the rest (from the real label counts once the
   discrimination has judged); the waves of lion_local.stages.generation are replayed with each wave
   passing its expected share floor(size x a), where a, the share of replies passing the filters,
@@ -166,8 +170,10 @@ def _retry_rate(config: Config, run: RunDir, completed: set[Stage]) -> tuple[flo
     reviews = replies = 0
     for k in range(1, config.iterations + 1):
         if Iteration(k).stage("discrimination") in completed:
-            reviews += 2 * len(read_jsonl(run.iteration(k).cache_pool))
-            replies += len(read_jsonl(run.iteration(k).reviews))
+            directory = run.iteration(k)
+            controls = read_jsonl(directory.controls)
+            reviews += 2 * (len(read_jsonl(directory.cache_pool)) + len({r["id"] for r in controls}))
+            replies += len(read_jsonl(directory.reviews)) + len(controls)
     if reviews:
         return max(0, replies - reviews) / reviews, f"observed ({replies} replies for {reviews} reviews)"
     return 0.0, "assumed (every reply readable)"
@@ -194,8 +200,8 @@ def _walk(
     rows: list[dict] = []
     pools: list[dict] = []
 
-    def stage_rows(stage: Stage, predicted: dict[str, int]) -> None:
-        rows.extend(_stage_rows(run, stage, predicted, stage in completed, per_call, teacher_journal))
+    def stage_rows(stage: Stage, predicted: dict[str, int], bounds: dict[str, int] | None = None) -> None:
+        rows.extend(_stage_rows(run, stage, predicted, stage in completed, per_call, teacher_journal, bounds or {}))
 
     answered: set[str] = set()
     seeds = [{"id": seed_id} for seed_id in seed_ids]
@@ -210,9 +216,11 @@ def _walk(
             train, cache = pools_from(iteration, seeds, cache, generated)
         stage_rows(iteration.stage("imitation"), {"teacher": len(uncached(train, answered))})
         answered |= {r["id"] for r in train}
-        referee = round(2 * len(cache) * (1 + retry_rate))
+        reviews = 2 * (len(cache) + min(config.discrimination.referee_check.control_pairs, len(cache)))
+        referee = round(reviews * (1 + retry_rate))
         teacher = len(uncached(cache, answered))
-        stage_rows(iteration.stage("discrimination"), {"teacher": teacher, "student": len(cache), "referee": referee})
+        stage_rows(iteration.stage("discrimination"), {"teacher": teacher, "student": len(cache), "referee": referee},
+                   {"referee": reviews * (1 + config.roles.referee.parse_retries)})
         answered |= {r["id"] for r in cache}
         calls, accepted = _generation(config, directory, acceptance)
         stage_rows(iteration.stage("generation"), {"generator": calls})
@@ -235,15 +243,24 @@ def _walk(
 
 
 def _stage_rows(
-    run: RunDir, stage: Stage, predicted: dict[str, int], finished: bool, per_call: dict, teacher_journal: list[dict]
+    run: RunDir,
+    stage: Stage,
+    predicted: dict[str, int],
+    finished: bool,
+    per_call: dict,
+    teacher_journal: list[dict],
+    bounds: dict[str, int],
 ) -> list[dict]:
-    """One row per role of a stage: counted from its journals once finished, else predicted."""
+    """One row per role of a stage: counted from its journals once finished, else predicted (with
+    the role's bound on its calls, where it has one)."""
     rows = []
     for role in STAGE_ROLES[stage.name]:
         if role == "teacher":
             records = [r for r in teacher_journal if r.get("stage") == str(stage)]
         else:
             records = read_jsonl(getattr(run.at(stage.iteration), JOURNALS[role]))
+        if role == "referee":
+            records += read_jsonl(run.at(stage.iteration).controls)
         actual = usage(records)
         row = {"stage": str(stage), "role": role}
         if finished:
@@ -254,6 +271,8 @@ def _stage_rows(
             row.update(calls=calls, prompt_tokens=round(calls * per_call[role]["prompt_tokens"]))
             row.update(completion_tokens=round(calls * per_call[role]["completion_tokens"]))
             row.update(source="predicted", calls_so_far=actual["calls"])
+            if role in bounds:
+                row["calls_max"] = max(bounds[role], calls)
         rows.append(row)
     return rows
 
@@ -320,6 +339,8 @@ def plan_lines(plan: dict) -> list[str]:
         note = row["source"]
         if row["source"] == "predicted" and row["calls_so_far"]:
             note += f" ({row['calls_so_far']:,} done)"
+        if "calls_max" in row:
+            note += f", at most {row['calls_max']:,} with every review retried"
         lines.append(_line(row["stage"], row["role"], row, note))
     lines.append("-" * len(header))
     for role, total in plan["totals"].items():

@@ -15,6 +15,13 @@ lion_local.run.layout; the plots' own file names are this module's):
     cost.png        calls, tokens and seconds per role and stage
     evaluation.png  the student's score as a percentage of the teacher's, per checkpoint
                     (only once `lion-local evaluate` has run)
+    referee.png     the referee on its control pairs: accuracy, position consistency and unjudged
+                    share per iteration, with the bounds that stop a discrimination
+    likelihood.png  the NLL per token of the teacher's answers under each checkpoint, from the
+                    initial student on, with the teacher's own (once `lion-local evaluate` has run)
+
+It also writes <run_dir>/report.json: every iteration's report.json and every evaluation result in
+one file, for scripts, and report.md shows an example of each role's text from the run.
 
 Reading is all it does: the report can be made while a run goes on, and as often as wanted.
 """
@@ -27,8 +34,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lion_local.errors import StageOrderError
-from lion_local.run.layout import FINAL, Iteration, RunDir
-from lion_local.run.state import read_state, write_atomic
+from lion_local.run.layout import FINAL, INITIAL, Iteration, RunDir
+from lion_local.run.state import read_jsonl, read_state, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +91,7 @@ class RunReport:
 def collect(run: RunDir) -> RunReport:
     """Every iteration report on disk, in loop order, with its checkpoint's evaluation if any."""
     evaluations = _evaluations(run)
-    by_iteration = {_evaluated(e): e for e in evaluations}
+    by_iteration = {_evaluated(e): e for e in evaluations if _evaluated(e) is not None}
     iterations = [
         IterationSummary(iteration, _load(run.at(iteration).report), by_iteration.get(iteration))
         for iteration in [*run.numbered_iterations(), FINAL]
@@ -98,14 +105,22 @@ def _load(path: Path) -> dict:
 
 
 def _evaluations(run: RunDir) -> list[dict]:
-    """Every eval/<checkpoint>/result.json, in loop order (iter_1, ..., final)."""
+    """Every eval/<checkpoint>/result.json, in loop order (initial, iter_1, ..., final)."""
     results = [_load(path) for path in run.evaluation_results()]
-    return sorted(results, key=lambda result: _evaluated(result).sort_key)
+    return sorted(results, key=lambda result: (-1, 0) if _evaluated(result) is None else _evaluated(result).sort_key)
 
 
-def _evaluated(result: dict) -> Iteration:
-    """The iteration whose checkpoint a result.json evaluates: its "iteration", 1, 2, ... or "final"."""
-    return Iteration.parse(str(result["iteration"]))
+def _evaluated(result: dict) -> Iteration | None:
+    """The iteration whose checkpoint a result.json evaluates ("iteration": 1, 2, ... or "final"),
+    None for the initial student."""
+    return None if result["iteration"] == INITIAL else Iteration.parse(str(result["iteration"]))
+
+
+def nll_of(result: dict | None, part: str = "questions", who: str | None = None) -> float | None:
+    """An evaluation result's mean NLL per token on `part` (of the teacher's own figure with who="teacher")."""
+    likelihood = (result or {}).get("likelihood") or {}
+    node = likelihood.get(who) or {} if who else likelihood
+    return (node.get(part) or {}).get("mean_nll")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -147,6 +162,14 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
         row("mean student score", get("scores", "mean_student")),
         row("mean gap", get("scores", "mean_gap")),
         row("position-inconsistent share", get("scores", "position_inconsistent_share")),
+        row("unjudged share", get("discrimination", "unjudged_share")),
+        row("control pairs", get("referee_check", "pairs")),
+        row("control accuracy", get("referee_check", "accuracy")),
+        row("control position-consistent share", get("referee_check", "position_consistent_share")),
+        row("control unjudged share", get("referee_check", "unjudged_share")),
+        row("truncated teacher answers", get("truncated", "teacher_answers")),
+        row("truncated student answers", get("truncated", "student_answers")),
+        row("truncated generator replies", get("truncated", "generator_replies")),
         row("rejected", get("generation", "rejected_total")),
         row("shortfall", get("generation", "shortfall", "total")),
     ]
@@ -155,6 +178,7 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
     rows.append(row("stage seconds", lambda it: _number(sum(it.report.get("stage_seconds", {}).values()), 1)))
     if report.evaluations:
         rows.append(row("student / teacher %", lambda it: _number((it.evaluation or {}).get("relative_score"), 1)))
+        rows.append(row("NLL of teacher answers", lambda it: _number(nll_of(it.evaluation))))
     return header, rows
 
 
@@ -195,9 +219,13 @@ def cost_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
 
 
 def evaluation_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
-    header = ["checkpoint", "student / teacher %", "judged", "excluded questions", "unparseable judgements"]
-    rows = [[e["checkpoint"], _number(e.get("relative_score"), 1), f"{e.get('judged')}/{e.get('questions')}",
-             _number(e.get("excluded_questions")), _number(e.get("unparseable_judgements"))] for e in report.evaluations]
+    header = ["checkpoint", "student / teacher %", "judged", "excluded questions", "unparseable judgements",
+              "NLL (questions)", "NLL (held-out seeds)", "teacher NLL (questions)"]
+    rows = [[e["checkpoint"], _number(e.get("relative_score"), 1),
+             f"{e['judged']}/{e['questions']}" if "judged" in e else "-",
+             _number(e.get("excluded_questions")), _number(e.get("unparseable_judgements")),
+             _number(nll_of(e)), _number(nll_of(e, "held_out")), _number(nll_of(e, who="teacher"))]
+            for e in report.evaluations]
     categories = sorted({c for e in report.evaluations for c in e.get("by_category", {})})
     if categories:
         header += [f"{c} %" for c in categories]
@@ -227,12 +255,37 @@ def markdown(report: RunReport) -> str:
         sections += ["## Generation", markdown_table(*rejection_rows(report))]
     sections += ["## Calls, tokens and seconds per role and stage", markdown_table(*cost_rows(report))]
     if report.evaluations:
-        sections += ["## Evaluation (the student's total judge score as a percentage of the teacher's)",
+        sections += ["## Evaluation (the student's total judge score as a percentage of the teacher's, and its "
+                     "NLL per token of the teacher's answers: lower is closer to the teacher)",
                      markdown_table(*evaluation_rows(report))]
+    sections += example_sections(run)
     if report.plots:
         sections.append("## Plots")
         sections += [f"![{path.stem}]({path.relative_to(run.root).as_posix()})" for path in report.plots]
     return "\n\n".join(sections) + "\n"
+
+
+def example_sections(run: RunDir, limit: int = 600) -> list[str]:
+    """report.md's examples: the first journaled reply of each role in the first iteration, as it came."""
+    directory = run.iteration(1)
+    pool = {r["id"]: r for r in read_jsonl(directory.cache_pool)}
+    teacher = {r["id"]: r for r in read_jsonl(run.teacher_answers)}
+    picks = [
+        ("teacher", next(iter(teacher.values()), None), "answer"),
+        ("student", next(iter(read_jsonl(directory.student_answers)), None), "answer"),
+        ("referee", next(iter(read_jsonl(directory.reviews)), None), "raw"),
+        ("generator", next(iter(read_jsonl(directory.generator_calls)), None), "raw"),
+    ]
+    sections = []
+    for role, record, key in picks:
+        if record is None:
+            continue
+        asked = pool.get(record.get("parent") if role == "generator" else record["id"], {}).get("instruction", "")
+        text = record[key] if len(record[key]) <= limit else record[key][:limit] + " [...]"
+        what = {"generator": "its seed", "referee": f"the {record['order'].replace('_', ' ')} review of"}.get(role, "asked")
+        sections.append(f"**{role}** ({what}: {asked!r}; finish_reason {record.get('finish_reason')}):\n\n"
+                        + "\n".join(f"> {line}" for line in (text or "(empty)").splitlines()))
+    return ["## Examples from iteration 1 (each role's first reply, as it came)", *sections] if sections else []
 
 
 def _engines_line(report: RunReport) -> str:
@@ -254,5 +307,7 @@ def write_report(run: RunDir) -> RunReport:
     report = collect(run)
     report.plots = make_plots(report, run.plots) if report.iterations else []
     write_atomic(run.report_md, markdown(report))
+    summary = {"iterations": {str(it.iteration): it.report for it in report.iterations}, "evaluations": report.evaluations}
+    write_atomic(run.report_json, json.dumps(summary, indent=2) + "\n")
     logger.debug("wrote %s and %d plots in %s", run.report_md, len(report.plots), run.plots)
     return report

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lion_local.commands.report import LABELS, ROLE_STAGES, RunReport
+from lion_local.commands.report import LABELS, ROLE_STAGES, RunReport, nll_of
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -34,6 +34,8 @@ def make_plots(report: RunReport, directory: Path) -> list[Path]:
         ("generation.png", generation_plot, True),
         ("cost.png", cost_plot, True),  # the first panel counts calls
         ("evaluation.png", evaluation_plot, False),
+        ("referee.png", referee_plot, False),
+        ("likelihood.png", likelihood_plot, False),
     )
     written = []
     for name, plot, counts in plots:
@@ -186,12 +188,64 @@ def evaluation_plot(report: RunReport) -> Figure | None:
     return figure
 
 
+def referee_plot(report: RunReport) -> Figure | None:
+    """referee.png: the referee on its control pairs per iteration, with the bounds that stop a discrimination."""
+    checked = [it for it in report.judged if (it.report.get("referee_check") or {}).get("pairs")]
+    if not checked:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    names = [it.label for it in checked]
+    for key, label in (("accuracy", "control accuracy (prefers the real answer)"),
+                       ("position_consistent_share", "position-consistent share"),
+                       ("unjudged_share", "unjudged share")):
+        axes.plot(names, [it.report["referee_check"].get(key) for it in checked], marker="o", label=label)
+    bounds = (report_config(report) or {}).get("discrimination", {}).get("referee_check", {})
+    if "min_control_accuracy" in bounds:
+        axes.axhline(bounds["min_control_accuracy"], color="tab:blue", linestyle="--", linewidth=1,
+                     label=f"min control accuracy {bounds['min_control_accuracy']:g}")
+    if "max_unjudged_share" in bounds:
+        axes.axhline(bounds["max_unjudged_share"], color="tab:green", linestyle=":", linewidth=1,
+                     label=f"max unjudged share {bounds['max_unjudged_share']:g}")
+    axes.axhline(0.5, color="gray", linewidth=0.8, label="a coin (0.5)")
+    axes.set(title="The referee on control pairs (teacher's answer vs a degraded one)", xlabel="iteration",
+             ylabel="share of control pairs", ylim=(0, 1.05))
+    axes.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
+    return figure
+
+
+def likelihood_plot(report: RunReport) -> Figure | None:
+    """likelihood.png: each checkpoint's NLL per token of the teacher's answers, and the teacher's own."""
+    measured = [e for e in report.evaluations if nll_of(e) is not None]
+    if not measured:
+        return None
+    figure, axes = _subplots(figsize=(7, 4.5))
+    names = [e["checkpoint"] for e in measured]
+    axes.plot(names, [nll_of(e) for e in measured], marker="o", label="student: evaluation questions")
+    if any(nll_of(e, "held_out") is not None for e in measured):
+        axes.plot(names, [nll_of(e, "held_out") for e in measured], marker="s", label="student: held-out seeds")
+    teacher = next((nll_of(e, who="teacher") for e in measured if nll_of(e, who="teacher") is not None), None)
+    if teacher is not None:
+        axes.axhline(teacher, color="black", linestyle="--", linewidth=1, label=f"the teacher itself ({teacher:.2f})")
+    axes.set(title="NLL of the teacher's answers per checkpoint (lower: closer to the teacher)",
+             xlabel="checkpoint", ylabel="mean NLL per answer token (nats)")
+    axes.legend()
+    return figure
+
+
+def report_config(report: RunReport) -> dict | None:
+    """The run's config.yaml as a mapping, or None if it cannot be read."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(report.run.config_yaml.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def report_tau(report: RunReport) -> float | None:
     """The run's discrimination.tau from its config.yaml, or None if it cannot be read."""
     try:
-        import yaml
-
-        config = yaml.safe_load(report.run.config_yaml.read_text(encoding="utf-8"))
-        return float(config["discrimination"]["tau"])
-    except (OSError, KeyError, TypeError, ValueError):
+        return float(report_config(report)["discrimination"]["tau"])
+    except (KeyError, TypeError, ValueError):
         return None

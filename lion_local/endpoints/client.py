@@ -72,6 +72,8 @@ class Completion:
     base_url: str
     # Chat replies asked with logprobs: one {"token", "logprob", "top_logprobs"} per generated token.
     logprobs: list[dict] | None = None
+    # Completions asked with vLLM's prompt_logprobs: per prompt token None (the first) or {token id: {"logprob"}}.
+    prompt_logprobs: list[dict | None] | None = None
 
 
 @dataclass
@@ -188,8 +190,8 @@ class EndpointClient:
         payload = {"model": self.model, "messages": messages, **params}
         return await self._request(role, "/chat/completions", payload)
 
-    async def complete(self, role: str, prompt: str, **params: Any) -> Completion:
-        """POST /completions; `params` go into the body as given."""
+    async def complete(self, role: str, prompt: str | list[int], **params: Any) -> Completion:
+        """POST /completions (the prompt as text, or as token ids); `params` go into the body as given."""
         payload = {"model": self.model, "prompt": prompt, **params}
         return await self._request(role, "/completions", payload)
 
@@ -311,6 +313,7 @@ class EndpointClient:
                 seconds=seconds,
                 base_url=base_url,
                 logprobs=(choice.get("logprobs") or {}).get("content") if isinstance(message, dict) else None,
+                prompt_logprobs=choice.get("prompt_logprobs"),
             )
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise self._error(

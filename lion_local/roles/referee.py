@@ -26,7 +26,7 @@ import re
 
 from lion_local.config import RefereeRole
 from lion_local.endpoints.client import Completion, EndpointClient, EndpointError
-from lion_local.roles.referee_scores import REPLY_FORMATS, constraint_params, expected_scores, read_scores
+from lion_local.roles.referee_scores import REPLY_FORMATS, REPLY_REMINDERS, constraint_params, expected_scores, read_scores
 from lion_local.roles.templates import render, template_text
 
 logger = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def referee_messages(
     """The chat messages asking for a review of two answers in `mode` (system_prompt None: SYSTEM_PROMPT)."""
     review_request = render(
         _TEMPLATES[mode], instruction=instruction, input=input_text, answer_1=answer_1, answer_2=answer_2,
-        reply_format=REPLY_FORMATS[structured_output],
+        reply_format=REPLY_FORMATS[structured_output], reply_reminder=REPLY_REMINDERS[structured_output],
     )
     return [
         {"role": "system", "content": SYSTEM_PROMPT if system_prompt is None else system_prompt},

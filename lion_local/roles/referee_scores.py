@@ -31,10 +31,15 @@ from collections.abc import Sequence
 
 logger = logging.getLogger(__name__)
 
-# The reply format each constraint asks for, as the prompt words it.
+# The reply format each constraint asks for, as the prompt words it (no example scores: a small
+# referee copies them), and the line that restates it after the answers.
 REPLY_FORMATS = {
-    "regex": "Assistant 1's score first, then a space, then Assistant 2's score, for example: 7 4",
+    "regex": "Assistant 1's score, then a space, then Assistant 2's score.",
     "json_schema": 'as JSON: {"assistant_1": <score>, "assistant_2": <score>}',
+}
+REPLY_REMINDERS = {
+    "regex": "Now give the two scores (1 to 10): Assistant 1's, a space, Assistant 2's.",
+    "json_schema": "Now give the two scores (1 to 10) as JSON.",
 }
 SCORES_REGEX = r"([1-9]|10) ([1-9]|10)"
 _SCORE_SCHEMA = {"type": "integer", "minimum": 1, "maximum": 10}

@@ -36,7 +36,9 @@ OPERATIONAL = (
     "seed_data",  # read once: the first Cache Pool, written when the run starts, holds the seeds
     "tiny_models.dir",
     "evaluation.*",  # `lion-local evaluate` keys its own results; it never changes the run
+    "roles.*.warn_truncated_share",  # a warning only
     "discrimination.stream_reviews",
+    "discrimination.referee_check.*",  # measures the referee and may stop a stage; changes no judgement
     "imitation.accelerate_config",
     "imitation.rendezvous_port",
     "imitation.trainer.logging_steps",

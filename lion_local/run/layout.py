@@ -64,6 +64,8 @@ class Iteration:
 
 
 FINAL = Iteration(None)
+# The student before any imitation (the configured model): its evaluation's name and directory.
+INITIAL = "initial"
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class IterationDir:
     # Discrimination (lion_local.stages.discrimination)
     student_answers = property(lambda self: self.path / "student_answers.jsonl")
     reviews = property(lambda self: self.path / "reviews.jsonl")
+    controls = property(lambda self: self.path / "controls.jsonl")  # the referee's control pairs
     judgements = property(lambda self: self.path / "judgements.jsonl")
     discrimination_summary = property(lambda self: self.path / "discrimination.json")
     # Generation (lion_local.stages.generation)
@@ -149,6 +152,8 @@ class EvaluationDir:
 
     student_answers = property(lambda self: self.path / "student_answers.jsonl")
     judgements = property(lambda self: self.path / "judgements.jsonl")
+    # the checkpoint's NLL of each teacher answer (lion_local.commands.evaluation_likelihood)
+    likelihood = property(lambda self: self.path / "likelihood.jsonl")
     result = property(lambda self: self.path / "result.json")
 
 
@@ -169,8 +174,11 @@ class RunDir:
     logs = property(lambda self: self.root / "logs")
     main_log = property(lambda self: self.root / "logs" / "lion-local.log")
     report_md = property(lambda self: self.root / "report.md")
+    # Every iteration's report.json and evaluation result in one file (lion_local.commands.report)
+    report_json = property(lambda self: self.root / "report.json")
     plots = property(lambda self: self.root / "plots")
     eval_teacher_answers = property(lambda self: self.root / "eval" / "teacher_answers.jsonl")
+    eval_teacher_likelihood = property(lambda self: self.root / "eval" / "teacher_likelihood.jsonl")
 
     def at(self, iteration: Iteration) -> IterationDir:
         return IterationDir(self.root / iteration.dirname, iteration)
@@ -187,8 +195,9 @@ class RunDir:
         names = (re.fullmatch(r"iter_([1-9][0-9]*)", path.name) for path in self.root.glob("iter_*"))
         return [Iteration(number) for number in sorted(int(match[1]) for match in names if match)]
 
-    def evaluation(self, iteration: Iteration) -> EvaluationDir:
-        return EvaluationDir(self.root / "eval" / iteration.dirname)
+    def evaluation(self, iteration: Iteration | None) -> EvaluationDir:
+        """eval/<checkpoint>/ of an iteration's student, or of the initial student (None): eval/initial/."""
+        return EvaluationDir(self.root / "eval" / (INITIAL if iteration is None else iteration.dirname))
 
     def evaluation_results(self) -> list[Path]:
         return sorted((self.root / "eval").glob("*/result.json"))

@@ -11,8 +11,16 @@ right after a number, which may be a score cut short) is asked again up to
 roles.referee.parse_retries times; after that the instruction is unjudged: never hard, never
 easy, and counted.
 
-Journals: student_answers.jsonl (one line per answer) and reviews.jsonl (one line per referee
-reply, readable or not). judgements.jsonl is derived from them and written whole at the end.
+Before any Cache Pool pair is reviewed, the referee reviews discrimination.referee_check.control_pairs
+control pairs, whose better side is known (lion_local/stages/referee_health.py); when it leaves too
+many unjudged or prefers the real answer too rarely, the stage stops with one line saying so (exit
+1), its journals kept. After the last review the same holds for the Cache Pool's unjudged share.
+Every review carries the referee's fingerprint (judging.referee_fingerprint): a stage resumed with
+another referee mode, prompt or model asks its reviews again, and reuses every other answer.
+
+Journals: student_answers.jsonl (one line per answer), reviews.jsonl (one line per referee reply,
+readable or not) and controls.jsonl (the control pairs' replies). judgements.jsonl is derived
+from them and written whole at the end.
 """
 
 from __future__ import annotations
@@ -29,7 +37,13 @@ from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
 from lion_local.stages.imitation import is_checkpoint
 from lion_local.run.journaled_calls import call_all, call_fields
-from lion_local.stages.judging import AnswerPair, inconsistent_share, judged_pairs, pending_reviews, review_call
+from lion_local.stages.judging import (
+    AnswerPair, current_reviews, inconsistent_share, judged_pairs, pending_reviews, referee_fingerprint, review_call,
+)
+from lion_local.stages.truncation import warn_truncated
+from lion_local.stages.referee_health import (
+    ControlPair, RefereeCheckError, control_figures, control_pairs, pool_problem, referee_problem,
+)
 from lion_local.run.records import pools_for, request_seed
 from lion_local.roles import ask_student
 from lion_local.errors import StageOrderError
@@ -51,33 +65,40 @@ def run_discrimination(config: Config, run: RunDir, iteration: Iteration, server
             f"{directory.student}; run imitation first"
         )
 
-    teacher_answers, student_answers, reviews = asyncio.run(_collect(config, run, iteration, cache_pool, servers))
+    teacher_answers, student_answers, reviews, controls = asyncio.run(
+        _collect(config, run, iteration, cache_pool, servers)
+    )
     servers.stop(config.roles.student.server)  # the next iteration serves a new checkpoint
 
     judgements = judge(cache_pool, reviews, config.discrimination.tau)
+    summary = summarize(judgements, reviews)
+    problem = pool_problem(summary["unjudged"], len(cache_pool), config.discrimination.referee_check,
+                           config.roles.referee.mode, str(iteration.stage("discrimination")))
+    if problem is not None:
+        raise RefereeCheckError(problem)
     write_jsonl_atomic(directory.judgements, judgements)
 
-    summary = summarize(judgements, reviews)
+    summary["referee_check"] = controls
     summary["cache_pool"] = len(cache_pool)
     summary["empty_student_answers"] = sum(1 for r in cache_pool if not student_answers[r["id"]]["answer"].strip())
-    summary["truncated_student_answers"] = sum(
-        1 for r in cache_pool if student_answers[r["id"]]["finish_reason"] == "length"
-    )
     summary["empty_teacher_answers"] = sum(1 for r in cache_pool if teacher_answers[r["id"]]["empty"])
-    summary["truncated_teacher_answers"] = sum(
-        1 for r in cache_pool if teacher_answers[r["id"]]["finish_reason"] == "length"
-    )
+    for role, answers in (("teacher", teacher_answers), ("student", student_answers)):
+        summary[f"truncated_{role}_answers"] = warn_truncated(
+            str(iteration.stage("discrimination")), role, [answers[r["id"]] for r in cache_pool],
+            getattr(config.roles, role).warn_truncated_share, f"roles.{role}.max_tokens",
+        )
     write_atomic(directory.discrimination_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 async def _collect(
     config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
-) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
-    """Teacher answers and student answers by id, and every review, for the whole Cache Pool."""
+) -> tuple[dict[str, dict], dict[str, dict], list[dict], dict]:
+    """Teacher answers and student answers by id, the current reviews of the whole Cache Pool, and
+    the control pairs' figures."""
     directory = run.at(iteration)
-    with Journal(directory.student_answers) as student_journal:
-        calls = _Calls(config, run, iteration, servers, student_journal)
+    with Journal(directory.student_answers) as student_journal, Journal(directory.controls) as control_journal:
+        calls = _Calls(config, run, iteration, servers, student_journal, control_journal)
         need_student = [record for record in cache_pool if record["id"] not in calls.student_answers]
         async with AsyncExitStack() as stack:
             # A checkpoint takes tens of seconds to load, so the student's server is launched before
@@ -89,35 +110,45 @@ async def _collect(
                 with Journal(directory.reviews) as reviews:
                     calls.reviews = reviews
                     ids = [record["id"] for record in cache_pool]
-                    for pair_id, order, attempt in pending_reviews(ids, reviews.records, config.roles.referee.parse_retries):
+                    current = current_reviews(reviews.records, "referee", calls.fingerprint)
+                    for pair_id, order, attempt in pending_reviews(ids, current, config.roles.referee.parse_retries):
                         calls.pending.setdefault(pair_id, []).append((order, attempt))
                     referee = calls.client(stack, "referee") if calls.pending else None
                     calls.unanswered = len(need_student)
                     calls.teacher = asyncio.ensure_future(
                         ensure_teacher_answers(run, config, cache_pool, lambda: calls.client(stack, "teacher"), calls.marker)
                     )
+                    calls.gate = asyncio.ensure_future(calls.check_referee(cache_pool, lambda: calls.client(stack, "referee")))
                     await calls.run_all(cache_pool, need_student, student, referee)
-                    teacher_answers = await calls.teacher
+                    teacher_answers, figures = await calls.teacher, await calls.gate
             finally:
-                pending = [*calls.clients.values(), *([calls.teacher] if calls.teacher is not None else [])]
+                pending = [*calls.clients.values(), *(task for task in (calls.teacher, calls.gate) if task is not None)]
                 for each in pending:
                     each.cancel()
                 await asyncio.gather(*pending, return_exceptions=True)
-    return teacher_answers, calls.student_answers, reviews.records
+    return teacher_answers, calls.student_answers, current_reviews(reviews.records, "referee", calls.fingerprint), figures
 
 
 class _Calls:
     """The model calls of one discrimination, each journaled as it returns."""
 
     def __init__(
-        self, config: Config, run: RunDir, iteration: Iteration, servers: ServerSet, student_journal: Journal
+        self,
+        config: Config,
+        run: RunDir,
+        iteration: Iteration,
+        servers: ServerSet,
+        student_journal: Journal,
+        control_journal: Journal,
     ) -> None:
         self.config, self.servers = config, servers
         self.k = iteration.number  # in the request seeds
         self.student_dir = run.at(iteration).student
         self.marker = iteration.stage("discrimination")
-        self.student_journal = student_journal
+        self.student_journal, self.control_journal = student_journal, control_journal
+        self.fingerprint = referee_fingerprint(config, config.roles.referee.server)
         self.reviews: Journal  # opened once the student's server is launching
+        self.gate: asyncio.Future[dict] | None = None  # the control pairs' figures, once they pass
         self.student_answers = {record["id"]: record for record in student_journal.records}
         self.pending: dict[str, list[tuple[str, int]]] = {}  # id -> (order, next attempt) of each review due
         self.clients: dict[str, asyncio.Future[EndpointClient]] = {}  # by server name, opened once
@@ -172,18 +203,51 @@ class _Calls:
             await asyncio.to_thread(self.servers.stop, role.server)
 
     async def review(self, record: dict) -> None:
-        """Both orders' reviews of one instruction that are still due."""
+        """Both orders' reviews of one instruction that are still due, once the referee passed its check."""
         role = self.config.roles.referee
         pair = AnswerPair(
             record["id"], record["instruction"], record["input"],
             (await self.teacher)[record["id"]]["answer"], self.student_answers[record["id"]]["answer"],
         )
         seed_of = lambda *key: request_seed(self.config.seed, "referee", self.k, *key)  # noqa: E731
+        await self.gate
         client = await self.referee_client
         await asyncio.gather(*(
-            review_call(client, role, pair, order, attempt, role.parse_retries, seed_of, self.reviews)()
+            review_call(client, role, pair, order, attempt, role.parse_retries, seed_of, self.reviews.append,
+                        extra={"referee": self.fingerprint})()
             for order, attempt in self.pending.get(record["id"], [])
         ))
+
+    async def check_referee(self, cache_pool: list[dict], connect) -> dict:
+        """Review the control pairs still due and return their figures; raise when they cross a bound."""
+        role, check = self.config.roles.referee, self.config.discrimination.referee_check
+        teacher = await self.teacher
+        answers = {pair_id: answer["answer"] for pair_id, answer in teacher.items() if not answer["empty"]}
+        controls = control_pairs(cache_pool, answers, check.control_pairs, self.config.seed)
+        due = pending_reviews(
+            [c.pair.id for c in controls], current_reviews(self.control_journal.records, "referee", self.fingerprint),
+            role.parse_retries,
+        )
+        if due:
+            client = await connect()
+            by_id = {c.pair.id: c for c in controls}
+            seed_of = lambda *key: request_seed(self.config.seed, "referee-control", self.k, *key)  # noqa: E731
+
+            def call(control: ControlPair, order: str, attempt: int):
+                extra = {"kind": control.kind, "referee": self.fingerprint}
+                return review_call(client, role, control.pair, order, attempt, role.parse_retries, seed_of,
+                                   self.control_journal.append, extra)
+
+            await call_all([call(by_id[i], order, attempt) for i, order, attempt in due], self.control_journal,
+                           f"{self.marker}: control pairs")
+        figures = control_figures(controls, current_reviews(self.control_journal.records, "referee", self.fingerprint))
+        problem = referee_problem(figures, check, role.mode, str(self.marker))
+        if problem is not None:
+            raise RefereeCheckError(problem)
+        logger.info("%s: referee on %d control pairs: accuracy %s, position consistent %s, unjudged %s",
+                    self.marker, figures["pairs"], figures["accuracy"], figures["position_consistent_share"],
+                    figures["unjudged_share"])
+        return figures
 
 
 def judge(cache_pool: list[dict], reviews: list[dict], tau: float) -> list[dict]:
@@ -215,6 +279,7 @@ def summarize(judgements: list[dict], reviews: list[dict]) -> dict:
         "hard": labels.get("hard", 0),
         "easy": labels.get("easy", 0),
         "unjudged": labels.get("unjudged", 0),
+        "unjudged_share": round(labels.get("unjudged", 0) / len(judgements), 4) if judgements else None,
         "mean_teacher_score": round(fmean(j["teacher_score"] for j in judged), 4) if judged else None,
         "mean_student_score": round(fmean(j["student_score"] for j in judged), 4) if judged else None,
         "mean_gap": round(fmean(j["gap"] for j in judged), 4) if judged else None,

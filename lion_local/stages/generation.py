@@ -45,6 +45,7 @@ from lion_local.endpoints.client import EndpointClient
 from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.decontamination import decontamination_index
 from lion_local.stages.novelty import NoveltyIndex
+from lion_local.stages.truncation import warn_truncated
 from lion_local.run.records import by_id, instruction_id, instruction_record, pools_for, request_seed
 from lion_local.roles import ask_generator, parse_generated_instruction
 from lion_local.errors import StageOrderError
@@ -212,6 +213,10 @@ def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: S
     # An empty wave list on the first pass (nothing to generate) still leaves both files behind.
     decisions.write(directory)
     summary = _summary(config, schedule, decisions, notes, seeds)
+    summary["truncated_replies"] = warn_truncated(
+        str(iteration.stage("generation")), "generator", list(replies.values()), config.roles.generator.warn_truncated_share,
+        "roles.generator.max_tokens or roles.generator.length_budget_factor",
+    )
     write_atomic(directory.generation_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -33,6 +33,7 @@ from lion_local.run.state import write_atomic, write_jsonl_atomic
 from lion_local.run.teacher_cache import teacher_answers_for
 from lion_local.stages.lora import adapter_of, is_adapter
 from lion_local.stages.training_launch import training_command
+from lion_local.stages.truncation import warn_truncated
 from lion_local.endpoints.servers import ServerSet
 from serving.process import die_with_parent
 
@@ -78,8 +79,8 @@ def training_examples(config: Config, records: list[dict], answers: dict[str, di
     examples = []
     for record in records:
         answer = answers[record["id"]]
-        if answer["empty"]:
-            continue  # nothing to imitate; counted in the stage summary
+        if answer["empty"] or (config.imitation.drop_truncated_answers and answer["finish_reason"] == "length"):
+            continue  # nothing to imitate, or cut short and left out; counted in the stage summary
         if config.roles.student.prompt_format == "chat":
             prompt = student_chat_messages(record["instruction"], record["input"])
             examples.append({"id": record["id"], "prompt": prompt, "completion": [
@@ -104,10 +105,14 @@ def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: Se
 
     student_dir = directory.student
     base = base_checkpoint(config, run, iteration)
+    truncated = warn_truncated(str(marker), "teacher", list(answers.values()), config.roles.teacher.warn_truncated_share,
+                               "roles.teacher.max_tokens")
+    dropped = sum(1 for a in answers.values() if not a["empty"] and a["finish_reason"] == "length")
     summary = {
         "train_pool": len(train_pool),
         "empty_teacher_answers": sum(1 for a in answers.values() if a["empty"]),
-        "truncated_teacher_answers": sum(1 for a in answers.values() if a["finish_reason"] == "length"),
+        "truncated_teacher_answers": truncated,
+        "dropped_truncated_answers": dropped if config.imitation.drop_truncated_answers else 0,
         "base_checkpoint": base,
     }
     if is_checkpoint(student_dir):
@@ -124,7 +129,7 @@ def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: Se
             summary["training"] = {"skipped": "no training examples; the checkpoint is a copy of the base"}
         else:
             summary["training"] = train_student(config, run, directory, base, examples)
-    summary.setdefault("examples", len(train_pool) - summary["empty_teacher_answers"])
+    summary.setdefault("examples", len(train_pool) - summary["empty_teacher_answers"] - summary["dropped_truncated_answers"])
     write_atomic(directory.imitation_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -50,6 +50,8 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
         },
         "stage_seconds": _stage_seconds(state["stage_seconds"], unrecorded_seconds or {}, prefix),
         "engines": engines(run),
+        # replies cut at max_tokens, of those the stage used (lion_local.stages.truncation)
+        "truncated": {"teacher_answers": imitation.get("truncated_teacher_answers", 0)},
     }
     if iteration.is_final:
         return report
@@ -72,8 +74,15 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
         "position_inconsistent_share": discrimination.get("position_inconsistent_share"),
     }
     report["generation"] = generation
+    # the referee on control pairs with a known better side (lion_local.stages.referee_health)
+    report["referee_check"] = discrimination.get("referee_check")
+    report["truncated"].update({
+        "teacher_answers_cache_pool": discrimination.get("truncated_teacher_answers", 0),
+        "student_answers": discrimination.get("truncated_student_answers", 0),
+        "generator_replies": generation.get("truncated_replies", 0),
+    })
     report["roles"]["student"] = usage(read_jsonl(directory.student_answers))
-    report["roles"]["referee"] = usage(read_jsonl(directory.reviews))
+    report["roles"]["referee"] = usage(read_jsonl(directory.reviews) + read_jsonl(directory.controls))
     report["roles"]["generator"] = usage(read_jsonl(directory.generator_calls))
     return report
 

@@ -17,15 +17,17 @@ are not shows how much the referee's verdicts depend on where an answer stands.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from lion_local.config import RefereeRole
+from lion_local.config import Config, RefereeRole
 from lion_local.endpoints.client import EndpointClient
+from lion_local.run.identity import identity_digest, run_identity
 from lion_local.run.journaled_calls import call_fields
-from lion_local.roles import ask_referee, read_review
-from lion_local.run.state import Journal
+from lion_local.roles import ask_referee, read_review, referee_identity
 
 ORDERS = ("teacher_first", "student_first")
 
@@ -41,9 +43,23 @@ class AnswerPair:
     student: str
 
 
+def referee_fingerprint(config: Config, server: str) -> str:
+    """What a review depends on besides its pair: the judging server's model and how it is served, the
+    referee's prompts, mode and request fields, and the run seed. Every journaled review carries it,
+    so a review asked under other settings (a mode changed on resume) is asked again, not reused."""
+    served = identity_digest(run_identity(config), (f"servers.{server}.",))
+    text = json.dumps([served, referee_identity(config.roles.referee), config.seed], sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+
+
 # ----------------------------------------------------------------------------------------------
 # Decisions (pure)
 # ----------------------------------------------------------------------------------------------
+
+
+def current_reviews(reviews: list[dict], field: str, fingerprint: str) -> list[dict]:
+    """The journaled replies asked under `fingerprint` (their `field`); the others are kept but not read."""
+    return [review for review in reviews if review.get(field) == fingerprint]
 
 
 def pending_reviews(ids: list[str], reviews: list[dict], retries: int) -> list[tuple[str, str, int]]:
@@ -117,11 +133,12 @@ def review_call(
     first_attempt: int,
     retries: int,
     seed_of: Callable[[str, str, int], int],
-    journal: Journal,
+    record: Callable[[dict], None],
     extra: dict | None = None,
 ) -> Callable[[], Awaitable[None]]:
-    """One order's review of `pair`, asked again while unreadable; every reply is journaled (with
-    `extra`, e.g. the key of what it depends on). seed_of(id, order, attempt) gives each seed."""
+    """One order's review of `pair`, asked again while unreadable; every reply goes to `record` (a
+    journal's append) with `extra`, e.g. the key of what it depends on. seed_of(id, order, attempt)
+    gives each seed."""
 
     async def ask() -> None:
         first, second = (pair.teacher, pair.student) if order == "teacher_first" else (pair.student, pair.teacher)
@@ -129,7 +146,7 @@ def review_call(
             seed = seed_of(pair.id, order, attempt)
             completion = await ask_referee(client, role, pair.instruction, pair.input, first, second, seed=seed)
             scores = read_review(completion, role)
-            journal.append(
+            record(
                 {
                     "id": pair.id,
                     "order": order,

@@ -32,7 +32,7 @@ from lion_local.stages.decontamination import decontamination_index
 from lion_local.stages.discrimination import run_discrimination
 from lion_local.stages.generation import run_generation
 from lion_local.stages.imitation import run_imitation
-from lion_local.stages.judging import pending_reviews
+from lion_local.stages.judging import current_reviews, pending_reviews, referee_fingerprint
 from lion_local.stages.iteration_report import write_iteration_report
 
 logger = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ def status_lines(config: Config) -> list[str]:
         lines.append(f"run {run.root}: {where}, next stage {remaining[0]}")
     else:
         lines.append(f"run {run.root}: complete ({len(state['completed'])} stages)")
-    answered = {r["id"] for r in read_jsonl(run.teacher_answers)}
+    answered = {r["id"]: r for r in read_jsonl(run.teacher_answers)}
     for stage in run_stages(config):
         label = "done" if str(stage) in state["completed"] else ("next" if remaining and stage == remaining[0] else "pending")
         seconds = state["stage_seconds"].get(str(stage))
@@ -176,14 +176,15 @@ def status_lines(config: Config) -> list[str]:
     return lines
 
 
-def _progress(config: Config, run: RunDir, stage: Stage, answered: set[str]) -> str:
+def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, dict]) -> str:
     directory = run.at(stage.iteration)
     if not directory.exists():
         return ""
     train = read_jsonl(directory.train_pool)
     cache = read_jsonl(directory.cache_pool)
     if stage.name == "imitation":
-        parts = [f"teacher answers {sum(1 for r in train if r['id'] in answered)}/{len(train)}"]
+        done = [answered[r["id"]] for r in train if r["id"] in answered]
+        parts = [f"teacher answers {len(done)}/{len(train)}{_truncated(done)}"]
         progress = _json(directory.sft_progress)
         if directory.student.is_dir():
             parts.append("student trained")
@@ -192,13 +193,22 @@ def _progress(config: Config, run: RunDir, stage: Stage, answered: set[str]) -> 
         return ", ".join(parts)
     if stage.name == "discrimination":
         student = len(read_jsonl(directory.student_answers))
-        due = pending_reviews([r["id"] for r in cache], read_jsonl(directory.reviews), config.roles.referee.parse_retries)
-        return f"student answers {student}/{len(cache)}, reviews {2 * len(cache) - len(due)}/{2 * len(cache)}"
+        reviews = current_reviews(read_jsonl(directory.reviews), "referee", referee_fingerprint(config, config.roles.referee.server))
+        due = pending_reviews([r["id"] for r in cache], reviews, config.roles.referee.parse_retries)
+        accuracy = _json(directory.discrimination_summary).get("referee_check", {}).get("accuracy")
+        check = f", control accuracy {accuracy:.2f}" if accuracy is not None else ""
+        return f"student answers {student}/{len(cache)}, reviews {2 * len(cache) - len(due)}/{2 * len(cache)}{check}"
     generated = len(read_jsonl(directory.generated))
-    calls = len(read_jsonl(directory.generator_calls))
+    calls = read_jsonl(directory.generator_calls)
     if not calls:
         return ""
-    return f"accepted {generated}/{config.generation.new_per_iteration}, generator calls {calls}"
+    return f"accepted {generated}/{config.generation.new_per_iteration}, generator calls {len(calls)}{_truncated(calls)}"
+
+
+def _truncated(calls: list[dict]) -> str:
+    """" (N truncated)" when N of the journaled calls were cut at max_tokens."""
+    cut = sum(1 for call in calls if call.get("finish_reason") == "length")
+    return f" ({cut} truncated)" if cut else ""
 
 
 def _json(path: Path) -> dict:
