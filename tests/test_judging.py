@@ -83,7 +83,11 @@ def test_evaluate_and_discrimination_give_identical_judgements_for_identical_rep
     fake: FakeEndpoint, tmp_path: Path, mode: str
 ):
     config = load_config(ROOT / "configs/tiny-cpu.yaml", [f"run_dir={tmp_path / 'run'}", f"roles.referee.mode={mode}",
-                                                          "roles.referee.parse_retries=1"])
+                                                          "roles.referee.parse_retries=1",
+                                                          # the referee's replies here are hashes: no control pairs,
+                                                          # and no likelihood (the checkpoint is a stand-in)
+                                                          "discrimination.referee_check.control_pairs=0",
+                                                          "evaluation.likelihood=false"])
     run = RunDir(config.run_dir)
     pool = [instruction_record(question, "", "seed", 0, None) for question in QUESTIONS]
     write_jsonl_atomic(run.iteration(1) / "train_pool.jsonl", pool)

@@ -100,8 +100,9 @@ def test_report_with_evaluations_per_checkpoint(tmp_path: Path) -> None:
     assert table["stage seconds"] == ["3.5", "3.5", "1.5"]
 
     markdown = (run / "report.md").read_text()
-    assert "| checkpoint | student / teacher % | judged | excluded questions | unparseable judgements | math % |" in markdown
-    assert "| final | 74.0 | 9/10 | 1 | 2 | 50.0 |" in markdown
+    assert ("| checkpoint | student / teacher % | judged | excluded questions | unparseable judgements | NLL (questions) "
+            "| NLL (held-out seeds) | teacher NLL (questions) | math % |") in markdown
+    assert "| final | 74.0 | 9/10 | 1 | 2 | - | - | - | 50.0 |" in markdown
     plots = sorted(path.name for path in (run / "plots").glob("*.png"))
     assert plots == ["cost.png", "evaluation.png", "gaps.png", "generation.png", "labels.png", "pools.png", "scores.png"]
     assert "![evaluation](plots/evaluation.png)" in markdown

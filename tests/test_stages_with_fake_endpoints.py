@@ -160,6 +160,8 @@ def make_config(run_dir: Path, *overrides: str) -> Config:
             "generation.new_per_iteration=6",
             "generation.hard_ratio=0.5",
             "generation.max_attempts_factor=2",
+            # The scripted referees here answer the pool's reviews only; tests/test_referee_health.py has the controls.
+            "discrimination.referee_check.control_pairs=0",
             *overrides,
         ],
     )

@@ -2,6 +2,13 @@
 
 Validates the config and its paths, starts (or reaches) every server a role uses, sends one
 real request per role, parses each reply exactly as the stages do, and stops what it started.
+
+Then it measures the referee as a discrimination would (lion_local/stages/referee_health.py): the
+teacher answers a few seed instructions, and the referee reviews discrimination.referee_check
+.control_pairs control pairs built from them, in both orders, in the configured mode and in every
+other mode the referee's endpoint can serve. Each mode's readable, position-consistent and
+control-accuracy shares are shown; the configured mode fails the doctor when it crosses a bound
+that would stop a discrimination, naming the fix (and any mode that would pass).
 """
 
 from __future__ import annotations
@@ -24,7 +31,10 @@ from lion_local.roles import (
     read_review,
     parse_teacher_answer,
 )
+from lion_local.run.records import instruction_record, request_seed
 from lion_local.run.seed_data import load_seed_instructions
+from lion_local.stages.judging import ORDERS, review_call
+from lion_local.stages.referee_health import ControlPair, control_figures, control_pairs, referee_problem
 from lion_local.smoke.tiny_models import ensure_tiny_models
 from lion_local.endpoints.servers import client_for, config_server, server_log, wanted_server
 from serving import Endpoint, ServerError, await_servers, launch_servers
@@ -41,6 +51,7 @@ class Check:
     detail: str
     raw: str | None = None
     parsed: str | None = None
+    informational: bool = False  # shown, never failing (another referee mode than the configured one)
 
 
 def run_doctor(config: Config, log_dir: Path) -> list[Check]:
@@ -113,6 +124,7 @@ async def _check_roles(
                 "the reply did not hold exactly one new instruction",
             )
             checks.append(generator_check)
+        checks += await _referee_health(config, client("teacher"), client("referee"))
     finally:
         for each in clients.values():
             await each.aclose()
@@ -149,6 +161,67 @@ async def _check_referee(
             break
     check.detail = f"mode {role.mode}, {check.detail}" if check.ok else check.detail
     return check
+
+
+async def _referee_health(config: Config, teacher: EndpointClient | None, referee: EndpointClient | None) -> list[Check]:
+    """The referee on control pairs in each mode its endpoint serves (see the module docstring)."""
+    wanted = config.discrimination.referee_check.control_pairs
+    if teacher is None or referee is None or not wanted:
+        return []
+    seeds = load_seed_instructions(config.seed_data, limit=config.seed_limit)[: wanted + wanted // 2 + 1]
+    records = [instruction_record(s.instruction, s.input, "seed", 0, None) for s in seeds]
+    try:
+        replies = await asyncio.gather(*(
+            ask_teacher(teacher, config.roles.teacher, r["instruction"], r["input"],
+                        seed=request_seed(config.seed, "doctor-teacher", r["id"]))
+            for r in records
+        ))
+    except EndpointError as exc:
+        return [Check("referee check", False, f"the teacher could not answer the control instructions: {exc}")]
+    answers = {r["id"]: reply.text.strip() for r, reply in zip(records, replies)}
+    controls = control_pairs(records, answers, wanted, config.seed)
+    engine = config.servers[config.roles.referee.server].engine
+    modes = [config.roles.referee.mode] + [
+        mode for mode in ("expected_score", "scores_only", "explain_first")
+        if mode != config.roles.referee.mode and (engine != "transformers" or mode == "explain_first")
+    ]
+    checks = [await _referee_mode(config, referee, controls, mode, mode == config.roles.referee.mode) for mode in modes]
+    if not checks[0].ok:
+        passing = [check.name.split()[-1] for check in checks[1:] if check.detail.startswith("would pass")]
+        checks[0].detail += f"; modes that would pass here: {', '.join(passing)}" if passing else "; no mode passes here"
+    return checks
+
+
+async def _referee_mode(
+    config: Config, referee: EndpointClient, controls: list[ControlPair], mode: str, configured: bool
+) -> Check:
+    role = config.roles.referee.model_copy(update={"mode": mode})
+    check = config.discrimination.referee_check
+    name = "referee check" if configured else f"referee check: {mode}"
+    replies: list[dict] = []
+    seed_of = lambda *key: request_seed(config.seed, "doctor-referee", *key)  # noqa: E731
+    try:
+        await asyncio.gather(*(
+            review_call(referee, role, control.pair, order, 0, role.parse_retries, seed_of, replies.append)()
+            for control in controls for order in ORDERS
+        ))
+    except EndpointError as exc:
+        return Check(name, not configured, f"not served by this endpoint: {exc}", informational=not configured)
+    figures = control_figures(controls, replies)
+    shown = (
+        f"mode {mode}: {figures['pairs']} control pairs, readable replies {_share(figures['readable_share'])}, "
+        f"unjudged {_share(figures['unjudged_share'])}, position consistent {_share(figures['position_consistent_share'])}, "
+        f"control accuracy {_share(figures['accuracy'])}"
+    )
+    problem = referee_problem(figures, check, mode, f"mode {mode}")
+    if configured:
+        return Check(name, problem is None, shown if problem is None else problem)
+    verdict = "would pass" if problem is None else "would stop a discrimination"
+    return Check(name, True, f"{verdict}: {shown}", informational=True)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 async def _attempt(name: str, client: EndpointClient | None, call, parse, describe: str, hint: str = "") -> tuple[Check, object]:

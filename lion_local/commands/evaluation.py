@@ -92,12 +92,14 @@ def evaluate(config: Config, iteration: Iteration | None = None, questions_path:
     questions = load_questions(path)
     warn_if_not_decontaminated(config, path)
     checkpoints = select_checkpoints(run, iteration)
-    if iteration is None:
+    if iteration is None and config.evaluation.likelihood:
         checkpoints.insert(0, Checkpoint(None, Path(str(config.server_for("student").model))))
-    check_models_exist(config, [config.roles.teacher.server, config.roles.student.server, judge_server(config)])
+    # The student's own model is needed only for the initial student's likelihood.
+    initial = [config.roles.student.server] if iteration is None and config.evaluation.likelihood else []
+    check_models_exist(config, [config.roles.teacher.server, judge_server(config), *initial])
     for name in {config.roles.teacher.server, config.roles.student.server, judge_server(config)}:
         check_access(config, name)
-    held_out = held_out_seeds(config, run)
+    held_out = held_out_seeds(config, run) if config.evaluation.likelihood else []
     with run_lock(run):
         ensure_tiny_models(config)
         with run_log(run), ServerSet(config, run.logs) as servers:
@@ -193,14 +195,17 @@ async def _evaluate_all(
             # The teacher answers (then scores its own answers) while the first checkpoint's student works.
             teacher = asyncio.ensure_future(_teacher_answers(config, items, journal, teacher_client))
 
-            async def own_likelihood() -> dict:
+            async def own_likelihood() -> dict | None:
+                if not config.evaluation.likelihood:
+                    return None
                 return await teacher_likelihood(config, items, await teacher, teacher_nll, teacher_client)
 
             figure = asyncio.ensure_future(own_likelihood())
             try:
                 for checkpoint in checkpoints:
                     result = await _evaluate_checkpoint(config, run, checkpoint, questions, items, teacher, client, servers)
-                    result["likelihood"]["teacher"] = await figure
+                    if "likelihood" in result:
+                        result["likelihood"]["teacher"] = await figure
                     write_atomic(run.evaluation(checkpoint.iteration).result, json.dumps(result, indent=2) + "\n")
                     logger.info("evaluation: %s", summary_line(result))
                     results.append(result)
@@ -231,7 +236,8 @@ async def _evaluate_checkpoint(
     result = {"checkpoint": checkpoint.name, "iteration": INITIAL if initial else checkpoint.iteration.json_value}
     if not initial:
         result.update(await _judged(config, directory, checkpoint, questions, await teacher, student_answers, client))
-    result["likelihood"] = likelihood
+    if likelihood is not None:
+        result["likelihood"] = likelihood
     return result
 
 
@@ -350,7 +356,10 @@ async def _student_work(
 
                 await call_all([call(q) for q in missing], journal, f"evaluation {checkpoint.name}: student answers",
                                on_record=lambda record: answers.__setitem__(record["id"], record))
-            likelihood = await checkpoint_likelihood(config, str(checkpoint.path), items, await teacher, nll_journal, connect)
+            likelihood = None
+            if config.evaluation.likelihood:
+                likelihood = await checkpoint_likelihood(config, str(checkpoint.path), items, await teacher, nll_journal,
+                                                         connect)
         finally:
             servers.stop(role.server)  # the next checkpoint is served anew; a local judge may need the GPUs
     return answers, likelihood

@@ -19,18 +19,19 @@ def summary_line(result: dict) -> str:
     unparseable judgements); NLL 2.31 per token on the questions (teacher 0.52), 2.40 on 32 held-out seeds"""
     nll = _nll_words(result.get("likelihood") or {})
     if "relative_score" not in result:
-        return f"{result['checkpoint']}: {nll}"
+        return f"{result['checkpoint']}: {nll or 'no NLL figure'}"
     counts = f"{result['judged']} of {result['questions']} questions judged, {result['unparseable_judgements']} unparseable judgements"
+    nll = f"; {nll}" if nll else ""
     if result["relative_score"] is None:
-        return f"{result['checkpoint']}: no relative score ({counts}); {nll}"
-    return f"{result['checkpoint']}: student at {result['relative_score']:g}% of the teacher ({counts}); {nll}"
+        return f"{result['checkpoint']}: no relative score ({counts}){nll}"
+    return f"{result['checkpoint']}: student at {result['relative_score']:g}% of the teacher ({counts}){nll}"
 
 
 def _nll_words(likelihood: dict) -> str:
     questions, held = likelihood.get("questions") or {}, likelihood.get("held_out") or {}
     teacher = (likelihood.get("teacher") or {}).get("questions") or {}
     if questions.get("mean_nll") is None:
-        return "no NLL figure"
+        return ""
     words = f"NLL {questions['mean_nll']:.2f} per token on the questions"
     if teacher.get("mean_nll") is not None:
         words += f" (teacher {teacher['mean_nll']:.2f})"

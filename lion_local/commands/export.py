@@ -50,7 +50,7 @@ from lion_local.run.state import completed_stages, read_jsonl, write_atomic, wri
 from lion_local.run.teacher_cache import teacher_fingerprint
 from lion_local.stages.discrimination import judge
 from lion_local.stages.imitation import training_examples
-from lion_local.stages.judging import pending_reviews
+from lion_local.stages.judging import current_reviews, pending_reviews, referee_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def _discrimination(config: Config, run: RunDir, stage: Stage, finished: bool) -
     if finished or directory.judgements.exists():
         return cache_stage(stage, finished, pool, _records(directory.judgements, stage, finished), set())
     # Under way: the stage's own judge over the reviews so far; those still due are pending.
-    reviews = read_jsonl(directory.reviews)
+    reviews = current_reviews(read_jsonl(directory.reviews), "referee", referee_fingerprint(config, config.roles.referee.server))
     ids = [record["id"] for record in pool]
     pending = {pair_id for pair_id, _, _ in pending_reviews(ids, reviews, config.roles.referee.parse_retries)}
     return cache_stage(stage, finished, pool, judge(pool, reviews, config.discrimination.tau), pending)
