@@ -37,7 +37,7 @@ class _RoleBase(_Strict):
         ge=0,
         le=1,
         description="Warn when more than this share of the role's replies in a stage was cut at the length "
-        "limit (teacher, student and generator; a cut review shows as unjudged instead).",
+        "limit (the teacher's and the generator's; cut reviews show as unjudged, the student's are counted only).",
     )
 
     def request_params(self, seed: int | None = None, max_tokens: int | None = None) -> dict:

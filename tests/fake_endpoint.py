@@ -7,7 +7,8 @@ records every request body and answers each role from a Python callable the test
 `handlers`: the completions endpoint is the student; a chat whose last message holds
 "[Answer of Assistant 1]" is the referee, one holding "#New Instruction#" the generator, any
 other chat the teacher. A handler takes the request body and returns (text, finish_reason), or
-(text, finish_reason, logprobs) with the OpenAI chat `logprobs.content` list;
+(text, finish_reason, logprobs) with the OpenAI chat `logprobs.content` list (for the completions
+endpoint: vLLM's `prompt_logprobs` list);
 `latency_s` holds a role's replies back for a fixed time, as a busy server would.
 
 `FakeServers` stands in for lion_local.endpoints.servers.ServerSet: its clients are real EndpointClients pointed at
@@ -112,6 +113,8 @@ class FakeEndpoint:
                 choice["logprobs"] = {"content": logprobs[0]}
         else:
             choice = {"index": 0, "text": text, "finish_reason": finish_reason}
+            if logprobs:  # a completions handler's third element: vLLM's prompt_logprobs
+                choice["prompt_logprobs"] = logprobs[0]
         usage = {"prompt_tokens": 11, "completion_tokens": len(text.split())}
         return web.json_response({"id": "fake", "model": body.get("model"), "choices": [choice], "usage": usage})
 

@@ -215,8 +215,10 @@ def check_invariants(
             worst = max(scorer.score(text, record["instruction"])["rougeL"].fmeasure for text in earlier)
             assert worst <= threshold, (record["instruction"], worst)
 
-        # Judgements: per-model scores are the means over both orders; labels follow gap and tau.
-        reviews = jsonl(directory / "reviews.jsonl")
+        # Judgements: per-model scores are the means over both orders; labels follow gap and tau. Only the
+        # reviews asked under the referee's last settings count (a resume in another mode asks again).
+        journaled = jsonl(directory / "reviews.jsonl")
+        reviews = [r for r in journaled if r["referee"] == journaled[-1]["referee"]] if journaled else []
         first_readable: dict[tuple[str, str], list[float]] = {}
         for review in reviews:
             if review["scores"] is not None:
@@ -257,13 +259,27 @@ def check_invariants(
         for role in ("teacher", "student", "referee", "generator"):
             assert report["roles"][role]["calls"] > 0 or role == "teacher" and k > 1 and not train
         assert report["roles"]["student"]["calls"] == len(cache)
-        assert report["roles"]["referee"]["calls"] == len(reviews)
+        controls = jsonl(directory / "controls.jsonl") if (directory / "controls.jsonl").exists() else []
+        assert report["roles"]["referee"]["calls"] == len(journaled) + len(controls)
+
+        # Control pairs: Cache Pool instructions reviewed apart, in both orders; their figures are the
+        # summary's; they judge nothing (the judgements are the Cache Pool's, one each, checked above).
+        current = [c for c in controls if c["referee"] == (controls[-1]["referee"] if controls else None)]
+        assert {c["id"] for c in current} <= {r["id"] for r in cache}
+        check = report["referee_check"]
+        assert check["pairs"] == len({c["id"] for c in current}) <= config["discrimination"]["referee_check"]["control_pairs"]
+        assert check["replies"] == len(current)
+        if check["pairs"]:
+            assert {c["order"] for c in current} == {"teacher_first", "student_first"}
+            assert check["accuracy"] is None or check["accuracy"] >= config["discrimination"]["referee_check"]["min_control_accuracy"]
+            assert check["unjudged_share"] <= config["discrimination"]["referee_check"]["max_unjudged_share"]
 
         # Journals: one record per completed call, never two.
         assert len({r["id"] for r in jsonl(directory / "student_answers.jsonl")}) == len(cache)
         assert len(jsonl(directory / "student_answers.jsonl")) == len(cache)
-        keys = [(r["id"], r["order"], r["attempt"]) for r in reviews]
-        assert len(keys) == len(set(keys))
+        for journal in (reviews, current):
+            keys = [(r["id"], r["order"], r["attempt"]) for r in journal]
+            assert len(keys) == len(set(keys))
         calls = [(r["side"], r["attempt"]) for r in jsonl(directory / "generator_calls.jsonl")]
         assert len(calls) == len(set(calls))
     answers = jsonl(run_dir / "teacher_answers.jsonl")

@@ -211,7 +211,8 @@ async def _referee_mode(
     shown = (
         f"mode {mode}: {figures['pairs']} control pairs, readable replies {_share(figures['readable_share'])}, "
         f"unjudged {_share(figures['unjudged_share'])}, position consistent {_share(figures['position_consistent_share'])}, "
-        f"control accuracy {_share(figures['accuracy'])}"
+        f"control accuracy {_share(figures['accuracy'])} ("
+        + ", ".join(f"{kind} {_share(each['accuracy'])}" for kind, each in figures["by_kind"].items()) + ")"
     )
     problem = referee_problem(figures, check, mode, f"mode {mode}")
     if configured:

@@ -201,43 +201,48 @@ async def _evaluate_all(
                 return await teacher_likelihood(config, items, await teacher, teacher_nll, teacher_client)
 
             figure = asyncio.ensure_future(own_likelihood())
+            # Each checkpoint's student works on its own server, stopped when done; the judge then
+            # reviews its answers while the next checkpoint's server starts and answers.
+            finishing: list[asyncio.Future[dict]] = []
             try:
                 for checkpoint in checkpoints:
-                    result = await _evaluate_checkpoint(config, run, checkpoint, questions, items, teacher, client, servers)
-                    if "likelihood" in result:
-                        result["likelihood"]["teacher"] = await figure
-                    write_atomic(run.evaluation(checkpoint.iteration).result, json.dumps(result, indent=2) + "\n")
-                    logger.info("evaluation: %s", summary_line(result))
-                    results.append(result)
+                    directory = run.evaluation(checkpoint.iteration)
+                    with Journal(directory.student_answers) as answers, Journal(directory.likelihood) as nll:
+                        asked = [] if checkpoint.iteration is None else questions  # the initial student: NLL only
+                        work = await _student_work(config, checkpoint, asked, items, teacher, answers, nll, servers)
+                    finishing.append(asyncio.ensure_future(
+                        _finish(config, run, checkpoint, questions, teacher, figure, work, client)
+                    ))
+                for each in finishing:
+                    results.append(await each)
             finally:
-                for task in (teacher, figure):
+                for task in (teacher, figure, *finishing):
                     task.cancel()
-                await asyncio.gather(teacher, figure, return_exceptions=True)
+                await asyncio.gather(teacher, figure, *finishing, return_exceptions=True)
     return results
 
 
-async def _evaluate_checkpoint(
+async def _finish(
     config: Config,
     run: RunDir,
     checkpoint: Checkpoint,
     questions: list[dict],
-    items: list[dict],
     teacher: Awaitable[dict[str, dict]],
+    figure: Awaitable[dict | None],
+    work: tuple[dict[str, dict], dict | None],
     client: Callable[[str], Awaitable[EndpointClient]],
-    servers: ServerSet,
 ) -> dict:
-    """One checkpoint's result (the initial student: its likelihood only); the caller writes it."""
+    """One checkpoint's judgements (none for the initial student) and its result.json."""
     directory = run.evaluation(checkpoint.iteration)
+    student_answers, likelihood = work
     initial = checkpoint.iteration is None
-    with Journal(directory.student_answers) as answers_journal, Journal(directory.likelihood) as nll_journal:
-        student_answers, likelihood = await _student_work(
-            config, checkpoint, [] if initial else questions, items, teacher, answers_journal, nll_journal, servers
-        )
     result = {"checkpoint": checkpoint.name, "iteration": INITIAL if initial else checkpoint.iteration.json_value}
     if not initial:
         result.update(await _judged(config, directory, checkpoint, questions, await teacher, student_answers, client))
     if likelihood is not None:
-        result["likelihood"] = likelihood
+        result["likelihood"] = {**likelihood, "teacher": await figure}
+    write_atomic(directory.result, json.dumps(result, indent=2) + "\n")
+    logger.info("evaluation: %s", summary_line(result))
     return result
 
 
@@ -334,13 +339,17 @@ async def _student_work(
     opened: list[asyncio.Future[EndpointClient]] = []
     async with AsyncExitStack() as stack:
 
-        async def connect() -> EndpointClient:
-            """The checkpoint's server, started at the first need."""
+        def start() -> asyncio.Future[EndpointClient]:
+            """The checkpoint's server, started at the first need (or the first call)."""
             if not opened:
-                opening = servers.open_client(role.server, str(checkpoint.path))
-                opened.append(asyncio.ensure_future(_entered(stack, opening)))
-            return await opened[0]
+                opened.append(asyncio.ensure_future(_entered(stack, servers.open_client(role.server, str(checkpoint.path)))))
+            return opened[0]
 
+        async def connect() -> EndpointClient:
+            return await start()
+
+        if config.evaluation.likelihood and not nll_journal.records and config.servers[role.server].engine == "vllm":
+            start()  # a checkpoint not yet measured: its server loads while the teacher may still be answering
         try:
             if missing:
                 student = await connect()
@@ -361,6 +370,9 @@ async def _student_work(
                 likelihood = await checkpoint_likelihood(config, str(checkpoint.path), items, await teacher, nll_journal,
                                                          connect)
         finally:
+            for opening in opened:
+                opening.cancel()  # a server still loading when something failed
+            await asyncio.gather(*opened, return_exceptions=True)
             servers.stop(role.server)  # the next checkpoint is served anew; a local judge may need the GPUs
     return answers, likelihood
 

@@ -40,7 +40,7 @@ from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.judging import (
     AnswerPair, current_reviews, inconsistent_share, judged_pairs, pending_reviews, referee_fingerprint, review_call,
 )
-from lion_local.stages.truncation import warn_truncated
+from lion_local.stages.truncation import truncated, warn_truncated
 from lion_local.stages.referee_health import (
     ControlPair, RefereeCheckError, control_figures, control_pairs, pool_problem, referee_problem,
 )
@@ -82,11 +82,12 @@ def run_discrimination(config: Config, run: RunDir, iteration: Iteration, server
     summary["cache_pool"] = len(cache_pool)
     summary["empty_student_answers"] = sum(1 for r in cache_pool if not student_answers[r["id"]]["answer"].strip())
     summary["empty_teacher_answers"] = sum(1 for r in cache_pool if teacher_answers[r["id"]]["empty"])
-    for role, answers in (("teacher", teacher_answers), ("student", student_answers)):
-        summary[f"truncated_{role}_answers"] = warn_truncated(
-            str(iteration.stage("discrimination")), role, [answers[r["id"]] for r in cache_pool],
-            getattr(config.roles, role).warn_truncated_share, f"roles.{role}.max_tokens",
-        )
+    summary["truncated_teacher_answers"] = warn_truncated(
+        str(iteration.stage("discrimination")), "teacher", [teacher_answers[r["id"]] for r in cache_pool],
+        config.roles.teacher.warn_truncated_share, "roles.teacher.max_tokens",
+    )
+    # A student that never stops is a student still learning, not a budget to raise: counted only.
+    summary["truncated_student_answers"] = truncated([student_answers[r["id"]] for r in cache_pool])
     write_atomic(directory.discrimination_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 

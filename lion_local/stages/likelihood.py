@@ -53,10 +53,10 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 def _ids(tokenizer, text_or_messages, **chat) -> list[int]:
+    """Token ids as TRL's SFT tokenizes a text (the tokenizer's own special tokens) or a conversation."""
     if isinstance(text_or_messages, str):
-        return list(tokenizer(text_or_messages, add_special_tokens=False)["input_ids"])
-    ids = tokenizer.apply_chat_template(text_or_messages, tokenize=True, **chat)
-    return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(tokenizer(text=text_or_messages)["input_ids"])
+    return list(tokenizer.apply_chat_template(text_or_messages, tokenize=True, return_dict=True, **chat)["input_ids"])
 
 
 def student_scored(tokenizer, prompt_format: str, instruction: str, input_text: str, answer: str) -> Scored:
