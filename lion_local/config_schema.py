@@ -32,13 +32,8 @@ class _RoleBase(_Strict):
     temperature: float = Field(ge=0, le=2, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
     max_tokens: int = Field(ge=1, description="Most tokens generated per request.")
-    warn_truncated_share: float = Field(
-        0.1,
-        ge=0,
-        le=1,
-        description="Warn when more than this share of the role's replies in a stage was cut at the length "
-        "limit (the teacher's and the generator's; cut reviews show as unjudged, the student's are counted only).",
-    )
+    warn_truncated_share: float = Field(0.1, ge=0, le=1, description="Warn when more of the role's replies in a "
+                                        "stage were cut at the length limit (teacher, generator; the others: counted).")
 
     def request_params(self, seed: int | None = None, max_tokens: int | None = None) -> dict:
         """The sampling fields of one request; `seed` only when given (not every server takes it)."""
@@ -200,30 +195,16 @@ class Imitation(_Strict):
 
 
 class RefereeCheck(_Strict):
-    """How the referee's judgement is measured, and when a discrimination stops because it is worthless
-    (lion_local/stages/referee_health.py). None of these changes a judgement: they are operational."""
+    """When a discrimination stops because the referee's judgement is worthless
+    (lion_local/stages/referee_health.py). Operational: none of these changes a judgement."""
 
-    control_pairs: int = Field(
-        16,
-        ge=0,
-        description="Control pairs reviewed first in each discrimination: the teacher's answer against an empty, a "
-        "cut or another instruction's answer to the same instruction, so the better side is known. They never enter "
-        "a pool. 0: none (then only the unjudged share of the Cache Pool is checked).",
-    )
-    min_control_accuracy: float = Field(
-        0.75,
-        ge=0,
-        le=1,
-        description="Stop when the referee prefers the teacher's answer in a smaller share of the judged control "
-        "pairs (0.5 is a coin; a capable referee is near 1.0).",
-    )
-    max_unjudged_share: float = Field(
-        0.2,
-        ge=0,
-        le=1,
-        description="Stop when a larger share of the control pairs, or of the Cache Pool once reviewed, is left "
-        "without a readable review in either order.",
-    )
+    control_pairs: int = Field(16, ge=0, description="Control pairs reviewed first in each discrimination: the "
+                               "teacher's answer against an empty, a cut or another instruction's answer (the better "
+                               "side known); never in a pool. 0: none (only the Cache Pool's unjudged share counts).")
+    min_control_accuracy: float = Field(0.75, ge=0, le=1, description="Stop when the referee prefers the teacher's "
+                                        "answer in a smaller share of the judged control pairs (a coin: 0.5).")
+    max_unjudged_share: float = Field(0.2, ge=0, le=1, description="Stop when a larger share of the control pairs, "
+                                      "or of the Cache Pool once reviewed, has no readable review in an order.")
 
 
 class Discrimination(_Strict):
@@ -317,18 +298,10 @@ class Evaluation(_Strict):
     parse_retries: int | None = Field(
         None, ge=0, description="Extra requests when a judgement cannot be parsed; None: roles.referee.parse_retries."
     )
-    likelihood: bool = Field(
-        True,
-        description="Measure each checkpoint's NLL of the teacher's answers, the initial student's too (needs the "
-        "checkpoints' tokenizers; on vLLM one prefill per answer). false: the judged relative score only.",
-    )
-    held_out_seeds: int = Field(
-        32,
-        ge=0,
-        description="Seed instructions that follow the first seed_limit of seed_data, never in the run's pools, on "
-        "which each checkpoint's NLL of the teacher's answers is measured beside the evaluation questions' (none "
-        "without seed_limit). 0: the questions only.",
-    )
+    likelihood: bool = Field(True, description="Measure each checkpoint's NLL of the teacher's answers, the "
+                             "initial student's too (on vLLM one prefill per answer). false: the relative score only.")
+    held_out_seeds: int = Field(32, ge=0, description="Seed instructions after the first seed_limit of seed_data "
+                                "(never in a pool) whose teacher answers' NLL is measured too (none without seed_limit).")
 
 
 class TinyModels(_Strict):

@@ -99,7 +99,7 @@ def test_explain_first_stops_in_discrimination_with_one_line_and_a_resume_in_ano
 
 def test_the_resumed_run_passes_the_invariant_checks_and_reports_the_referee(short_run: dict, real_model: Path):
     run_dir = short_run["run_dir"]
-    check_invariants(run_dir, real_model, tau=0.25)
+    check_invariants(run_dir, real_model, tau=yaml.safe_load((run_dir / "config.yaml").read_text())["discrimination"]["tau"])
     report = json.loads((run_dir / "iter_1/report.json").read_text())
     check = report["referee_check"]
     assert check["pairs"] == 6 and check["unjudged_share"] == 0.0 and check["readable_share"] == 1.0

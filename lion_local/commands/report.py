@@ -282,7 +282,9 @@ def example_sections(run: RunDir, limit: int = 600) -> list[str]:
             continue
         asked = pool.get(record.get("parent") if role == "generator" else record["id"], {}).get("instruction", "")
         text = record[key] if len(record[key]) <= limit else record[key][:limit] + " [...]"
-        what = {"generator": "its seed", "referee": f"the {record['order'].replace('_', ' ')} review of"}.get(role, "asked")
+        what = "its seed" if role == "generator" else "asked"
+        if role == "referee":
+            what = f"the {record['order'].replace('_', ' ')} review of"
         sections.append(f"**{role}** ({what}: {asked!r}; finish_reason {record.get('finish_reason')}):\n\n"
                         + "\n".join(f"> {line}" for line in (text or "(empty)").splitlines()))
     return ["## Examples from iteration 1 (each role's first reply, as it came)", *sections] if sections else []

@@ -193,7 +193,7 @@ def referee_plot(report: RunReport) -> Figure | None:
     checked = [it for it in report.judged if (it.report.get("referee_check") or {}).get("pairs")]
     if not checked:
         return None
-    figure, axes = _subplots(figsize=(7, 4.5))
+    figure, axes = _subplots(figsize=(10, 4.5))
     names = [it.label for it in checked]
     for key, label in (("accuracy", "control accuracy (prefers the real answer)"),
                        ("position_consistent_share", "position-consistent share"),
@@ -207,7 +207,7 @@ def referee_plot(report: RunReport) -> Figure | None:
         axes.axhline(bounds["max_unjudged_share"], color="tab:green", linestyle=":", linewidth=1,
                      label=f"max unjudged share {bounds['max_unjudged_share']:g}")
     axes.axhline(0.5, color="gray", linewidth=0.8, label="a coin (0.5)")
-    axes.set(title="The referee on control pairs (teacher's answer vs a degraded one)", xlabel="iteration",
+    axes.set(title="Referee on control pairs (real vs degraded answer)", xlabel="iteration",
              ylabel="share of control pairs", ylim=(0, 1.05))
     axes.legend(fontsize="small", bbox_to_anchor=(1.02, 1), loc="upper left")
     return figure
