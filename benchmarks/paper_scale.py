@@ -194,7 +194,8 @@ def made_calls(run_dir: Path) -> dict[str, dict[str, int]]:
     for directory in sorted(run_dir.glob("iter_*")):
         k = directory.name.removeprefix("iter_")
         made.setdefault(f"{k}/discrimination", {}).update(
-            student=count_lines(directory / "student_answers.jsonl"), referee=count_lines(directory / "reviews.jsonl")
+            student=count_lines(directory / "student_answers.jsonl"),
+            referee=count_lines(directory / "reviews.jsonl") + count_lines(directory / "controls.jsonl"),
         )
         made.setdefault(f"{k}/generation", {})["generator"] = count_lines(directory / "generator_calls.jsonl")
     return made
@@ -206,7 +207,8 @@ def journal_bytes(run_dir: Path, stages: list[str]) -> dict[str, int]:
     for line in (run_dir / "teacher_answers.jsonl").read_bytes().splitlines(keepends=True):
         stage = json.loads(line)["stage"]
         sizes[stage] = sizes.get(stage, 0) + len(line)
-    files = {"discrimination": ["student_answers.jsonl", "reviews.jsonl"], "generation": ["generator_calls.jsonl"]}
+    files = {"discrimination": ["student_answers.jsonl", "reviews.jsonl", "controls.jsonl"],
+             "generation": ["generator_calls.jsonl"]}
     for stage in stages:
         k, name = stage.split("/")
         directory = run_dir / (f"iter_{k}" if k != "final" else "final")

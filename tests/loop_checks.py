@@ -41,6 +41,17 @@ def tiny_config(tiny_models: Path, run_dir: Path) -> dict:
     return data
 
 
+def set_keys(data: dict, changes: dict, separator: str = ".") -> dict:
+    """`data` with each key path (parts joined by `separator`) set to its value, sections made as needed."""
+    for path, value in changes.items():
+        *parents, leaf = path.split(separator)
+        node = data
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return data
+
+
 def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 180.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

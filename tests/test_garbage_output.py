@@ -231,6 +231,8 @@ def make_config(tmp_path: Path, tiny_models: Path) -> Config:
             # A first wave of exactly the quota (attempts 0-1, garbage), then, at the floor of 0.2
             # for the share passing, the rest of the budget (2-7): two novel replies over quota.
             "generation.expected_acceptance=1.0",
+            # The scripted referee answers the pool's reviews by their seeds; tests/test_referee_health.py has the controls.
+            "discrimination.referee_check.control_pairs=0",
         ],
     )
 

@@ -120,7 +120,7 @@ def test_evaluate_writes_the_likelihood_of_the_initial_student_and_each_checkpoi
     finally:
         endpoint.stop()
     assert [r["checkpoint"] for r in results] == ["initial", "iter_1"]
-    assert "relative_score" not in results[0] and results[1]["relative_score"] == 62.5
+    assert "relative_score" not in results[0] and results[1]["relative_score"] == 100.0  # 8 and 5 in either order
     for result in results:
         likelihood = json.loads((run.evaluation(Iteration(1) if result["checkpoint"] == "iter_1" else None).result)
                                 .read_text())["likelihood"]

@@ -179,7 +179,8 @@ def check_report(run_dir: Path, config: Path) -> None:
             "rejected": len(jsonl(directory / "rejected.jsonl")),
             "teacher calls (imitation)": teacher_stages[f"{k}/imitation"],
             "student calls (discrimination)": len(jsonl(directory / "student_answers.jsonl")),
-            "referee calls (discrimination)": len(jsonl(directory / "reviews.jsonl")),
+            "referee calls (discrimination)": len(jsonl(directory / "reviews.jsonl")) + len(jsonl(directory / "controls.jsonl")),
+            "control pairs": len({c["id"] for c in jsonl(directory / "controls.jsonl")}),
             "generator calls (generation)": len(jsonl(directory / "generator_calls.jsonl")),
         }
         for label, value in expected.items():
@@ -188,7 +189,7 @@ def check_report(run_dir: Path, config: Path) -> None:
     assert table["teacher calls (imitation)"][2] == str(teacher_stages["final/imitation"])
 
     plots = sorted(path.name for path in (run_dir / "plots").glob("*.png"))
-    assert plots == ["cost.png", "gaps.png", "generation.png", "labels.png", "pools.png", "scores.png"]
+    assert plots == ["cost.png", "gaps.png", "generation.png", "labels.png", "pools.png", "referee.png", "scores.png"]
     for name in plots:
         assert (run_dir / "plots" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert f"![{name[:-4]}](plots/{name})" in (run_dir / "report.md").read_text()

@@ -91,6 +91,11 @@ def _fake_run(
                 reviews.append({"id": record["id"], "order": order, "attempt": attempt, "raw": raw, "scores": scores,
                                 **_call(200, 40)})
         write_jsonl_atomic(directory / "reviews.jsonl", reviews)
+        controls = [{"id": record["id"], "kind": "empty", "order": order, "attempt": 0, "raw": "8 2",
+                     "scores": [8.0, 2.0], **_call(200, 40)}
+                    for record in cache[:config.discrimination.referee_check.control_pairs]
+                    for order in ("teacher_first", "student_first")]
+        write_jsonl_atomic(directory / "controls.jsonl", controls)
         write_jsonl_atomic(directory / "judgements.jsonl", judge(cache, reviews, config.discrimination.tau))
         if f"{k}/generation" not in completed:
             break
@@ -114,9 +119,9 @@ DEMO_STAGES = [f"{k}/{s}" for k in (1, 2) for s in ("imitation", "discrimination
 # What the real demo (configs/tiny-cpu.yaml) made: 48 seeds, 2 iterations of 16 new.
 DEMO_CALLS = {
     ("1/imitation", "teacher"): 48, ("1/discrimination", "teacher"): 0, ("1/discrimination", "student"): 48,
-    ("1/discrimination", "referee"): 96, ("1/generation", "generator"): 32,
+    ("1/discrimination", "referee"): 128, ("1/generation", "generator"): 32,  # 16 control pairs in both orders too
     ("2/imitation", "teacher"): 16, ("2/discrimination", "teacher"): 0, ("2/discrimination", "student"): 64,
-    ("2/discrimination", "referee"): 129, ("2/generation", "generator"): 32,
+    ("2/discrimination", "referee"): 161, ("2/generation", "generator"): 32,
     ("final/imitation", "teacher"): 16,
 }
 
@@ -131,19 +136,23 @@ def test_fresh_plan_follows_the_pools(tmp_path):
     assert not plan["started"] and plan["seeds"] == 48 and plan["new_per_iteration"] == 16
     assert _calls(plan) == {
         ("1/imitation", "teacher"): 48, ("1/discrimination", "teacher"): 0, ("1/discrimination", "student"): 48,
+        # the referee: both orders of each Cache Pool instruction and of the 16 control pairs;
         # 16 a side: the fewest calls of which 8 pass with probability 0.99 at acceptance 0.75
-        ("1/discrimination", "referee"): 96, ("1/generation", "generator"): 32,
+        ("1/discrimination", "referee"): 128, ("1/generation", "generator"): 32,
         ("2/imitation", "teacher"): 16, ("2/discrimination", "teacher"): 0, ("2/discrimination", "student"): 64,
-        ("2/discrimination", "referee"): 128, ("2/generation", "generator"): 32,
+        ("2/discrimination", "referee"): 160, ("2/generation", "generator"): 32,
         ("final/imitation", "teacher"): 16,
     }
     assert [(p["iteration"], p["train"], p["cache"], p["generated"]) for p in plan["pools"]] == [
         ("1", 48, 48, 16), ("2", 16, 64, 16), ("final", 16, None, None)
     ]
     assert {role: t["calls"] for role, t in plan["totals"].items()} == {
-        "teacher": 80, "student": 112, "referee": 224, "generator": 64, "all": 480
+        "teacher": 80, "student": 112, "referee": 288, "generator": 64, "all": 544
     }
     assert all(row["source"] == "predicted" and row["calls_so_far"] == 0 for row in plan["rows"])
+    # Each referee row's bound: every review retried roles.referee.parse_retries (3) times.
+    assert [row["calls_max"] for row in plan["rows"] if row["role"] == "referee"] == [128 * 4, 160 * 4]
+    assert "calls_max" not in next(row for row in plan["rows"] if row["role"] == "student")
 
 
 def test_generator_quotas_acceptance_and_budget(tmp_path):
@@ -224,7 +233,8 @@ def test_lion_7b_paper_scale(tmp_path):
     assert [calls[(f"{k}/imitation", "teacher")] for k in ("1", "2", "3", "final")] == [52_000, 6_000, 6_000, 6_000]
     assert [calls[(f"{k}/discrimination", "student")] for k in (1, 2, 3)] == [52_000, 58_000, 64_000]
     assert {role: t["calls"] for role, t in plan["totals"].items()} == {
-        "teacher": 70_000, "student": 174_000, "referee": 348_000, "generator": 3 * 2 * 3_379, "all": 612_274
+        # the referee: both orders of every Cache Pool instruction and of 16 control pairs per discrimination
+        "teacher": 70_000, "student": 174_000, "referee": 348_096, "generator": 3 * 2 * 3_379, "all": 612_370
     }
 
 
@@ -236,7 +246,7 @@ def test_each_referee_mode_is_planned_with_its_own_tokens(tmp_path):
                                                               f"roles.referee.structured_output={structured}"])
         plan = build_plan(config)
         planned[mode] = plan["per_call"]["referee"]
-        assert plan["totals"]["referee"]["calls"] == 348_000  # the mode changes the tokens, not the calls
+        assert plan["totals"]["referee"]["calls"] == 348_096  # the mode changes the tokens, not the calls
     assert [planned[mode]["completion_tokens"] for mode in planned] == [512, 8, 32]
     assert planned["scores_only"]["completion_source"] == "max_tokens of mode scores_only, an upper bound"
     # Each mode's own prompt: the short modes' reply format is shorter than the explanation's.
@@ -259,7 +269,7 @@ def test_started_run_counts_finished_stages_and_projects_the_rest(tmp_path):
     plan = build_plan(config)
     assert plan["started"] and plan["completed_stages"] == ["1/imitation", "1/discrimination", "1/generation"]
     assert plan["generator_acceptance"] == 0.6 and plan["generator_acceptance_source"].startswith("observed")
-    assert plan["referee_retry_rate"] == round(3 / 96, 4)
+    assert plan["referee_retry_rate"] == round(3 / 128, 4)  # 3 extra replies for 2 x (48 + 16 control pairs) reviews
     rows = {(r["stage"], r["role"]): r for r in plan["rows"]}
 
     def numbers(stage, role):
@@ -268,13 +278,13 @@ def test_started_run_counts_finished_stages_and_projects_the_rest(tmp_path):
 
     assert numbers("1/imitation", "teacher") == (48, 960, 480, "actual")
     assert numbers("1/discrimination", "student") == (48, 2400, 1440, "actual")
-    assert numbers("1/discrimination", "referee") == (99, 19800, 3960, "actual")
+    assert numbers("1/discrimination", "referee") == (131, 26200, 5240, "actual")  # 99 reviews, 32 control replies
     assert numbers("1/generation", "generator") == (20, 2400, 160, "actual")
     # Projected with the observed means per call, the real pools (12 generated) and acceptance 0.6.
     assert numbers("2/imitation", "teacher") == (12, 240, 120, "predicted")
     assert rows[("2/imitation", "teacher")]["calls_so_far"] == 5
     assert numbers("2/discrimination", "student") == (60, 3000, 1800, "predicted")
-    assert numbers("2/discrimination", "referee") == (124, 24800, 4960, "predicted")  # 120 x (1 + 3/96)
+    assert numbers("2/discrimination", "referee") == (156, 31200, 6240, "predicted")  # 2 x (60 + 16) x (1 + 3/128)
     # A side's first wave, 16 sized for 0.75, passes 9 at 0.6: one wave a side.
     assert numbers("2/generation", "generator") == (32, 3840, 256, "predicted")
     assert numbers("final/imitation", "teacher") == (16, 320, 160, "predicted")
@@ -323,4 +333,4 @@ def test_plan_command_json_and_table(tmp_path):
     assert table.exit_code == 0, table.output
     assert "N0 = 48 seeds" in table.stdout and "G = 16 new per iteration" in table.stdout
     assert table.stdout.splitlines() == plan_lines(build_plan(_config(tmp_path)))
-    assert any(line.startswith("total") and "all" in line and "480" in line for line in table.stdout.splitlines())
+    assert any(line.startswith("total") and "all" in line and "544" in line for line in table.stdout.splitlines())

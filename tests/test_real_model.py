@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from loop_checks import check_invariants, jsonl, lion_local
+from loop_checks import check_invariants, jsonl, lion_local, set_keys
 
 pytestmark = pytest.mark.integration
 
@@ -43,12 +43,7 @@ def real_config(real_model: Path, directory: Path, **sets: object) -> Path:
         data["servers"][name]["model"] = str(real_model / name)
         data["servers"][name]["vllm"]["launcher"] = [str(ROOT / ".venv-vllm/bin/python"), "-m",
                                                      "vllm.entrypoints.openai.api_server"]
-    for key, value in sets.items():
-        *path, last = key.split(".")
-        node = data
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
+    set_keys(data, sets)
     config = directory / "real.yaml"
     config.write_text(yaml.safe_dump(data))
     return config

@@ -106,9 +106,13 @@ def test_doctor_reports_every_role_ok_offline_and_never_writes_the_key(tiny_run_
         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
     )
     assert completed.returncode == 0, completed.stdout + completed.stderr
-    for check in ("server student", "server teacher", "teacher", "student", "referee", "generator (hard)", "generator (easy)"):
+    for check in ("server student", "server teacher", "teacher", "student", "referee", "generator (hard)", "generator (easy)",
+                  "referee check"):
         assert any(line.startswith("OK") and line[6:].startswith(check) for line in completed.stdout.splitlines()), check
-    assert "doctor: all 7 checks passed" in completed.stdout
+    assert "doctor: all 8 checks passed" in completed.stdout
+    # The referee on control pairs, in its mode (transformers serve has no other): its figures shown.
+    [health] = [line for line in completed.stdout.splitlines() if line[6:].startswith("referee check")]
+    assert "mode explain_first: 16 control pairs, readable replies" in health and "control accuracy" in health
     assert SECRET not in completed.stdout + completed.stderr
     written = [path for path in tmp_path.rglob("*") if path.is_file()]
     assert any(path.name == "server-teacher.log" for path in written)
@@ -128,7 +132,7 @@ def test_doctor_says_how_to_fix_a_referee_mode_its_endpoint_cannot_serve(
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert completed.returncode == 1, completed.stdout + completed.stderr
-    [referee] = [line for line in completed.stdout.splitlines() if line[6:].startswith("referee")]
+    [referee] = [line for line in completed.stdout.splitlines() if line[6:].startswith("referee ") and "check" not in line]
     assert referee.startswith("FAIL"), completed.stdout
     assert f"mode {mode} needs structured outputs" in referee or f"not the two scores of mode {mode}" in referee, referee
     assert "roles.referee.mode: explain_first" in referee

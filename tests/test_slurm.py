@@ -32,7 +32,9 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from loop_checks import check_invariants, jsonl, run_config, start_proxy, stop, teacher_deliveries, tiny_config
+from loop_checks import (
+    check_invariants, jsonl, run_config, set_keys, start_proxy, stop, teacher_deliveries, tiny_config,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -99,13 +101,7 @@ def _wait_for_idle_node(timeout_s: float = 60.0) -> None:
 
 
 def _config(tiny_models: Path, tmp_path: Path, **changes) -> Path:
-    data = tiny_config(tiny_models, tmp_path / "run")
-    for dotted, value in changes.items():
-        *parents, leaf = dotted.split("__")
-        node = data
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    data = set_keys(tiny_config(tiny_models, tmp_path / "run"), changes, separator="__")
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

@@ -100,21 +100,12 @@ async def checkpoint_likelihood(
     connect: Callable[[], Awaitable[EndpointClient]],
 ) -> dict:
     """The student at `model_dir` on both sets; `connect` opens its server (called only when needed)."""
-    from transformers import AutoTokenizer
-
     role = config.roles.student
-    items = _scorable(items, answers)
-    keys = {item["id"]: _digest(answers[item["id"]]["key"], role.prompt_format) for item in items}
-    on_server = config.servers[role.server].engine == "vllm"
-
-    async def score(missing: list[dict]) -> list[dict]:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        scored = [student_scored(tokenizer, role.prompt_format, i["question"], i.get("input", ""), answers[i["id"]]["answer"])
-                  for i in missing]
-        return await score_all(await connect() if on_server else None, "student", model_dir, scored)
-
-    records = await _journaled(items, keys, journal, score)
-    return _result(items, records, SERVER_METHOD if on_server else LOCAL_METHOD)
+    return await _likelihood(
+        "student", model_dir, config.servers[role.server].engine, role.prompt_format,
+        lambda tokenizer, q, i, a: student_scored(tokenizer, role.prompt_format, q, i, a),
+        items, answers, journal, connect,
+    )
 
 
 async def teacher_likelihood(
@@ -125,22 +116,41 @@ async def teacher_likelihood(
     connect: Callable[[], Awaitable[EndpointClient]],
 ) -> dict:
     """The teacher's own figure on its answers; None figures with the reason for an external teacher."""
-    from transformers import AutoTokenizer
-
     role = config.roles.teacher
     server = config.servers[role.server]
     if server.engine == "external":
         return {"method": "not measured: an external teacher's tokenizer and chat template are not here",
                 **{name: None for name in SETS}}
+    return await _likelihood(
+        "teacher", str(server.model), server.engine, "teacher",
+        lambda tokenizer, q, i, a: teacher_scored(tokenizer, role.system_prompt, q, i, a),
+        items, answers, journal, connect,
+    )
+
+
+async def _likelihood(
+    role: str,
+    model_dir: str,
+    engine: str,
+    form: str,
+    scored_of: Callable,
+    items: list[dict],
+    answers: dict[str, dict],
+    journal: Journal,
+    connect: Callable[[], Awaitable[EndpointClient]],
+) -> dict:
+    """One model's figure on both sets: on its vLLM server, else here with transformers. `form` (the
+    prompt format) keys each answer's figure with the answer's own key."""
+    from transformers import AutoTokenizer
+
     items = _scorable(items, answers)
-    keys = {item["id"]: _digest(answers[item["id"]]["key"], "teacher") for item in items}
+    keys = {item["id"]: _digest(answers[item["id"]]["key"], form) for item in items}
+    on_server = engine == "vllm"
 
     async def score(missing: list[dict]) -> list[dict]:
-        tokenizer = AutoTokenizer.from_pretrained(str(server.model))
-        scored = [teacher_scored(tokenizer, role.system_prompt, i["question"], i.get("input", ""), answers[i["id"]]["answer"])
-                  for i in missing]
-        client = await connect() if server.engine == "vllm" else None
-        return await score_all(client, "teacher", str(server.model), scored)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        scored = [scored_of(tokenizer, i["question"], i.get("input", ""), answers[i["id"]]["answer"]) for i in missing]
+        return await score_all(await connect() if on_server else None, role, model_dir, scored)
 
     records = await _journaled(items, keys, journal, score)
-    return _result(items, records, SERVER_METHOD if server.engine == "vllm" else LOCAL_METHOD)
+    return _result(items, records, SERVER_METHOD if on_server else LOCAL_METHOD)

