@@ -127,6 +127,7 @@ def fake():
 def _stage(fake: FakeEndpoint, tmp_path: Path, *overrides: str):
     config = load_config(ROOT / "configs/tiny-cpu.yaml", [
         f"run_dir={tmp_path / 'run'}", "roles.referee.mode=scores_only", "discrimination.referee_check.control_pairs=6",
+        "discrimination.referee_check.min_control_accuracy=0.75",  # the default (the tiny config does not stop)
         *overrides,
     ])
     run = RunDir(config.run_dir)
@@ -139,22 +140,25 @@ def _stage(fake: FakeEndpoint, tmp_path: Path, *overrides: str):
     return config, run, lambda: run_discrimination(config, run, Iteration(1), FakeServers(fake))
 
 
+@pytest.mark.parametrize("stream", [True, False])
 def test_a_worthless_referee_stops_the_stage_before_the_pool_is_reviewed_and_a_resume_in_another_mode_continues(
-    fake: FakeEndpoint, tmp_path: Path
+    fake: FakeEndpoint, tmp_path: Path, stream: bool
 ):
     fake.handlers["referee"] = position_biased
-    config, run, discriminate = _stage(fake, tmp_path)
+    streaming = f"discrimination.stream_reviews={str(stream).lower()}"
+    config, run, discriminate = _stage(fake, tmp_path, streaming)
     with pytest.raises(RefereeCheckError, match=r"in only 0 of 6 control pairs \(control accuracy 0.00 < .*in mode scores_only"):
         discriminate()
     directory = run.iteration(1)
     assert len(read_jsonl(directory.controls)) == 12  # every control pair, both orders, journaled
     assert read_jsonl(directory.reviews) == [] and not directory.judgements.exists()  # no pool review was sent
-    assert len(read_jsonl(directory.student_answers)) <= len(POOL)
     student_calls = fake.roles()["student"]
+    # Streamed, the control pairs go beside the student's answers; else after all of them.
+    assert len(read_jsonl(directory.student_answers)) == student_calls and (stream or student_calls == len(POOL))
 
     fake.reset()
     fake.handlers["referee"] = fair
-    config, run, discriminate = _stage(fake, tmp_path, "roles.referee.mode=expected_score")
+    config, run, discriminate = _stage(fake, tmp_path, streaming, "roles.referee.mode=expected_score")
     fake.handlers["referee"] = lambda body: (*fair(body), [])  # no usable logprobs: the sampled scores stand
     summary = discriminate()
     assert summary["referee_check"]["accuracy"] == 1.0 and summary["referee_check"]["pairs"] == 6

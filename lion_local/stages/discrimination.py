@@ -30,6 +30,7 @@ import json
 import logging
 import math
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from contextlib import AsyncExitStack
 from statistics import fmean
 
@@ -119,9 +120,9 @@ async def _collect(
                     calls.teacher = asyncio.ensure_future(
                         ensure_teacher_answers(run, config, cache_pool, lambda: calls.client(stack, "teacher"), calls.marker)
                     )
-                    calls.gate = asyncio.ensure_future(calls.check_referee(cache_pool, lambda: calls.client(stack, "referee")))
+                    calls.check = lambda: calls.check_referee(cache_pool, lambda: calls.client(stack, "referee"))
                     await calls.run_all(cache_pool, need_student, student, referee)
-                    teacher_answers, figures = await calls.teacher, await calls.gate
+                    teacher_answers, figures = await calls.teacher, await calls.start_gate()
             finally:
                 pending = [*calls.clients.values(), *(task for task in (calls.teacher, calls.gate) if task is not None)]
                 for each in pending:
@@ -149,6 +150,7 @@ class _Calls:
         self.student_journal, self.control_journal = student_journal, control_journal
         self.fingerprint = referee_fingerprint(config, config.roles.referee.server)
         self.reviews: Journal  # opened once the student's server is launching
+        self.check: Callable[[], Awaitable[dict]]  # reviews the control pairs (set once the reviews journal is open)
         self.gate: asyncio.Future[dict] | None = None  # the control pairs' figures, once they pass
         self.student_answers = {record["id"]: record for record in student_journal.records}
         self.pending: dict[str, list[tuple[str, int]]] = {}  # id -> (order, next attempt) of each review due
@@ -177,7 +179,9 @@ class _Calls:
     ) -> None:
         self.student_client, self.referee_client = student, referee
         if self.config.discrimination.stream_reviews:
-            # An instruction's two reviews are sent as soon as its student answer is in.
+            # The control pairs go first, beside the student's answers; an instruction's two reviews are
+            # sent as soon as its student answer is in and the referee has passed its check.
+            self.start_gate()
             work = [r for r in cache_pool if r["id"] not in self.student_answers or r["id"] in self.pending]
             await call_all([lambda r=r: self.answer_then_review(r) for r in work], self.reviews,
                            f"{self.marker}: student answers and reviews", unit="instruction")
@@ -186,6 +190,12 @@ class _Calls:
                            f"{self.marker}: student answers")
             await call_all([lambda r=r: self.review(r) for r in cache_pool if r["id"] in self.pending], self.reviews,
                            f"{self.marker}: reviews", unit="instruction")
+
+    def start_gate(self) -> asyncio.Future[dict]:
+        """The referee's check on its control pairs, started at the first call."""
+        if self.gate is None:
+            self.gate = asyncio.ensure_future(self.check())
+        return self.gate
 
     async def answer_then_review(self, record: dict) -> None:
         if record["id"] not in self.student_answers:
@@ -211,7 +221,7 @@ class _Calls:
             (await self.teacher)[record["id"]]["answer"], self.student_answers[record["id"]]["answer"],
         )
         seed_of = lambda *key: request_seed(self.config.seed, "referee", self.k, *key)  # noqa: E731
-        await self.gate
+        await self.start_gate()  # after every student answer when they come first (stream_reviews off)
         client = await self.referee_client
         await asyncio.gather(*(
             review_call(client, role, pair, order, attempt, role.parse_retries, seed_of, self.reviews.append,
