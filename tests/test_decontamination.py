@@ -189,6 +189,13 @@ def test_generation_rejects_contaminated_replies_and_counts_them(fake: FakeEndpo
     # side, its budget's rest), not at 1.0 (1 call a side).
     assert summary["calls"] == {"hard": 6, "easy": 6}
     assert read_json(directory / "generation.json") == summary
+    # Every check is recorded with what it was given and what it rejected, 0 included.
+    checks = summary["checks"]
+    assert checks["decontamination"] == {
+        "questions": len(BUILTIN) + 1, "checked": 12, "rejected": 2, "rouge_threshold": 0.7, "ngram": 13,
+    }
+    assert checks["novelty"]["checked"] == 10 and checks["novelty"]["rejected"] == summary["rejected"].get("too_similar", 0)
+    assert checks["filters"]["too_short"] == 0 and checks["filters"]["non_ascii_start"] == "off"
 
     report = iteration_report(run, Iteration(1))
     assert report["generation"]["rejected"]["contaminated"] == 2
@@ -203,6 +210,22 @@ def test_generation_rejects_contaminated_replies_and_counts_them(fake: FakeEndpo
     summary_off = run_generation(off, run_off, Iteration(1), FakeServers(fake))
     assert "contaminated" not in summary_off["rejected"] and summary_off["calls"] == {"hard": 3, "easy": 3}
     assert PARAPHRASE in {r["instruction"] for r in read_jsonl(run_off.iteration(1) / "generated.jsonl")}
+    assert summary_off["checks"]["decontamination"] == "off"
+
+
+def test_a_decontamination_that_rejected_nothing_is_in_the_report(fake: FakeEndpoint, tmp_path: Path):
+    config = make_config(tmp_path / "run", "generation.expected_acceptance=1.0")
+    run = prepare_iteration(config, student=False)
+    write_judgements(run, {record["id"]: ("hard", "easy")[i % 2] for i, record in enumerate(POOL)})
+    fake.handlers["generator"] = lambda body: (novel_sentence(body["seed"]), "stop")
+
+    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
+
+    assert "contaminated" not in summary["rejected"]
+    assert summary["checks"]["decontamination"]["questions"] == len(BUILTIN)
+    assert summary["checks"]["decontamination"]["checked"] == 6 and summary["checks"]["decontamination"]["rejected"] == 0
+    report = iteration_report(run, Iteration(1))
+    assert report["generation"]["checks"]["decontamination"]["rejected"] == 0
 
 
 def test_a_missing_question_file_is_one_line_before_any_generator_call(fake: FakeEndpoint, tmp_path: Path):

@@ -236,6 +236,7 @@ class _Decisions:
         self.known_ids = set(self.pool)
         self.accepted: list[dict] = []
         self.rejected: list[dict] = []
+        self.checked: Counter[str] = Counter()  # replies that reached each check
 
     def decide(self, schedule: WaveSchedule, reply: dict) -> None:
         side = reply["side"]
@@ -244,11 +245,13 @@ class _Decisions:
         if reason is None and instruction.strip() == self.pool[reply["parent"]]["instruction"].strip():
             reason = "repeats_seed"
         if reason is None and self.decontamination is not None:
+            self.checked["decontamination"] += 1
             contaminated = self.decontamination.check(instruction)
             if contaminated is not None:
                 reason = "contaminated"
                 entry.update(contaminated)  # the question's id, and its ROUGE-L F or the shared n-gram
         if reason is None:
+            self.checked["novelty"] += 1
             novel, similarity, similar_index = self.index.check(instruction)
             entry["similarity"] = round(similarity, 6)
             if instruction_id(instruction, "") in self.known_ids:
@@ -294,8 +297,42 @@ def _summary(
         "budget": budgets,
         "shortfall": {**shortfall, "total": sum(shortfall.values())},
         "seeds": {side: len(seeds[side]) for side in SIDES},
+        "checks": checks_summary(config, decisions.checked, Counter(r["reason"] for r in decisions.rejected),
+                                 len(decisions.decontamination) if decisions.decontamination is not None else None),
         "notes": notes,
     }
+
+
+def checks_summary(config: Config, checked: Counter, rejected: Counter, questions: int | None) -> dict:
+    """Every check generation applied, with what it was given and how many replies it rejected (0
+    included), so a report shows that a check ran even when it rejected nothing; an off check is
+    recorded as off."""
+    filters, decontamination = config.generation.filters, config.generation.decontamination
+    enabled = {
+        "truncated": filters.drop_truncated,
+        "banned_word": bool(filters.banned_words),
+        "too_short": True,
+        "leading_punctuation": filters.drop_leading_punctuation,
+        "non_ascii_start": filters.drop_non_ascii_start,
+    }
+    checks: dict = {"filters": {reason: rejected.get(reason, 0) if on else "off" for reason, on in enabled.items()}}
+    checks["decontamination"] = (
+        {
+            "questions": questions,
+            "checked": checked.get("decontamination", 0),
+            "rejected": rejected.get("contaminated", 0),
+            "rouge_threshold": decontamination.rouge_threshold,
+            "ngram": decontamination.ngram,
+        }
+        if questions is not None
+        else "off"
+    )
+    checks["novelty"] = {
+        "checked": checked.get("novelty", 0),
+        "rejected": rejected.get("too_similar", 0) + rejected.get("duplicate", 0),
+        "rouge_threshold": config.generation.rouge_threshold,
+    }
+    return checks
 
 
 async def _call_generator(
