@@ -20,7 +20,7 @@ import click
 
 from lion_local import __version__
 from lion_local.config import ConfigError, config_to_yaml, load_config
-from lion_local.errors import LionError
+from lion_local.errors import LionError, os_error, symlink_loop_error
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run.layout import Iteration, RunDir
 from serving.process import ServerError
@@ -35,12 +35,23 @@ class _Cli(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except LionError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(exc.exit_code)
-        except ServerError as exc:  # the serving package's own error: a server failed
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(1)
+        except (LionError, ServerError, OSError, RuntimeError) as exc:
+            error = self.one_line(exc)
+            if error is None:
+                raise  # a bug: its traceback is kept
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(error.exit_code)
+
+    @staticmethod
+    def one_line(exc: Exception) -> LionError | None:
+        """The error to print for `exc`, or None when it is a bug."""
+        if isinstance(exc, LionError):
+            return exc
+        if isinstance(exc, ServerError):  # the serving package's own error: a server failed (exit 1)
+            return LionError(str(exc))
+        if isinstance(exc, OSError):  # the last line of defence: a full disk, a read-only file system, ...
+            return os_error(exc)
+        return symlink_loop_error(exc)  # Path.resolve's RuntimeError before Python 3.13 (config paths)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
@@ -176,16 +187,22 @@ def doctor(config_path: str, overrides: tuple[str, ...]) -> None:
 
 
 def _stop_on_sigterm() -> None:
-    """SIGTERM (scancel, a job's time limit) unwinds like Ctrl-C, so servers are stopped cleanly."""
+    """SIGTERM (scancel, a job's time limit) and SIGINT (Ctrl-C) raise SystemExit(128 + signal) in
+    the main thread, wherever it is (a server start included): the context managers stop the
+    servers and the trainer, and the journals keep what finished."""
 
     def stop(signum, frame):
-        # SLURM signals every process of a job and the batch script forwards the signal as well:
-        # a second SIGTERM must not interrupt the clean stop the first one started.
+        # SLURM signals every process of a job and the batch script forwards the signal as well,
+        # and Ctrl-C may be pressed twice: a second signal must not interrupt the clean stop the
+        # first one started (it takes seconds: serving.process.LOADING_GRACE_S).
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        logger.warning("SIGTERM: stopping; what finished is kept, and the same command continues from here")
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        name = signal.Signals(signum).name
+        logger.warning("%s: stopping; what finished is kept, and the same command continues from here", name)
         sys.exit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
 
 
 def run_options(command):

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lion_local.errors import InputError
+from lion_local.run.input_files import InputKind, parse_json, parse_yaml, read_text
 from serving.access import StartedFor, key_rule, server_key
 from serving.commands import launcher_problem
 from serving.process import ServerError
@@ -56,6 +57,12 @@ class ConfigError(InputError):
     """A bad config or a bad path named by it; the message is one line saying where and how to fix it."""
 
 
+CONFIG_FILE = InputKind("config file", "", 16 << 20, ConfigError)
+MODEL_CONFIG = InputKind("model config", "", 16 << 20, ConfigError)
+# A model directory's weights: safetensors or PyTorch files, single or sharded (with an index).
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model*.bin.index.json")
+
+
 PATH_FIELDS = ("run_dir", "seed_data", "tiny_models.dir", "imitation.accelerate_config", "evaluation.questions")
 PATH_LIST_FIELDS = ("generation.decontamination.question_files",)
 
@@ -82,19 +89,7 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 def _read_yaml(path: Path, included_from: Path | None) -> dict:
     where = f" (included from {included_from})" if included_from else ""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found{where}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config file{where}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}{line}: YAML syntax error: {problem}") from None
+    data = parse_yaml(read_text(path, CONFIG_FILE, where), str(path), ConfigError)
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -103,11 +98,11 @@ def _read_yaml(path: Path, included_from: Path | None) -> dict:
 
 
 def _read_with_includes(path: Path, stack: tuple[Path, ...]) -> tuple[dict, dict[KeyPath, str]]:
+    data = _read_yaml(path, stack[-1] if stack else None)  # first: it names a symlink loop, resolve() would not
     resolved = path.resolve()
     if resolved in stack:
         cycle = " -> ".join(str(p) for p in (*stack, resolved))
         raise ConfigError(f"{path}: include cycle: {cycle}")
-    data = _read_yaml(path, stack[-1] if stack else None)
     includes = data.pop("include", [])
     if isinstance(includes, str):
         includes = [includes]
@@ -151,10 +146,7 @@ def _apply_override(data: dict, origins: dict[KeyPath, str], override: str) -> N
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set generation.new_per_iteration=100")
-    try:
-        value = yaml.safe_load(raw_value) if raw_value.strip() else ""
-    except yaml.YAMLError:
-        value = raw_value
+    value = parse_yaml(raw_value, f"--set {key}", ConfigError, lines=False, text_if_not_yaml=True) if raw_value.strip() else ""
     parts = key.split(".")
     node = data
     for depth, part in enumerate(parts[:-1]):
@@ -237,21 +229,29 @@ def _resolve_paths(config: Config) -> None:
             if node is None:
                 break
         if node is not None and getattr(node, leaf) is not None:
-            setattr(node, leaf, str(Path(getattr(node, leaf)).expanduser().resolve()))
+            setattr(node, leaf, _absolute(getattr(node, leaf), dotted))
     for dotted in PATH_LIST_FIELDS:
         *parents, leaf = dotted.split(".")
         node = config
         for part in parents:
             node = getattr(node, part)
-        setattr(node, leaf, [str(Path(path).expanduser().resolve()) for path in getattr(node, leaf)])
-    for server in config.servers.values():
+        setattr(node, leaf, [_absolute(path, dotted) for path in getattr(node, leaf)])
+    for name, server in config.servers.items():
         if server.model:
-            server.model = str(Path(server.model).expanduser().resolve())
+            server.model = _absolute(server.model, f"servers.{name}.model")
         if server.endpoint_dir:
-            server.endpoint_dir = str(Path(server.endpoint_dir).expanduser().resolve())
+            server.endpoint_dir = _absolute(server.endpoint_dir, f"servers.{name}.endpoint_dir")
         program = server.vllm.launcher[0]
         if "/" in program:  # a path (a bare name is looked up on PATH when the server starts)
             server.vllm.launcher[0] = str(Path(program).expanduser().absolute())
+
+
+def _absolute(value: str, key: str) -> str:
+    """`value` made absolute with its symlinks resolved; a symlink loop is a config error naming `key`."""
+    try:
+        return str(Path(value).expanduser().resolve())
+    except (RuntimeError, OSError) as exc:  # Python 3.11: RuntimeError("Symlink loop from ..."); ~user unknown
+        raise ConfigError(f"{key}: cannot resolve {value!r}: {exc}; fix the path") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -260,7 +260,8 @@ def _resolve_paths(config: Config) -> None:
 
 
 def check_models_exist(config: Config, server_names: list[str]) -> None:
-    """Fail with exit-2 style errors when a model directory a command needs is missing.
+    """Fail with exit-2 style errors when a model directory a command needs is missing, or holds no
+    loadable model (config.json with a model_type, and weights).
 
     Directories under `tiny_models.dir` are allowed to be absent: they are built on first use.
     """
@@ -271,14 +272,30 @@ def check_models_exist(config: Config, server_names: list[str]) -> None:
             continue
         model = Path(server.model)
         if model.is_dir():
+            problem = _model_problem(model)
+        elif tiny_dir is not None and model.parent == tiny_dir:
             continue
-        if tiny_dir is not None and model.parent == tiny_dir:
-            continue
-        problem = "is a file, not a model directory" if model.exists() else "does not exist"
-        raise ConfigError(
-            f"servers.{name}.model: {model} {problem}; set it to a local model directory "
-            "(nothing is downloaded), e.g. --set servers.{name}.model=/path/to/model".replace("{name}", name)
-        )
+        else:
+            problem = f"{model} {'is a file, not a model directory' if model.exists() else 'does not exist'}"
+        if problem is not None:
+            raise ConfigError(
+                f"servers.{name}.model: {problem}; set it to a local model directory (nothing is downloaded), "
+                f"e.g. --set servers.{name}.model=/path/to/model"
+            )
+
+
+def _model_problem(model: Path) -> str | None:
+    """Why the directory `model` holds no model a server could load, or None."""
+    config_json = model / "config.json"
+    try:
+        data = parse_json(read_text(config_json, MODEL_CONFIG), config_json, ConfigError)
+    except ConfigError as exc:
+        return str(exc)
+    if not isinstance(data, dict) or not isinstance(data.get("model_type"), str) or not data["model_type"]:
+        return f"{config_json}: no model_type (not a transformers model config)"
+    if not any(any(model.glob(pattern)) for pattern in WEIGHT_FILES):
+        return f"{model} holds no weights ({', '.join(WEIGHT_FILES[:2])}, or their index)"
+    return None
 
 
 def check_launchers(config: Config, server_names: list[str]) -> None:

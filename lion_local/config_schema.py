@@ -8,18 +8,15 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_core import InitErrorDetails
 
 from lion_local.run.layout import RunDir
-from lion_local.trainer_settings import MOVED_IMITATION_KEYS, PAPER_TRAINER, sft_config_fields, trainer_key_problem
-from serving.spec import ServerSpec, TransformersServeOptions, VllmOptions
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+from lion_local.trainer_settings import MOVED_IMITATION_KEYS, SEED_MAX, trainer_problem, PAPER_TRAINER
+from serving.spec import ServerSpec, TransformersServeOptions, VllmOptions, port_clash
+from serving.spec import StrictModel as _Strict  # unknown keys, NaN and infinity are errors in every section
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,7 +155,7 @@ class Imitation(_Strict):
         "(trainer.per_device_train_batch_size x processes), rounded up.",
     )
     accelerate_config: str | None = Field(
-        None, description="accelerate config file (configs/accelerate/*.yaml); None: one process."
+        None, min_length=1, description="accelerate config file (configs/accelerate/*.yaml); None: one process."
     )
     peft: Lora | None = Field(
         None, description="Train a LoRA adapter instead of full weights (None: full weights, the paper's way)."
@@ -186,11 +183,10 @@ class Imitation(_Strict):
     @field_validator("trainer", mode="after")
     @classmethod
     def _sft_config_keys(cls, trainer: dict[str, Any]) -> dict[str, Any]:
-        fields = sft_config_fields()
-        for key, value in trainer.items():
-            problem = trainer_key_problem(key, value, fields)
-            if problem is not None:
-                raise _key_error(cls.__name__, key, value, problem)
+        found = trainer_problem(trainer)
+        if found is not None:
+            key, problem = found
+            raise _key_error(cls.__name__, key, trainer[key], problem)
         return {**PAPER_TRAINER, **trainer}
 
 
@@ -241,7 +237,7 @@ class Decontamination(_Strict):
     include_builtin_questions: bool = Field(
         True, description="Check against the built-in question set (lion_local/data/eval_questions.jsonl)."
     )
-    question_files: list[str] = Field(
+    question_files: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list,
         description="More question files to check against, JSONL of {question, category?, id?} as for "
         "evaluation.questions (e.g. the file evaluation.questions names).",
@@ -292,6 +288,7 @@ class Evaluation(_Strict):
     )
     questions: str | None = Field(
         None,
+        min_length=1,
         description="Evaluation questions, JSONL of {question, category?, id?}; None: the built-in set "
         "(lion_local/data/eval_questions.jsonl).",
     )
@@ -307,8 +304,8 @@ class Evaluation(_Strict):
 class TinyModels(_Strict):
     """Smoke mode: tiny local models built by `lion-local make-tiny` when absent."""
 
-    dir: str = Field("models/tiny", description="Holds teacher/ and student/; built here on first use.")
-    seed: int = Field(0, description="Seed of the tiny models' weights and training.")
+    dir: str = Field("models/tiny", min_length=1, description="Holds teacher/ and student/; built here on first use.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of the tiny models' weights and training.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,10 +314,10 @@ class TinyModels(_Strict):
 
 
 class Config(_Strict):
-    run_dir: str = Field(description="Directory holding everything the run writes.")
-    seed: int = Field(0, description="Seed of every random choice the run makes.")
+    run_dir: str = Field(min_length=1, description="Directory holding everything the run writes.")
+    seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of every random choice the run makes.")
     iterations: int = Field(3, ge=1, description="Imitation-discrimination-generation iterations.")
-    seed_data: str = Field(description="Seed instructions: JSON list or JSONL with instruction and optional input.")
+    seed_data: str = Field(min_length=1, description="Seed instructions: JSON list or JSONL with instruction and optional input.")
     seed_limit: int | None = Field(None, ge=1, description="Use only the first N seed instructions.")
     tiny_models: TinyModels | None = Field(None, description="Smoke mode: build tiny local models when absent.")
     servers: dict[str, ServerSpec] = Field(description="Endpoints by name; roles refer to them.")
@@ -341,6 +338,13 @@ class Config(_Strict):
             raise ValueError(
                 f"evaluation.judge_server: {judge!r} serves the student's checkpoints; name the server of the judge model"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Config:
+        clash = port_clash(self.servers)
+        if clash is not None:
+            raise ValueError(clash)
         return self
 
     @model_validator(mode="after")

@@ -4,6 +4,11 @@ The config names trainer settings by SFTConfig's own field names, so a new train
 no change here. Loading a config must stay fast, and importing trl imports torch (seconds), so
 SFTConfig's fields are read from the installed sources with `ast` instead, following its base
 classes (transformers' TrainingArguments) through their imports.
+
+Each key given is checked at config load, in the parent process, so a bad value fails in one line
+before anything runs: against SFTConfig's own annotation (int, float, bool, str, None, Literal,
+mapping, list; a transformers enum such as lr_scheduler_type by its values), every float finite,
+and the numeric fields that matter against TRAINER_RANGES.
 """
 
 from __future__ import annotations
@@ -12,8 +17,11 @@ import ast
 import difflib
 import functools
 import importlib.util
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
+
+SEED_MAX = 2**32 - 1  # seeds are 32-bit: numpy's and torch's generators, vLLM's requests
 
 
 # The paper's student training, as trl.SFTConfig keyword arguments: imitation.trainer starts from these.
@@ -69,6 +77,39 @@ MOVED_IMITATION_KEYS = {
     "logging_steps": "logging_steps",
 }
 
+# SFTConfig's numeric fields that matter and their ranges: (low, high, low open, high open); None: no bound.
+TRAINER_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "learning_rate": (0, None, True, False),
+    "num_train_epochs": (0, None, True, False),  # 0 only with max_steps > 0
+    "max_steps": (-1, None, False, False),  # -1: num_train_epochs decides
+    "per_device_train_batch_size": (1, None, False, False),
+    "per_device_eval_batch_size": (1, None, False, False),
+    "gradient_accumulation_steps": (1, None, False, False),
+    "eval_accumulation_steps": (1, None, False, False),
+    "max_length": (1, None, False, False),
+    "warmup_steps": (0, None, False, False),  # below 1: a share of all steps
+    "warmup_ratio": (0, 1, False, False),
+    "weight_decay": (0, None, False, False),
+    "adam_beta1": (0, 1, False, True),
+    "adam_beta2": (0, 1, False, True),
+    "adam_epsilon": (0, None, True, False),
+    "max_grad_norm": (0, None, False, False),
+    "label_smoothing_factor": (0, 1, False, True),
+    "neftune_noise_alpha": (0, None, True, False),
+    "logging_steps": (0, None, True, False),
+    "save_steps": (0, None, True, False),
+    "eval_steps": (0, None, True, False),
+    "save_total_limit": (1, None, False, False),
+    "seed": (0, SEED_MAX, False, False),
+    "data_seed": (0, SEED_MAX, False, False),
+    "dataloader_num_workers": (0, None, False, False),
+    "dataloader_prefetch_factor": (1, None, False, False),
+    "dataset_num_proc": (1, None, False, False),
+    "torch_empty_cache_steps": (1, None, False, False),
+    "pad_to_multiple_of": (1, None, False, False),
+    "ddp_timeout": (1, None, False, False),
+}
+
 
 def _module_source(module: str) -> Path | None:
     """The source file of `module`, found without importing it (nor its package)."""
@@ -103,33 +144,46 @@ def _imported_from(module: str, path: Path, node: ast.ImportFrom) -> str:
     return ".".join([*package, *([node.module] if node.module else [])])
 
 
-def _dataclass_fields(module: str, name: str, depth: int = 0) -> dict[str, str]:
-    """Field name -> annotation (source text) of class `name` as seen from `module`, bases included."""
+def _find_class(module: str, name: str, depth: int = 0) -> tuple[str, ast.ClassDef]:
+    """(the module defining it, the class) of class `name` as seen from `module`, imports followed."""
     if depth > 12:
         raise LookupError(name)
     path, tree = _parsed(module)
     for node in tree.body:
         if isinstance(node, ast.ClassDef) and node.name == name:
-            fields: dict[str, str] = {}
-            for base in reversed(node.bases):
-                if isinstance(base, ast.Name) and base.id != "object":
-                    fields.update(_dataclass_fields(module, base.id, depth + 1))
-            for statement in node.body:
-                if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
-                    annotation = ast.unparse(statement.annotation)
-                    if not annotation.startswith(("ClassVar", "typing.ClassVar", "InitVar")):
-                        fields[statement.target.id] = annotation
-            return fields
+            return module, node
     for node in ast.walk(tree):  # re-exported: follow the import (lazy packages import under TYPE_CHECKING)
         if isinstance(node, ast.ImportFrom):
             for alias in node.names:
                 if (alias.asname or alias.name) == name:
-                    return _dataclass_fields(_imported_from(module, path, node), alias.name, depth + 1)
+                    return _find_class(_imported_from(module, path, node), alias.name, depth + 1)
     raise LookupError(name)
 
 
+class SftField(NamedTuple):
+    annotation: str  # source text, e.g. "int | None"
+    module: str  # the module whose names the annotation uses
+
+
+def _dataclass_fields(module: str, name: str, depth: int = 0) -> dict[str, SftField]:
+    """Field name -> SftField of class `name` as seen from `module`, bases included."""
+    if depth > 12:
+        raise LookupError(name)
+    defining, node = _find_class(module, name)
+    fields: dict[str, SftField] = {}
+    for base in reversed(node.bases):
+        if isinstance(base, ast.Name) and base.id != "object":
+            fields.update(_dataclass_fields(defining, base.id, depth + 1))
+    for statement in node.body:
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
+            annotation = ast.unparse(statement.annotation)
+            if not annotation.startswith(("ClassVar", "typing.ClassVar", "InitVar")):
+                fields[statement.target.id] = SftField(annotation, defining)
+    return fields
+
+
 @functools.lru_cache(maxsize=1)
-def sft_config_fields() -> dict[str, str] | None:
+def sft_config_fields() -> dict[str, SftField] | None:
     """trl.SFTConfig's fields and their annotations, read from the installed sources (importing trl
     would import torch, seconds on every command); None when trl is not installed or unreadable."""
     try:
@@ -138,14 +192,49 @@ def sft_config_fields() -> dict[str, str] | None:
         return None
 
 
-def trainer_key_problem(key: str, value: Any, fields: dict[str, str] | None) -> str | None:
+@functools.lru_cache(maxsize=None)
+def _enum_values(module: str, name: str) -> frozenset[str] | None:
+    """The string values of the Enum class `name` as seen from `module` (SchedulerType, ...), or None."""
+    try:
+        _, node = _find_class(module, name)
+    except (LookupError, OSError, SyntaxError, ValueError, ImportError):
+        return None
+    if not any("Enum" in _name(base) for base in node.bases):
+        return None
+    values = {
+        statement.value.value
+        for statement in node.body
+        if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Constant)
+        and isinstance(statement.value.value, str)
+    }
+    return frozenset(values) or None
+
+
+# ----------------------------------------------------------------------------------------------
+# The checks of imitation.trainer at config load
+# ----------------------------------------------------------------------------------------------
+
+
+def trainer_problem(trainer: dict[str, Any]) -> tuple[str, str] | None:
+    """(key, why) for the first key of imitation.trainer that cannot be, else None; the other keys
+    keep the paper's values (PAPER_TRAINER), with which a given key is checked."""
+    fields = sft_config_fields()
+    settings = {**PAPER_TRAINER, **trainer}
+    for key, value in trainer.items():
+        problem = trainer_key_problem(key, value, fields, settings)
+        if problem is not None:
+            return key, problem
+    return None
+
+
+def trainer_key_problem(key: str, value: Any, fields: dict[str, SftField] | None, settings: dict[str, Any]) -> str | None:
     """Why `key` (with `value`) cannot be an imitation.trainer setting, or None when it can."""
     if key in LION_LOCAL_TRAINER_KEYS:
         return f"lion-local sets this key itself: {LION_LOCAL_TRAINER_KEYS[key]}"
     if key in ALIASED_TRAINER_KEYS:
         return f"a deprecated alias in trl; set imitation.trainer.{ALIASED_TRAINER_KEYS[key]} instead"
     if fields is None:
-        return None  # trl is not installed: the training process says so
+        return _number_problem(key, value, settings)  # trl is not installed: the training process says the rest
     if key not in fields:
         renamed = MOVED_IMITATION_KEYS.get(key)
         close = [renamed] if renamed in fields else difflib.get_close_matches(key, list(fields), n=1, cutoff=0.6)
@@ -153,7 +242,109 @@ def trainer_key_problem(key: str, value: Any, fields: dict[str, str] | None) -> 
         if close == ["warmup_steps"]:
             hint = " (did you mean 'warmup_steps'? a float below 1 is a share of all steps)"
         return f"not a field of trl's SFTConfig{hint}"
-    kinds = {part.strip() for part in fields[key].split("|")} - {"None"}
-    if isinstance(value, str) and kinds and kinds <= {"int", "float"}:
-        return f"expects a number, got the string {value!r} (YAML reads 2e-5 as text; write 2.0e-5)"
-    return None
+    return _type_problem(value, fields[key]) or _number_problem(key, value, settings)
+
+
+def _type_problem(value: Any, field: SftField) -> str | None:
+    """Why `value` does not have the field's type (SFTConfig's annotation), or None; a type this does
+    not know (a config class) accepts anything."""
+    kinds = _alternatives(ast.parse(field.annotation, mode="eval").body)
+    names = [_name(kind) for kind in kinds]
+    enums = {name: _enum_values(field.module, name) for name in names if name not in _PLAIN_TYPES}
+    if any(values is None for values in enums.values()):
+        return None
+    allowed = frozenset().union(*enums.values()) if enums else frozenset()
+    if isinstance(value, str) and allowed:
+        return None if value in allowed else _not_a_value(value, allowed)
+    if any(_accepts(name, kind, value) for name, kind in zip(names, kinds) if name in _PLAIN_TYPES):
+        return None
+    wanted = " or ".join(dict.fromkeys(_PLAIN_TYPES.get(name, "a string") for name in names))
+    if isinstance(value, str) and set(names) - {"None"} <= {"int", "float"}:
+        hint = " (YAML reads 2e-5 as text; write 2.0e-5)" if _is_float_text(value) else ""
+        return f"expects a number, got the string {value!r}{hint}"
+    shown = "null" if value is None else f"{type(value).__name__} {value!r}"
+    return f"expects {wanted}, got {shown}"
+
+
+def _not_a_value(value: str, allowed: frozenset[str]) -> str:
+    close = sorted(each for each in allowed if each.startswith(value))[:1] or difflib.get_close_matches(value, list(allowed), n=1)
+    if len(allowed) <= 12 or not close:
+        return f"must be one of {', '.join(sorted(allowed))}; got {value!r}"
+    return f"{value!r} is not one of its {len(allowed)} values (did you mean {close[0]!r}?)"
+
+
+_PLAIN_TYPES = {
+    "None": "null", "bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+    "dict": "a mapping", "Dict": "a mapping", "list": "a list", "List": "a list", "Literal": "a listed value",
+    "Any": "any value",
+}
+
+
+def _accepts(name: str, kind: ast.expr, value: Any) -> bool:
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    checks = {
+        "None": value is None, "bool": isinstance(value, bool), "int": number and isinstance(value, int),
+        "float": number, "str": isinstance(value, str), "dict": isinstance(value, dict), "Dict": isinstance(value, dict),
+        "list": isinstance(value, list), "List": isinstance(value, list), "Any": True,
+    }
+    if name == "Literal" and isinstance(kind, ast.Subscript):
+        options = kind.slice.elts if isinstance(kind.slice, ast.Tuple) else [kind.slice]
+        return any(isinstance(o, ast.Constant) and type(o.value) is type(value) and o.value == value for o in options)
+    return checks.get(name, False)
+
+
+def _alternatives(node: ast.expr) -> list[ast.expr]:
+    """The alternatives of an annotation: `A | B | None`, Optional[A], Union[A, B]."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
+        return _alternatives(node.left) + _alternatives(node.right)
+    if isinstance(node, ast.Subscript) and _name(node.value) in ("Optional", "Union"):
+        inner = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
+        extra = [ast.Constant(None)] if _name(node.value) == "Optional" else []
+        return [each for part in inner for each in _alternatives(part)] + extra
+    return [node]
+
+
+def _name(node: ast.expr) -> str:
+    """"int" of `int`, "Optional" of `typing.Optional`, "list" of `list[str]`, "None" of `None`."""
+    if isinstance(node, ast.Subscript):
+        return _name(node.value)
+    if isinstance(node, ast.Attribute):
+        return node.attr
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Constant):
+        return "None" if node.value is None else str(node.value)
+    return ast.unparse(node)
+
+
+def _is_float_text(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _number_problem(key: str, value: Any, settings: dict[str, Any]) -> str | None:
+    """Why a number is out of the field's range (TRAINER_RANGES; every float finite), or None."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number, got {value}"
+    low, high, low_open, high_open = TRAINER_RANGES.get(key, (None, None, False, False))
+    if key == "num_train_epochs" and value == 0 and _positive(settings.get("max_steps")):
+        return None  # max_steps sets the length of training
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if not (below or above):
+        return None
+    if high is None:
+        wanted = f"{'>' if low_open else '>='} {low}"
+    else:
+        wanted = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    also = " (or set max_steps > 0)" if key == "num_train_epochs" else ""
+    return f"must be {wanted}{also}, got {value}"
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

@@ -2,9 +2,12 @@
 
 Everything here works from a `ServerSpec` (serving/spec.py), the description of one server;
 serving/ imports nothing from the package that uses it. `start_servers` starts several servers
-side by side and waits until all answer /health; `running_server` does it for one, yields an
-`Endpoint`, and stops the server on exit. An external server is reached as it is: at its
-base_urls, or through the endpoint files that server jobs publish (serving/published.py).
+side by side and waits until all answer /health, each confirmed as the server started (the model
+it serves, the process that holds its port: serving/startup.py, serving/ports.py); `running_server`
+does it for one, yields an `Endpoint`, and stops the server on exit. A configured port already in
+use is refused before its server starts; a picked port lost to another process before the server
+bound it is replaced. An external server is reached as it is: at its base_urls, or through the
+endpoint files that server jobs publish (serving/published.py).
 """
 
 from __future__ import annotations
@@ -18,9 +21,11 @@ from pathlib import Path
 import httpx
 
 from serving.commands import request_model_name, server_command, server_environment
-from serving.process import ServerError, ServerProcess, free_port, wait_until_healthy
+from serving.ports import check_port_free
+from serving.process import Expected, ServerError, ServerProcess, free_port, stop_processes
 from serving.published import live_published_endpoints
 from serving.spec import ServerSpec
+from serving.startup import wait_until_healthy, wait_until_healthy_async
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +42,11 @@ __all__ = [
     "server_launch",
     "server_process",
     "await_servers",
+    "await_servers_async",
+    "check_configured_port",
     "launch_servers",
     "start_servers",
+    "stop_processes",
 ]
 
 
@@ -94,6 +102,20 @@ def server_launch(
     return ServerLaunch(command, launch_environment, port, f"{root}/v1", f"{root}/health")
 
 
+def expected_server(wanted: StartedServer, launch: ServerLaunch) -> Expected:
+    """Who must answer on the launched server's port: the model name requests carry, its process."""
+    spec = wanted.spec
+    port_key = f"servers.{wanted.name}.port" if spec.port else None
+    model = request_model_name(spec, wanted.model)
+    return Expected(spec.host, launch.port, port_key, model, wanted.api_key)
+
+
+def check_configured_port(name: str, spec: ServerSpec) -> None:
+    """ServerError, naming the port, servers.<name>.port and its holder, when that port is in use."""
+    if spec.engine != "external" and spec.port:
+        check_port_free(name, spec.host, spec.port, f"servers.{name}.port")
+
+
 def server_process(wanted: StartedServer) -> tuple[ServerProcess, ServerLaunch]:
     """The (not yet started) process of a server, and what it will run."""
     spec = wanted.spec
@@ -106,8 +128,19 @@ def server_process(wanted: StartedServer) -> tuple[ServerProcess, ServerLaunch]:
         launch.health_url,
         spec.startup_timeout_s,
         stop_grace_s=spec.stop_grace_s or (20.0 if spec.engine == "vllm" else 10.0),
+        expected=expected_server(wanted, launch),
     )
     return process, launch
+
+
+def _fresh_launch(wanted: StartedServer):
+    """What starts `wanted` again on fresh ports (the configured port, if any, stays)."""
+
+    def fresh() -> tuple[list[str], dict[str, str], str, Expected]:
+        launch = server_launch(wanted.spec, wanted.api_key, wanted.environment, wanted.model)
+        return launch.command, launch.environment, launch.health_url, expected_server(wanted, launch)
+
+    return fresh
 
 
 def engine_version(spec: ServerSpec, base_url: str, api_key: str | None) -> str | None:
@@ -120,7 +153,7 @@ def engine_version(spec: ServerSpec, base_url: str, api_key: str | None) -> str 
     root = base_url.removesuffix("/v1")
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        reply = httpx.get(f"{root}/version", headers=headers, timeout=10.0, trust_env=False)
+        reply = httpx.get(f"{root}/version", headers=headers, timeout=5.0, trust_env=False)
         return f"vllm {reply.json()['version']}"
     except (httpx.HTTPError, ValueError, KeyError, TypeError):
         return "vllm (version unknown)"
@@ -129,36 +162,58 @@ def engine_version(spec: ServerSpec, base_url: str, api_key: str | None) -> str 
 Launched = list[tuple[StartedServer, ServerProcess, ServerLaunch]]
 
 
-def launch_servers(wanted: list[StartedServer]) -> Launched:
-    """Start the processes of `wanted` (quick: nothing waits for them to load).
+def launch_servers(wanted: list[StartedServer], track: list[ServerProcess] | None = None) -> Launched:
+    """Start the processes of `wanted` (quick: nothing waits for them to load). Each process is
+    appended to `track` before it starts, so that whoever stops them on a signal knows all of them.
+    A configured port already in use is refused before anything starts (ServerError).
 
     Call it on a thread that lives as long as the servers, such as the main thread: Linux sends
     a server SIGTERM when the thread that started it ends (PR_SET_PDEATHSIG follows the thread).
+    Each may be started again on fresh ports while it is waited for (serving/startup.py).
     """
+    for each in wanted:
+        check_configured_port(each.name, each.spec)
     launched = [(each, *server_process(each)) for each in wanted]
+    for each, process, _ in launched:
+        process.relaunch_with = _fresh_launch(each)
     try:
         for _, process, _ in launched:
+            if track is not None:
+                track.append(process)
             process.start()
     except BaseException:
-        for _, process, _ in launched:
-            process.stop()
+        stop_processes([process for _, process, _ in launched])
         raise
     return launched
 
 
 def await_servers(launched: Launched) -> list[tuple[ServerProcess, Endpoint]]:
-    """Wait until every launched server is healthy (any thread may wait) and return the endpoints.
+    """Wait until every launched server is up and confirmed as the one started, and return the
+    endpoints; from synchronous code on the main thread (a signal interrupts the wait at once).
 
     If one fails, all are stopped and the ServerError of the first failure is raised.
     """
-    wait_until_healthy([process for _, process, _ in launched])
+    if launched:
+        wait_until_healthy([process for _, process, _ in launched])
+    return _endpoints(launched)
+
+
+async def await_servers_async(launched: Launched) -> list[tuple[ServerProcess, Endpoint]]:
+    """`await_servers` in the event loop. Cancelled (a signal), the servers get SIGTERM and the
+    caller finishes stopping them."""
+    await wait_until_healthy_async([process for _, process, _ in launched])
+    return _endpoints(launched)
+
+
+def _endpoints(launched: Launched) -> list[tuple[ServerProcess, Endpoint]]:
     result = []
-    for each, process, launch in launched:
-        engine = engine_version(each.spec, launch.base_url, each.api_key)
-        logger.info("%s server: %s at %s", each.name, engine, launch.base_url)
+    for each, process, _ in launched:
+        base_url = process.health_url.removesuffix("/health") + "/v1"  # the current start's port
+        engine = engine_version(each.spec, base_url, each.api_key)
+        logger.info("%s server: %s at %s", each.name, engine, base_url)
         endpoint = Endpoint(
             each.name,
-            [launch.base_url],
+            [base_url],
             request_model_name(each.spec, each.model),
             each.api_key,
             process.exit_report,
@@ -190,8 +245,9 @@ def running_server(wanted: StartedServer, endpoint_dir: Path | None = None) -> I
         directory = endpoint_dir or Path(".")
         yield external_endpoint(wanted.name, wanted.spec, wanted.api_key, directory)
         return
-    [(process, endpoint)] = start_servers([wanted])
+    launched = launch_servers([wanted])
     try:
+        [(_, endpoint)] = await_servers(launched)
         yield endpoint
     finally:
-        process.stop()
+        stop_processes([process for _, process, _ in launched])

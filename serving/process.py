@@ -4,7 +4,13 @@ Every server runs under serving/supervisor.py, the leader of its process group, 
 whole tree down when it is stopped, when the server exits, and when the process that started it
 dies (Linux sends it SIGTERM then): vLLM's engine-core and worker processes are separate, and a
 SIGKILL of the API server alone, or of lion-local during a start, leaves them running. Stopping
-sends SIGTERM to the group, waits, then SIGKILLs the group.
+sends SIGTERM to the group and waits: the server's stop_grace_s once it has answered /health, at most
+LOADING_GRACE_S while it still loads (a loading vLLM API server ignores SIGTERM). Then SIGUSR1 tells
+the supervisor to SIGKILL what is left at once, and the group is SIGKILLed last. Several servers
+are stopped side by side (`stop_processes`): every group gets its SIGTERM first.
+
+The wait for /health (and the check that the server answering is the one started) is in
+serving/startup.py.
 """
 
 from __future__ import annotations
@@ -18,19 +24,38 @@ import socket
 import subprocess
 import sys
 import time
-from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import httpx
 
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
+# A server that never answered /health is still loading: it gets this long after SIGTERM.
+LOADING_GRACE_S = 5.0
+# After SIGUSR1 (kill now), how long the supervisor may take to kill its group and exit.
+HURRY_S = 5.0
+# How much of a start's log is read for its failure (an address in use is near the end).
+STARTUP_LOG_BYTES = 65536
 
 
 class ServerError(RuntimeError):
     """A server that would not start or died; the message says which and where its log is."""
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What must answer on a started server's port, checked once its /health answers."""
+
+    host: str  # the address the server binds
+    port: int
+    port_key: str | None  # the config key of a configured port (servers.<name>.port); None: picked free
+    model: str | None  # the model name requests carry, which /v1/models must list; None: not checked
+    api_key: str | None = field(default=None, repr=False)  # for /v1/models
+
+
+Relaunch = Callable[[], tuple[list[str], dict[str, str], str, Expected]]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -56,6 +81,7 @@ class ServerProcess:
         health_url: str,
         startup_timeout_s: float,
         stop_grace_s: float = 30.0,
+        expected: Expected | None = None,
     ) -> None:
         self.name = name
         self.command = command
@@ -64,12 +90,29 @@ class ServerProcess:
         self.health_url = health_url
         self.startup_timeout_s = startup_timeout_s
         self.stop_grace_s = stop_grace_s
+        self.expected = expected
+        # Starts the server again on fresh ports (a picked port taken before the server bound it);
+        # None: it may not move (its caller has announced its port).
+        self.relaunch_with: Relaunch | None = None
+        self.attempt = 0  # starts so far
         self.process: subprocess.Popen | None = None
+        self.answered = False  # /health answered, and by this server
         self._server_pid: int | None = None  # the server under the supervisor, once seen
+        self._log_offset = 0  # where this start's lines begin in the log
+        self._stop_began: float | None = None
+        self._stopped = False
 
     def start(self) -> None:
+        """Start the server under its supervisor; a configured port already in use is refused first."""
+        if self.expected is not None and self.expected.port_key is not None:
+            from serving.ports import check_port_free
+
+            check_port_free(self.name, self.expected.host, self.expected.port, self.expected.port_key)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self.attempt += 1
+        self.answered, self._server_pid, self._stop_began, self._stopped = False, None, None, False
         with open(self.log_path, "a", encoding="utf-8") as log:
+            self._log_offset = log.tell()
             log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} starting {self.name}: {shlex.join(self.command)}\n")
             log.flush()
             # Run as a file, not as a module of this package: it starts in a quarter of the time.
@@ -88,29 +131,18 @@ class ServerProcess:
                 raise ServerError(f"{self.name} server could not start: {exc}") from exc
         logger.info("started %s server (pid %d), log: %s", self.name, self.process.pid, self.log_path)
 
-    def wait_until_healthy(self) -> None:
-        wait_until_healthy([self])
+    def relaunch(self) -> None:
+        """Start again on the fresh ports `relaunch_with` gives (after this start lost its port)."""
+        assert self.relaunch_with is not None, "this server may not move to another port"
+        self.stop()
+        self.command, self.environment, self.health_url, self.expected = self.relaunch_with()
+        self.start()
 
-    def healthy(self, client: httpx.Client, deadline: float) -> bool:
-        """One health poll: True once /health answers 200; raises if the process exited or time ran out."""
-        assert self.process is not None, "start() first"
-        code = self.process.poll()
-        if code is not None:
-            raise ServerError(f"{self.name} server exited with code {code} while starting; {self.failure_hint()}")
-        try:
-            if client.get(self.health_url).status_code == 200:
-                self.server_pid()
-                logger.info("%s server is healthy at %s", self.name, self.health_url)
-                return True
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            self.stop()
-            raise ServerError(
-                f"{self.name} server not healthy after {self.startup_timeout_s:.0f} s "
-                f"(servers.{self.name}.startup_timeout_s); log: {self.log_path}"
-            )
-        return False
+    def wait_until_healthy(self) -> None:
+        """Wait until /health answers and the server answering is this one (serving/startup.py)."""
+        from serving.startup import wait_until_healthy
+
+        wait_until_healthy([self])
 
     def failure_hint(self) -> str:
         """The log's last lines, and the config key to fix when the server rejected its own flags."""
@@ -150,48 +182,69 @@ class ServerProcess:
             f"{self.failure_hint()}"
         )
 
-    def stop(self) -> None:
-        """SIGTERM the process group, wait up to stop_grace_s, then SIGKILL the group."""
-        if self.process is None:
+    def begin_stop(self) -> None:
+        """SIGTERM the process group (once); `finish_stop` waits for it. Quick: nothing is waited for."""
+        if self.process is None or self._stop_began is not None or self.process.poll() is not None:
             return
-        pgid = self.process.pid  # start_new_session made the server its group's leader
-        if self.process.poll() is None:
-            _signal_group(pgid, signal.SIGTERM)
-            try:
-                # The supervisor itself waits stop_grace_s for the server, then kills what is left.
-                self.process.wait(timeout=self.stop_grace_s + 10.0)
-            except subprocess.TimeoutExpired:
-                logger.warning("%s server ignored SIGTERM for %.0f s; killing it", self.name, self.stop_grace_s)
-        # Children (e.g. vLLM engine cores) may outlive the leader; the group goes in every case.
+        self._stop_began = time.monotonic()
+        _signal_group(self.process.pid, signal.SIGTERM)  # start_new_session made the supervisor its group's leader
+
+    def stop_grace(self, grace_s: float | None = None) -> float:
+        """How long the group gets after SIGTERM: stop_grace_s (or less: grace_s), and at most
+        LOADING_GRACE_S for a server that never answered (a loading vLLM API server ignores SIGTERM)."""
+        grace = self.stop_grace_s if grace_s is None else min(grace_s, self.stop_grace_s)
+        return grace if self.answered else min(grace, LOADING_GRACE_S)
+
+    def finish_stop(self, grace_s: float | None = None) -> None:
+        """Wait for the group after `begin_stop`; then SIGUSR1 (the supervisor kills what is left),
+        and SIGKILL to the whole group in every case (children may outlive the supervisor)."""
+        if self.process is None or self._stopped:
+            return
+        self.begin_stop()
+        pgid = self.process.pid
+        began = self._stop_began if self._stop_began is not None else time.monotonic()
+        if not _exited_by(self.process, began + self.stop_grace(grace_s)):
+            _signal_process(pgid, signal.SIGUSR1)
+            if not _exited_by(self.process, time.monotonic() + HURRY_S):
+                logger.warning("%s server: its supervisor did not exit; killing its group", self.name)
         _signal_group(pgid, signal.SIGKILL)
         self.process.wait()
+        self._stopped = True
         logger.info("stopped %s server (exit code %s)", self.name, self.process.returncode)
 
-    def log_tail(self, lines: int = 5) -> str:
+    def stop(self, grace_s: float | None = None) -> None:
+        """SIGTERM the process group, wait its grace (`stop_grace`), then kill what is left."""
+        self.begin_stop()
+        self.finish_stop(grace_s)
+
+    def startup_log(self) -> str:
+        """What this start has written to the log so far (its last STARTUP_LOG_BYTES)."""
         try:
-            with open(self.log_path, encoding="utf-8", errors="replace") as log:
-                return " | ".join(line.strip() for line in deque(log, maxlen=lines))
+            with open(self.log_path, "rb") as log:
+                size = log.seek(0, os.SEEK_END)
+                log.seek(max(self._log_offset, size - STARTUP_LOG_BYTES))
+                return log.read().decode("utf-8", errors="replace")
         except OSError:
             return ""
 
+    def log_tail(self, lines: int = 5) -> str:
+        return " | ".join(line.strip() for line in self.startup_log().splitlines()[-lines:])
 
-def wait_until_healthy(processes: list[ServerProcess]) -> None:
-    """Poll every started process until all answer /health, so servers load side by side.
 
-    The first one to die or time out raises, after every process of the list is stopped.
-    """
-    deadlines = {id(process): time.monotonic() + process.startup_timeout_s for process in processes}
-    pending = list(processes)
+def stop_processes(processes: list[ServerProcess], grace_s: float | None = None) -> None:
+    """Stop several servers side by side: each group gets its SIGTERM before any is waited for."""
+    for process in processes:
+        process.begin_stop()
+    for process in processes:
+        process.finish_stop(grace_s)
+
+
+def _exited_by(process: subprocess.Popen, deadline: float) -> bool:
     try:
-        with httpx.Client(timeout=5.0, trust_env=False) as client:
-            while pending:
-                pending = [process for process in pending if not process.healthy(client, deadlines[id(process)])]
-                if pending:
-                    time.sleep(0.2)
-    except BaseException:
-        for process in processes:
-            process.stop()
-        raise
+        process.wait(timeout=max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 def _signal_name(number: int) -> str:
@@ -204,5 +257,12 @@ def _signal_name(number: int) -> str:
 def _signal_group(pgid: int, signum: signal.Signals) -> None:
     try:
         os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _signal_process(pid: int, signum: signal.Signals) -> None:
+    try:
+        os.kill(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass

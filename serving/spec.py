@@ -12,11 +12,14 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+class StrictModel(BaseModel):
+    """The base of every config section (lion_local's too): unknown keys are errors, and so are NaN and
+    infinity in any float field."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
 
 
-class VllmOptions(_Strict):
+class VllmOptions(StrictModel):
     """Settings passed to vLLM (see serving/commands.py for the flag or variable each one becomes)."""
 
     launcher: list[str] = Field(
@@ -51,7 +54,7 @@ class VllmOptions(_Strict):
         return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-class TransformersServeOptions(_Strict):
+class TransformersServeOptions(StrictModel):
     """Settings passed to `transformers serve` (the second CPU engine)."""
 
     device: str = Field("cpu", description="cpu, auto or cuda:N.")
@@ -59,7 +62,7 @@ class TransformersServeOptions(_Strict):
     extra_args: list[str] = Field(default_factory=list, description="More `transformers serve` arguments.")
 
 
-class ServerSpec(_Strict):
+class ServerSpec(StrictModel):
     """One OpenAI-compatible endpoint: a server lion-local starts, or one that already runs."""
 
     engine: Literal["vllm", "transformers", "external"] = Field(
@@ -138,3 +141,20 @@ class ServerSpec(_Strict):
         elif not self.model:
             raise ValueError(f"engine {self.engine!r} needs model: a local model directory")
         return self
+
+
+_ANY_ADDRESS = frozenset({"0.0.0.0", "::", ""})
+
+
+def port_clash(servers: dict[str, ServerSpec]) -> str | None:
+    """"servers.<b>.port: ..." when two servers lion-local starts are configured with the same port on
+    one address (a wildcard address takes the port on every address), else None."""
+    started = [(name, spec) for name, spec in servers.items() if spec.engine != "external" and spec.port is not None]
+    for index, (name, spec) in enumerate(started):
+        for other, earlier in started[:index]:
+            if earlier.port == spec.port and (earlier.host == spec.host or {earlier.host, spec.host} & _ANY_ADDRESS):
+                return (
+                    f"servers.{name}.port: {spec.port} is servers.{other}.port too (hosts {earlier.host} and {spec.host}); "
+                    "give each server its own port, or leave port out to have a free one picked"
+                )
+    return None

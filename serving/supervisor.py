@@ -15,6 +15,8 @@ nothing but wait:
   the server exits by itself, it sends SIGTERM to every other process of its group, waits up to
   --grace-s for them, then SIGKILLs what is left. Python's multiprocessing resource trackers are
   killed last: they unlink the shared memory of the processes they outlived.
+- SIGUSR1, before or during that wait, cuts it short: what is left is SIGKILLed at once (trackers
+  still last). lion-local sends it when a server that is still loading has had its short grace.
 - It exits as the server did (the same code, or killed by the same signal), so the caller sees
   the server's own end.
 """
@@ -27,6 +29,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 RESOURCE_TRACKER = b"multiprocessing.resource_tracker"
@@ -56,18 +59,21 @@ def signal_all(pids: list[int], signum: int) -> None:
             pass
 
 
-def wait_until_gone(server: subprocess.Popen, keep: set[int], deadline: float) -> None:
-    """Wait until only `keep` is left of the group (the server reaped once it exits), or the deadline."""
-    while time.monotonic() < deadline and set(group_members(os.getpgrp())) - keep:
+def wait_until_gone(
+    server: subprocess.Popen, keep: set[int], deadline: float, hurry: Callable[[], bool] = lambda: False
+) -> None:
+    """Wait until only `keep` is left of the group (the server reaped once it exits), the deadline,
+    or `hurry()`."""
+    while time.monotonic() < deadline and not hurry() and set(group_members(os.getpgrp())) - keep:
         server.poll()
         time.sleep(0.1)
 
 
-def take_down_group(server: subprocess.Popen, grace_s: float) -> None:
+def take_down_group(server: subprocess.Popen, grace_s: float, hurry: Callable[[], bool] = lambda: False) -> None:
     members = group_members(os.getpgrp())
     trackers = {pid for pid, command in members.items() if RESOURCE_TRACKER in command}
     signal_all([pid for pid in members if pid not in trackers], signal.SIGTERM)
-    wait_until_gone(server, trackers, time.monotonic() + grace_s)
+    wait_until_gone(server, trackers, time.monotonic() + grace_s, hurry)
     signal_all([pid for pid in group_members(os.getpgrp()) if pid not in trackers], signal.SIGKILL)
     # A tracker unlinks its leftover shared memory once the last process it served is gone.
     wait_until_gone(server, set(), time.monotonic() + 5.0)
@@ -85,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     if os.getpgrp() != os.getpid():
         os.setpgid(0, 0)  # lead a group of its own, so that taking it down reaches only the server
     stopping = []
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
         signal.signal(signum, lambda number, _frame: stopping.append(number))
     try:
         server = subprocess.Popen(command)
@@ -93,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"supervisor: cannot start {command[0]!r}: {exc}")
     while server.poll() is None and not stopping:
         time.sleep(0.2)
-    take_down_group(server, args.grace_s)
+    take_down_group(server, args.grace_s, hurry=lambda: signal.SIGUSR1 in stopping)
     code = server.wait()
     if code < 0:
         if -code not in (signal.SIGKILL, signal.SIGSTOP):  # these two have no handler to reset

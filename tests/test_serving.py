@@ -146,7 +146,7 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
     dead: set[int] = set()
     starts: list[str] = []
 
-    def fake_launch_servers(wanted):
+    def fake_launch_servers(wanted, track=None):
         return [(each, None, None) for each in wanted]
 
     def fake_await_servers(launched):

@@ -37,7 +37,9 @@ from lion_local.stages.judging import ORDERS, review_call
 from lion_local.stages.referee_health import ControlPair, control_figures, control_pairs, referee_problem
 from lion_local.smoke.tiny_models import ensure_tiny_models
 from lion_local.endpoints.servers import client_for, config_server, server_log, wanted_server
-from serving import Endpoint, ServerError, await_servers, launch_servers
+from serving import (
+    Endpoint, ServerError, ServerProcess, await_servers, check_configured_port, launch_servers, stop_processes,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +71,13 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
     with ExitStack() as servers:
         started = time.monotonic()
         # Every server loads at once; each is then waited for alone, so one failing stops only itself.
-        local = [name for name in names if config.servers[name].engine != "external"]
-        launched = {entry[0].name: entry for entry in launch_servers(
-            [wanted_server(config, name, server_log(log_dir, name)) for name in local]
-        )}
-        for _, process, _ in launched.values():
-            servers.callback(process.stop)
+        processes: list[ServerProcess] = []  # filled as they start, stopped side by side at the end
+        servers.callback(stop_processes, processes)
+        launched, refused = _launch_local(config, names, log_dir, processes)
         for name in names:
             try:
+                if name in refused:  # a configured port another process holds: nothing was started
+                    raise refused[name]
                 if name in launched:
                     [(_, endpoints[name])] = await_servers([launched[name]])
                 else:
@@ -89,6 +90,25 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
             checks.append(Check(f"server {name}", True, f"{endpoints[name].engine} at {where} {ready}"))
         checks += asyncio.run(_check_roles(config, endpoints, seed.instruction, seed.input))
     return checks
+
+
+def _launch_local(
+    config: Config, names: list[str], log_dir: Path, processes: list[ServerProcess]
+) -> tuple[dict[str, tuple], dict[str, ServerError]]:
+    """Start every server the doctor starts itself (each appended to `processes` first); one whose
+    configured port another process holds is not started, and its error is that server's check."""
+    launched: dict[str, tuple] = {}
+    refused: dict[str, ServerError] = {}
+    for name in names:
+        if config.servers[name].engine == "external":
+            continue
+        try:
+            check_configured_port(name, config.servers[name])
+        except ServerError as exc:
+            refused[name] = exc
+            continue
+        [launched[name]] = launch_servers([wanted_server(config, name, server_log(log_dir, name))], track=processes)
+    return launched, refused
 
 
 async def _check_roles(

@@ -45,6 +45,7 @@ from lion_local.config import Config
 from lion_local.errors import InputError, StageOrderError
 from lion_local.roles.student import student_chat_messages
 from lion_local.run.layout import Iteration, RunDir, Stage
+from lion_local.run.preflight import check_dir_path, writable_dir
 from lion_local.run.records import by_id
 from lion_local.run.state import completed_stages, read_jsonl, write_atomic, write_jsonl_atomic
 from lion_local.run.teacher_cache import teacher_fingerprint
@@ -92,11 +93,15 @@ class RunExport:
 
 def check_out_dir(run: RunDir, out: Path) -> Path:
     """The resolved output folder; refused inside the run directory or where a file is."""
-    root, resolved = run.root.resolve(), out.resolve()
+    try:
+        root, resolved = run.root.resolve(), out.resolve()
+    except (OSError, RuntimeError) as exc:  # Python 3.11 raises RuntimeError for a symlink loop
+        raise InputError(f"--out {out}: cannot resolve the path ({exc}); give another --out") from None
     if resolved == root or resolved.is_relative_to(root):
         raise InputError(f"--out {out}: inside the run directory {run.root}; export to a folder outside it")
     if resolved.exists() and not resolved.is_dir():
         raise InputError(f"--out {out}: a file is there; give a folder (created if missing)")
+    check_dir_path(resolved, "--out")  # no part of it is a file: found before anything is read
     return resolved
 
 
@@ -326,7 +331,7 @@ def export_run(config: Config, out: Path, data_format: str = "all", hf: bool = F
     export = build_export(config, partial)
     if hf:
         _require_datasets()
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_dir(folder, "--out")  # made and proven writable, or one line, before the first file
     return write_export(export, folder, data_format, hf)
 
 

@@ -4,7 +4,9 @@ serving/ starts and stops servers from their specs; this module decides for the 
 `ServerSet` starts servers on first use (several at once when a stage needs several, such as
 the student and the referee of a discrimination), keeps them across stages, restarts the
 student for each new checkpoint, and stops before student training every server whose
-`keep_running_during_training` is off.
+`keep_running_during_training` is off. Entered, it refuses a configured port already in use
+before anything runs; left on a signal (SystemExit, KeyboardInterrupt), it stops every server,
+loading or running, side by side with a short grace (INTERRUPT_GRACE_S).
 """
 
 from __future__ import annotations
@@ -22,16 +24,24 @@ from lion_local.offline import offline_environ
 from serving import (
     Endpoint,
     Launched,
+    ServerError,
     ServerProcess,
     StartedServer,
     await_servers,
+    await_servers_async,
+    check_configured_port,
     external_endpoint,
     launch_servers,
     running_server,
+    stop_processes,
 )
 from serving.access import StartedFor
 
 logger = logging.getLogger(__name__)
+
+# The grace of every server stopped because lion-local was interrupted: the whole stop fits the
+# 10 s a scheduler's SIGTERM (or Ctrl-C) gives before a SIGKILL.
+INTERRUPT_GRACE_S = 5.0
 
 
 def wanted_server(
@@ -122,7 +132,8 @@ class ServerSet:
 
     async def start_async(self, wanted: dict[str, str | None]) -> None:
         """`start` for async code: the processes start on this (the main) thread, and the tens of
-        seconds they take to load are waited for on another, so the event loop keeps running."""
+        seconds they take to load are polled for in the event loop, which keeps running; a signal
+        cancels the wait at once (no thread to join), and `stop_all` stops what was loading."""
         loop = asyncio.get_running_loop()
         if self._starting is None or self._starting[0] is not loop:
             self._starting = (loop, {})
@@ -131,7 +142,12 @@ class ServerSet:
             for name in sorted(wanted):  # always in one order, so two callers cannot deadlock
                 await held.enter_async_context(locks.setdefault(name, asyncio.Lock()))
             launched = self._launch(wanted)
-            await asyncio.to_thread(self._finish, launched)
+            try:
+                ready = await await_servers_async(launched) if launched else []
+            except ServerError:
+                self._forget_loading(launched)  # stopped already
+                raise
+            self._ready(launched, ready)
 
     def _launch(self, wanted: dict[str, str | None]) -> Launched:
         to_start = []
@@ -144,15 +160,21 @@ class ServerSet:
                 self._running[name] = (model, None, endpoint)
             else:
                 to_start.append(wanted_server(self.config, name, server_log(self.log_dir, name), model))
-        launched = launch_servers(to_start)
-        self._loading += [process for _, process, _ in launched]
-        return launched
+        return launch_servers(to_start, track=self._loading) if to_start else []
 
     def _finish(self, launched: Launched) -> None:
         try:
             ready = await_servers(launched)
-        finally:
-            self._loading = [process for process in self._loading if all(process is not p for _, p, _ in launched)]
+        except BaseException:
+            self._forget_loading(launched)  # the synchronous wait stops them whatever ended it
+            raise
+        self._ready(launched, ready)
+
+    def _forget_loading(self, launched: Launched) -> None:
+        self._loading = [process for process in self._loading if all(process is not p for _, p, _ in launched)]
+
+    def _ready(self, launched: Launched, ready: list[tuple[ServerProcess, Endpoint]]) -> None:
+        self._forget_loading(launched)
         for (process, endpoint), (each, _, _) in zip(ready, launched):
             self._running[each.name] = (each.model, process, endpoint)
             self._record_start(endpoint, each.model or each.spec.model)
@@ -178,9 +200,9 @@ class ServerSet:
         return client_for(self.endpoint(name, model), self.config.servers[name])
 
     async def open_client(self, name: str, model: str | None = None) -> EndpointClient:
-        """`client` for async code: a server that must start first loads off the event loop."""
+        """`client` for async code: a server that must start first loads while the event loop runs."""
         await self.start_async({name: model})
-        return self.client(name, model)
+        return client_for(self._running[name][2], self.config.servers[name])
 
     def stop(self, name: str) -> None:
         if name in self._running:
@@ -194,14 +216,25 @@ class ServerSet:
             if not self.config.servers[name].keep_running_during_training:
                 self.stop(name)
 
-    def stop_all(self) -> None:
-        for process in list(self._loading):
-            process.stop()
+    def stop_all(self, grace_s: float | None = None) -> None:
+        """Stop every server, loading or running, side by side (each group gets SIGTERM first)."""
+        processes = list(self._loading)
+        self._loading = []
         for name in list(self._running):
-            self.stop(name)
+            _, process, _ = self._running.pop(name)
+            if process is not None:
+                processes.append(process)
+        stop_processes(processes, grace_s)
+
+    def check_ports(self) -> None:
+        """Refuse, before anything runs, a configured port of a server in use that another process holds."""
+        for name in self.config.servers_in_use():
+            check_configured_port(name, self.config.servers[name])
 
     def __enter__(self) -> ServerSet:
+        self.check_ports()
         return self
 
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop_all()
+    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+        interrupted = exc_type is not None and issubclass(exc_type, (SystemExit, KeyboardInterrupt, asyncio.CancelledError))
+        self.stop_all(INTERRUPT_GRACE_S if interrupted else None)

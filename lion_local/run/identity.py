@@ -10,12 +10,16 @@ a harmless resume, never allows a harmful one.
 The first command of a run records its identity. Each later command compares: a changed key is
 refused in one line naming it, unless the command accepts it (`--accept-change KEY`); accepted
 changes are recorded with the stage the run had reached, and the new values become the run's.
+Only a result-shaping key can be accepted: another name is refused naming the close ones. An
+accepted rise of `iterations` re-opens the final imitation (it trained on the old last
+iteration's instructions): its marker leaves state.json and its files move to superseded/.
 The caches that outlive a stage (the teacher's answers, evaluate's judgements) are keyed by the
 part of the same identity that shapes their replies (`identity_digest`).
 """
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import hashlib
 import json
@@ -27,7 +31,7 @@ from lion_local.config import Config
 from lion_local.errors import InputError
 from lion_local.roles import prompt_texts
 from lion_local.run.layout import RunDir
-from lion_local.run.state import write_atomic
+from lion_local.run.state import reopen_final, write_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +118,17 @@ def describe_change(key: str, recorded: dict[str, Any], current: dict[str, Any])
     return f"{key} ({_shown(recorded.get(key, _MISSING))} -> {_shown(current.get(key, _MISSING))})"
 
 
+def accepted_key_problem(key: str, recorded: dict[str, Any], current: dict[str, Any]) -> str | None:
+    """Why `--accept-change KEY` names no result-shaping key of the run (recorded or current), or None."""
+    if key in recorded or key in current:
+        return None
+    if any(fnmatch.fnmatchcase(key, pattern) for pattern in OPERATIONAL):
+        return f"--accept-change {key}: an operational setting, which may change without --accept-change; leave it out"
+    close = difflib.get_close_matches(key, sorted(recorded.keys() | current.keys()), n=3, cutoff=0.6)
+    guess = f"did you mean {' or '.join(close)}?" if close else "`lion-local config` prints the settings"
+    return f"--accept-change {key}: not a setting that shapes this run's results; {guess}"
+
+
 # ----------------------------------------------------------------------------------------------
 # identity.json
 # ----------------------------------------------------------------------------------------------
@@ -125,6 +140,7 @@ def check_resume(run: RunDir, config: Config, accepted: tuple[str, ...] = (), ne
     Call it with the writer lock held, before anything of the command is written.
     """
     current = run_identity(config)
+    check_accepted(run, config, accepted)
     if not run.identity.exists():
         if run.state_json.exists():
             logger.warning("%s: no record of the settings that shaped this run; recording the current ones", run.root)
@@ -144,6 +160,11 @@ def check_resume(run: RunDir, config: Config, accepted: tuple[str, ...] = (), ne
         )
     for key in changed:
         logger.warning("%s: continuing with a changed setting: %s", run.root, describe_change(key, recorded["settings"], current))
+    old, new = recorded["settings"].get("iterations"), current.get("iterations")
+    if isinstance(old, int) and isinstance(new, int) and new > old:
+        # The final imitation trained on iteration `old`'s instructions; now it must train on `new`'s.
+        # (Fewer iterations than a finished one are refused before: lion_local.run.preflight.)
+        reopen_final(run, run.superseded(f"final-iterations-{old}"))
     recorded["accepted_changes"].append({
         "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "next_stage": next_stage,
@@ -151,6 +172,19 @@ def check_resume(run: RunDir, config: Config, accepted: tuple[str, ...] = (), ne
     })
     recorded["settings"] = current
     _write(run, recorded)
+
+
+def check_accepted(run: RunDir, config: Config, accepted: tuple[str, ...]) -> None:
+    """Refuse, in one line naming close valid keys, an --accept-change KEY that shapes nothing;
+    reads identity.json (if any) and writes nothing."""
+    if not accepted:
+        return
+    current = run_identity(config)
+    recorded = _read(run)["settings"] if run.identity.exists() else {}
+    for key in accepted:
+        problem = accepted_key_problem(key, recorded, current)
+        if problem is not None:
+            raise InputError(problem)
 
 
 def _read(run: RunDir) -> dict:

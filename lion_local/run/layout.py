@@ -213,3 +213,39 @@ class RunDir:
     def serve_log(self, server: str, job_id: str | None) -> Path:
         # Replicas of a job array share the run directory: one log each.
         return self.logs / (f"serve-{server}-{job_id}.log" if job_id else f"serve-{server}.log")
+
+    def superseded(self, name: str) -> Path:
+        """superseded/<name>/: what a stage re-opened by an accepted change had written, set aside."""
+        return self.root / "superseded" / name
+
+
+def write_probe(directory: Path, pid: int) -> Path:
+    """The file a command writes, syncs and removes to prove `directory` writable before it starts."""
+    return directory / f".write-probe-{pid}"
+
+
+def finished_outputs(run: RunDir, stage: Stage) -> list[tuple[Path, bool]]:
+    """[(path, is a folder)]: what a finished stage leaves for the stages after it (and state.json
+    may only say it finished while they are there)."""
+    directory = run.at(stage.iteration)
+    if stage.name == "imitation":
+        pools = [directory.train_pool] if stage.iteration.is_final else [directory.train_pool, directory.cache_pool]
+        report = [directory.report] if stage.iteration.is_final else []
+        return [(path, False) for path in (*pools, directory.imitation_summary, *report)] + [(directory.student, True)]
+    if stage.name == "discrimination":
+        return [(directory.judgements, False), (directory.discrimination_summary, False)]
+    return [(directory.generated, False), (directory.generation_summary, False), (directory.report, False)]
+
+
+# The JSONL files whose every record carries a string "id" (its instruction's, or its question's).
+ID_KEYED_FILES = frozenset(
+    path.name
+    for path in (
+        *(getattr(IterationDir(Path(), FINAL), name) for name in (
+            "train_pool", "cache_pool", "generated", "sft_data", "student_answers", "reviews", "controls", "judgements",
+        )),
+        RunDir("").teacher_answers,
+        RunDir("").eval_teacher_likelihood,
+        EvaluationDir(Path()).likelihood,
+    )
+)

@@ -9,16 +9,19 @@ instruction may come close to), so it sits in the run model, below both.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
 from lion_local.errors import InputError
+from lion_local.run.input_files import InputKind, parse_json, read_text
 from lion_local.run.records import instruction_id
 
 
 class QuestionsError(InputError):
     """A bad evaluation question file; the message is one line naming the file and the line."""
+
+
+QUESTION_FILE = InputKind("question file", "give a JSONL file of question objects", 256 << 20, QuestionsError)
 
 
 def default_questions() -> Path:
@@ -28,15 +31,7 @@ def default_questions() -> Path:
 def load_questions(path: str | Path) -> list[dict]:
     """[{"id", "question", "category"}] from a JSONL file; a bad line raises QuestionsError."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8")
-    except FileNotFoundError:
-        raise QuestionsError(f"{path}: question file not found; give a JSONL file of question objects") from None
-    except UnicodeDecodeError as exc:
-        line = exc.object[: exc.start].count(b"\n") + 1
-        raise QuestionsError(f"{path}:{line}: not valid UTF-8; re-encode the file as UTF-8") from None
-    except OSError as exc:
-        raise QuestionsError(f"{path}: cannot read the question file: {exc.strerror}") from None
+    text = read_text(path, QUESTION_FILE)
     questions: list[dict] = []
     line_of: dict[str, int] = {}
     # Only "\n" ends a line: splitlines() would also split at U+2028 inside JSON strings.
@@ -44,10 +39,7 @@ def load_questions(path: str | Path) -> list[dict]:
         if not line.strip():
             continue
         where = f"{path}:{number}"
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise QuestionsError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+        item = parse_json(line, path, QuestionsError, line=number)
         if not isinstance(item, dict):
             raise QuestionsError(f"{where}: expected an object with a 'question' field, got {type(item).__name__}")
         question, category, given_id = item.get("question"), item.get("category"), item.get("id")

@@ -6,17 +6,20 @@ so a 52K-line file with one bad record is fixed in a minute rather than debugged
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from lion_local.errors import InputError
+from lion_local.run.input_files import InputKind, parse_json, read_text
 
 MAX_TEXT_CHARS = 20_000
 
 
 class SeedDataError(InputError):
     """A bad seed file; the message is one line naming the file and line."""
+
+
+SEED_FILE = InputKind("seed data file", "set seed_data to a JSON or JSONL file", 1 << 30, SeedDataError)
 
 
 @dataclass(frozen=True)
@@ -28,17 +31,7 @@ class SeedInstruction:
 
 def load_seed_instructions(path: str | Path, limit: int | None = None) -> list[SeedInstruction]:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SeedDataError(f"{path}: seed data file not found; set seed_data to a JSON or JSONL file") from None
-    except OSError as exc:
-        raise SeedDataError(f"{path}: cannot read seed data: {exc.strerror}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        raise SeedDataError(f"{path}:{line}: not valid UTF-8 (byte {exc.start}); re-encode the file as UTF-8") from None
+    text = read_text(path, SEED_FILE)
     if not text.strip():
         raise SeedDataError(f"{path}: the seed data file is empty")
 
@@ -58,14 +51,15 @@ def load_seed_instructions(path: str | Path, limit: int | None = None) -> list[S
         records.append(record)
         if limit is not None and len(records) >= limit:
             break
+    if not records:
+        raise SeedDataError(
+            f"{path}: the seed data file holds no instructions; add at least one object with an 'instruction' field"
+        )
     return records
 
 
 def _json_list_items(path: Path, text: str) -> list[tuple[str, object]]:
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SeedDataError(f"{path}:{exc.lineno}: invalid JSON: {exc.msg}") from None
+    data = parse_json(text, path, SeedDataError)
     if not isinstance(data, list):
         raise SeedDataError(f"{path}: top level must be a list of objects (or use JSON Lines)")
     return [(f"{path}: item {index}", item) for index, item in enumerate(data)]
@@ -78,19 +72,19 @@ def _jsonl_items(path: Path, text: str) -> list[tuple[str, object]]:
         if not line.strip():
             continue
         try:
-            items.append((f"{path}:{number}", json.loads(line)))
-        except json.JSONDecodeError as exc:
+            items.append((f"{path}:{number}", parse_json(line, path, SeedDataError, line=number)))
+        except SeedDataError:
             if not items:
                 _reject_single_json_document(path, text)
-            raise SeedDataError(f"{path}:{number}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            raise
     return items
 
 
 def _reject_single_json_document(path: Path, text: str) -> None:
     """A file that is one JSON document but not a list (a pretty-printed object): say that, not "invalid JSON"."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        data = parse_json(text, path, SeedDataError)
+    except SeedDataError:
         return
     kind = "an object" if isinstance(data, dict) else f"a {type(data).__name__}"
     raise SeedDataError(f"{path}: top level is {kind}; it must be a list of objects (or use JSON Lines)")

@@ -13,6 +13,7 @@ import errno
 import fcntl
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lion_local.errors import InputError, LionError
-from lion_local.run.layout import RunDir, Stage
+from lion_local.run.layout import FINAL, ID_KEYED_FILES, RunDir, Stage
 
 logger = logging.getLogger(__name__)
 
@@ -43,14 +44,32 @@ class LockUnsupportedError(InputError):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so that a reader sees the old file or the new one, never a mix."""
+    """Write `text` to `path` so that a reader sees the old file or the new one, never a mix.
+
+    On any failure (a full disk, a kill) the temporary file is removed and the old file is left.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, path)
+    try:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException as exc:
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError as cleanup:  # the first error is the one to report
+            logger.warning("%s: cannot remove %s: %s", path, temporary, cleanup.strerror)
+        if isinstance(exc, OSError):  # named by the file it was to replace (the temporary is gone)
+            exc.filename, exc.filename2 = str(path), None
+        raise
+
+
+def name_path(exc: BaseException, path: Path) -> None:
+    """Name `path` in an OSError that names no file (a failed write, flush or fsync), for its one line."""
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(path)
 
 
 def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
@@ -69,16 +88,30 @@ def read_state(run: RunDir) -> dict[str, Any]:
     state.setdefault("iteration", 0)
     state.setdefault("completed", [])
     state.setdefault("stage_seconds", {})
-    if not isinstance(state["completed"], list) or not all(isinstance(m, str) for m in state["completed"]):
-        raise RunStateError(f"{run.state_json}: 'completed' must be a list of stage names; {_STATE_HINT}")
-    for marker in state["completed"]:
+    problem = state_problem(state)
+    if problem is not None:
+        raise RunStateError(f"{run.state_json}: {problem}; {_STATE_HINT}")
+    return state
+
+
+def state_problem(state: dict[str, Any]) -> str | None:
+    """What is wrong with the fields of a parsed state.json, or None when nothing is (pure)."""
+    completed, iteration, seconds = state["completed"], state["iteration"], state["stage_seconds"]
+    if not isinstance(completed, list) or not all(isinstance(marker, str) for marker in completed):
+        return "'completed' must be a list of stage names"
+    for marker in completed:
         try:
             Stage.parse(marker)
         except ValueError as exc:
-            raise RunStateError(f"{run.state_json}: 'completed': {exc}; {_STATE_HINT}") from None
-    if not isinstance(state["iteration"], int) or not isinstance(state["stage_seconds"], dict):
-        raise RunStateError(f"{run.state_json}: 'iteration' must be a number and 'stage_seconds' an object; {_STATE_HINT}")
-    return state
+            return f"'completed': {exc}"
+    if isinstance(iteration, bool) or not isinstance(iteration, int) or iteration < 0:
+        return f"'iteration' must be a number from 0, not {json.dumps(iteration)}"
+    if not isinstance(seconds, dict):
+        return "'stage_seconds' must be an object of {\"<stage>\": <seconds>}"
+    for marker, value in seconds.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            return f"'stage_seconds' of {marker!r} must be a number of seconds from 0, not {json.dumps(value)}"
+    return None
 
 
 # state.json is only ever replaced whole (write_atomic), so a damaged one was changed by hand.
@@ -116,6 +149,27 @@ def add_stage_seconds(run: RunDir, stage: Stage, seconds: float) -> None:
     write_atomic(run.state_json, json.dumps(state, indent=2) + "\n")
 
 
+def reopen_final(run: RunDir, aside: Path) -> None:
+    """Make the final imitation run again from scratch: its marker and time leave state.json,
+    then what it wrote (final/ and its evaluation eval/final/) moves into `aside`.
+
+    Each step can be repeated, so a command killed between them is finished by the next one.
+    """
+    state = read_state(run)
+    marker = str(FINAL.stage("imitation"))
+    if marker in state["completed"] or marker in state["stage_seconds"]:
+        state["completed"] = [each for each in state["completed"] if each != marker]
+        state["stage_seconds"].pop(marker, None)
+        write_atomic(run.state_json, json.dumps(state, indent=2) + "\n")
+    for source, name in ((run.final.path, "final"), (run.evaluation(FINAL).path, "eval-final")):
+        if source.exists():
+            aside.mkdir(parents=True, exist_ok=True)
+            target = next(aside / f"{name}{suffix}" for suffix in ("", *(f"-{n}" for n in range(2, 1000)))
+                          if not (aside / f"{name}{suffix}").exists())
+            os.replace(source, target)
+            logger.warning("%s: moved to %s; the final imitation runs again", source, target)
+
+
 # ----------------------------------------------------------------------------------------------
 # Journals
 # ----------------------------------------------------------------------------------------------
@@ -144,19 +198,36 @@ def _intact_records(path: Path, data: bytes) -> tuple[list[dict], int]:
         if not line.strip():
             continue
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:  # JSONDecodeError, or UnicodeDecodeError for a cut multi-byte char
             if index == last and not torn_tail.strip():
                 logger.warning("%s:%d: dropping a damaged last line", path, index + 1)
                 intact = start
                 continue
-            raise RunStateError(
-                f"{path}:{index + 1}: not valid JSON, so the file was edited or corrupted; restore it, or "
-                "delete that line and those after it (their calls are asked again)"
-            ) from None
+            raise RunStateError(f"{path}:{index + 1}: not valid JSON, {_EDITED}") from None
+        problem = record_problem(record, path.name in ID_KEYED_FILES)
+        if problem is not None:  # whole JSON, so not torn by a kill: changed by hand
+            raise RunStateError(f"{path}:{index + 1}: {problem}, {_EDITED}")
+        records.append(record)
     if torn_tail.strip():
         logger.warning("%s:%d: dropping a torn last line (no newline)", path, len(lines) + 1)
     return records, intact
+
+
+_EDITED = (
+    "so the file was edited or corrupted; restore it, or delete that line and those after it "
+    "(their calls are asked again)"
+)
+
+
+def record_problem(record: Any, keyed: bool) -> str | None:
+    """What makes a parsed line no record of a run file, or None (pure): every record is a JSON
+    object, and a file keyed by id (layout.ID_KEYED_FILES) gives each a string "id"."""
+    if not isinstance(record, dict):
+        return f"a JSON {type(record).__name__}, not an object"
+    if keyed and not isinstance(record.get("id"), str):
+        return "no \"id\"" if "id" not in record else f"\"id\" is {json.dumps(record['id'])}, not a string"
+    return None
 
 
 class Journal:
@@ -165,20 +236,38 @@ class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = open(path, "ab+")
-        self._handle.seek(0)
-        data = self._handle.read()
+        # Unbuffered: each line goes to the kernel in append() itself, so nothing is left in a
+        # buffer for a later flush (or close) to write half of after a failed append.
+        self._handle = open(path, "ab+", buffering=0)
         try:
+            self._handle.seek(0)
+            data = self._handle.readall()
             self.records, intact = _intact_records(path, data)
-        except RunStateError:
+            if intact != len(data):
+                self._handle.truncate(intact)  # new lines must start on a fresh line
+        except BaseException as exc:
             self._handle.close()
+            name_path(exc, path)
             raise
-        if intact != len(data):
-            self._handle.truncate(intact)  # new lines must start on a fresh line
 
     def append(self, record: dict) -> None:
-        self._handle.write((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
-        self._handle.flush()  # in the page cache: a SIGKILL after this loses nothing
+        """Append one line; in the page cache on return, so a SIGKILL after this loses nothing.
+
+        A failed write (a full disk) cuts the file back to its length before, so no torn line is
+        left, and raises.
+        """
+        line = memoryview((json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8"))
+        before = os.fstat(self._handle.fileno()).st_size
+        try:
+            while line:
+                line = line[self._handle.write(line) :]
+        except BaseException as exc:
+            try:
+                self._handle.truncate(before)
+            except OSError as cleanup:  # reopening the journal drops the torn line instead
+                logger.warning("%s: cannot cut a failed append back: %s", self.path, cleanup.strerror)
+            name_path(exc, self.path)
+            raise
         self.records.append(record)
 
     def close(self) -> None:
@@ -224,7 +313,8 @@ def run_lock(run: RunDir) -> Iterator[None]:
     """Hold the run directory's writer lock; the kernel releases it when the holder dies."""
     run.root.mkdir(parents=True, exist_ok=True)
     lock_path = run.lock
-    handle = open(lock_path, "a+", encoding="utf-8")
+    # Unbuffered, so no holder line waits in a buffer that a failed write leaves for the release.
+    handle = open(lock_path, "a+b", buffering=0)
     try:
         held = lock_exclusively(handle, lock_path, wait=False)
     except BaseException:  # no flock here, or another OSError: the handle must not leak
@@ -232,23 +322,40 @@ def run_lock(run: RunDir) -> Iterator[None]:
         raise
     if not held:
         handle.seek(0)
-        holder = handle.read().strip() or "another process"
+        holder = handle.read().decode("utf-8", "replace").strip() or "another process"
         handle.close()
         raise RunLockedError(
             f"{run.root}: the run is in use by {holder}; wait for it to finish or stop it first"
         ) from None
+    try:
+        _write_holder(run, handle)
+        yield
+    finally:
+        _release(handle, lock_path)
+
+
+def _write_holder(run: RunDir, handle: Any) -> None:
     handle.seek(0)
-    left_behind = handle.read().strip()
+    left_behind = handle.read().decode("utf-8", "replace").strip()
     if left_behind:
         # A clean exit empties the file, so a name here is a holder that died (SIGKILL, a lost node).
         logger.warning("%s: taking over the stale lock of %s, which no longer runs", run.root, left_behind)
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-    handle.flush()
     try:
-        yield
-    finally:
-        handle.seek(0)
-        handle.truncate()
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n".encode("utf-8"))
+    except OSError as exc:
+        name_path(exc, run.lock)
+        raise
+
+
+def _release(handle: Any, path: Path) -> None:
+    """Empty the lock file (a clean exit leaves no holder named) and close it. It never raises, so
+    it cannot hide the error that ends a command; the kernel drops the lock with the handle anyway."""
+    try:
+        handle.truncate(0)
+    except OSError as exc:
+        logger.warning("%s: cannot empty the lock file: %s", path, exc.strerror)
+    try:
         handle.close()
+    except OSError as exc:
+        logger.warning("%s: cannot close the lock file: %s", path, exc.strerror)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,9 +23,10 @@ from pathlib import Path
 
 from lion_local.config import Config, check_access, check_launchers, check_models_exist, config_to_yaml
 from lion_local.endpoints.servers import ServerSet
-from lion_local.errors import StageOrderError
-from lion_local.run.identity import check_resume
+from lion_local.errors import LionError, StageOrderError
+from lion_local.run.identity import check_accepted, check_resume
 from lion_local.run.layout import FINAL, Iteration, RunDir, Stage, all_stages
+from lion_local.run.preflight import check_finished_stages, check_within_iterations, writable_dir
 from lion_local.run.records import seed_records
 from lion_local.run.state import Journal, add_stage_seconds, completed_stages, mark_completed, read_jsonl, read_state, run_lock, write_atomic
 from lion_local.smoke.tiny_models import ensure_tiny_models
@@ -92,15 +94,19 @@ def execute(config: Config, scope: str, stage: str | None = None, accepted_chang
     `accepted_changes`: result-shaping settings that may differ from the run's (lion_local.run.identity).
     """
     run = RunDir(config.run_dir)
+    check_accepted(run, config, accepted_changes)
+    check_within_iterations(run, config.iterations)
     if run.state_json.exists() and not remaining_stages(config, run):
         return []
     stages_for(config, run, scope, stage)  # a stage out of order fails before anything is written
     check_inputs(config, run)
-    run.root.mkdir(parents=True, exist_ok=True)
+    writable_dir(run.root, "run_dir")  # a full, read-only or bad path: one line before the first write
     done: list[Stage] = []
     with run_lock(run):
         stages = stages_for(config, run, scope, stage)  # again: another process may have moved on
         check_resume(run, config, accepted_changes, next_stage=str(stages[0]) if stages else "")
+        stages = stages_for(config, run, scope, stage)  # an accepted change may have re-opened a stage
+        check_finished_stages(run)  # state.json is checked, not trusted, before a stage builds on it
         ensure_tiny_models(config)
         write_atomic(run.config_yaml, config_to_yaml(config))
         with run_log(run), Journal(run.servers_journal) as started, ServerSet(config, run.logs, started.append) as servers:
@@ -125,7 +131,10 @@ def run_stage(config: Config, run: RunDir, stage: Stage, servers: ServerSet) -> 
             # Before the marker, so a finished iteration always has its report.
             write_iteration_report(run, stage.iteration, {str(stage): seconds})
     except BaseException:
-        add_stage_seconds(run, stage, time.monotonic() - started)
+        try:
+            add_stage_seconds(run, stage, time.monotonic() - started)
+        except (OSError, LionError) as exc:  # a full disk, say: the stage's own error is the one to report
+            logger.warning("%s: the time of this attempt is not recorded: %s", stage, exc)
         raise
     mark_completed(run, stage, seconds)
     logger.info("==== %s done in %.1f s", stage, seconds)
@@ -135,7 +144,7 @@ def run_stage(config: Config, run: RunDir, stage: Stage, servers: ServerSet) -> 
 def run_log(run: RunDir) -> Iterator[None]:
     """Copy lion-local's log records to <run_dir>/logs/lion-local.log for the whole command."""
     run.logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run.main_log, encoding="utf-8")
+    handler = _RunLogHandler(run.main_log, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     loggers = [logging.getLogger(name) for name in ("lion_local", "serving")]
     for each in loggers:
@@ -145,7 +154,27 @@ def run_log(run: RunDir) -> Iterator[None]:
     finally:
         for each in loggers:
             each.removeHandler(handler)
-        handler.close()
+        try:
+            handler.close()
+        except OSError as exc:  # cannot hide the error that ends the command
+            logger.warning("%s: %s", run.main_log, exc.strerror)
+
+
+class _RunLogHandler(logging.FileHandler):
+    """The run's log file; a record it cannot write (a full disk) is dropped without a traceback
+    (the console has the same record), and the file is left alone for the rest of the command."""
+
+    failed = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        self.failed = True
+        error = sys.exc_info()[1]
+        logger.warning("%s: cannot write the run's log (%s); the console keeps it", self.baseFilename,
+                       getattr(error, "strerror", None) or error)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -158,6 +187,8 @@ def status_lines(config: Config) -> list[str]:
     run = RunDir(config.run_dir)
     if not run.state_json.exists() and not run.root.exists():
         return [f"run {run.root}: not started ({len(run_stages(config))} stages to run)"]
+    check_within_iterations(run, config.iterations)
+    check_finished_stages(run)
     state = read_state(run)
     remaining = remaining_stages(config, run)
     lines = []
@@ -189,14 +220,15 @@ def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, dic
         if directory.student.is_dir():
             parts.append("student trained")
         elif progress.get("max_steps"):
-            parts.append(f"training steps {progress['step']}/{progress['max_steps']}")
+            parts.append(f"training steps {progress.get('step')}/{progress['max_steps']}")
         return ", ".join(parts)
     if stage.name == "discrimination":
         student = len(read_jsonl(directory.student_answers))
         reviews = current_reviews(read_jsonl(directory.reviews), "referee", referee_fingerprint(config, config.roles.referee.server))
         due = pending_reviews([r["id"] for r in cache], reviews, config.roles.referee.parse_retries)
-        accuracy = _json(directory.discrimination_summary).get("referee_check", {}).get("accuracy")
-        check = f", control accuracy {accuracy:.2f}" if accuracy is not None else ""
+        referee_check = _json(directory.discrimination_summary).get("referee_check")
+        accuracy = referee_check.get("accuracy") if isinstance(referee_check, dict) else None
+        check = f", control accuracy {accuracy:.2f}" if isinstance(accuracy, (int, float)) else ""
         return f"student answers {student}/{len(cache)}, reviews {2 * len(cache) - len(due)}/{2 * len(cache)}{check}"
     generated = len(read_jsonl(directory.generated))
     calls = read_jsonl(directory.generator_calls)
@@ -212,7 +244,9 @@ def _truncated(calls: list[dict]) -> str:
 
 
 def _json(path: Path) -> dict:
+    """A summary file for status to show from; {} when missing, unreadable or not an object."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    return value if isinstance(value, dict) else {}

@@ -1,0 +1,164 @@
+"""SIGTERM (scancel, a time limit) and SIGINT (Ctrl-C) at any moment, a server's start-up included:
+lion-local stops every server it started, and exits within EXIT_LIMIT_S with 128 + the signal,
+no process of the run left behind and no torn journal line.
+
+- vLLM (its CPU build) still loading, when its API server ignores SIGTERM: SIGTERM to `lion-local run`.
+  Before this was fixed, the wait for /health ran on a thread that was joined before the servers
+  were stopped: 93.7 s with both servers loading.
+- `transformers serve` still loading: SIGINT to `lion-local run`.
+
+Each test samples the run's process tree until the signal; every process it saw must be gone
+once lion-local has exited.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from loop_checks import descendants, lion_local, tiny_config
+
+ROOT = Path(__file__).resolve().parents[1]
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
+EXIT_LIMIT_S = 10.0
+
+
+class ProcessTree(threading.Thread):
+    """Every process seen under a pid, sampled every 0.1 s: pid -> (create time, command line)."""
+
+    def __init__(self, pid: int) -> None:
+        super().__init__(daemon=True)
+        self.pid = pid
+        self.seen: dict[int, tuple[float, str]] = {}
+        self.current: dict[int, str] = {}
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            self.current = descendants(self.pid)
+            for pid, command in self.current.items():
+                if pid not in self.seen:
+                    try:
+                        self.seen[pid] = (psutil.Process(pid).create_time(), command)
+                    except psutil.Error:
+                        pass
+            time.sleep(0.1)
+
+    def left(self) -> dict[int, str]:
+        """The processes seen that still run (the same process: its create time; zombies are gone)."""
+        alive = {}
+        for pid, (created, command) in self.seen.items():
+            try:
+                process = psutil.Process(pid)
+                if process.create_time() == created and process.status() != psutil.STATUS_ZOMBIE:
+                    alive[pid] = command
+            except psutil.Error:
+                continue
+        return alive
+
+
+def _server_port(command: str) -> int:
+    words = command.split()
+    return int(words[words.index("--port") + 1])
+
+
+def _health_ok(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=1.0, trust_env=False).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait_until_loading(run: subprocess.Popen, tree: ProcessTree, server_mark: str, loading_mark: str, timeout_s: float) -> int:
+    """Wait until the server process (its command holds `server_mark`) and a process holding
+    `loading_mark` run under `run`, and its /health does not answer yet; return its port."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert run.poll() is None, f"lion-local exited with {run.returncode} before the signal"
+        commands = list(tree.current.values())
+        servers = [command for command in commands if server_mark in command and "--port" in command]
+        if servers and any(loading_mark in command for command in commands):
+            port = _server_port(servers[0])
+            assert not _health_ok(port), "the server had finished loading before the signal"
+            return port
+        time.sleep(0.05)
+    raise AssertionError(f"no loading server under lion-local after {timeout_s} s: {tree.current}")
+
+
+def _journals_are_whole(run_dir: Path) -> None:
+    for path in run_dir.rglob("*.jsonl"):
+        text = path.read_text(encoding="utf-8")
+        assert not text or text.endswith("\n"), f"{path}: torn last line"
+        for number, line in enumerate(text.splitlines(), 1):
+            try:
+                json.loads(line)
+            except ValueError:
+                raise AssertionError(f"{path}:{number}: not a whole JSON line: {line[:200]!r}") from None
+
+
+def _interrupt(config: Path, cwd: Path, signum: int, server_mark: str, loading_mark: str) -> dict:
+    """Start `lion-local run`, send `signum` while its first server loads; what came of it."""
+    run = subprocess.Popen(lion_local("run", "--config", str(config)), cwd=cwd, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    tree = ProcessTree(run.pid)
+    tree.start()
+    try:
+        _wait_until_loading(run, tree, server_mark, loading_mark, timeout_s=300)
+        time.sleep(0.3)  # one more sample of the tree
+        sent = time.monotonic()
+        run.send_signal(signum)
+        stdout, stderr = run.communicate(timeout=60)
+        seconds = time.monotonic() - sent
+    finally:
+        tree.done.set()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    return {"code": run.returncode, "seconds": seconds, "stderr": stderr, "stdout": stdout, "left": tree.left(),
+            "seen": tree.seen}
+
+
+def _check_clean_stop(outcome: dict, signum: int, run_dir: Path) -> None:
+    name = signal.Signals(signum).name
+    assert outcome["code"] == 128 + signum, outcome["stderr"][-3000:]
+    assert outcome["seconds"] < EXIT_LIMIT_S, f"exit took {outcome['seconds']:.1f} s"
+    assert f"{name}: stopping; what finished is kept" in outcome["stderr"]
+    assert "Traceback" not in outcome["stderr"] + outcome["stdout"], outcome["stderr"][-3000:]
+    assert any("serving/supervisor.py" in command for _, command in outcome["seen"].values())
+    assert outcome["left"] == {}, outcome["left"]
+    _journals_are_whole(run_dir)
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build)")
+def test_sigterm_while_vllm_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
+    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    data["run_dir"] = str(tmp_path / "run")
+    data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
+    data["tiny_models"]["dir"] = str(tiny_models)
+    for name in ("teacher", "student"):
+        data["servers"][name]["model"] = str(tiny_models / name)
+        data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(data))
+    # The engine core runs: the API server is deep in its load, when it ignores SIGTERM.
+    outcome = _interrupt(config, tmp_path, signal.SIGTERM, "vllm.entrypoints", "VLLM::EngineCore")
+    print(f"SIGTERM while vLLM loads: lion-local exited after {outcome['seconds']:.2f} s")
+    _check_clean_stop(outcome, signal.SIGTERM, tmp_path / "run")
+
+
+def test_sigint_while_transformers_serve_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config(tiny_models, tmp_path / "run")))
+    outcome = _interrupt(config, tmp_path, signal.SIGINT, "transformers serve", "transformers serve")
+    _check_clean_stop(outcome, signal.SIGINT, tmp_path / "run")
