@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -20,7 +21,8 @@ import click
 
 from lion_local import __version__
 from lion_local.config import ConfigError, config_to_yaml, load_config
-from lion_local.errors import LionError, os_error, symlink_loop_error
+from lion_local.config_schema import MAX_SEEDS, SEED_MAX
+from lion_local.errors import InputError, LionError, os_error, symlink_loop_error
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run.layout import Iteration, RunDir
 from serving.process import ServerError
@@ -133,11 +135,42 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     serve_server(load_config(config_path, overrides), name, host, publish, dry_run, click.echo)
 
 
+class _OneLine(click.ParamType):
+    """An option type whose refusal is lion-local's one line, exit 2 (lion_local.errors), not click's usage text."""
+
+    def fail(self, message: str, param: click.Parameter | None = None, ctx: click.Context | None = None):
+        hint = param.get_error_hint(ctx) if param is not None and ctx is not None else "an option"
+        raise InputError(f"{hint}: {message}")
+
+
+class _IntRange(_OneLine, click.IntRange):
+    pass
+
+
+class _FiniteFloatRange(_OneLine, click.FloatRange):
+    """click's FloatRange lets nan (and inf, without a bound) through: refused here."""
+
+    def convert(self, value, param, ctx):
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return number
+
+
+def _writable_out(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """--out: a folder that can be made and written, proved before anything is built (one line else)."""
+    from lion_local.run.preflight import writable_dir
+
+    writable_dir(Path(value).absolute(), "--out")
+    return value
+
+
 @main.command("make-tiny")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--seed", default=0, show_default=True, help="Seed of weights, corpus and training.")
-@click.option("--seed-data", type=click.Path(dir_okay=False), help="Seed instructions (default: built-in set).")
-@click.option("--steps", type=click.IntRange(min=1), help="Teacher training steps (default: the tested budget).")
+# A plain path: a file, or a place no folder can be written, is refused in one line by _writable_out.
+@click.option("--out", "out_dir", required=True, type=click.Path(), callback=_writable_out, help="Output directory.")
+@click.option("--seed", default=0, show_default=True, type=_IntRange(0, SEED_MAX), help="Seed of weights, corpus and training.")
+@click.option("--seed-data", type=click.Path(), help="Seed instructions (default: built-in set).")
+@click.option("--steps", type=_IntRange(min=1), help="Teacher training steps (default: the tested budget).")
 @click.option("--force", is_flag=True, help="Replace OUT/teacher and OUT/student if they exist.")
 def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None, force: bool) -> None:
     """Build a tiny LLaMA teacher (trained on CPU) and a random tiny student in OUT/teacher, OUT/student."""
@@ -317,12 +350,12 @@ def export(config_path: str, overrides: tuple[str, ...], out_dir: str, data_form
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
 @click.option(
     "--seeds",
-    type=click.IntRange(min=1),
+    type=_IntRange(min=1, max=MAX_SEEDS),
     help="Plan for N seeds instead of the seed file's count (e.g. a file not on this machine).",
 )
 @click.option(
     "--generator-acceptance",
-    type=click.FloatRange(min=0, max=1, min_open=True),
+    type=_FiniteFloatRange(min=0, max=1, min_open=True),
     help="Share of generator calls accepted (default: observed in the run, else 0.9).",
 )
 def plan(

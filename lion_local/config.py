@@ -146,7 +146,9 @@ def _apply_override(data: dict, origins: dict[KeyPath, str], override: str) -> N
     key = key.strip()
     if not sep or not key:
         raise ConfigError(f"--set {override!r}: expected KEY=VALUE, e.g. --set generation.new_per_iteration=100")
-    value = parse_yaml(raw_value, f"--set {key}", ConfigError, lines=False, text_if_not_yaml=True) if raw_value.strip() else ""
+    value = ""
+    if raw_value.strip():  # YAML, as in a config file; a value that is not YAML is the text itself
+        value = parse_yaml(raw_value, f"--set {key}", ConfigError, lines=False, text_if_not_yaml=True)
     parts = key.split(".")
     node = data
     for depth, part in enumerate(parts[:-1]):

@@ -18,6 +18,8 @@ from lion_local.trainer_settings import MOVED_IMITATION_KEYS, SEED_MAX, trainer_
 from serving.spec import ServerSpec, TransformersServeOptions, VllmOptions, port_clash
 from serving.spec import StrictModel as _Strict  # unknown keys, NaN and infinity are errors in every section
 
+MAX_SEEDS = 10_000_000  # seed instructions a run (or `lion-local plan --seeds`) may plan for
+
 
 # ----------------------------------------------------------------------------------------------
 # Roles
@@ -258,13 +260,13 @@ class Decontamination(_Strict):
 
 
 class Generation(_Strict):
-    new_per_iteration: int = Field(6000, ge=1, description="New instructions wanted per iteration (N).")
+    new_per_iteration: int = Field(6000, ge=1, le=1_000_000, description="New instructions wanted per iteration (N).")
     hard_ratio: float = Field(0.5, ge=0, le=1, description="Share of N generated from hard seeds.")
     rouge_threshold: float = Field(
         0.7, gt=0, le=1, description="Keep a new instruction only if its ROUGE-L F against the Cache Pool is <= this."
     )
     max_attempts_factor: float = Field(
-        4.0, ge=1, description="Stop after this x N generator calls, recording the shortfall."
+        4.0, ge=1, le=1000, description="Stop after this x N generator calls, recording the shortfall."
     )
     expected_acceptance: float = Field(
         0.9,
@@ -316,9 +318,9 @@ class TinyModels(_Strict):
 class Config(_Strict):
     run_dir: str = Field(min_length=1, description="Directory holding everything the run writes.")
     seed: int = Field(0, ge=0, le=SEED_MAX, description="Seed of every random choice the run makes.")
-    iterations: int = Field(3, ge=1, description="Imitation-discrimination-generation iterations.")
+    iterations: int = Field(3, ge=1, le=1000, description="Imitation-discrimination-generation iterations.")
     seed_data: str = Field(min_length=1, description="Seed instructions: JSON list or JSONL with instruction and optional input.")
-    seed_limit: int | None = Field(None, ge=1, description="Use only the first N seed instructions.")
+    seed_limit: int | None = Field(None, ge=1, le=MAX_SEEDS, description="Use only the first N seed instructions.")
     tiny_models: TinyModels | None = Field(None, description="Smoke mode: build tiny local models when absent.")
     servers: dict[str, ServerSpec] = Field(description="Endpoints by name; roles refer to them.")
     roles: Roles = Field(default_factory=Roles)
@@ -331,9 +333,7 @@ class Config(_Strict):
     def _judge_names_a_server(self) -> Config:
         judge = self.evaluation.judge_server
         if judge is not None and judge not in self.servers:
-            close = difflib.get_close_matches(judge, list(self.servers), n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
-            raise ValueError(f"evaluation.judge_server: no server named {judge!r}{hint}")
+            raise ValueError(f"evaluation.judge_server: no server named {judge!r}{self._server_hint(judge)}")
         if judge is not None and judge == self.roles.student.server:
             raise ValueError(
                 f"evaluation.judge_server: {judge!r} serves the student's checkpoints; name the server of the judge model"
@@ -352,8 +352,7 @@ class Config(_Strict):
         for role_name in Roles.model_fields:
             role = getattr(self.roles, role_name)
             if role.server not in self.servers:
-                close = difflib.get_close_matches(role.server, list(self.servers), n=1)
-                hint = f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
+                hint = self._server_hint(role.server)
                 raise ValueError(f"roles.{role_name}.server: no server named {role.server!r}{hint}")
         referee_engine = self.servers[self.roles.referee.server].engine
         if self.roles.referee.mode != "explain_first" and referee_engine == "transformers":
@@ -381,6 +380,10 @@ class Config(_Strict):
                 "server is restarted with each new checkpoint, so give the student a server of its own"
             )
         return self
+
+    def _server_hint(self, name: str) -> str:
+        close = difflib.get_close_matches(name, list(self.servers), n=1)
+        return f" (did you mean {close[0]!r}?)" if close else f" (defined: {', '.join(sorted(self.servers))})"
 
     def server_for(self, role: str) -> ServerSpec:
         return self.servers[getattr(self.roles, role).server]

@@ -227,7 +227,9 @@ def trainer_problem(trainer: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def trainer_key_problem(key: str, value: Any, fields: dict[str, SftField] | None, settings: dict[str, Any]) -> str | None:
+def trainer_key_problem(
+    key: str, value: Any, fields: dict[str, SftField] | None, settings: dict[str, Any]
+) -> str | None:
     """Why `key` (with `value`) cannot be an imitation.trainer setting, or None when it can."""
     if key in LION_LOCAL_TRAINER_KEYS:
         return f"lion-local sets this key itself: {LION_LOCAL_TRAINER_KEYS[key]}"
@@ -267,7 +269,8 @@ def _type_problem(value: Any, field: SftField) -> str | None:
 
 
 def _not_a_value(value: str, allowed: frozenset[str]) -> str:
-    close = sorted(each for each in allowed if each.startswith(value))[:1] or difflib.get_close_matches(value, list(allowed), n=1)
+    close = sorted(each for each in allowed if each.startswith(value))[:1]
+    close = close or difflib.get_close_matches(value, list(allowed), n=1)
     if len(allowed) <= 12 or not close:
         return f"must be one of {', '.join(sorted(allowed))}; got {value!r}"
     return f"{value!r} is not one of its {len(allowed)} values (did you mean {close[0]!r}?)"
@@ -284,8 +287,8 @@ def _accepts(name: str, kind: ast.expr, value: Any) -> bool:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     checks = {
         "None": value is None, "bool": isinstance(value, bool), "int": number and isinstance(value, int),
-        "float": number, "str": isinstance(value, str), "dict": isinstance(value, dict), "Dict": isinstance(value, dict),
-        "list": isinstance(value, list), "List": isinstance(value, list), "Any": True,
+        "float": number, "str": isinstance(value, str), "dict": isinstance(value, dict),
+        "Dict": isinstance(value, dict), "list": isinstance(value, list), "List": isinstance(value, list), "Any": True,
     }
     if name == "Literal" and isinstance(kind, ast.Subscript):
         options = kind.slice.elts if isinstance(kind.slice, ast.Tuple) else [kind.slice]

@@ -154,7 +154,8 @@ def port_clash(servers: dict[str, ServerSpec]) -> str | None:
         for other, earlier in started[:index]:
             if earlier.port == spec.port and (earlier.host == spec.host or {earlier.host, spec.host} & _ANY_ADDRESS):
                 return (
-                    f"servers.{name}.port: {spec.port} is servers.{other}.port too (hosts {earlier.host} and {spec.host}); "
+                    f"servers.{name}.port: {spec.port} is servers.{other}.port too (hosts {earlier.host} and "
+                    f"{spec.host}); "
                     "give each server its own port, or leave port out to have a free one picked"
                 )
     return None

@@ -5,9 +5,9 @@ Each case must make the run commands exit with code 2 and print one line on stde
 is not created, or is left byte-for-byte unchanged when it already exists.
 
 The real CLI runs in-process (click's CliRunner keeps stderr apart from stdout), and a few cases
-also run as a real `python -m lion_local` process. No model is built: the model directories are
-empty directories with a config.json, which is all the checks before a run look at, and
-`tiny_models` is null.
+also run as a real `python -m lion_local` process. No model is built: the model directories hold
+a config.json with a model_type and an empty model.safetensors, which is all the checks before a
+run look at, and `tiny_models` is null.
 """
 
 from __future__ import annotations
@@ -119,12 +119,19 @@ class Workspace:
         return path
 
 
+def stand_in_model(directory: Path) -> Path:
+    """A model directory as the checks before a run see one: config.json with a model_type, and weights."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text('{"model_type": "llama"}\n')
+    (directory / "model.safetensors").write_bytes(b"")
+    return directory
+
+
 @pytest.fixture
 def ws(tmp_path: Path) -> Workspace:
     workspace = Workspace(tmp_path)
     for name in ("teacher", "student"):
-        workspace.model(name).mkdir(parents=True)
-        (workspace.model(name) / "config.json").write_text('{"model_type": "llama"}\n')
+        stand_in_model(workspace.model(name))
     workspace.seeds.write_bytes(GOOD_JSONL)
     return workspace
 
@@ -581,8 +588,10 @@ def _(ws):
 
 @config_case("config-not-utf8")
 def _(ws):
-    config = ws.write("latin1.yaml", ws.config().read_bytes() + b"# r\xe9sum\xe9\n")
-    return ["--config", str(config)], [f"{config}: cannot read config file"]
+    good = ws.config().read_bytes()
+    config = ws.write("latin1.yaml", good + b"# r\xe9sum\xe9\n")
+    line = len(good.splitlines()) + 1
+    return ["--config", str(config)], [f"{config}:{line}: not valid UTF-8"]
 
 
 @config_case("yaml-syntax-error-on-line-3")
@@ -773,7 +782,7 @@ def test_real_processes_exit_2_with_one_line(tmp_path: Path):
         root.mkdir()
         ws = Workspace(root)
         for name in ("teacher", "student"):
-            ws.model(name).mkdir(parents=True)
+            stand_in_model(ws.model(name))
         ws.seeds.write_bytes(GOOD_JSONL)
         args, expected = makers[case_id](ws)
         in_process = _assert_one_line_error(_invoke([*command, *args]), expected)

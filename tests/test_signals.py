@@ -80,15 +80,18 @@ def _health_ok(port: int) -> bool:
         return False
 
 
-def _wait_until_loading(run: subprocess.Popen, tree: ProcessTree, server_mark: str, loading_mark: str, timeout_s: float) -> int:
+def _wait_until_loading(
+    run: subprocess.Popen, tree: ProcessTree, server_mark: str, loading_mark: str, timeout_s: float, delay_s: float = 0.0
+) -> int:
     """Wait until the server process (its command holds `server_mark`) and a process holding
-    `loading_mark` run under `run`, and its /health does not answer yet; return its port."""
+    `loading_mark` run under `run`, then `delay_s` more; its /health must not answer yet. Its port."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert run.poll() is None, f"lion-local exited with {run.returncode} before the signal"
         commands = list(tree.current.values())
         servers = [command for command in commands if server_mark in command and "--port" in command]
         if servers and any(loading_mark in command for command in commands):
+            time.sleep(delay_s)
             port = _server_port(servers[0])
             assert not _health_ok(port), "the server had finished loading before the signal"
             return port
@@ -107,14 +110,14 @@ def _journals_are_whole(run_dir: Path) -> None:
                 raise AssertionError(f"{path}:{number}: not a whole JSON line: {line[:200]!r}") from None
 
 
-def _interrupt(config: Path, cwd: Path, signum: int, server_mark: str, loading_mark: str) -> dict:
+def _interrupt(config: Path, cwd: Path, signum: int, server_mark: str, loading_mark: str, delay_s: float = 0.0) -> dict:
     """Start `lion-local run`, send `signum` while its first server loads; what came of it."""
     run = subprocess.Popen(lion_local("run", "--config", str(config)), cwd=cwd, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     tree = ProcessTree(run.pid)
     tree.start()
     try:
-        _wait_until_loading(run, tree, server_mark, loading_mark, timeout_s=300)
+        _wait_until_loading(run, tree, server_mark, loading_mark, timeout_s=300, delay_s=delay_s)
         time.sleep(0.3)  # one more sample of the tree
         sent = time.monotonic()
         run.send_signal(signum)
@@ -160,5 +163,6 @@ def test_sigterm_while_vllm_loads_stops_everything_within_10_s(tiny_models: Path
 def test_sigint_while_transformers_serve_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_models, tmp_path / "run")))
-    outcome = _interrupt(config, tmp_path, signal.SIGINT, "transformers serve", "transformers serve")
+    # Two seconds in: the server imports and loads its model (it answers after about five).
+    outcome = _interrupt(config, tmp_path, signal.SIGINT, "transformers serve", "transformers serve", delay_s=2.0)
     _check_clean_stop(outcome, signal.SIGINT, tmp_path / "run")

@@ -2,7 +2,8 @@
 
 - A stage state.json records as finished, whose outputs (lion_local.run.layout.finished_outputs)
   are missing or unreadable, is refused by `status` and `run` in one line naming the file and the
-  repair (exit 2), before the next stage runs.
+  repair (exit 2), before the next stage runs; only the iterations the next stage builds on are
+  checked (its own and the one before), so older checkpoints may be pruned.
 - Wrong-typed fields of state.json, and journal lines that are no JSON object or whose "id" is no
   string, are one line naming the file (and line), exit 2, where `status` used to crash.
 - `--accept-change KEY` of a key that shapes nothing is refused naming the close valid ones.
@@ -200,6 +201,21 @@ def test_a_whole_run_passes_the_checks(tmp_path: Path, fake_stages: list[str]):
     assert read_state(run)["completed"][-1] == "final/imitation"
 
 
+def test_an_older_iteration_the_loop_no_longer_reads_may_be_pruned(tmp_path: Path, fake_stages: list[str]):
+    """The next stage builds on its own iteration and the one before: iteration 1's checkpoint,
+    once iteration 3 is under way, may be deleted to save disk."""
+    config, run = finished_run(tmp_path, iterations=3, upto="3/imitation")
+    _remove(run.iteration(1).student)
+    result = invoke(config, "status")
+    assert result.exit_code == 0, result.output
+    _remove(run.iteration(2).student)  # 3/imitation started from it; the final imitation may copy it
+    one_line_error(invoke(config, "status"), 2, f"{run.iteration(2).student}: missing")
+    (run.iteration(2).student).mkdir()
+    result = invoke(config, "run")
+    assert result.exit_code == 0, result.output
+    assert fake_stages == ["3/discrimination", "3/generation", "final/imitation"]
+
+
 # ----------------------------------------------------------------------------------------------
 # B2: wrong types in state.json and in journal lines
 # ----------------------------------------------------------------------------------------------
@@ -209,8 +225,8 @@ def test_a_whole_run_passes_the_checks(tmp_path: Path, fake_stages: list[str]):
     "fields, problem",
     [
         ({"stage_seconds": {"1/imitation": "12"}}, "'stage_seconds' of '1/imitation' must be a number of seconds from 0, not \"12\""),
-        ({"stage_seconds": {"1/imitation": -3}}, "not -3"),
-        ({"stage_seconds": {"1/imitation": True}}, "not true"),
+        ({"stage_seconds": {"1/imitation": -3}}, "'stage_seconds' of '1/imitation' must be a number of seconds from 0, not -3"),
+        ({"stage_seconds": {"1/imitation": True}}, "'stage_seconds' of '1/imitation' must be a number of seconds from 0, not true"),
         ({"stage_seconds": ["1/imitation"]}, "'stage_seconds' must be an object"),
         ({"iteration": "2"}, "'iteration' must be a number from 0, not \"2\""),
         ({"iteration": True}, "'iteration' must be a number from 0, not true"),

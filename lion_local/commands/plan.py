@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections import Counter
 from importlib import resources
 from pathlib import Path
@@ -121,7 +122,8 @@ def _seeds(config: Config, run: RunDir, seeds: int | None) -> tuple[list[str], l
         records = read_jsonl(first_pool)
         return [r["id"] for r in records], records, f"the run ({first_pool})"
     path = Path(config.seed_data)
-    records = seed_records(config) if path.is_file() else []  # a bad seed file is an error (exit 2)
+    # A path that is there but is no good seed file (a bad file, a directory, a FIFO) is an error (exit 2).
+    records = seed_records(config) if os.path.lexists(path) else []
     if seeds is not None:
         count, source = seeds, "--seeds"
     elif records:

@@ -124,7 +124,7 @@ def accepted_key_problem(key: str, recorded: dict[str, Any], current: dict[str, 
         return None
     if any(fnmatch.fnmatchcase(key, pattern) for pattern in OPERATIONAL):
         return f"--accept-change {key}: an operational setting, which may change without --accept-change; leave it out"
-    close = difflib.get_close_matches(key, sorted(recorded.keys() | current.keys()), n=3, cutoff=0.6)
+    close = difflib.get_close_matches(key, sorted(recorded.keys() | current.keys()), n=3, cutoff=0.7)
     guess = f"did you mean {' or '.join(close)}?" if close else "`lion-local config` prints the settings"
     return f"--accept-change {key}: not a setting that shapes this run's results; {guess}"
 

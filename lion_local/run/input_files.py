@@ -206,7 +206,9 @@ _Loader.add_constructor("tag:yaml.org,2002:int", _construct_int)
 _Loader.add_constructor("tag:yaml.org,2002:str", _construct_str)
 
 
-def parse_yaml(text: str, where: str, error: type[InputError], lines: bool = True, text_if_not_yaml: bool = False) -> Any:
+def parse_yaml(
+    text: str, where: str, error: type[InputError], lines: bool = True, text_if_not_yaml: bool = False
+) -> Any:
     """One YAML document, checked (module docstring). Errors name `where` (plus ":line" when `lines`);
     `text_if_not_yaml`: a syntax error returns the text itself (a --set value)."""
     loader = _Loader(text)
@@ -237,24 +239,24 @@ def _expanded(node: yaml.Node, depth: int, seen: dict[int, tuple[int, int]], act
     """(values, height) of a composed node with its aliases expanded; refuses a document that
     expands beyond MAX_VALUES or MAX_DEPTH, or an alias inside the collection it names."""
     if depth > MAX_DEPTH:
-        raise _Refused(_too_deep() + " (through aliases)", node.start_mark.line + 1)
+        raise _Refused(_too_deep() + " (through aliases)", _line(node))
     key = id(node)
     if key in active:
-        raise _Refused("an alias refers to the collection that holds it (a recursive structure)", node.start_mark.line + 1)
+        raise _Refused("an alias refers to the collection that holds it (a recursive structure)", _line(node))
     if key not in seen:
         values, height = 1, 0
         if isinstance(node, (yaml.SequenceNode, yaml.MappingNode)):
             active.add(key)
-            children = node.value if isinstance(node, yaml.SequenceNode) else [each for pair in node.value for each in pair]
+            children = node.value if isinstance(node, yaml.SequenceNode) else [part for pair in node.value for part in pair]
             for child in children:
                 child_values, child_height = _expanded(child, depth + 1, seen, active)
                 values, height = values + child_values, max(height, child_height + 1)
                 if values > MAX_VALUES:
-                    raise _Refused(f"aliases expand the document to more than {MAX_VALUES:,} values", child.start_mark.line + 1)
+                    raise _Refused(f"aliases expand the document to more than {MAX_VALUES:,} values", _line(child))
             active.discard(key)
         seen[key] = (values, height)
     if depth + seen[key][1] > MAX_DEPTH:
-        raise _Refused(_too_deep() + " (through aliases)", node.start_mark.line + 1)
+        raise _Refused(_too_deep() + " (through aliases)", _line(node))
     return seen[key]
 
 
@@ -285,6 +287,10 @@ def _string_problem(value: str) -> str | None:
         f"a string holds a lone surrogate ({ascii(found.group())[1:-1]}), which is not a character; "
         "write the character itself or a complete surrogate pair"
     )
+
+
+def _line(node: yaml.Node) -> int:
+    return node.start_mark.line + 1
 
 
 def _too_deep() -> str:

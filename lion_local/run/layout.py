@@ -237,6 +237,14 @@ def finished_outputs(run: RunDir, stage: Stage) -> list[tuple[Path, bool]]:
     return [(directory.generated, False), (directory.generation_summary, False), (directory.report, False)]
 
 
+def builds_on(upcoming: Stage, finished: Stage, iterations: int) -> bool:
+    """Whether `upcoming`, or a stage after it in its iteration, reads what `finished` left: a
+    stage of its own iteration or of the one before (of the last, for the final imitation).
+    Older iterations are history the loop no longer reads (their checkpoints may be pruned)."""
+    number = iterations + 1 if upcoming.iteration.is_final else upcoming.iteration.number
+    return finished.iteration.number is not None and number - 1 <= finished.iteration.number <= number
+
+
 # The JSONL files whose every record carries a string "id" (its instruction's, or its question's).
 ID_KEYED_FILES = frozenset(
     path.name

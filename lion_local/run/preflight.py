@@ -4,9 +4,10 @@
   nearest existing part of its path is a folder, the missing parts can be created, and a probe
   file can be written, synced and removed (layout.write_probe). A bad path is exit 2, a file
   system that refuses the write (full, read-only, no permission) exit 1 (lion_local.errors).
-- `check_finished_stages`: state.json is checked, not trusted: no finished stage lies beyond the
-  config's iterations, and each finished stage still has what it leaves for the stages after it
-  (layout.finished_outputs), readable, else one line naming the file and the repair.
+- `check_within_iterations`, `check_finished_stages`: state.json is checked, not trusted: no
+  finished stage lies beyond the config's iterations, and each finished stage the next one builds
+  on (layout.builds_on) still has what it leaves (layout.finished_outputs), readable, else one
+  line naming the file and the repair.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import stat
 from pathlib import Path
 
 from lion_local.errors import InputError, os_error
-from lion_local.run.layout import RunDir, Stage, finished_outputs, write_probe
+from lion_local.run.layout import RunDir, Stage, builds_on, finished_outputs, write_probe
 from lion_local.run.state import RunStateError, completed_stages
 
 logger = logging.getLogger(__name__)
@@ -111,10 +112,15 @@ def check_within_iterations(run: RunDir, iterations: int) -> None:
         )
 
 
-def check_finished_stages(run: RunDir) -> None:
-    """Refuse a run whose state.json says a stage finished while something it leaves is missing."""
+def check_finished_stages(run: RunDir, upcoming: Stage | None, iterations: int) -> None:
+    """Refuse a run whose state.json says a stage finished while something it leaves, which the
+    `upcoming` stage builds on (layout.builds_on), is missing or unreadable."""
+    if upcoming is None:
+        return
     completed = completed_stages(run)
     for index, stage in enumerate(completed):
+        if not builds_on(upcoming, stage, iterations):
+            continue
         for path, folder in finished_outputs(run, stage):
             problem = _unreadable(path, folder)
             if problem is not None:

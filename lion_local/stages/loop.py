@@ -106,7 +106,8 @@ def execute(config: Config, scope: str, stage: str | None = None, accepted_chang
         stages = stages_for(config, run, scope, stage)  # again: another process may have moved on
         check_resume(run, config, accepted_changes, next_stage=str(stages[0]) if stages else "")
         stages = stages_for(config, run, scope, stage)  # an accepted change may have re-opened a stage
-        check_finished_stages(run)  # state.json is checked, not trusted, before a stage builds on it
+        # state.json is checked, not trusted, before a stage builds on what it says finished
+        check_finished_stages(run, stages[0] if stages else None, config.iterations)
         ensure_tiny_models(config)
         write_atomic(run.config_yaml, config_to_yaml(config))
         with run_log(run), Journal(run.servers_journal) as started, ServerSet(config, run.logs, started.append) as servers:
@@ -188,9 +189,9 @@ def status_lines(config: Config) -> list[str]:
     if not run.state_json.exists() and not run.root.exists():
         return [f"run {run.root}: not started ({len(run_stages(config))} stages to run)"]
     check_within_iterations(run, config.iterations)
-    check_finished_stages(run)
     state = read_state(run)
     remaining = remaining_stages(config, run)
+    check_finished_stages(run, remaining[0] if remaining else None, config.iterations)
     lines = []
     if remaining:
         current = remaining[0].iteration
