@@ -22,7 +22,7 @@ import click
 from lion_local import __version__
 from lion_local.config import ConfigError, config_to_yaml, load_config
 from lion_local.config_schema import MAX_SEEDS, SEED_MAX
-from lion_local.errors import InputError, LionError, os_error, symlink_loop_error
+from lion_local.errors import InputError, LionError, reported
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run.layout import Iteration, RunDir
 from serving.process import ServerError
@@ -38,22 +38,12 @@ class _Cli(click.Group):
         try:
             return super().invoke(ctx)
         except (LionError, ServerError, OSError, RuntimeError) as exc:
-            error = self.one_line(exc)
+            # ServerError: the serving package's own error, a server failed (exit 1)
+            error = LionError(str(exc)) if isinstance(exc, ServerError) else reported(exc)
             if error is None:
                 raise  # a bug: its traceback is kept
             click.echo(f"error: {error}", err=True)
             ctx.exit(error.exit_code)
-
-    @staticmethod
-    def one_line(exc: Exception) -> LionError | None:
-        """The error to print for `exc`, or None when it is a bug."""
-        if isinstance(exc, LionError):
-            return exc
-        if isinstance(exc, ServerError):  # the serving package's own error: a server failed (exit 1)
-            return LionError(str(exc))
-        if isinstance(exc, OSError):  # the last line of defence: a full disk, a read-only file system, ...
-            return os_error(exc)
-        return symlink_loop_error(exc)  # Path.resolve's RuntimeError before Python 3.13 (config paths)
 
 
 @click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})

@@ -81,6 +81,19 @@ def os_error(exc: OSError, path: object = None, hint: str = "") -> LionError | N
     return InputError(message) if bad_path else FileSystemError(message)
 
 
+def reported(exc: BaseException) -> LionError | None:
+    """What the command line prints for `exc` in one line (lion_local.cli), or None for a bug:
+    a LionError itself, a file system refusal (`os_error`, the last line of defence), or
+    pathlib's symlink loop."""
+    if isinstance(exc, LionError):
+        return exc
+    if isinstance(exc, OSError):
+        return os_error(exc)
+    if isinstance(exc, RuntimeError):
+        return symlink_loop_error(exc)
+    return None
+
+
 def symlink_loop_error(exc: RuntimeError) -> LionError | None:
     """The one-line error for pathlib's "Symlink loop from '<path>'" (Python < 3.13 raises it from
     Path.resolve instead of an OSError with ELOOP), or None for any other RuntimeError."""

@@ -383,3 +383,16 @@ def test_export_out_below_a_file_or_on_a_read_only_file_system_is_one_line(read_
     result = _cli(tmp_path, "--out", str(source / "export"))  # the neighbour that works
     assert result.exit_code == 0, result.output
     assert (source / "export" / "export.json").exists()
+
+
+def test_pathlib_s_symlink_loop_is_a_bad_path_and_other_runtime_errors_are_bugs():
+    """Path.resolve raises RuntimeError for a loop before Python 3.13 (OSError ELOOP after)."""
+    from lion_local.errors import reported
+
+    error = reported(RuntimeError("Symlink loop from '/data/runs/loop'"))
+    assert isinstance(error, InputError) and str(error).startswith("/data/runs/loop: ")
+    assert "symbolic link loop" in str(error)
+    assert reported(RuntimeError("something else")) is None
+    assert reported(ValueError("a bug")) is None
+    lion = LionError("already one line")
+    assert reported(lion) is lion

@@ -435,8 +435,12 @@ def test_cli_evaluates_every_checkpoint_and_prints_one_line_each(fake: FakeEndpo
         yield FakeServers(fake)
 
     monkeypatch.setattr(evaluation, "ServerSet", fake_server_set)
+    teacher = tmp_path / "teacher"  # a stand-in: what the checks before a start look at (the fake serves it)
+    teacher.mkdir()
+    (teacher / "config.json").write_text('{"model_type": "llama"}')
+    (teacher / "model.safetensors").write_bytes(b"")
     result = cli(
-        "--set", f"run_dir={run.root}", "--set", "tiny_models=null", "--set", f"servers.teacher.model={tmp_path}",
+        "--set", f"run_dir={run.root}", "--set", "tiny_models=null", "--set", f"servers.teacher.model={teacher}",
         "--set", "evaluation.likelihood=false", "--questions", str(questions),
     )
     assert result.exit_code == 0, result.output

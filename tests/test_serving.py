@@ -198,3 +198,32 @@ def test_a_server_command_that_does_not_exist_is_named_before_anything_starts():
     config = load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.vllm.launcher=[/nowhere/bin/vllm, serve]"])
     with pytest.raises(ConfigError, match=r"^servers.teacher.vllm.launcher: /nowhere/bin/vllm is not an executable"):
         check_launchers(config, ["teacher"])
+
+
+def test_loading_servers_that_ignore_sigterm_are_stopped_side_by_side_after_a_short_grace(tmp_path):
+    """A vLLM API server still loading may ignore SIGTERM: a server that never answered /health gets
+    serving.process.LOADING_GRACE_S, not its stop_grace_s (30 s here), then SIGUSR1 has its supervisor
+    kill the group at once; two such servers are stopped side by side, in one grace."""
+    from serving.process import LOADING_GRACE_S, stop_processes
+
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('loading', flush=True); time.sleep(600)"
+    servers = [
+        ServerProcess(name, [sys.executable, "-c", script], dict(os.environ), tmp_path / f"{name}.log",
+                      "http://127.0.0.1:9/health", 30, stop_grace_s=30.0)
+        for name in ("teacher", "student")
+    ]
+    for server in servers:
+        server.start()
+    deadline = time.monotonic() + 20
+    while not all("\nloading" in server.log_path.read_text() for server in servers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    loading = [server.server_pid() for server in servers]
+    assert None not in loading
+    started = time.monotonic()
+    stop_processes(servers)
+    seconds = time.monotonic() - started
+    assert LOADING_GRACE_S - 0.5 < seconds < LOADING_GRACE_S + 3.0, seconds
+    for pid in loading:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert [server.process.returncode for server in servers] == [-signal.SIGKILL] * 2

@@ -5,6 +5,7 @@ no process of the run left behind and no torn journal line.
 - vLLM (its CPU build) still loading, when its API server ignores SIGTERM: SIGTERM to `lion-local run`.
   Before this was fixed, the wait for /health ran on a thread that was joined before the servers
   were stopped: 93.7 s with both servers loading.
+- The student training (`accelerate launch`), the teacher's vLLM up beside it: SIGTERM.
 - `transformers serve` still loading: SIGINT to `lion-local run`.
 
 Each test samples the run's process tree until the signal; every process it saw must be gone
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -80,23 +82,35 @@ def _health_ok(port: int) -> bool:
         return False
 
 
-def _wait_until_loading(
-    run: subprocess.Popen, tree: ProcessTree, server_mark: str, loading_mark: str, timeout_s: float, delay_s: float = 0.0
-) -> int:
-    """Wait until the server process (its command holds `server_mark`) and a process holding
-    `loading_mark` run under `run`, then `delay_s` more; its /health must not answer yet. Its port."""
+def _wait_for(run: subprocess.Popen, tree: ProcessTree, marks: tuple[str, ...], timeout_s: float = 400) -> list[str]:
+    """Wait until, for each mark, a process whose command holds it runs under `run`; their commands."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert run.poll() is None, f"lion-local exited with {run.returncode} before the signal"
         commands = list(tree.current.values())
-        servers = [command for command in commands if server_mark in command and "--port" in command]
-        if servers and any(loading_mark in command for command in commands):
-            time.sleep(delay_s)
-            port = _server_port(servers[0])
-            assert not _health_ok(port), "the server had finished loading before the signal"
-            return port
+        found = [next((command for command in commands if mark in command), None) for mark in marks]
+        if None not in found:
+            return found
         time.sleep(0.05)
-    raise AssertionError(f"no loading server under lion-local after {timeout_s} s: {tree.current}")
+    raise AssertionError(f"no process for each of {marks} under lion-local after {timeout_s} s: {tree.current}")
+
+
+def while_loading(server_mark: str, loading_mark: str, delay_s: float = 0.0) -> Callable:
+    """The moment a server (its command holds `server_mark`) loads: a process holding `loading_mark`
+    runs, `delay_s` has passed, and its /health does not answer yet."""
+
+    def wait(run: subprocess.Popen, tree: ProcessTree) -> None:
+        server, _ = _wait_for(run, tree, (server_mark, loading_mark))
+        time.sleep(delay_s)
+        assert not _health_ok(_server_port(server)), "the server had finished loading before the signal"
+
+    return wait
+
+
+def while_training(run: subprocess.Popen, tree: ProcessTree) -> None:
+    """The moment the student trains (its trainer runs) while the teacher's server is up."""
+    _wait_for(run, tree, ("lion_local.stages.sft", "serving/supervisor.py"))
+    time.sleep(2.0)  # into the training steps
 
 
 def _journals_are_whole(run_dir: Path) -> None:
@@ -110,14 +124,14 @@ def _journals_are_whole(run_dir: Path) -> None:
                 raise AssertionError(f"{path}:{number}: not a whole JSON line: {line[:200]!r}") from None
 
 
-def _interrupt(config: Path, cwd: Path, signum: int, server_mark: str, loading_mark: str, delay_s: float = 0.0) -> dict:
-    """Start `lion-local run`, send `signum` while its first server loads; what came of it."""
+def _interrupt(config: Path, cwd: Path, signum: int, moment: Callable) -> dict:
+    """Start `lion-local run`, send `signum` at `moment` (it waits for it); what came of it."""
     run = subprocess.Popen(lion_local("run", "--config", str(config)), cwd=cwd, stdout=subprocess.PIPE,
                            stderr=subprocess.PIPE, text=True)
     tree = ProcessTree(run.pid)
     tree.start()
     try:
-        _wait_until_loading(run, tree, server_mark, loading_mark, timeout_s=300, delay_s=delay_s)
+        moment(run, tree)
         time.sleep(0.3)  # one more sample of the tree
         sent = time.monotonic()
         run.send_signal(signum)
@@ -143,8 +157,7 @@ def _check_clean_stop(outcome: dict, signum: int, run_dir: Path) -> None:
     _journals_are_whole(run_dir)
 
 
-@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build)")
-def test_sigterm_while_vllm_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
+def _vllm_config(tiny_models: Path, tmp_path: Path) -> Path:
     data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
     data["run_dir"] = str(tmp_path / "run")
     data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
@@ -154,15 +167,32 @@ def test_sigterm_while_vllm_loads_stops_everything_within_10_s(tiny_models: Path
         data["servers"][name]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(data))
-    # The engine core runs: the API server is deep in its load, when it ignores SIGTERM.
-    outcome = _interrupt(config, tmp_path, signal.SIGTERM, "vllm.entrypoints", "VLLM::EngineCore")
+    return config
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build)")
+def test_sigterm_while_vllm_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
+    # The engine core runs: the API server is deep in its load.
+    moment = while_loading("vllm.entrypoints", "VLLM::EngineCore")
+    outcome = _interrupt(_vllm_config(tiny_models, tmp_path), tmp_path, signal.SIGTERM, moment)
     print(f"SIGTERM while vLLM loads: lion-local exited after {outcome['seconds']:.2f} s")
     _check_clean_stop(outcome, signal.SIGTERM, tmp_path / "run")
+
+
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build)")
+def test_sigterm_while_the_student_trains_stops_the_trainer_and_the_teacher_s_vllm(tiny_models: Path, tmp_path: Path):
+    # configs/tiny-cpu.yaml keeps the teacher's server up while the student trains.
+    outcome = _interrupt(_vllm_config(tiny_models, tmp_path), tmp_path, signal.SIGTERM, while_training)
+    print(f"SIGTERM while training: lion-local exited after {outcome['seconds']:.2f} s")
+    _check_clean_stop(outcome, signal.SIGTERM, tmp_path / "run")
+    assert any("lion_local.stages.sft" in command for _, command in outcome["seen"].values())
+    assert (tmp_path / "run/teacher_answers.jsonl").read_text().count("\n") == 48  # kept for the resume
 
 
 def test_sigint_while_transformers_serve_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(tiny_config(tiny_models, tmp_path / "run")))
     # Two seconds in: the server imports and loads its model (it answers after about five).
-    outcome = _interrupt(config, tmp_path, signal.SIGINT, "transformers serve", "transformers serve", delay_s=2.0)
+    moment = while_loading("transformers serve", "transformers serve", delay_s=2.0)
+    outcome = _interrupt(config, tmp_path, signal.SIGINT, moment)
     _check_clean_stop(outcome, signal.SIGINT, tmp_path / "run")

@@ -309,3 +309,63 @@ def test_without_trl_the_field_check_is_skipped(tmp_path, monkeypatch, without_t
     assert config.imitation.trainer["learning_rat"] == 1e-3
     # What lion-local sets itself is refused all the same.
     assert "lion-local sets this key itself" in _error(tmp_path, monkeypatch, "imitation.trainer.seed=3")
+
+
+# ----------------------------------------------------------------------------------------------
+# Values: SFTConfig's types, every float finite, the ranges that matter (CLI cases: tests/test_input_bounds.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_ranged_key_is_a_numeric_sft_config_field():
+    fields = trainer_settings.sft_config_fields()
+    if fields is None:
+        pytest.skip("trl is not installed")
+    absent = {"warmup_ratio"}  # a field of older trl versions (now warmup_steps below 1)
+    for key in set(trainer_settings.TRAINER_RANGES) - absent:
+        assert key in fields, key
+        assert {"int", "float"} & set(fields[key].annotation.replace(" ", "").split("|")), (key, fields[key])
+
+
+def test_the_paper_settings_and_the_shipped_configs_pass(tmp_path, monkeypatch):
+    assert trainer_settings.trainer_problem(dict(PAPER_TRAINER)) is None
+    for path in (CONFIGS / "tiny-cpu.yaml", CONFIGS / "lion-7b.yaml", CONFIGS / "smollm2-cpu.yaml"):
+        _config(tmp_path, monkeypatch, path=path)
+
+
+@pytest.mark.parametrize(
+    "setting, expected",
+    [
+        ("num_train_epochs=-1", "imitation.trainer.num_train_epochs: must be > 0 (or set max_steps > 0), got -1"),
+        ("num_train_epochs=0", "imitation.trainer.num_train_epochs: must be > 0"),
+        ("per_device_train_batch_size=0", "imitation.trainer.per_device_train_batch_size: must be >= 1, got 0"),
+        ("learning_rate=.nan", "imitation.trainer.learning_rate: must be a finite number, got nan"),
+        ("max_length=0", "imitation.trainer.max_length: must be >= 1, got 0"),
+        ("adam_beta2=1", "imitation.trainer.adam_beta2: must be in [0, 1), got 1"),
+        ("per_device_train_batch_size=true", "expects an integer, got bool True"),
+        ("max_length=[1]", "imitation.trainer.max_length: expects an integer or null, got list [1]"),
+        ("lr_scheduler_type=3", "imitation.trainer.lr_scheduler_type: expects"),
+        ("lr_scheduler_type=cosinus", "imitation.trainer.lr_scheduler_type: must be one of"),
+        ("optim=adamw", "imitation.trainer.optim: 'adamw' is not one of its"),
+    ],
+)
+def test_bad_values_are_refused_at_config_load(tmp_path, monkeypatch, setting: str, expected: str):
+    message = _error(tmp_path, monkeypatch, f"imitation.trainer.{setting}")
+    assert message.startswith(f"--set: imitation.trainer.{setting.split('=')[0]}: ") and expected in message, message
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ["max_length=null", "num_train_epochs=1", "max_steps=-1", "lr_scheduler_type=linear", "optim=adamw_torch",
+     "warmup_steps=10", "max_grad_norm=0"],
+)
+def test_good_values_pass(tmp_path, monkeypatch, setting: str):
+    _config(tmp_path, monkeypatch, f"imitation.trainer.{setting}")
+
+
+def test_zero_epochs_with_max_steps(tmp_path, monkeypatch):
+    config = _config(tmp_path, monkeypatch, "imitation.trainer.num_train_epochs=0", "imitation.trainer.max_steps=5")
+    assert (config.imitation.trainer["num_train_epochs"], config.imitation.trainer["max_steps"]) == (0, 5)
+
+
+def test_without_trl_the_ranges_still_apply(tmp_path, monkeypatch, without_trl):
+    assert "must be >= 1" in _error(tmp_path, monkeypatch, "imitation.trainer.per_device_train_batch_size=0")

@@ -56,7 +56,8 @@ def check_dir_path(path: Path, setting: str) -> Path:
 def writable_dir(path: Path, setting: str) -> None:
     """Make `path` (and its missing parents) and prove it writable, before anything else is written."""
     existing = check_dir_path(path, setting)
-    for part in reversed([each for each in (path, *path.parents) if each.is_relative_to(existing) and each != existing]):
+    parts = [path, *path.parents]
+    for part in reversed(parts[: parts.index(existing)]):  # the missing ones, outermost first
         try:
             os.mkdir(part)
         except FileExistsError:

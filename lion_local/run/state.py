@@ -5,6 +5,10 @@ A stage can be killed at any instant and re-run. That holds because of three rul
   reads the journal and asks only for what is missing; a line torn by the kill is dropped;
 - whole files (pools, judgements, state.json) are written to a temporary name and renamed;
 - a stage is done only when its marker is in state.json, written last.
+A write that fails (a full disk) leaves nothing torn: a whole-file write removes its temporary
+file, a journal append cuts the file back to its length before, and the lock's release never
+raises over the error that ended the command. What is read is checked, not trusted: state.json's
+fields and each journal line's type (a JSON object; a string "id" in the files keyed by id).
 """
 
 from __future__ import annotations
@@ -164,8 +168,10 @@ def reopen_final(run: RunDir, aside: Path) -> None:
     for source, name in ((run.final.path, "final"), (run.evaluation(FINAL).path, "eval-final")):
         if source.exists():
             aside.mkdir(parents=True, exist_ok=True)
-            target = next(aside / f"{name}{suffix}" for suffix in ("", *(f"-{n}" for n in range(2, 1000)))
-                          if not (aside / f"{name}{suffix}").exists())
+            target, number = aside / name, 1
+            while target.exists():  # set aside before, by an earlier change
+                number += 1
+                target = aside / f"{name}-{number}"
             os.replace(source, target)
             logger.warning("%s: moved to %s; the final imitation runs again", source, target)
 
