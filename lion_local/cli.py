@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shlex
 import signal
@@ -21,8 +20,9 @@ import click
 
 from lion_local import __version__
 from lion_local.config import ConfigError, config_to_yaml, load_config
+from lion_local.cli_options import FiniteFloatRange, IntRange, writable_out
 from lion_local.config_schema import MAX_SEEDS, SEED_MAX
-from lion_local.errors import InputError, LionError, reported
+from lion_local.errors import LionError, reported
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run.layout import Iteration, RunDir
 from serving.process import ServerError
@@ -125,42 +125,14 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
     serve_server(load_config(config_path, overrides), name, host, publish, dry_run, click.echo)
 
 
-class _OneLine(click.ParamType):
-    """An option type whose refusal is lion-local's one line, exit 2 (lion_local.errors), not click's usage text."""
-
-    def fail(self, message: str, param: click.Parameter | None = None, ctx: click.Context | None = None):
-        hint = param.get_error_hint(ctx) if param is not None and ctx is not None else "an option"
-        raise InputError(f"{hint}: {message}")
-
-
-class _IntRange(_OneLine, click.IntRange):
-    pass
-
-
-class _FiniteFloatRange(_OneLine, click.FloatRange):
-    """click's FloatRange lets nan (and inf, without a bound) through: refused here."""
-
-    def convert(self, value, param, ctx):
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value!r} is not a finite number", param, ctx)
-        return number
-
-
-def _writable_out(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    """--out: a folder that can be made and written, proved before anything is built (one line else)."""
-    from lion_local.run.preflight import writable_dir
-
-    writable_dir(Path(value).absolute(), "--out")
-    return value
-
-
 @main.command("make-tiny")
-# A plain path: a file, or a place no folder can be written, is refused in one line by _writable_out.
-@click.option("--out", "out_dir", required=True, type=click.Path(), callback=_writable_out, help="Output directory.")
-@click.option("--seed", default=0, show_default=True, type=_IntRange(0, SEED_MAX), help="Seed of weights, corpus and training.")
+# A plain path: a file, or a place no folder can be written, is refused in one line by writable_out.
+@click.option("--out", "out_dir", required=True, type=click.Path(), callback=writable_out, help="Output directory.")
+@click.option(
+    "--seed", default=0, show_default=True, type=IntRange(0, SEED_MAX), help="Seed of weights, corpus and training."
+)
 @click.option("--seed-data", type=click.Path(), help="Seed instructions (default: built-in set).")
-@click.option("--steps", type=_IntRange(min=1), help="Teacher training steps (default: the tested budget).")
+@click.option("--steps", type=IntRange(min=1), help="Teacher training steps (default: the tested budget).")
 @click.option("--force", is_flag=True, help="Replace OUT/teacher and OUT/student if they exist.")
 def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None, force: bool) -> None:
     """Build a tiny LLaMA teacher (trained on CPU) and a random tiny student in OUT/teacher, OUT/student."""
@@ -224,8 +196,18 @@ def _stop_on_sigterm() -> None:
         logger.warning("%s: stopping; what finished is kept, and the same command continues from here", name)
         sys.exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore() -> None:
+        for signum, handler in previous.items():
+            if handler is not None:
+                signal.signal(signum, handler)
+
+    for signum in previous:
+        signal.signal(signum, stop)
+    context = click.get_current_context(silent=True)
+    if context is not None:  # a caller in the same process (click's CliRunner) gets its handlers back
+        context.call_on_close(restore)
 
 
 def run_options(command):
@@ -340,12 +322,12 @@ def export(config_path: str, overrides: tuple[str, ...], out_dir: str, data_form
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON (for scripts).")
 @click.option(
     "--seeds",
-    type=_IntRange(min=1, max=MAX_SEEDS),
+    type=IntRange(min=1, max=MAX_SEEDS),
     help="Plan for N seeds instead of the seed file's count (e.g. a file not on this machine).",
 )
 @click.option(
     "--generator-acceptance",
-    type=_FiniteFloatRange(min=0, max=1, min_open=True),
+    type=FiniteFloatRange(min=0, max=1, min_open=True),
     help="Share of generator calls accepted (default: observed in the run, else 0.9).",
 )
 def plan(

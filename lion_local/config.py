@@ -49,8 +49,8 @@ from lion_local.config_schema import (
 __all__ = [
     "Config", "ConfigError", "Discrimination", "Evaluation", "Generation", "GenerationFilters", "GeneratorRole",
     "Imitation", "RefereeCheck", "RefereeRole", "Roles", "ServerSpec", "StudentRole", "TeacherRole", "TinyModels",
-    "TransformersServeOptions", "VllmOptions", "api_key_for", "check_access", "check_launchers", "check_models_exist", "config_to_yaml", "load_config",
-    "server_key_for",
+    "TransformersServeOptions", "VllmOptions", "api_key_for", "check_access", "check_accelerate_config",
+    "check_launchers", "check_models_exist", "config_to_yaml", "load_config", "server_key_for",
 ]
 
 class ConfigError(InputError):
@@ -59,6 +59,7 @@ class ConfigError(InputError):
 
 CONFIG_FILE = InputKind("config file", "", 16 << 20, ConfigError)
 MODEL_CONFIG = InputKind("model config", "", 16 << 20, ConfigError)
+ACCELERATE_CONFIG = InputKind("accelerate config file", "", 1 << 20, ConfigError)
 # A model directory's weights: safetensors or PyTorch files, single or sharded (with an index).
 WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model*.bin.index.json")
 
@@ -298,6 +299,22 @@ def _model_problem(model: Path) -> str | None:
     if not any(any(model.glob(pattern)) for pattern in WEIGHT_FILES):
         return f"{model} holds no weights ({', '.join(WEIGHT_FILES[:2])}, or their index)"
     return None
+
+
+def check_accelerate_config(config: Config) -> None:
+    """imitation.accelerate_config, when set, is a readable YAML mapping (accelerate checks its settings)."""
+    path = config.imitation.accelerate_config
+    if path is None:
+        return
+    try:
+        data = parse_yaml(read_text(path, ACCELERATE_CONFIG), path, ConfigError)
+    except ConfigError as exc:
+        raise ConfigError(f"imitation.accelerate_config: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"imitation.accelerate_config: {path}: not a mapping of accelerate settings; give an accelerate config "
+            "file (configs/accelerate/*.yaml)"
+        )
 
 
 def check_launchers(config: Config, server_names: list[str]) -> None:

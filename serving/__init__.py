@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from serving.commands import request_model_name, server_command, server_environment
-from serving.ports import check_port_free
+from serving.ports import port_problem
 from serving.process import Expected, ServerError, ServerProcess, free_port, stop_processes
 from serving.published import live_published_endpoints
 from serving.spec import ServerSpec
@@ -112,12 +112,17 @@ def expected_server(wanted: StartedServer, launch: ServerLaunch) -> Expected:
 
 def check_configured_port(name: str, spec: ServerSpec) -> None:
     """ServerError, naming the port, servers.<name>.port and its holder, when that port is in use."""
-    if spec.engine != "external" and spec.port:
-        check_port_free(name, spec.host, spec.port, f"servers.{name}.port")
+    if spec.engine == "external" or not spec.port:
+        return
+    problem = port_problem(name, spec.host, spec.port, f"servers.{name}.port")
+    if problem is not None:
+        raise ServerError(problem)
 
 
 def server_process(wanted: StartedServer) -> tuple[ServerProcess, ServerLaunch]:
-    """The (not yet started) process of a server, and what it will run."""
+    """The (not yet started) process of a server, and what it will run. With a configured port it
+    may start again on fresh internal ports (its own port stays, as announced); `launch_servers`
+    lets a picked port move too."""
     spec = wanted.spec
     launch = server_launch(spec, wanted.api_key, wanted.environment, wanted.model)
     process = ServerProcess(
@@ -130,6 +135,8 @@ def server_process(wanted: StartedServer) -> tuple[ServerProcess, ServerLaunch]:
         stop_grace_s=spec.stop_grace_s or (20.0 if spec.engine == "vllm" else 10.0),
         expected=expected_server(wanted, launch),
     )
+    if spec.port:
+        process.relaunch_with = _fresh_launch(wanted)
     return process, launch
 
 
@@ -159,6 +166,8 @@ def engine_version(spec: ServerSpec, base_url: str, api_key: str | None) -> str 
         return "vllm (version unknown)"
 
 
+# Each server, its process and what its first start ran; a start made again on fresh ports changes
+# the process's command and health_url (the endpoints are built from those), not the ServerLaunch.
 Launched = list[tuple[StartedServer, ServerProcess, ServerLaunch]]
 
 
@@ -175,7 +184,7 @@ def launch_servers(wanted: list[StartedServer], track: list[ServerProcess] | Non
         check_configured_port(each.name, each.spec)
     launched = [(each, *server_process(each)) for each in wanted]
     for each, process, _ in launched:
-        process.relaunch_with = _fresh_launch(each)
+        process.relaunch_with = _fresh_launch(each)  # its callers read the port from the process
     try:
         for _, process, _ in launched:
             if track is not None:

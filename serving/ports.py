@@ -2,7 +2,7 @@
 the one lion-local started, and what to do when a start lost its port.
 
 - A configured port (servers.<name>.port) already in use is refused before the server starts, in
-  one line naming the port, the key and what holds it (`check_port_free`).
+  one line naming the port, the key and what holds it (`port_problem`).
 - A port picked free (`free_port`) can be taken by another process in the seconds before the
   server binds it; the server then exits with "Address already in use". Such a start is made
   again on fresh ports, up to MAX_PORT_ATTEMPTS starts (`retry_decision`); vLLM's internal ports
@@ -25,8 +25,6 @@ from typing import Literal
 
 import psutil
 
-from serving.process import ServerError
-
 logger = logging.getLogger(__name__)
 
 MAX_PORT_ATTEMPTS = 3
@@ -47,12 +45,18 @@ def lost_its_port(log_text: str) -> bool:
 
 
 def retry_decision(
-    *, lost_port: bool, may_move: bool, configured_port_taken: bool, attempt: int, max_attempts: int = MAX_PORT_ATTEMPTS
+    *,
+    lost_port: bool,
+    may_restart: bool,
+    configured_port_taken: bool,
+    attempt: int,
+    max_attempts: int = MAX_PORT_ATTEMPTS,
 ) -> RetryDecision:
     """After a start that failed: "retry" on fresh ports, "refuse" naming the configured port that
     another process holds, or "fail" with the server's own exit.
 
-    `lost_port`: the log says an address was in use; `may_move`: its caller takes a new port;
+    `lost_port`: the log says an address was in use; `may_restart`: it may start again on fresh
+    ports (a configured port stays; a picked one moves only where its caller reads the new one);
     `configured_port_taken`: the port is a configured one and another process holds it now (then
     the internal port was not the one lost); `attempt`: starts made so far.
     """
@@ -60,7 +64,7 @@ def retry_decision(
         return "fail"
     if configured_port_taken:
         return "refuse"
-    if not may_move or attempt >= max_attempts:
+    if not may_restart or attempt >= max_attempts:
         return "fail"
     return "retry"
 
@@ -128,10 +132,11 @@ def listeners(port: int) -> list[tuple[int | None, str | None]] | None:
     return found
 
 
-def check_port_free(name: str, host: str, port: int, port_key: str) -> None:
-    """ServerError, in one line naming the port, its key and its holder, when the port is in use."""
-    if not port_is_free(host, port):
-        raise ServerError(configured_port_problem(name, port, port_key, describe_holders(listeners(port))))
+def port_problem(name: str, host: str, port: int, port_key: str) -> str | None:
+    """One line naming the port, its key and its holder when another process holds the port, else None."""
+    if port_is_free(host, port):
+        return None
+    return configured_port_problem(name, port, port_key, describe_holders(listeners(port)))
 
 
 def answering_is_ours(port: int, group: int) -> tuple[list[tuple[int, str]], bool | None]:

@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from serving.ports import port_problem
+
 logger = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
@@ -104,10 +106,11 @@ class ServerProcess:
 
     def start(self) -> None:
         """Start the server under its supervisor; a configured port already in use is refused first."""
-        if self.expected is not None and self.expected.port_key is not None:
-            from serving.ports import check_port_free
-
-            check_port_free(self.name, self.expected.host, self.expected.port, self.expected.port_key)
+        expected = self.expected
+        if expected is not None and expected.port_key is not None:
+            problem = port_problem(self.name, expected.host, expected.port, expected.port_key)
+            if problem is not None:
+                raise ServerError(problem)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self.attempt += 1
         self.answered, self._server_pid, self._stop_began, self._stopped = False, None, None, False

@@ -113,7 +113,7 @@ def _after_exit(process: ServerProcess, code: int) -> None:
     taken = port_key is not None and not port_is_free(expected.host, expected.port)
     decision = retry_decision(
         lost_port=lost_its_port(log),
-        may_move=process.relaunch_with is not None,
+        may_restart=process.relaunch_with is not None,
         configured_port_taken=taken,
         attempt=process.attempt,
     )
@@ -141,7 +141,9 @@ def _foreign_server(process: ServerProcess, problem: str) -> None:
     expected = process.expected
     may_move = expected is not None and expected.port_key is None and process.relaunch_with is not None
     if may_move and process.attempt < MAX_PORT_ATTEMPTS:
-        logger.warning("%s (start %d of %d); starting it again on fresh ports", problem, process.attempt, MAX_PORT_ATTEMPTS)
+        logger.warning(
+            "%s (start %d of %d); starting it again on fresh ports", problem, process.attempt, MAX_PORT_ATTEMPTS
+        )
         process.relaunch()
         return
     process.stop()
@@ -156,7 +158,8 @@ async def _identity(process: ServerProcess, client: httpx.AsyncClient) -> str | 
     holders, ours = answering_is_ours(expected.port, process.process.pid)
     served = None
     if expected.model is not None:
-        served = await _served_models(client, process.health_url.removesuffix("/health") + "/v1/models", expected.api_key)
+        models_url = process.health_url.removesuffix("/health") + "/v1/models"
+        served = await _served_models(client, models_url, expected.api_key)
     return identity_problem(process.name, expected.port, expected.model, served, holders, ours)
 
 

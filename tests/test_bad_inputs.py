@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import warnings
@@ -145,6 +146,8 @@ def _snapshot(directory: Path) -> dict[str, tuple]:
             tree[str(path.relative_to(directory))] = ("link", os.readlink(path))
         elif path.is_dir():
             tree[str(path.relative_to(directory))] = ("dir", info.st_mode, info.st_mtime_ns)
+        elif not stat.S_ISREG(info.st_mode):  # a case's FIFO: reading it would block
+            tree[str(path.relative_to(directory))] = ("special", info.st_mode, info.st_mtime_ns)
         else:
             try:
                 content: bytes | None = path.read_bytes()

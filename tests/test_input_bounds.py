@@ -28,7 +28,7 @@ import pytest
 from click.testing import CliRunner
 
 from lion_local.cli import main
-from lion_local.run import input_files
+from lion_local.config import CONFIG_FILE
 from test_bad_inputs import (  # noqa: F401 (ws and _keep_sigterm_handler: the fixtures)
     GOOD_JSONL,
     GOOD_SEEDS,
@@ -38,9 +38,8 @@ from test_bad_inputs import (  # noqa: F401 (ws and _keep_sigterm_handler: the f
     _check_case,
     _invoke,
     _keep_sigterm_handler,
-    _snapshot,
     _jsonl,
-    stand_in_model,
+    _snapshot,
     ws,
 )
 
@@ -126,15 +125,15 @@ def test_a_fifo_as_the_evaluation_question_file(ws: Workspace, given: str):
 
 
 def test_symlink_loops(ws: Workspace):
-    seeds = _loop(ws, "seeds.jsonl")
+    seeds = _loop(ws, "looped-seeds.jsonl")
     _run_with_seeds(ws, seeds, ["seed_data: cannot resolve", "Symlink loop"])
-    config = _loop(ws, "config.yaml")
+    config = _loop(ws, "looped.yaml")
     _check_case(ws, ["run"], ["--config", str(config)], [f"{config}: cannot read config file", "symbolic links"])
     ws.config("base.yaml")
     top = ws.write("top.yaml", "include: [base.yaml, part.yaml]\n")
     part = _loop(ws, "part.yaml")
     _check_case(ws, ["config"], ["--config", str(top)], [f"{part}: cannot read config file (included from {top})"])
-    questions = _loop(ws, "questions.jsonl")
+    questions = _loop(ws, "looped-questions.jsonl")
     args = ["--config", str(ws.config()), "--questions", str(questions)]
     _check_case(ws, ["evaluate"], args, [f"{questions}: cannot read question file", "symbolic links"])
     config = ws.config("listed.yaml", generation={"decontamination": {"question_files": [str(questions)]}})
@@ -172,6 +171,21 @@ SEED_CONTENTS = {
 def test_bad_seed_contents(ws: Workspace, name: str, content: str, expected: list[str]):
     seeds = ws.write(name, content)
     _run_with_seeds(ws, seeds, [part.format(path=seeds) for part in expected])
+
+
+@pytest.mark.parametrize("line, expected", [
+    ('{"question": "Why \\ud800?"}', "a string holds a lone surrogate (\\ud800)"),
+    ('{"question": "Deep?", "x": ' + "[" * DEEP + "]" * DEEP + "}", "nested deeper than 64 levels"),
+    ('{"question": "Big?", "id": ' + HUGE + "}", "the integer 999999999999...9999"),
+], ids=["lone-surrogate", "nested-100000-deep", "5000-digit-id"])
+@pytest.mark.parametrize("given", ["evaluate", "decontamination"])
+def test_bad_question_contents(ws: Workspace, given: str, line: str, expected: str):
+    questions = ws.write("questions.jsonl", '{"question": "Fine?"}\n' + line + "\n")
+    if given == "evaluate":
+        _check_case(ws, ["evaluate"], ["--config", str(ws.config()), "--questions", str(questions)], [f"{questions}:2: {expected}"])
+    else:
+        config = ws.config(generation={"decontamination": {"question_files": [str(questions)]}})
+        _check_case(ws, ["run"], ["--config", str(config)], [f"question_files: {questions}:2: {expected}"])
 
 
 def test_a_surrogate_pair_is_a_character(ws: Workspace):
@@ -218,7 +232,7 @@ def test_a_5000_digit_set_value(ws: Workspace):
 
 
 def test_a_config_file_over_its_size_cap(ws: Workspace):
-    config = _config_text(ws, "#" * (input_files.MAX_VALUES + 16 * 2**20) + "\n")
+    config = _config_text(ws, "#" * CONFIG_FILE.max_bytes + "\n")
     _check_case(ws, ["config"], ["--config", str(config)], [f"{config}: cannot read config file: larger than the"])
 
 
@@ -291,8 +305,10 @@ TRAINER_VALUES = {
     "learning-rate-nan": ("learning_rate=.nan", "imitation.trainer.learning_rate: must be a finite number"),
     "learning-rate-zero": ("learning_rate=0", "imitation.trainer.learning_rate: must be > 0"),
     "max-length-zero": ("max_length=0", "imitation.trainer.max_length: must be >= 1"),
-    "batch-size-a-string": ("per_device_train_batch_size=four", "expects a number, got the string 'four'"),
-    "batch-size-a-float": ("per_device_train_batch_size=4.5", "expects an integer, got float 4.5"),
+    "batch-size-a-string": ("per_device_train_batch_size=four", "imitation.trainer.per_device_train_batch_size: expects a "
+                            "number, got the string 'four'"),
+    "batch-size-a-float": ("per_device_train_batch_size=4.5", "imitation.trainer.per_device_train_batch_size: expects an "
+                           "integer, got float 4.5"),
     "bf16-a-number": ("bf16=3", "imitation.trainer.bf16: expects true or false"),
     "scheduler-unknown": ("lr_scheduler_type=cosin", "imitation.trainer.lr_scheduler_type: must be one of"),
     "warmup-negative": ("warmup_steps=-0.1", "imitation.trainer.warmup_steps: must be >= 0"),
@@ -441,3 +457,27 @@ def test_make_tiny_out_in_a_read_only_folder(ws: Workspace):
         assert not (locked / "tiny").exists()
     finally:
         locked.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------------------------
+# imitation.accelerate_config: read by the training process, checked before the run starts
+# ----------------------------------------------------------------------------------------------
+
+
+def test_a_bad_accelerate_config(ws: Workspace):
+    fifo = _fifo(ws, "accelerate.yaml")
+    config = ws.config(imitation={"accelerate_config": str(fifo)})
+    _check_case(ws, ["run"], ["--config", str(config)], [f"imitation.accelerate_config: {fifo}: cannot read accelerate config"])
+    listed = ws.write("list.yaml", "- a\n- b\n")
+    config = ws.config("listed.yaml", imitation={"accelerate_config": str(listed)})
+    _check_case(ws, ["run"], ["--config", str(config)], [f"imitation.accelerate_config: {listed}: not a mapping"])
+    missing = ws.root / "none.yaml"
+    config = ws.config("missing.yaml", imitation={"accelerate_config": str(missing)})
+    _check_case(ws, ["run"], ["--config", str(config)], [f"imitation.accelerate_config: {missing}: accelerate config file not found"])
+
+
+def test_the_shipped_accelerate_configs_pass(ws: Workspace):
+    from lion_local.config import check_accelerate_config, load_config
+
+    for path in sorted((ROOT / "configs/accelerate").glob("*.yaml")):
+        check_accelerate_config(load_config(ws.config(imitation={"accelerate_config": str(path)})))

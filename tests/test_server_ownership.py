@@ -30,26 +30,30 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lion_local.config import load_config
 from loop_checks import lion_local, tiny_config
+from serving import check_configured_port
 from serving.ports import (
-    check_port_free,
     describe_holders,
     identity_problem,
     lost_its_port,
     port_is_free,
     retry_decision,
 )
-from serving.process import ServerError, free_port
+from serving.process import Expected, ServerError, ServerProcess, free_port
+from serving.startup import wait_until_healthy
 from test_signals import ProcessTree
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Answers like an OpenAI-compatible server, for another model than any lion-local asks for.
+# Answers like an OpenAI-compatible server on port argv[1], for model argv[2] (default: another
+# model than any lion-local asks for).
 FOREIGN_SERVER = r"""
 import http.server, json, sys
+MODEL = sys.argv[2] if len(sys.argv) > 2 else "someone-elses-model"
 class Foreign(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
-        body = {"/health": {"status": "ok"}, "/v1/models": {"object": "list", "data": [{"id": "someone-elses-model"}]}}
+        body = {"/health": {"status": "ok"}, "/v1/models": {"object": "list", "data": [{"id": MODEL}]}}
         if self.path not in body:
             self.send_response(404); self.end_headers(); return
         data = json.dumps(body[self.path]).encode()
@@ -232,24 +236,68 @@ def test_picked_ports_lost_before_the_servers_bind_them_are_replaced(tiny_models
 
 
 # ----------------------------------------------------------------------------------------------
+# Starting again (a stand-in server: a Python process)
+# ----------------------------------------------------------------------------------------------
+
+LOSES_A_PORT = [sys.executable, "-c", "print('zmq.error.ZMQError: Address already in use'); raise SystemExit(1)"]
+
+
+def _stand_in(tmp_path: Path, port: int, port_key: str | None, relaunch: list[str]) -> ServerProcess:
+    """A server that loses an (internal) port at its first start, started again as `relaunch`."""
+    health = f"http://127.0.0.1:{port}/health"
+    expected = Expected("127.0.0.1", port, port_key, "teacher")
+    process = ServerProcess("teacher", LOSES_A_PORT, dict(os.environ), tmp_path / "server-teacher.log", health, 30,
+                            stop_grace_s=5, expected=expected)
+    process.relaunch_with = lambda: (relaunch, dict(os.environ), health, expected)
+    return process
+
+
+def test_a_start_that_lost_an_internal_port_starts_again_on_its_configured_port(tmp_path, caplog):
+    port = free_port()
+    ours = [sys.executable, "-c", FOREIGN_SERVER, str(port), "teacher"]  # answers for the model asked for
+    process = _stand_in(tmp_path, port, "servers.teacher.port", ours)
+    process.start()
+    try:
+        with caplog.at_level("WARNING", logger="serving"):
+            wait_until_healthy([process])
+        assert process.attempt == 2 and process.answered and process.health_url.endswith(f":{port}/health")
+    finally:
+        process.stop()
+    [warning] = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warning.startswith("teacher server: a port it was given was taken by another process before it bound it")
+
+
+def test_starts_that_keep_losing_their_port_end_after_three_in_one_line(tmp_path):
+    process = _stand_in(tmp_path, free_port(), None, LOSES_A_PORT)
+    process.start()
+    with pytest.raises(ServerError) as raised:
+        wait_until_healthy([process])
+    assert process.attempt == 3 and not process.is_alive()
+    message = str(raised.value)
+    assert message.startswith("teacher server exited with code 1 while starting; an address it binds was in use by "
+                              "another process; last log lines: ")
+    assert "Address already in use" in message and "\n" not in message
+
+
+# ----------------------------------------------------------------------------------------------
 # The decisions and the port probe
 # ----------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("lost", "may_move", "configured_taken", "attempt", "decision"),
+    ("lost", "may_restart", "configured_taken", "attempt", "decision"),
     [
         (False, True, False, 1, "fail"),  # any other exit is the server's own failure
         (True, True, False, 1, "retry"),  # a picked port (or vLLM's internal one) lost: fresh ports
         (True, True, False, 2, "retry"),
         (True, True, False, 3, "fail"),  # bounded: three starts in all
-        (True, False, False, 1, "fail"),  # its caller cannot take another port (`serve` announced it)
+        (True, False, False, 1, "fail"),  # it may not move (`serve` of a picked port reads it once)
         (True, True, True, 1, "refuse"),  # the configured port is held by another process: name it
         (True, False, True, 3, "refuse"),
     ],
 )
-def test_retry_decision(lost, may_move, configured_taken, attempt, decision):
-    assert retry_decision(lost_port=lost, may_move=may_move, configured_port_taken=configured_taken,
+def test_retry_decision(lost, may_restart, configured_taken, attempt, decision):
+    assert retry_decision(lost_port=lost, may_restart=may_restart, configured_port_taken=configured_taken,
                           attempt=attempt) == decision
 
 
@@ -285,8 +333,10 @@ def test_a_port_held_in_this_process_is_named_with_its_pid():
         held.listen()
         port = held.getsockname()[1]
         assert not port_is_free("127.0.0.1", port) and not port_is_free("0.0.0.0", port)
+        config = load_config(ROOT / "configs/tiny-cpu-transformers.yaml", [f"servers.student.port={port}"])
+        spec = config.servers["student"]
         with pytest.raises(ServerError) as raised:
-            check_port_free("student", "127.0.0.1", port, "servers.student.port")
+            check_configured_port("student", spec)
     message = str(raised.value)
     assert message.startswith(f"servers.student.port: port {port} is already in use by pid {os.getpid()} (")
     assert "\n" not in message

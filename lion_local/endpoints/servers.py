@@ -165,8 +165,8 @@ class ServerSet:
     def _finish(self, launched: Launched) -> None:
         try:
             ready = await_servers(launched)
-        except BaseException:
-            self._forget_loading(launched)  # the synchronous wait stops them whatever ended it
+        except ServerError:
+            self._forget_loading(launched)  # stopped already
             raise
         self._ready(launched, ready)
 
@@ -206,9 +206,10 @@ class ServerSet:
 
     def stop(self, name: str) -> None:
         if name in self._running:
-            _, process, _ = self._running.pop(name)
+            _, process, _ = self._running[name]
             if process is not None:
-                process.stop()
+                process.stop()  # still listed meanwhile: a signal during the stop leaves it to stop_all
+            self._running.pop(name, None)
 
     def stop_for_training(self) -> None:
         """Stop the servers that would hold the GPUs student training needs."""
@@ -236,5 +237,7 @@ class ServerSet:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
-        interrupted = exc_type is not None and issubclass(exc_type, (SystemExit, KeyboardInterrupt, asyncio.CancelledError))
+        interrupted = exc_type is not None and issubclass(
+            exc_type, (SystemExit, KeyboardInterrupt, asyncio.CancelledError)
+        )
         self.stop_all(INTERRUPT_GRACE_S if interrupted else None)

@@ -82,7 +82,7 @@ def read_text(path: str | os.PathLike, kind: InputKind, context: str = "") -> st
 
 
 def _read_bytes(path: Path, kind: InputKind, context: str) -> bytes:
-    cannot = f"{path}: cannot read {kind.noun}{context}"
+    cannot, raw = f"{path}: cannot read {kind.noun}{context}", b""
     try:
         info = os.stat(path)
         if stat.S_ISREG(info.st_mode) and info.st_size <= kind.max_bytes:
@@ -100,7 +100,7 @@ def _read_bytes(path: Path, kind: InputKind, context: str) -> bytes:
     if not stat.S_ISREG(info.st_mode):
         what = next((name for test, name in _FILE_TYPES if test(info.st_mode)), "not a regular file")
         raise kind.error(f"{cannot}: it is {what}, not a regular file; give the path of a regular file")
-    if info.st_size > kind.max_bytes or len(raw) > kind.max_bytes:
+    if max(info.st_size, len(raw)) > kind.max_bytes:
         raise kind.error(f"{cannot}: larger than the {kind.max_bytes:,} bytes allowed; split or shorten it")
     return raw
 

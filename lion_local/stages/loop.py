@@ -78,6 +78,8 @@ def stages_for(config: Config, run: RunDir, scope: str, stage: str | None = None
 
 def check_inputs(config: Config, run: RunDir) -> None:
     """Everything a run needs beyond the config, checked before the run directory is created."""
+    from lion_local.config import check_accelerate_config
+
     servers = config.servers_in_use()
     check_models_exist(config, servers)
     check_launchers(config, servers)
@@ -86,6 +88,7 @@ def check_inputs(config: Config, run: RunDir) -> None:
     if not run.iteration(1).cache_pool.exists():
         seed_records(config)  # a bad seed file fails here, before anything is written
     decontamination_index(config)  # and so does a bad question file
+    check_accelerate_config(config)  # a FIFO or a broken file would stop the training process, not this one
 
 
 def execute(config: Config, scope: str, stage: str | None = None, accepted_changes: tuple[str, ...] = ()) -> list[Stage]:
