@@ -22,7 +22,7 @@ from lion_local import __version__
 from lion_local.config import ConfigError, config_to_yaml, load_config
 from lion_local.cli_options import FiniteFloatRange, IntRange, writable_out
 from lion_local.config_schema import MAX_SEEDS, SEED_MAX
-from lion_local.errors import LionError, reported
+from lion_local.errors import InputError, LionError, reported
 from lion_local.offline import OFFLINE_ENVIRONMENT
 from lion_local.run.layout import Iteration, RunDir
 from serving.process import ServerError
@@ -127,7 +127,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
 
 @main.command("make-tiny")
 # A plain path: a file, or a place no folder can be written, is refused in one line by writable_out.
-@click.option("--out", "out_dir", required=True, type=click.Path(), callback=writable_out, help="Output directory.")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Output directory.")
 @click.option(
     "--seed", default=0, show_default=True, type=IntRange(0, SEED_MAX), help="Seed of weights, corpus and training."
 )
@@ -141,7 +141,8 @@ def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None,
 
     existing = [str(Path(out_dir) / name) for name in ("teacher", "student") if (Path(out_dir) / name).exists()]
     if existing and not force:
-        raise click.UsageError(f"{', '.join(existing)} already exist(s); pass --force to replace them")
+        raise InputError(f"{', '.join(existing)} already exist(s); pass --force to replace them")
+    writable_out(out_dir)
     build = TinyBuild(seed=seed) if steps is None else TinyBuild(seed=seed, train_steps=steps)
     make_tiny_models(out_dir, seed_data, build)
     click.echo(f"tiny teacher and student written to {out_dir}/teacher and {out_dir}/student")
@@ -348,7 +349,7 @@ def _iteration_option(ctx: click.Context, param: click.Parameter, value: str | N
     try:
         return Iteration.parse(value)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise InputError(f"--iteration {value}: {exc}") from None
 
 
 @main.command()

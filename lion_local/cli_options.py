@@ -37,9 +37,8 @@ class FiniteFloatRange(_OneLine, click.FloatRange):
         return number
 
 
-def writable_out(ctx: click.Context, param: click.Parameter, value: str) -> str:
+def writable_out(value: str, option: str = "--out") -> None:
     """An --out folder: made (with its parents) and proved writable before the command builds anything."""
     from lion_local.run.preflight import writable_dir  # the run directory's own check (run_dir)
 
-    writable_dir(Path(value).absolute(), param.opts[0] if param.opts else "--out")
-    return value
+    writable_dir(Path(value).absolute(), option)

@@ -419,6 +419,7 @@ def test_cli_rejects_bad_inputs_in_one_line_before_writing(tmp_path: Path):
     assert result.exit_code == 3 and "no student checkpoint to evaluate yet" in result.output
     result = cli("--set", f"run_dir={run_dir}", "--iteration", "two")
     assert result.exit_code == 2 and "'two' is not an iteration" in result.output
+    assert result.output.strip().splitlines() == [result.output.strip()]  # one line, not click's usage text
     assert snapshot(tmp_path) == before
 
 

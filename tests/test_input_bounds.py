@@ -440,6 +440,13 @@ def test_make_tiny_out_below_a_file(ws: Workspace):
     assert _snapshot(ws.root) == before
 
 
+def test_make_tiny_over_existing_models_without_force_is_one_line(ws: Workspace):
+    (ws.root / "tiny-out" / "teacher").mkdir(parents=True)
+    before = _snapshot(ws.root)
+    _assert_one_line_error(_invoke(["make-tiny", "--out", str(ws.root / "tiny-out")]), ["already exist(s); pass --force"])
+    assert _snapshot(ws.root) == before
+
+
 def test_make_tiny_out_in_a_place_no_folder_can_be_made(ws: Workspace):
     _assert_one_line_error(_invoke(["make-tiny", "--out", "/proc/lion-local-tiny"]), ["/proc/lion-local-tiny: no folder"])
 
