@@ -3,12 +3,12 @@
     .venv/bin/python tests/kill_campaign.py [--kills 6] [--seed 0] [--out DIR]
 
 Runs configs/tiny-cpu.yaml (both servers on vLLM's CPU build, tiny models from tiny_models.dir,
-built when missing; two iterations and the final imitation, about 4 minutes uninterrupted), and
+built when missing; three iterations and the final imitation, about 6 minutes uninterrupted), and
 meanwhile keeps "neighbour" vLLM servers of the tiny teacher starting and stopping on fresh ports,
-as on a shared node. `lion-local run` is killed with
-SIGKILL at seeded random moments (--kills times), each time checked to leave none of its
-processes behind within 30 s, then run to the end. The finished run must pass every invariant of
-the method (tests/loop_checks.check_invariants) and leave no process of its own behind.
+as on a shared node. `lion-local run` is killed with SIGKILL at seeded random moments (--kills
+times), each time checked to leave none of its processes behind within 30 s, then run to the end.
+The finished run must pass every invariant of the method (tests/loop_checks.check_invariants) and
+leave no process of its own behind.
 Figures (kills, where each landed, port retries in the run's log, seconds) go to stdout and
 DIR/campaign.json. Not part of `make test` (about 15 minutes on 2 cores): docs/reliability.md
 records a run of it.
@@ -83,6 +83,7 @@ def campaign_config(directory: Path) -> Path:
     data["run_dir"] = str(directory / "run")
     data["seed_data"] = str(ROOT / data["seed_data"])
     data["tiny_models"]["dir"] = str(ROOT / data["tiny_models"]["dir"])
+    data["iterations"] = 3  # long enough for the kills to land in every kind of moment
     for name in ("teacher", "student"):
         data["servers"][name]["model"] = str(ROOT / data["servers"][name]["model"])
         launcher = data["servers"][name]["vllm"]["launcher"]
@@ -144,7 +145,12 @@ def main() -> int:
     prepared = subprocess.run(lion_local("doctor", "--config", str(config)), capture_output=True, text=True, cwd=ROOT)
     neighbours = Neighbours(ROOT / "models/tiny/teacher", random.Random(args.seed + 1), directory / "neighbours.log")
     neighbours.start()
-    kills = [kill_once(config, rng.uniform(10, 90), directory / "runs.log") for _ in range(args.kills)]
+    kills: list[dict] = []
+    while len(kills) < args.kills:  # every kill must land while the run still runs
+        outcome = kill_once(config, rng.uniform(5, 120), directory / "runs.log")
+        if "ended_first" in outcome:
+            break
+        kills.append(outcome)
     final = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True, cwd=ROOT)
     neighbours.done.set()
     neighbours.join()
@@ -157,11 +163,12 @@ def main() -> int:
     if final.returncode == 0:
         check_invariants(directory / "run", ROOT / "models/tiny")
         outcome["invariants"] = "passed"
-    leftovers = [pid for pid in psutil.pids() if _is_ours(pid, directory)]
+    leftovers = [pid for pid in psutil.pids() if pid != os.getpid() and _is_ours(pid, directory)]
     outcome["processes_left"] = leftovers
     (directory / "campaign.json").write_text(json.dumps(outcome, indent=2) + "\n")
     print(json.dumps(outcome, indent=2))
-    ok = final.returncode == 0 and not leftovers and not any(k.get("left_behind") for k in kills)
+    ok = len(kills) >= args.kills and final.returncode == 0 and not leftovers
+    ok = ok and not any(k.get("left_behind") for k in kills)
     return 0 if ok else 1
 
 
