@@ -147,7 +147,7 @@ def main() -> int:
     neighbours.start()
     kills: list[dict] = []
     while len(kills) < args.kills:  # every kill must land while the run still runs
-        outcome = kill_once(config, rng.uniform(5, 120), directory / "runs.log")
+        outcome = kill_once(config, rng.uniform(5, 50), directory / "runs.log")
         if "ended_first" in outcome:
             break
         kills.append(outcome)
@@ -163,7 +163,9 @@ def main() -> int:
     if final.returncode == 0:
         check_invariants(directory / "run", ROOT / "models/tiny")
         outcome["invariants"] = "passed"
-    leftovers = [pid for pid in psutil.pids() if pid != os.getpid() and _is_ours(pid, directory)]
+    this = psutil.Process()
+    own = {this.pid, *(parent.pid for parent in this.parents())}  # the campaign and whatever started it
+    leftovers = [pid for pid in psutil.pids() if pid not in own and _is_ours(pid, directory)]
     outcome["processes_left"] = leftovers
     (directory / "campaign.json").write_text(json.dumps(outcome, indent=2) + "\n")
     print(json.dumps(outcome, indent=2))
