@@ -222,7 +222,9 @@ def test_loading_servers_that_ignore_sigterm_are_stopped_side_by_side_after_a_sh
     started = time.monotonic()
     stop_processes(servers)
     seconds = time.monotonic() - started
-    assert LOADING_GRACE_S - 0.5 < seconds < LOADING_GRACE_S + 3.0, seconds
+    # Well short of the 30 s stop grace both ignore (a margin for a host three times slower), and not before
+    # the short grace ran out.
+    assert LOADING_GRACE_S - 0.5 < seconds < 18.0, seconds
     for pid in loading:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
