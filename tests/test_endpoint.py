@@ -1,4 +1,10 @@
-"""Tests for lion_local.endpoints.client against a scripted loopback OpenAI-compatible server."""
+"""Tests for lion_local.endpoints.client against a scripted loopback OpenAI-compatible server.
+
+No pass/fail here depends on the host's speed. Waits the client chooses (backoff, Retry-After,
+fail-over) are read from the `sleeps` fixture, which records every asyncio.sleep the client
+module asks for; elapsed wall time is only ever bounded from below by a wait the code itself
+makes, or from above as a hang guard many times the expected time (each says so).
+"""
 
 from __future__ import annotations
 
@@ -7,10 +13,12 @@ import json
 import logging
 import socket
 import time
+from collections import defaultdict
 from dataclasses import dataclass, field
 
 import pytest
 
+import lion_local.endpoints.client as client_module
 from lion_local.endpoints.client import Completion, EndpointClient, EndpointError, RoleUsage
 
 KEY = "sk-test-SECRET-0123456789"
@@ -39,7 +47,8 @@ class FakeServer:
 
     `script` holds replies for the first requests, in arrival order; once it is
     used up, every request gets a 200 completion after `delay` seconds. `hang_on`
-    makes requests whose body contains that string hang (until the test ends).
+    makes requests whose body contains that string hang (until the test ends). `hold`, an
+    asyncio.Event, holds every reply back until it is set.
     """
 
     def __init__(
@@ -50,8 +59,10 @@ class FakeServer:
         usage: dict | None = None,
         hang_on: str | None = None,
         close_after_reply: bool = False,
+        hold: asyncio.Event | None = None,
     ) -> None:
         self.delay = delay
+        self.hold = hold
         self.script = list(script or [])
         self.usage = {"prompt_tokens": 7, "completion_tokens": 3} if usage is None else usage
         self.hang_on = hang_on
@@ -100,6 +111,8 @@ class FakeServer:
                 try:
                     if self.hang_on and self.hang_on in raw.decode():
                         await asyncio.sleep(3600)
+                    if self.hold is not None:
+                        await self.hold.wait()
                     await asyncio.sleep(self.delay if reply.delay is None else reply.delay)
                 finally:
                     self.in_flight -= 1
@@ -153,6 +166,34 @@ def client_for(*base_urls: str, **kwargs) -> EndpointClient:
 
 
 MESSAGES = [{"role": "user", "content": "Hi"}]
+
+# Upper bounds on wall time in this file are hang guards only: far above the expected time on
+# any host (the expected times are well under a second), far below what a regression would take.
+HANG_GUARD_S = 10.0
+
+
+class RecordedSleeps:
+    """Stands in for the client module's `asyncio`: every sleep the client asks for is recorded
+    (per task too) and then really slept; everything else is asyncio's own."""
+
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+        self.by_task: dict[asyncio.Task, list[float]] = defaultdict(list)
+
+    def __getattr__(self, name: str):
+        return getattr(asyncio, name)
+
+    async def sleep(self, delay: float, result=None):
+        self.delays.append(delay)
+        self.by_task[asyncio.current_task()].append(delay)
+        return await asyncio.sleep(delay, result)
+
+
+@pytest.fixture
+def sleeps(monkeypatch) -> RecordedSleeps:
+    recorder = RecordedSleeps()
+    monkeypatch.setattr(client_module, "asyncio", recorder)
+    return recorder
 
 
 # 1. chat and complete -------------------------------------------------------------
@@ -256,15 +297,27 @@ def test_connection_closed_by_server_between_requests_is_replaced_without_retry(
 
 
 def test_faster_server_gets_more_requests():
-    async def main():
-        async with FakeServer(delay=0.2) as slow, FakeServer(delay=0.02) as fast:
-            async with client_for(slow.base_url, fast.base_url, max_concurrency=4) as client:
-                await asyncio.gather(*(client.chat("teacher", MESSAGES) for _ in range(60)))
-        return len(slow.seen), len(fast.seen)
+    """The slow server holds its replies until the fast one has answered all the rest: least
+    outstanding sends it only its share of the first four (ties alternate), then nothing while
+    it has more requests outstanding than the fast one. Counts, not timings: the same on any host."""
 
-    slow, fast = asyncio.run(main())
-    assert slow + fast == 60
-    assert fast > 2 * slow
+    async def main():
+        release = asyncio.Event()
+        async with FakeServer(hold=release) as slow, FakeServer() as fast:
+            async with client_for(slow.base_url, fast.base_url, max_concurrency=4) as client:
+                calls = asyncio.gather(*(client.chat("teacher", MESSAGES) for _ in range(60)))
+                waited = time.monotonic()
+                # A hang guard only: with round-robin the fast server would never reach 58.
+                while len(fast.seen) < 58 and time.monotonic() - waited < HANG_GUARD_S:
+                    await asyncio.sleep(0.01)
+                while_held = len(slow.seen), len(fast.seen)
+                release.set()
+                await calls
+        return while_held, (len(slow.seen), len(fast.seen))
+
+    while_held, final = asyncio.run(main())
+    assert while_held == (2, 58)
+    assert final == (2, 58)
 
 
 def test_equal_servers_split_evenly():
@@ -320,7 +373,7 @@ def test_time_a_retry_waits_for_a_free_slot_does_not_count_against_the_failure_b
     assert (usage.calls, usage.retries, usage.failures) == (3, 2, 0)
 
 
-def test_retry_after_is_honoured_and_capped():
+def test_retry_after_is_honoured_and_capped(sleeps):
     async def one(retry_after: str, backoff_max_s: float) -> float:
         script = [Reply(429, b"wait", headers={"Retry-After": retry_after})]
         async with FakeServer(script=script) as server:
@@ -331,17 +384,23 @@ def test_retry_after_is_honoured_and_capped():
 
     honoured = asyncio.run(one("1", backoff_max_s=5.0))
     capped = asyncio.run(one("120", backoff_max_s=0.2))
-    assert 1.0 <= honoured < 2.0  # jittered backoff alone would be <= 0.01 s
-    assert 0.2 <= capped < 1.0
+    # The one wait each asked for: the server's Retry-After, capped at backoff_max_s (jittered
+    # backoff alone would be at most backoff_initial_s, 0.01 s).
+    assert sleeps.delays == [1.0, 0.2]
+    # ...and really waited: lower bounds that follow from the client's own sleep.
+    assert honoured >= 1.0 and capped >= 0.2
 
 
 # 5. timeout -------------------------------------------------------------------------
 
 
-def test_hang_past_request_timeout_is_retried():
+def test_hang_past_request_timeout_is_retried(caplog):
+    caplog.set_level(logging.WARNING, logger=client_module.__name__)
+
     async def main():
-        async with FakeServer(script=[Reply(delay=10.0)]) as server:
-            async with client_for(server.base_url, request_timeout_s=0.3) as client:
+        # The first reply is held for 60 s: had the client waited for it, it would have been answered.
+        async with FakeServer(script=[Reply(delay=60.0)]) as server:
+            async with client_for(server.base_url, request_timeout_s=0.5) as client:
                 started = time.monotonic()
                 result = await client.chat("teacher", MESSAGES)
                 return result, client, time.monotonic() - started, len(server.seen)
@@ -349,37 +408,40 @@ def test_hang_past_request_timeout_is_retried():
     result, client, elapsed, requests = asyncio.run(main())
     assert result.text == "hello" and requests == 2
     assert client.usage["teacher"].retries == 1
-    assert 0.3 <= elapsed < 2.0
+    assert "TimeoutError: no reply within 0.5 s" in caplog.text  # cut by the client's own timeout
+    assert 0.5 <= elapsed < HANG_GUARD_S  # the timeout's own wait; above: a hang guard (the held reply: 60 s)
 
 
 # 6. one URL refuses connections -----------------------------------------------------
 
 
-def test_refused_url_is_avoided_and_requests_succeed_on_the_other():
+def test_refused_url_is_avoided_and_requests_succeed_on_the_other(sleeps):
     async def main():
         async with FakeServer(delay=0.01) as server:
-            # A long backoff: only immediate failover and avoidance keep this fast.
+            # A long backoff (5 s): a refused request must fail over at once, without it.
             async with client_for(
                 dead_url(), server.base_url, max_concurrency=4, backoff_initial_s=5.0,
                 backoff_max_s=5.0,
             ) as client:
-                started = time.monotonic()
                 results = await asyncio.gather(
                     *(client.chat("teacher", MESSAGES) for _ in range(20))
                 )
-                return server, client, results, time.monotonic() - started
+                return server, client, results
 
-    server, client, results, elapsed = asyncio.run(main())
+    server, client, results = asyncio.run(main())
     assert all(r.base_url == server.base_url for r in results)
     assert len(server.seen) == 20
-    assert client.usage["teacher"].retries <= 4  # only requests already headed there
-    assert elapsed < 2.0
+    retries = client.usage["teacher"].retries
+    # The first four picks alternate (two to the dead URL); after its refusal it is avoided, so
+    # only requests already headed there are retried.
+    assert 2 <= retries <= 4
+    assert sleeps.delays == [0.0] * retries  # every fail-over immediate: no backoff slept
 
 
 # 7. permanent outage ----------------------------------------------------------------
 
 
-def test_permanent_outage_gives_up_within_budget_and_fails_everyone_fast():
+def test_permanent_outage_gives_up_within_budget_and_fails_everyone_fast(sleeps):
     budget = 0.5
 
     async def main():
@@ -389,24 +451,33 @@ def test_permanent_outage_gives_up_within_budget_and_fails_everyone_fast():
                 *(client.chat("teacher", MESSAGES) for _ in range(5)), return_exceptions=True
             )
             elapsed = time.monotonic() - started
-            later = time.monotonic()
+            slept_before = len(sleeps.delays)
             with pytest.raises(EndpointError) as again:
                 await client.chat("referee", MESSAGES)
-            return client, outcomes, elapsed, time.monotonic() - later, again.value
+            return client, outcomes, elapsed, len(sleeps.delays) - slept_before, again.value
 
-    client, outcomes, elapsed, later_elapsed, again = asyncio.run(main())
+    client, outcomes, elapsed, slept_later, again = asyncio.run(main())
     assert all(isinstance(o, EndpointError) for o in outcomes)
     message = str(outcomes[0])
+    # One request gave up; the other four got its error at once (their own would name other
+    # durations and attempt counts), and so did a later request.
     assert {str(o) for o in outcomes} == {message} and str(again) == message
     assert "\n" not in message
     assert message.startswith("endpoint 'teacher' (http://127.0.0.1:")
     assert "attempts; last error: ClientConnectorError: Cannot connect to host" in message and "server may be down" in message
-    assert budget <= elapsed < budget + 1.0
-    assert later_elapsed < 0.05
+    # No request ever slept past the budget: its last attempt comes right at the budget's end.
+    assert all(sum(delays) <= budget + 1e-6 for delays in sleeps.by_task.values())
+    # The request that gave up made one attempt more than it slept.
+    attempts = int(message.split(" attempts;")[0].rsplit(" ", 1)[1])
+    assert attempts - 1 in {len(delays) for delays in sleeps.by_task.values()}
+    # At least the budget, from the client's own accounting; above: a hang guard only.
+    assert budget <= elapsed < budget + HANG_GUARD_S
+    # The later request failed without an attempt: no retry, no sleep.
+    assert slept_later == 0 and client.usage["referee"].retries == 0
     assert client.usage["teacher"].failures == 5 and client.usage["referee"].failures == 1
 
 
-def test_dead_server_process_ends_the_requests_at_once_with_its_exit_report():
+def test_dead_server_process_ends_the_requests_at_once_with_its_exit_report(sleeps):
     checks = []
 
     def server_check() -> str | None:
@@ -425,8 +496,12 @@ def test_dead_server_process_ends_the_requests_at_once_with_its_exit_report():
     assert {str(o) for o in outcomes} == {message} and "\n" not in message
     assert "the teacher server (pid 7) was killed by SIGKILL while in use" in message
     assert "last error: ClientConnectorError" in message and "re-run the stage" in message
-    assert elapsed < 1.0, "a dead server must not be retried for the whole failure budget"
+    # Three failed attempts, each followed by a check; the third check found the process gone.
+    # The two before it slept one backoff each (at most backoff_max_s, 0.05 s): no more retries.
     assert len(checks) == 3
+    assert len(sleeps.delays) == 2 and all(delay <= 0.05 for delay in sleeps.delays)
+    # A hang guard that is the behaviour itself: retrying for the failure budget takes 60 s.
+    assert elapsed < 30.0, "a dead server must not be retried for the whole failure budget"
 
 
 def test_in_flight_requests_fail_fast_when_another_gives_up():
@@ -439,16 +514,26 @@ def test_in_flight_requests_fail_fast_when_another_gives_up():
                 hanging = asyncio.ensure_future(
                     client.chat("teacher", [{"role": "user", "content": "hang"}])
                 )
-                await asyncio.sleep(0.05)
+
+                def hanging_sent() -> int:
+                    return sum("hang" in json.dumps(seen.body) for seen in server.seen)
+
+                waited = time.monotonic()  # until the server holds it (a hang guard only above)
+                while not hanging_sent() and time.monotonic() - waited < HANG_GUARD_S:
+                    await asyncio.sleep(0.01)
                 started = time.monotonic()
                 failing = asyncio.ensure_future(client.chat("teacher", MESSAGES))
                 outcomes = await asyncio.gather(hanging, failing, return_exceptions=True)
-                return outcomes, time.monotonic() - started, client
+                return outcomes, time.monotonic() - started, client, hanging_sent()
 
-    (hanging, failing), elapsed, client = asyncio.run(main())
+    (hanging, failing), elapsed, client, hanging_sent = asyncio.run(main())
     assert isinstance(failing, EndpointError) and "HTTP 503: down" in str(failing)
+    # The hanging request got the failing one's error (its own would come after its 30 s
+    # timeout and a retry, and name its own attempts), after its one and only attempt.
     assert isinstance(hanging, EndpointError) and str(hanging) == str(failing)
-    assert elapsed < 1.5
+    assert hanging_sent == 1
+    # A hang guard that is the behaviour itself: waiting for the request timeout takes 30 s.
+    assert elapsed < 15.0
     assert client.in_flight == 0
 
 

@@ -14,9 +14,10 @@ same results. The config is one iteration on 12 seeds (no final imitation), to k
   invariant of the method, and no call that came back was made again. This run is also the
   uninterrupted reference of the next test.
 - test_sigkill_at_seeded_random_points_then_resume_equals_the_uninterrupted_run: the same
-  config killed with SIGKILL at 15 points drawn by a seeded RNG, 5 in each stage
-  (teacher answers, trainer checkpoints, the student server starting, student answers, reviews,
-  generator calls), re-run after each kill. Pools, judgements, labels, generated and rejected
+  config killed with SIGKILL at 7 points drawn by a seeded RNG, one at each kind of moment
+  (teacher answers, trainer checkpoints, the student server starting, student answers, reviews)
+  and two in the generator calls, re-run after each kill (tests/kill_campaign.py kills more often,
+  at random times). Pools, judgements, labels, generated and rejected
   instructions, every answer and review, and the student's weights equal the reference's; no
   journal has a torn or duplicate record; no call that had come back was made again (the
   teacher's side counted at the proxy, the student's in its server's access log); every process
@@ -67,6 +68,7 @@ REQUEST_TIMEOUT_S = 6.0
 MAX_CONCURRENCY = 4  # run_config's servers.*.max_concurrency: the calls that can be in flight at a kill
 KILL_SEED = 20261121
 SEEDS = 12
+STUDENT_BUDGET_S = 120.0  # long, so that a dead student server reported at once is told from one retried
 
 
 def greedy_config(tiny_models: Path, tmp_path: Path, proxy_url: str, failure_budget_s: float = 45.0) -> Path:
@@ -81,6 +83,7 @@ def greedy_config(tiny_models: Path, tmp_path: Path, proxy_url: str, failure_bud
     data["servers"]["teacher"].update(
         request_timeout_s=REQUEST_TIMEOUT_S, failure_budget_s=failure_budget_s, backoff_initial_s=0.2, backoff_max_s=2.0
     )
+    data["servers"]["student"]["failure_budget_s"] = STUDENT_BUDGET_S
     path.write_text(yaml.safe_dump(data))
     return path
 
@@ -199,8 +202,9 @@ COUNTERS: dict[str, Callable[[Path, int], int]] = {
 
 
 def kill_points(reference: Path, rng: random.Random) -> list[KillPoint]:
-    """15 points, 5 per stage, drawn within the counts of the reference run. Each count stops
-    MAX_CONCURRENCY short of its total, so the kill falls before the stage can end."""
+    """7 points, every kind of moment once (two in the generation), drawn within the counts of the
+    reference run. Each count stops MAX_CONCURRENCY short of its total, so the kill falls before
+    the stage can end. tests/kill_campaign.py kills many more times, at random moments."""
     totals = {
         "teacher answers": lines(reference / "iter_1/train_pool.jsonl"),
         "student answers": lines(reference / "iter_1/student_answers.jsonl"),
@@ -213,12 +217,12 @@ def kill_points(reference: Path, rng: random.Random) -> list[KillPoint]:
         return [KillPoint(stage, counter, at) for at in sorted(rng.sample(range(1, totals[counter] - MAX_CONCURRENCY), count))]
 
     return [
-        *draw("imitation", "teacher answers", 3),
-        *[KillPoint("imitation", "trainer checkpoint step", at) for at in sorted(rng.sample(range(1, steps), 2))],
+        *draw("imitation", "teacher answers", 1),
+        KillPoint("imitation", "trainer checkpoint step", rng.randrange(1, steps)),
         KillPoint("discrimination", "student server starting", 1),
-        *draw("discrimination", "student answers", 2),
-        *draw("discrimination", "reviews", 2),
-        *draw("generation", "generator calls", 5),
+        *draw("discrimination", "student answers", 1),
+        *draw("discrimination", "reviews", 1),
+        *draw("generation", "generator calls", 2),
     ]
 
 
@@ -256,7 +260,7 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_the_uninterrupted_ru
 ) -> None:
     reference = faulted_run.run_dir
     points = kill_points(reference, random.Random(KILL_SEED))
-    assert all(sum(p.stage == stage for p in points) >= 5 for stage in ("imitation", "discrimination", "generation"))
+    assert {p.counter for p in points} == set(COUNTERS)  # every kind of moment
     proxy_log = tmp_path / "teacher-requests.jsonl"
     # Generator requests are held 0.4 s at the proxy, so that the short generation stage can be
     # killed at five different points.
@@ -279,8 +283,10 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_the_uninterrupted_ru
             count = COUNTERS[point.counter]
             wait_for(lambda: count(run_dir, process.pid) >= point.at, process, str(point))
 
-            if point.counter == "reviews" and not lock_checked:
+            if point.counter == "student server starting" and not lock_checked:
                 # One writer per run: a second process on the busy run directory is turned away.
+                # Asked while the student server starts, so that the whole discrimination is still
+                # ahead however slowly the second process starts on a busy host.
                 lock_checked = True
                 second = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True)
                 assert second.returncode == 1
@@ -385,7 +391,9 @@ def test_permanent_outage_and_a_dead_student_server_end_the_stage_in_one_line(
             r"down or overloaded: check it, then re-run the stage",
             line,
         ), line
-        assert budget <= ended_after < budget + REQUEST_TIMEOUT_S + 5
+        # At least the budget; at most the budget and one request timeout, with room for a host
+        # three times slower (a stage that kept retrying would never end).
+        assert budget <= ended_after < 3 * (budget + REQUEST_TIMEOUT_S)
         assert json.loads((run_dir / "state.json").read_text())["completed"] == []
 
         # The server is back: the same command completes, and nothing answered before is asked again.
@@ -407,7 +415,9 @@ def test_permanent_outage_and_a_dead_student_server_end_the_stage_in_one_line(
         killed = time.monotonic()
         _, stderr = discrimination.communicate(timeout=120)
         assert discrimination.returncode == 1
-        assert time.monotonic() - killed < 10, "a dead server must be reported at once, not after the failure budget"
+        # The student's failure budget is STUDENT_BUDGET_S: a stage that retried the dead server
+        # would take all of it; reporting it at once takes seconds, even on a host three times slower.
+        assert time.monotonic() - killed < STUDENT_BUDGET_S / 2, "a dead server must be reported at once, not after the failure budget"
         [line] = error_lines(stderr)
         assert line.startswith("error: endpoint 'student' (http://127.0.0.1:")
         assert f"the student server (pid {server}) was killed by SIGKILL while in use; last log lines: " in line

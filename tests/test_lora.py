@@ -61,6 +61,7 @@ def test_each_imitation_continues_the_previous_adapter_on_the_same_base(tmp_path
     assert adapter_init(full, run, Iteration(2)) is None
 
 
+@pytest.mark.integration
 def test_the_parameter_count_matches_peft_on_the_tiny_student(tiny_models: Path):
     peft = pytest.importorskip("peft")
     from transformers import AutoModelForCausalLM
@@ -87,6 +88,7 @@ def test_an_adapter_checkpoint_is_served_on_its_base_with_enable_lora(tmp_path):
     assert "--enable-lora" not in full and full[full.index("--model") + 1] == str(tmp_path)
 
 
+@pytest.mark.integration
 def test_plan_shows_the_trainable_parameters(tmp_path, tiny_models: Path):
     from lion_local.commands.plan import build_plan, plan_lines
 

@@ -53,6 +53,7 @@ def _batch(trainer):
     return rows, trainer.data_collator(rows)
 
 
+@pytest.mark.integration
 def test_padding_free_batches_keep_the_loss_on_the_answer_and_equal_the_padded_loss(tiny_models: Path, tmp_path: Path):
     import torch
 

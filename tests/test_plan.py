@@ -201,6 +201,7 @@ def test_tokens_from_the_role_prompts_at_four_characters_a_token(tmp_path):
     assert (row["calls"], row["prompt_tokens"], row["completion_tokens"]) == (2, 38, 128)
 
 
+@pytest.mark.integration
 def test_counts_with_the_teachers_tokenizer_when_it_is_here(tmp_path, tiny_models):
     teacher = tiny_models / "teacher"
     plan = build_plan(_config(tmp_path, f"servers.teacher.model={teacher}"))

@@ -55,6 +55,7 @@ def test_an_unwritable_place_is_one_line(tmp_path: Path):
     assert result.exit_code == 2 and "cannot write there" in result.output and "choose another --out" in result.output
 
 
+@pytest.mark.integration
 def test_the_student_keeps_the_embeddings_head_and_the_layers_asked_for(tiny_models: Path, tmp_path: Path):
     import torch
     from safetensors.torch import load_file

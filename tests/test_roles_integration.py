@@ -24,6 +24,12 @@ from lion_local.roles import (
     parse_teacher_answer,
 )
 from lion_local.run.seed_data import load_seed_instructions
+from lion_local.smoke.tiny_acceptance import (
+    MIN_READABLE_REVIEWS,
+    MIN_WELL_FORMED_INSTRUCTIONS,
+    acceptance_seeds,
+    well_formed_instruction,
+)
 from lion_local.smoke.tiny_build import make_tiny_models
 from lion_local.smoke.tiny_models import TinyBuild
 from lion_local.endpoints.servers import client_for, config_server
@@ -33,6 +39,7 @@ from serving import ServerError
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "sk-lion-test-4b1d9e7c"
+SERVED_MARGIN = 2
 
 
 async def _exercise_roles(config, endpoints, seeds):
@@ -60,28 +67,30 @@ async def _exercise_roles(config, endpoints, seeds):
 
 
 def test_every_role_returns_a_well_formed_parsed_result(tiny_run_config: Path, tmp_path: Path):
-    config = load_config(tiny_run_config)
-    seeds = load_seed_instructions(config.seed_data)[::20]  # 8 instructions across the categories
+    # Greedy referee and generator, as the tiny build's acceptance check asks them
+    # (lion_local/smoke/tiny_acceptance.py): what they write is then bounded by what any accepted
+    # teacher writes, not by what one host's teacher happened to.
+    config = load_config(tiny_run_config, ["roles.referee.temperature=0", "roles.generator.temperature=0"])
+    seeds = acceptance_seeds(load_seed_instructions(config.seed_data))
     with config_server(config, "teacher", tmp_path / "logs") as teacher, config_server(
         config, "student", tmp_path / "logs"
     ) as student:
         results, usage = asyncio.run(_exercise_roles(config, {"teacher": teacher, "student": student}, seeds))
 
     reviews = [parse_referee_scores(r.text) for _, _, a, b, _, _ in results for r in (a, b)]
-    generated = [parse_generated_instruction(r.text) for *_, hard, easy in results for r in (hard, easy)]
+    generated = [r.text for *_, hard, easy in results for r in (hard, easy)]
     assert all(parse_teacher_answer(answer.text) for answer, *_ in results)
     assert all(student.finish_reason in ("stop", "length") for _, student, *_ in results)
-    # The tiny teacher's weights differ between CPU hosts (same seed, other float kernels): 14 to
-    # 16 of these 16 reviews read on one host, 13 on another, the rest stopping after the first
-    # score line, which the parser must refuse (asserted below).
-    assert sum(review is not None for review in reviews) >= 12, [r.text for *_, a, b, _, _ in results for r in (a, b)]
+    # The served teacher reviews the student's answers where the check used garbled ones, and the
+    # server's batched arithmetic may tip a greedy choice: a margin of SERVED_MARGIN below the floors.
+    assert sum(review is not None for review in reviews) >= MIN_READABLE_REVIEWS - SERVED_MARGIN, [
+        r.text for *_, a, b, _, _ in results for r in (a, b)]
     unread = [r.text for *_, a, b, _, _ in results for r in (a, b) if parse_referee_scores(r.text) is None]
     assert all(text.count("Score of Assistant") < 2 for text in unread), unread
     scores = [score for review in reviews if review for score in review]
     assert all(1 <= score <= 10 for score in scores)
     assert len(set(reviews) - {None}) >= 2, "the referee's scores must vary between instructions"
-    well_formed = [text for text in generated if text and len(text.split()) >= 4]
-    assert len(well_formed) >= 12, [r.text for *_, hard, easy in results for r in (hard, easy)]
+    assert sum(map(well_formed_instruction, generated)) >= MIN_WELL_FORMED_INSTRUCTIONS - SERVED_MARGIN, generated
 
     assert usage["teacher"].calls == usage["student"].calls == len(seeds)
     assert usage["referee"].calls == usage["generator"].calls == 2 * len(seeds)
@@ -147,7 +156,8 @@ def test_a_server_that_cannot_load_its_model_fails_fast_naming_its_log(tiny_run_
     with pytest.raises(ServerError, match=r"teacher server exited with code \d+ while starting.*server-teacher.log"):
         with config_server(config, "teacher", tmp_path / "logs"):
             pass
-    assert time.monotonic() - started < 60
+    # Fast: on the server's exit, not after its start-up timeout (a host three times slower included).
+    assert time.monotonic() - started < config.servers["teacher"].startup_timeout_s / 2
 
 
 _SERVER_WITH_A_CHILD = """
@@ -187,10 +197,10 @@ def _digest(directory: Path) -> str:
 
 
 def test_tiny_models_are_deterministic_for_a_seed(tmp_path: Path):
-    build = TinyBuild(seed=3, train_steps=3)
+    build = TinyBuild(seed=3, train_steps=3, acceptance=False)  # three steps teach it nothing to accept
     first = make_tiny_models(tmp_path / "a", build=build)
     second = make_tiny_models(tmp_path / "b", build=build)
-    other = make_tiny_models(tmp_path / "c", build=TinyBuild(seed=4, train_steps=3))
+    other = make_tiny_models(tmp_path / "c", build=TinyBuild(seed=4, train_steps=3, acceptance=False))
     assert _digest(first / "teacher") == _digest(second / "teacher")
     assert _digest(first / "student") == _digest(second / "student")
     assert (first / "teacher/tokenizer.json").read_bytes() == (second / "teacher/tokenizer.json").read_bytes()

@@ -159,6 +159,7 @@ def _servers_started(outcome: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("command", ["run", "serve"])
+@pytest.mark.integration
 def test_a_configured_port_in_use_is_refused_before_any_server_starts(tiny_models, tmp_path, command):
     port = free_port()
     squatter = _squat(port, foreign=False)
@@ -175,6 +176,7 @@ def test_a_configured_port_in_use_is_refused_before_any_server_starts(tiny_model
     assert _servers_started(outcome) == [] and outcome["left"] == {}
 
 
+@pytest.mark.integration
 def test_doctor_fails_the_server_check_of_a_configured_port_in_use(tiny_models, tmp_path):
     port = free_port()
     squatter = _squat(port, foreign=True)  # it would answer every check, as another model
@@ -193,6 +195,7 @@ def test_doctor_fails_the_server_check_of_a_configured_port_in_use(tiny_models, 
     assert outcome["left"] == {}
 
 
+@pytest.mark.integration
 def test_another_server_taking_a_configured_port_ends_the_run_in_one_line(tiny_models, tmp_path):
     """The port is free when checked, and taken by an OpenAI-like server for another model before
     `transformers serve` binds it: its replies are never used."""
@@ -210,6 +213,7 @@ def test_another_server_taking_a_configured_port_ends_the_run_in_one_line(tiny_m
     assert outcome["left"] == {}
 
 
+@pytest.mark.integration
 def test_picked_ports_lost_before_the_servers_bind_them_are_replaced(tiny_models, tmp_path):
     """The student's first port is taken by a server answering for another model (the doctor waits
     for the student first, so that server answers /health before the student's exits), the

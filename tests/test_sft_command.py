@@ -3,6 +3,10 @@
 Covered:
 - training_launch.accelerate_command: one local CPU process (exact argument list), the GPU variant
   (bf16 only when imitation.trainer.bf16 is set), and `--config_file` when imitation.accelerate_config is set.
+- sft.launched_world_size: torchrun's WORLD_SIZE, else an MPI launcher's (what accelerate reads).
+- training_launch.check_launch_settings / training_environment: configs/accelerate/cpu-ddp.yaml is
+  launched as written (its use_cpu hides the GPUs), the GPU files on GPUs; FSDP on the CPU (use_cpu,
+  or no GPU) and MULTI_CPU with several processes but no mpirun are refused in one line (exit 2).
 - sft.gradient_accumulation_steps: exact division and rounding up.
 - imitation.training_examples: alpaca rows whose prompt is exactly the inference prompt
   (student_prompt) and whose completion is answer + eos; chat rows built from
@@ -15,13 +19,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from lion_local.config import load_config
+from lion_local.config import ConfigError, load_config
 from lion_local.stages.imitation import training_examples
 from lion_local.run.records import instruction_record
 from lion_local.roles.student import student_chat_messages, student_prompt
-from lion_local.stages.sft import gradient_accumulation_steps
-from lion_local.stages.training_launch import accelerate_command
+from lion_local.stages.sft import gradient_accumulation_steps, launched_world_size
+from lion_local.stages.training_launch import accelerate_command, check_launch_settings, training_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -99,6 +104,82 @@ def test_accelerate_command_with_a_config_file(tmp_path, monkeypatch, cuda: bool
     command = accelerate_command(config, job_file)
     assert Path(command[0]).name == "accelerate"
     assert command[1:] == ["launch", "--config_file", accelerate_file, "-m", "lion_local.stages.sft", str(job_file)]
+
+
+@pytest.mark.parametrize("world, expected", [({}, 1), ({"WORLD_SIZE": "2"}, 2), ({"PMI_SIZE": "4"}, 4),
+                                             ({"OMPI_COMM_WORLD_SIZE": "3"}, 3), ({"WORLD_SIZE": "2", "PMI_SIZE": "4"}, 2)])
+def test_launched_world_size_reads_torchrun_then_mpi(monkeypatch, world: dict, expected: int):
+    for variable in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(variable, raising=False)
+    for variable, value in world.items():
+        monkeypatch.setenv(variable, value)
+    assert launched_world_size() == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# check_launch_settings, training_environment: accelerate files that would not train as written
+# ----------------------------------------------------------------------------------------------
+
+
+def _accelerate_file(tmp_path: Path, **settings) -> str:
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(yaml.safe_dump({"compute_environment": "LOCAL_MACHINE", "num_machines": 1, **settings}))
+    return str(path)
+
+
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_the_cpu_ddp_file_is_launched_as_written(tmp_path, monkeypatch, on_gpu: bool):
+    config = _config(tmp_path, monkeypatch, "imitation.accelerate_config=configs/accelerate/cpu-ddp.yaml")
+    check_launch_settings(config, on_gpu=on_gpu)
+    assert training_environment(config) == {"CUDA_VISIBLE_DEVICES": ""}  # use_cpu: the GPUs stay hidden
+    command = accelerate_command(config, tmp_path / "job.json", on_gpu=on_gpu)
+    assert command[1:4] == ["launch", "--config_file", str(ROOT / "configs/accelerate/cpu-ddp.yaml")]
+
+
+def test_the_gpu_files_pass_on_a_gpu_machine_and_keep_the_gpus_visible(tmp_path, monkeypatch):
+    for name in ("fsdp.yaml", "deepspeed-zero3.yaml"):
+        config = _config(tmp_path, monkeypatch, f"imitation.accelerate_config=configs/accelerate/{name}")
+        check_launch_settings(config, on_gpu=True)
+        assert training_environment(config) == {}
+    assert training_environment(_config(tmp_path, monkeypatch)) == {}
+
+
+def test_fsdp_on_the_cpu_is_refused(tmp_path, monkeypatch):
+    import accelerate
+
+    config = _config(tmp_path, monkeypatch, "imitation.accelerate_config=configs/accelerate/fsdp.yaml")
+    with pytest.raises(ConfigError) as refused:
+        check_launch_settings(config, on_gpu=False)
+    fsdp = ROOT / "configs/accelerate/fsdp.yaml"
+    assert str(refused.value) == (
+        f"imitation.accelerate_config: {fsdp}: FSDP cannot train on the CPU (torch sees no GPU on this machine): "
+        f"accelerate {accelerate.__version__} turns FSDP on for GPUs only and would train with plain DDP over gloo, "
+        "each process holding the whole model; use configs/accelerate/cpu-ddp.yaml for several CPU processes, or "
+        "train with this file on GPUs"
+    )
+    assert refused.value.exit_code == 2
+    on_cpu = _accelerate_file(tmp_path, distributed_type="FSDP", use_cpu=True, num_processes=2)
+    with pytest.raises(ConfigError, match=r"FSDP cannot train on the CPU \(use_cpu: true\)"):
+        check_launch_settings(_config(tmp_path, monkeypatch, f"imitation.accelerate_config={on_cpu}"), on_gpu=True)
+
+
+@pytest.mark.parametrize("settings, refused", [
+    ({"num_processes": 2}, True),
+    ({"num_processes": 2, "mpirun_hostfile": "/etc/hosts"}, False),  # mpirun starts the processes
+    ({"num_processes": 1}, False),
+])
+def test_multi_cpu_with_several_processes_needs_mpirun(tmp_path, monkeypatch, settings: dict, refused: bool):
+    path = _accelerate_file(tmp_path, distributed_type="MULTI_CPU", use_cpu=True, **settings)
+    config = _config(tmp_path, monkeypatch, f"imitation.accelerate_config={path}")
+    if not refused:
+        check_launch_settings(config, on_gpu=False)
+        return
+    with pytest.raises(ConfigError) as error:
+        check_launch_settings(config, on_gpu=False)
+    assert str(error.value).startswith(
+        f"imitation.accelerate_config: {path}: distributed_type MULTI_CPU with num_processes 2 starts one process "
+        "under accelerate launch unless mpirun starts them (mpirun_hostfile), so training would run in 1; "
+    )
 
 
 # ----------------------------------------------------------------------------------------------

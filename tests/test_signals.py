@@ -1,5 +1,7 @@
 """SIGTERM (scancel, a time limit) and SIGINT (Ctrl-C) at any moment, a server's start-up included:
-lion-local stops every server it started, and exits within EXIT_LIMIT_S with 128 + the signal,
+lion-local stops every server it started, and exits with 128 + the signal in less than half the
+servers' stop grace (set long here, GRACE_S: a loading server waited out for its whole grace, or a
+trainer left to finish, would take longer; the measured exit times are in docs/reliability.md),
 no process of the run left behind and no torn journal line.
 
 - vLLM (its CPU build) still loading, when its API server ignores SIGTERM: SIGTERM to `lion-local run`.
@@ -29,9 +31,12 @@ import yaml
 
 from loop_checks import descendants, lion_local, tiny_config
 
+pytestmark = pytest.mark.integration
+
 ROOT = Path(__file__).resolve().parents[1]
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
-EXIT_LIMIT_S = 10.0
+GRACE_S = 60.0  # servers.*.stop_grace_s in these tests
+EXIT_LIMIT_S = GRACE_S / 2  # a few seconds are measured; this holds on a host several times slower
 
 
 class ProcessTree(threading.Thread):
@@ -155,8 +160,14 @@ def _check_clean_stop(outcome: dict, signum: int, run_dir: Path) -> None:
     _journals_are_whole(run_dir)
 
 
+def _long_grace(data: dict) -> dict:
+    for name in ("teacher", "student"):
+        data["servers"][name]["stop_grace_s"] = GRACE_S
+    return data
+
+
 def _vllm_config(tiny_models: Path, tmp_path: Path) -> Path:
-    data = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())
+    data = _long_grace(yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text()))
     data["run_dir"] = str(tmp_path / "run")
     data["seed_data"] = str(ROOT / "lion_local/data/smoke_seed.jsonl")
     data["tiny_models"]["dir"] = str(tiny_models)
@@ -169,7 +180,7 @@ def _vllm_config(tiny_models: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.skipif(not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build)")
-def test_sigterm_while_vllm_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
+def test_sigterm_while_vllm_loads_stops_everything_without_waiting_out_the_grace(tiny_models: Path, tmp_path: Path):
     # The engine core runs: the API server is deep in its load.
     moment = while_loading("vllm.entrypoints", "VLLM::EngineCore")
     outcome = _interrupt(_vllm_config(tiny_models, tmp_path), tmp_path, signal.SIGTERM, moment)
@@ -187,9 +198,9 @@ def test_sigterm_while_the_student_trains_stops_the_trainer_and_the_teacher_s_vl
     assert (tmp_path / "run/teacher_answers.jsonl").read_text().count("\n") == 48  # kept for the resume
 
 
-def test_sigint_while_transformers_serve_loads_stops_everything_within_10_s(tiny_models: Path, tmp_path: Path):
+def test_sigint_while_transformers_serve_loads_stops_everything_without_waiting_out_the_grace(tiny_models: Path, tmp_path: Path):
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tiny_models, tmp_path / "run")))
+    config.write_text(yaml.safe_dump(_long_grace(tiny_config(tiny_models, tmp_path / "run"))))
     # Two seconds in: the server imports and loads its model (it answers after about five).
     moment = while_loading("transformers serve", "transformers serve", delay_s=2.0)
     outcome = _interrupt(config, tmp_path, signal.SIGINT, moment)

@@ -459,6 +459,41 @@ def _health_server():
         thread.join(timeout=5)
 
 
+class FakeClock:
+    """Stands in for serving.published's `time`: monotonic() reads a clock that only sleep() moves,
+    each sleep is recorded, and at(moment, action) runs an action once the clock has reached a
+    moment (a service job publishing late). The waits are then the code's own, on any host."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.sleeps: list[float] = []
+        self._due: list[tuple[float, object]] = []
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)  # strftime and the rest: the real module's
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+        self.now += seconds
+        for moment, action in list(self._due):
+            if moment <= self.now:
+                self._due.remove((moment, action))
+                action()
+
+    def at(self, moment: float, action) -> None:
+        self._due.append((moment, action))
+
+
+@pytest.fixture
+def clock(monkeypatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(serving.published, "time", fake)
+    return fake
+
+
 @pytest.fixture
 def external(tmp_path, monkeypatch):
     """tiny-cpu with the teacher external and no base_urls: it reads published endpoints."""
@@ -568,8 +603,9 @@ def test_live_published_endpoints_balance_over_replicas(external):
     assert model == "model-x"
 
 
-def test_live_published_endpoints_wait_for_a_late_publication(external):
+def test_live_published_endpoints_wait_for_a_late_publication(external, clock):
     directory = external.endpoint_dir("teacher")
+    poll = serving.published.POLL_INTERVAL_S
     with _health_server() as live:
 
         def publish() -> None:
@@ -578,24 +614,21 @@ def test_live_published_endpoints_wait_for_a_late_publication(external):
             _write_endpoint(temporary, json.dumps({"base_url": live, "model": "late-model"}))
             os.replace(temporary, directory / "local-late.json")
 
-        timer = threading.Timer(0.4, publish)
-        timer.start()
-        try:
-            started = time.monotonic()
-            assert _live(external, "teacher") == ({live: None}, "late-model")
-            assert 0.3 < time.monotonic() - started < 1.5
-        finally:
-            timer.cancel()
-            timer.join()
+        clock.at(3.5 * poll, publish)  # between the third and the fourth poll's wait
+        assert _live(external, "teacher") == ({live: None}, "late-model")
+    # It kept polling, one interval apart, and found the file at the first poll after it appeared,
+    # well before startup_timeout_s (15 intervals).
+    assert clock.sleeps == [poll] * 4
 
 
-def test_live_published_endpoints_time_out_when_nothing_is_published(external):
+def test_live_published_endpoints_time_out_when_nothing_is_published(external, clock):
     directory = external.endpoint_dir("teacher")
-    started = time.monotonic()
     with pytest.raises(ServerError) as caught:
         _live(external, "teacher")
-    elapsed = time.monotonic() - started
-    assert 1.4 <= elapsed < 4.0
+    # Polled one interval apart for the whole startup_timeout_s, and gave up at the first poll past it.
+    timeout, poll = external.servers["teacher"].startup_timeout_s, serving.published.POLL_INTERVAL_S
+    assert set(clock.sleeps) == {poll}
+    assert timeout < sum(clock.sleeps) <= timeout + poll + 1e-9
     message = str(caught.value)
     assert str(directory) in message
     assert "sbatch slurm/serve.sh" in message
@@ -603,7 +636,7 @@ def test_live_published_endpoints_time_out_when_nothing_is_published(external):
     assert not directory.exists()  # reading never creates the directory
 
 
-def test_live_published_endpoints_time_out_when_none_answers(external):
+def test_live_published_endpoints_time_out_when_none_answers(external, clock):
     external.servers["teacher"].startup_timeout_s = 0.5
     dead = f"http://127.0.0.1:{free_port()}/v1"
     with (
@@ -611,16 +644,16 @@ def test_live_published_endpoints_time_out_when_none_answers(external):
         pytest.raises(ServerError, match="1 file\\(s\\) there, none answering /health"),
     ):
         _live(external, "teacher")
+    assert 0.5 < sum(clock.sleeps) <= 0.5 + serving.published.POLL_INTERVAL_S + 1e-9  # the whole timeout, polling
 
 
-def test_live_published_endpoints_refuse_different_models(external):
+def test_live_published_endpoints_refuse_different_models(external, clock):
     with _health_server() as first, _health_server() as second, ExitStack() as stack:
         stack.enter_context(_publish(external, "teacher", first, "model-a"))
         stack.enter_context(_publish(external, "teacher", second, "model-b"))
-        started = time.monotonic()
         with pytest.raises(ServerError, match="different models") as caught:
             _live(external, "teacher")
-        assert time.monotonic() - started < 1.0  # an error at once, not after the timeout
+        assert clock.sleeps == []  # an error at the first look, not after waiting for the timeout
     assert "model-a" in str(caught.value) and "model-b" in str(caught.value)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from aiohttp import web
 
 from lion_local.config import load_config
@@ -82,6 +83,7 @@ def test_training_prompt_and_inference_prompt_are_byte_identical() -> None:
         assert prompt.endswith("### Response:\n")
 
 
+@pytest.mark.integration
 def test_trl_masks_exactly_the_inference_prompt(tiny_models: Path, tmp_path: Path) -> None:
     from datasets import Dataset
     from transformers import AutoTokenizer

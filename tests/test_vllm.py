@@ -43,9 +43,9 @@ WRAPPER = [sys.executable, str(ROOT / "tests/loopback_only.py")] if OFFLINE else
 SERVER_MARKS = ("vllm.entrypoints", "VLLM::")
 LORA_RANK = 4
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     not VLLM_PYTHON.exists(), reason="no .venv-vllm/ (vLLM's CPU build): `make install` creates it on CPU machines"
-)
+)]
 
 
 def _parsed_by_vllm(argvs: list[list[str]]) -> list[dict]:
@@ -95,24 +95,46 @@ def test_every_flag_lion_local_passes_is_accepted_by_the_installed_vllm(tmp_path
 # ----------------------------------------------------------------------------------------------
 
 
-def _vllm_processes() -> dict[int, str]:
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if any(mark in command for mark in SERVER_MARKS):
-                found[int(entry.name)] = command
-    return found
+def _vllm_processes(pid: int) -> dict[int, str]:
+    """The vLLM processes below `pid` (this test's own: other tests may run vLLM beside it)."""
+    return {child: command for child, command in descendants(pid).items() if any(mark in command for mark in SERVER_MARKS)}
 
 
-def _wait_for_no_vllm(timeout_s: float) -> dict[int, str]:
+def _running(processes: dict[int, str]) -> dict[int, str]:
+    """Those of `processes` still running (a pid taken by another command since does not count)."""
+    running = {}
+    for pid, command in processes.items():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            now = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone
+        if stat[stat.rindex(")") + 2] != "Z" and now == command:
+            running[pid] = command
+    return running
+
+
+def _wait_until_gone(processes: dict[int, str], timeout_s: float) -> dict[int, str]:
     deadline = time.monotonic() + timeout_s
-    while (left := _vllm_processes()) and time.monotonic() < deadline:
+    while (left := _running(processes)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
+
+
+def _shm_mapped() -> set[str]:
+    """Names under /dev/shm that some live process maps."""
+    mapped = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        try:
+            mapped.update(line.split("/dev/shm/", 1)[1].split()[0] for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+        except (OSError, IndexError):
+            continue
+    return mapped
+
+
+def _shm_leaked(before: set[str]) -> set[str]:
+    """Shared-memory objects made since `before` that no live process maps: left behind."""
+    return set(os.listdir("/dev/shm")) - before - _shm_mapped()
 
 
 def _status_without_key(pid: int, url: str) -> int:
@@ -134,6 +156,7 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid = pid
         self.commands: set[str] = set()
+        self.processes: dict[int, str] = {}  # every process seen below pid
         self.environments: list[dict[str, str]] = []
         self.most_servers_at_once = 0
         self.done = threading.Event()
@@ -142,6 +165,7 @@ class Sampler(threading.Thread):
         while not self.done.is_set():
             tree = descendants(self.pid)
             self.commands.update(tree.values())
+            self.processes.update(tree)
             supervisors = [pid for pid, command in tree.items() if "serving/supervisor.py" in command]
             self.most_servers_at_once = max(self.most_servers_at_once, len(supervisors))
             for pid in supervisors:
@@ -197,12 +221,13 @@ def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
         time.sleep(0.05)
     assert first.poll() is None, f"the run ended before the kill point: {first.stdout.read()[-3000:]}"
     outcome["servers_at_kill"] = sampler.most_servers_at_once
+    sampler.processes.update(descendants(first.pid))
     first.send_signal(signal.SIGKILL)
     first.wait()
     outcome["reviews_at_kill"] = len(reviews.read_text().splitlines())
     outcome["first_output"] = first.stdout.read()
-    outcome["left_after_kill"] = _wait_for_no_vllm(60)
-    outcome["shm_after_kill"] = set(os.listdir("/dev/shm")) - shm_before
+    outcome["left_after_kill"] = _wait_until_gone(sampler.processes, 60)
+    outcome["shm_after_kill"] = _shm_leaked(shm_before)
     sampler.done.set()
 
     second = subprocess.Popen([*WRAPPER, *lion_local("run", "--config", str(config))], env=environment, cwd=directory,
@@ -212,8 +237,8 @@ def vllm_run(tiny_models: Path, tmp_path_factory) -> dict:
     outcome["second_output"] = second.communicate(timeout=900)[0]
     outcome["second_code"] = second.returncode
     resumed.done.set()
-    outcome["left_at_end"] = _wait_for_no_vllm(30)
-    outcome["shm_at_end"] = set(os.listdir("/dev/shm")) - shm_before
+    outcome["left_at_end"] = _wait_until_gone(resumed.processes, 30)
+    outcome["shm_at_end"] = _shm_leaked(shm_before)
     outcome["commands"] = sampler.commands | resumed.commands
     outcome["server_environments"] = sampler.environments + resumed.environments
     outcome["report"] = subprocess.run(lion_local("report", "--config", str(config)), capture_output=True,
@@ -299,7 +324,12 @@ def _small_config(tiny_models: Path, directory: Path, *extra_teacher_args: str, 
 
 def test_a_flag_vllm_does_not_know_ends_the_run_in_one_line_naming_the_key(tiny_models: Path, tmp_path: Path):
     config = _small_config(tiny_models, tmp_path, "--no-such-flag")
-    result = subprocess.run(lion_local("run", "--config", str(config)), capture_output=True, text=True, timeout=300)
+    process = subprocess.Popen(lion_local("run", "--config", str(config)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = Sampler(process.pid)
+    sampler.start()
+    stdout, stderr = process.communicate(timeout=300)
+    sampler.done.set()
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
     assert result.returncode == 1
     [line] = result.stderr.strip().splitlines()[-1:]
     assert line.startswith("error: teacher server exited with code 2 while starting")
@@ -307,7 +337,7 @@ def test_a_flag_vllm_does_not_know_ends_the_run_in_one_line_naming_the_key(tiny_
     assert str(tmp_path / "run/logs/server-teacher.log") in line
     answers = tmp_path / "run/teacher_answers.jsonl"
     assert not answers.exists() or not answers.read_text()  # no stage work was done
-    assert _wait_for_no_vllm(30) == {}
+    assert _wait_until_gone(sampler.processes, 30) == {}
 
 
 def test_sigkill_of_lion_local_while_vllm_loads_leaves_no_process(tiny_models: Path, tmp_path: Path):
@@ -318,10 +348,11 @@ def test_sigkill_of_lion_local_while_vllm_loads_leaves_no_process(tiny_models: P
     deadline = time.monotonic() + 120
     # Killed once the engine core has been spawned and is still loading: the moment an API
     # server ignores the SIGTERM of its parent's death.
-    while "VLLM::EngineCore" not in " ".join(_vllm_processes().values()) and time.monotonic() < deadline:
+    while "VLLM::EngineCore" not in " ".join(_vllm_processes(serve.pid).values()) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert "Starting vLLM server" not in log.read_text(), "vLLM finished loading before the kill"
-    assert len(_vllm_processes()) >= 2
+    started = descendants(serve.pid)
+    assert len(_vllm_processes(serve.pid)) >= 2
     serve.send_signal(signal.SIGKILL)
     serve.wait()
-    assert _wait_for_no_vllm(30) == {}
+    assert _wait_until_gone(started, 30) == {}

@@ -24,6 +24,7 @@ from lion_local.roles.referee import referee_messages
 from lion_local.roles.student import student_prompt
 from lion_local.roles.teacher import teacher_messages
 from lion_local.run.seed_data import SeedInstruction, load_seed_instructions
+from lion_local.smoke.tiny_acceptance import Generate, acceptance_figures, check_acceptance
 from lion_local.smoke.tiny_models import TinyBuild, builtin_seed_data
 
 logger = logging.getLogger(__name__)
@@ -48,6 +49,8 @@ def make_tiny_models(out_dir: str | Path, seed_data: str | Path | None = None, b
     tokenizer = train_tokenizer(examples, build.vocab_size)
     teacher = _new_model(tokenizer, build.teacher_hidden, build.teacher_layers)
     train_teacher(teacher, tokenizer, examples, build, rng)
+    if build.acceptance:
+        check_acceptance(acceptance_figures(greedy(teacher, tokenizer), seeds))
 
     torch.manual_seed(build.seed + 1)
     student = _new_model(tokenizer, build.student_hidden, build.student_layers)
@@ -249,6 +252,22 @@ def train_teacher(
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     logger.info("tiny teacher trained for %d steps, last loss %.3f", build.train_steps, loss.item())
     model.eval()
+
+
+def greedy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> Generate:
+    """Greedy completions of chats with `model`, as a server without sampling would write them."""
+
+    def generate(chats: list[list[dict]], max_new_tokens: int) -> list[str]:
+        tokenizer.padding_side = "left"
+        prompts = tokenizer([_chat(messages) for messages in chats], add_special_tokens=False, padding=True,
+                            return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**prompts, max_new_tokens=max_new_tokens, do_sample=False,
+                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        tokenizer.padding_side = "right"
+        return tokenizer.batch_decode(output[:, prompts["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    return generate
 
 
 def _batch(pairs: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, ...]:

@@ -43,6 +43,7 @@ class TinyBuild:
     batch_size: int = 16
     learning_rate: float = 3e-3
     referee_examples_per_seed: int = 3
+    acceptance: bool = True  # end with the teacher's acceptance check (lion_local/smoke/tiny_acceptance.py)
 
 
 def builtin_seed_data() -> Path:

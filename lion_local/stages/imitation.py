@@ -32,7 +32,7 @@ from lion_local.run.layout import Iteration, IterationDir, RunDir
 from lion_local.run.state import write_atomic, write_jsonl_atomic
 from lion_local.run.teacher_cache import teacher_answers_for
 from lion_local.stages.lora import adapter_of, is_adapter
-from lion_local.stages.training_launch import training_command
+from lion_local.stages.training_launch import training_command, training_environment
 from lion_local.stages.truncation import warn_truncated
 from lion_local.endpoints.servers import ServerSet
 from serving.process import die_with_parent
@@ -171,7 +171,7 @@ def train_student(config: Config, run: RunDir, directory: IterationDir, base: st
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            env=offline_environ(),
+            env=offline_environ(**training_environment(config)),
             preexec_fn=die_with_parent,
         )
         _follow_progress(process, progress_file, f"{marker}: training")

@@ -76,9 +76,11 @@ def stages_for(config: Config, run: RunDir, scope: str, stage: str | None = None
     raise StageOrderError(f"stage {wanted} cannot run yet: the next stage is {remaining[0]}; run that first")
 
 
-def check_inputs(config: Config, run: RunDir) -> None:
-    """Everything a run needs beyond the config, checked before the run directory is created."""
+def check_inputs(config: Config, run: RunDir, stages: list[Stage] | None = None) -> None:
+    """Everything a run needs beyond the config, checked before the run directory is created
+    (`stages`: those about to run, None: any; only a training stage needs a launchable accelerate file)."""
     from lion_local.config import check_accelerate_config
+    from lion_local.stages.training_launch import check_launch_settings
 
     servers = config.servers_in_use()
     check_models_exist(config, servers)
@@ -88,7 +90,12 @@ def check_inputs(config: Config, run: RunDir) -> None:
     if not run.iteration(1).cache_pool.exists():
         seed_records(config)  # a bad seed file fails here, before anything is written
     decontamination_index(config)  # and so does a bad question file
-    check_accelerate_config(config)  # a FIFO or a broken file would stop the training process, not this one
+    # A FIFO, a broken file or settings accelerate would not honour here (FSDP on the CPU) would
+    # stop or mislead the training process, not this one.
+    if stages is None or any(each.name == "imitation" for each in stages):
+        check_launch_settings(config)
+    else:
+        check_accelerate_config(config)
 
 
 def execute(config: Config, scope: str, stage: str | None = None, accepted_changes: tuple[str, ...] = ()) -> list[Stage]:
@@ -101,8 +108,8 @@ def execute(config: Config, scope: str, stage: str | None = None, accepted_chang
     check_within_iterations(run, config.iterations)
     if run.state_json.exists() and not remaining_stages(config, run):
         return []
-    stages_for(config, run, scope, stage)  # a stage out of order fails before anything is written
-    check_inputs(config, run)
+    # A stage out of order fails before anything is written.
+    check_inputs(config, run, stages_for(config, run, scope, stage))
     writable_dir(run.root, "run_dir")  # a full, read-only or bad path: one line before the first write
     done: list[Stage] = []
     with run_lock(run):

@@ -143,7 +143,7 @@ def train(job: dict) -> dict:
     from transformers import AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     on_gpu = torch.cuda.is_available()  # decided by torch, never by CUDA_VISIBLE_DEVICES
     tokenizer = AutoTokenizer.from_pretrained(job["base_model"])
     if tokenizer.pad_token is None:
@@ -170,8 +170,9 @@ def train(job: dict) -> dict:
         peft_config=peft_config,
         callbacks=[progress_callback(Path(job["progress_file"]))],
     )
+    _check_world(trainer, world_size)
     # Every process picks the same checkpoint; only the first one removes what was cut short.
-    resume = last_complete_checkpoint(Path(job["work_dir"]), remove_incomplete=os.environ.get("RANK", "0") == "0")
+    resume = last_complete_checkpoint(Path(job["work_dir"]), remove_incomplete=trainer.is_world_process_zero())
     if resume is not None:
         logger.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
@@ -187,8 +188,35 @@ def train(job: dict) -> dict:
     return summary
 
 
+def launched_world_size() -> int:
+    """The processes the launcher started: torchrun's WORLD_SIZE, or an MPI launcher's (read by
+    accelerate in the same order), before accelerate sets up the process group."""
+    for variable in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"):
+        if os.environ.get(variable, "").isdigit():
+            return int(os.environ[variable])
+    return 1
+
+
+def _check_world(trainer, world_size: int) -> None:
+    """Log how this process trains; the accumulation was sized for `world_size` processes, so a
+    trainer that joined another number of them would train with another effective batch."""
+    state, args = trainer.accelerator.state, trainer.args
+    logger.info(
+        "process %d of %d: %s over %s on %s; per-device batch %d x %d processes x gradient accumulation %d = %d",
+        state.process_index, state.num_processes, state.distributed_type.value, state.backend or "no backend",
+        state.device,
+        args.per_device_train_batch_size, state.num_processes, args.gradient_accumulation_steps,
+        args.per_device_train_batch_size * state.num_processes * args.gradient_accumulation_steps,
+    )
+    if state.num_processes != world_size:
+        raise RuntimeError(
+            f"the launcher started {world_size} process(es) but accelerate joined {state.num_processes}; "
+            "the gradient accumulation would not give imitation.effective_batch_size"
+        )
+
+
 def _summary(trainer, result, examples: int, resumed: bool, world_size: int, on_gpu: bool) -> dict:
-    model = trainer.model
+    model, args, state = trainer.model, trainer.args, trainer.accelerator.state
     logged_tokens = [entry["num_tokens"] for entry in trainer.state.log_history if "num_tokens" in entry]
     return {
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
@@ -201,6 +229,10 @@ def _summary(trainer, result, examples: int, resumed: bool, world_size: int, on_
         "train_runtime_s": result.metrics.get("train_runtime"),
         "resumed": resumed,
         "world_size": world_size,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "effective_batch_size": args.per_device_train_batch_size * world_size * args.gradient_accumulation_steps,
+        "distributed_type": state.distributed_type.value,
+        "backend": state.backend,
         "device": "cuda" if on_gpu else "cpu",
     }
 

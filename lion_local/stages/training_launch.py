@@ -1,7 +1,9 @@
 """The command line that runs student training (`lion_local.stages.sft`) under `accelerate launch`.
 
 On one node, lion-local runs `accelerate launch` itself: with the configured accelerate file
-(FSDP or DeepSpeed over the node's GPUs), or as one local process. When the SLURM job spans
+(FSDP or DeepSpeed over the node's GPUs, or DDP over gloo with several CPU processes), or as one
+local process. A file accelerate would not honour as written is refused before anything starts
+(`check_launch_settings`). When the SLURM job spans
 several nodes, training runs as one `srun` step with one task per node; each task runs
 `accelerate launch` with its node's rank, and the processes meet through c10d rendezvous on the
 job's first node, so no host file or ssh is needed.
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lion_local.errors import LionError
-from lion_local.config import Config
+from lion_local.config import Config, ConfigError, check_accelerate_config
 from serving.commands import executable
 
 
@@ -55,6 +57,49 @@ def current_allocation(environ: dict[str, str] | None = None) -> Allocation:
     except (OSError, subprocess.SubprocessError) as exc:
         raise LaunchError(f"cannot expand SLURM_JOB_NODELIST={node_list!r} with scontrol: {exc}") from None
     return Allocation(tuple(expanded), int(cpus) if cpus else None)
+
+
+def check_launch_settings(config: Config, on_gpu: bool | None = None) -> None:
+    """Refuse (exit 2, before anything starts) an accelerate file that would not train as it says here.
+
+    - distributed_type MULTI_CPU with several processes and no mpirun_hostfile: accelerate launch
+      starts one process for it, so training would silently run in one;
+    - distributed_type FSDP on the CPU (use_cpu: true, or torch sees no GPU): accelerate turns FSDP
+      on for GPU-like devices only; on the CPU it trains with plain DDP over gloo, every process
+      holding the whole model, so nothing would be sharded.
+    """
+    settings = check_accelerate_config(config) or {}
+    key = f"imitation.accelerate_config: {config.imitation.accelerate_config}"
+    kind = str(settings.get("distributed_type", "")).upper()
+    processes = settings.get("num_processes")
+    if kind == "MULTI_CPU" and isinstance(processes, int) and processes > 1 and not settings.get("mpirun_hostfile"):
+        raise ConfigError(
+            f"{key}: distributed_type MULTI_CPU with num_processes {processes} starts one process under accelerate "
+            "launch unless mpirun starts them (mpirun_hostfile), so training would run in 1; to train with several "
+            "processes on this machine's CPUs use configs/accelerate/cpu-ddp.yaml (MULTI_GPU with use_cpu: true)"
+        )
+    if kind != "FSDP":
+        return
+    if on_gpu is None:
+        import torch
+
+        on_gpu = torch.cuda.is_available()
+    if settings.get("use_cpu") is True or not on_gpu:
+        import accelerate
+
+        why = "use_cpu: true" if settings.get("use_cpu") is True else "torch sees no GPU on this machine"
+        raise ConfigError(
+            f"{key}: FSDP cannot train on the CPU ({why}): accelerate {accelerate.__version__} turns FSDP on for "
+            "GPUs only and would train with plain DDP over gloo, each process holding the whole model; use "
+            "configs/accelerate/cpu-ddp.yaml for several CPU processes, or train with this file on GPUs"
+        )
+
+
+def training_environment(config: Config) -> dict[str, str]:
+    """Variables the training process gets on top of the offline ones: an accelerate file with
+    use_cpu: true hides the GPUs, so that its processes train on the CPU as it says."""
+    settings = check_accelerate_config(config) or {}
+    return {"CUDA_VISIBLE_DEVICES": ""} if settings.get("use_cpu") is True else {}
 
 
 def accelerate_command(config: Config, job_file: Path, on_gpu: bool | None = None) -> list[str]:
