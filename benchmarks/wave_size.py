@@ -48,13 +48,15 @@ def tails_summed(need: int, acceptance: float, limit: int) -> int:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--need", type=int, default=3000, help="instructions a side lacks (the paper: 6,000 a round, half a side)")
+    parser.add_argument("--need", type=int, default=3000,
+                        help="instructions a side lacks (the paper: 6,000 a round, half a side)")
     parser.add_argument("--limit", type=int, default=12000, help="calls left in the side's budget")
     parser.add_argument("--repeat", type=int, default=5)
     args = parser.parse_args()
     need, limit = args.need, args.limit
     print(f"wave_size(need={need}, acceptance, limit={limit}); median of {args.repeat} runs each")
-    print(f"{'acceptance':>10} {'wave':>7} {'tails':>6} {'ms/wave':>9} {'ms/tail':>9} {'wave/tail':>10} {'ms/wave at 1/10':>16} {'10x/1x':>7}")
+    print(f"{'acceptance':>10} {'wave':>7} {'tails':>6} {'ms/wave':>9} {'ms/tail':>9} {'wave/tail':>10} "
+          f"{'ms/wave at 1/10':>16} {'10x/1x':>7}")
     for acceptance in (0.3, 0.6, 0.9):
         size = generation.wave_size(need, acceptance, limit)
         tails = tails_summed(need, acceptance, limit)
