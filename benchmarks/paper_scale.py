@@ -260,6 +260,7 @@ def main() -> None:
         killed = first.until_exit(kill_when=lambda: count_lines(target) >= kill_at)
         if not killed:
             raise SystemExit(f"lion-local run ended (exit {first.process.returncode}) before the kill; see {out}")
+        answers_at_kill = count_lines(target.with_name("student_answers.jsonl"))  # nothing writes after the kill
         restarted = time.monotonic()
         second = Watch(start_run(config_args, out, 2), run_dir / "logs/lion-local.log", stage_cpu, stage_wall)
         journals = [target, target.with_name("student_answers.jsonl"), run_dir / "teacher_answers.jsonl"]
@@ -275,7 +276,8 @@ def main() -> None:
 
     results = summarize(plan, run_dir, stage_cpu, stage_wall, [first, second], wall, server_cpu)
     results["resume"] = {
-        "killed_at": {"journal": str(target.relative_to(run_dir)), "lines": kill_at},
+        "killed_at": {"journal": str(target.relative_to(run_dir)), "lines": kill_at,
+                      "student_answers": answers_at_kill},
         "to_first_new_call_s": round(resume_s, 2) if resume_s is not None else None,
         "to_student_server_launch_s": round(launch_s, 2) if launch_s is not None else None,
     }

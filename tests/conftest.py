@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-# Test files run three at a time on two cores. OpenMP threads that spin while they wait (the default)
+# Test files run two at a time on two cores. OpenMP threads that spin while they wait (the default)
 # take the cores from the other file's processes: a 2-thread greedy generate on the tiny teacher
 # took 45.7 s beside a busy neighbour, 0.59 s with passive waiting (docs/benchmarks.md). Set
 # before torch is imported; every process the tests start inherits it.

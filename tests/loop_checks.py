@@ -121,6 +121,15 @@ def run_config(
     return path
 
 
+def alive(pid: int) -> bool:
+    """The process runs (a zombie, dead but not yet reaped, does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
 def descendants(pid: int) -> dict[int, str]:
     """Every live process below `pid` (children, grandchildren, ...) -> its command line."""
     parents: dict[int, int] = {}

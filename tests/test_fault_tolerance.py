@@ -50,6 +50,7 @@ import yaml
 from safetensors.torch import load_file
 
 from loop_checks import (
+    alive,
     check_invariants,
     descendants,
     jsonl,
@@ -226,22 +227,14 @@ def kill_points(reference: Path, rng: random.Random) -> list[KillPoint]:
     ]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def _still_running(processes: dict[int, str], timeout_s: float) -> tuple[float, dict[int, str]]:
     """Seconds until none of `processes` runs any more, and those still running at the timeout."""
     started = time.monotonic()
     while time.monotonic() - started < timeout_s:
-        if not any(_alive(pid) for pid in processes):
+        if not any(alive(pid) for pid in processes):
             return time.monotonic() - started, {}
         time.sleep(0.1)
-    return timeout_s, {pid: command for pid, command in processes.items() if _alive(pid)}
+    return timeout_s, {pid: command for pid, command in processes.items() if alive(pid)}
 
 
 def _student_server_replies(run_dir: Path) -> int:

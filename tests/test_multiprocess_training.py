@@ -63,7 +63,7 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from loop_checks import descendants, jsonl, lion_local, process_environment, run_config, stop, wait_healthy
+from loop_checks import alive, descendants, jsonl, lion_local, process_environment, run_config, stop, wait_healthy
 from lion_local.roles.student import student_prompt
 from serving.process import free_port
 
@@ -228,14 +228,6 @@ def complete_checkpoint_step(run_dir: Path) -> int:
     return max(steps)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat[stat.rindex(")") + 2] != "Z"
-
-
 def _stage(config: Path, environment: dict[str, str], log: Path) -> subprocess.CompletedProcess:
     with open(log, "w") as output:
         return subprocess.run(lion_local("stage", "imitation", "--config", str(config)), stdout=output,
@@ -262,9 +254,9 @@ def kill_after_first_checkpoint(config: Path, run_dir: Path, environment: dict[s
         stop(process)
     step = complete_checkpoint_step(run_dir)
     deadline = time.monotonic() + 20
-    while any(_alive(pid) for pid in at_kill) and time.monotonic() < deadline:
+    while any(alive(pid) for pid in at_kill) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return {"at_kill": at_kill, "kill_step": step, "left_after_kill": {p: c for p, c in at_kill.items() if _alive(p)},
+    return {"at_kill": at_kill, "kill_step": step, "left_after_kill": {p: c for p, c in at_kill.items() if alive(p)},
             "worker_environments": environments}
 
 

@@ -59,12 +59,15 @@ def test_short_paper_scale_run_is_predicted_small_and_resumes_where_it_stopped(t
     assert figures["calls"]["made"]["teacher"] == SEEDS + NEW_PER_ITERATION
     assert figures["calls"]["made"]["student"] == SEEDS
     assert figures["peak_rss_mib"] < 4096, figures  # memory, not speed: the same on any host
-    # Killed half-way through the largest journal, resumed: the second `lion-local run` launched the
-    # student's server again and journaled new calls (how soon is the benchmark's figure).
+    # Killed half-way through the largest journal, resumed: the second `lion-local run` journaled new
+    # calls, and launched the student's server again where student answers were still missing (on a
+    # busy host the student can finish its answers before the reviews reach the kill; then the resume
+    # needs no student server). How soon is the benchmark's figure.
     resume = figures["resume"]
     assert resume["killed_at"]["journal"] == "iter_1/reviews.jsonl" and resume["killed_at"]["lines"] > 0, resume
-    assert resume["to_student_server_launch_s"] is not None, resume
     assert resume["to_first_new_call_s"] is not None, resume
+    if resume["killed_at"]["student_answers"] < SEEDS:
+        assert resume["to_student_server_launch_s"] is not None, resume
 
 
 # ----------------------------------------------------------------------------------------------

@@ -53,11 +53,15 @@ class ProcessTree(threading.Thread):
         while not self.done.is_set():
             self.current = descendants(self.pid)
             for pid, command in self.current.items():
-                if pid not in self.seen:
-                    try:
-                        self.seen[pid] = (psutil.Process(pid).create_time(), command)
-                    except psutil.Error:
-                        pass
+                # The latest command line: a child caught between fork and exec still shows its
+                # parent's (a busy host makes that window longer).
+                if pid in self.seen and command:
+                    self.seen[pid] = (self.seen[pid][0], command)
+                    continue
+                try:
+                    self.seen[pid] = (psutil.Process(pid).create_time(), command)
+                except psutil.Error:
+                    pass
             time.sleep(0.1)
 
     def left(self) -> dict[int, str]:
