@@ -459,26 +459,31 @@ CPU_FSDP = {
 }
 CPU_MULTI_CPU = {key: value for key, value in CPU_FSDP.items() if key != "fsdp_config"} | {"distributed_type": "MULTI_CPU"}
 
-# What accelerate makes of a launch: one line per process it started.
+# What accelerate makes of a launch: one file per process it started (the processes share one
+# stdout, where their lines can interleave).
 PROBE = """
+import sys
+from pathlib import Path
+
 import torch
 from accelerate import Accelerator
 
 accelerator = Accelerator(cpu=True)
 model = accelerator.prepare(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)))
-print("PROBE", accelerator.process_index, accelerator.num_processes, accelerator.distributed_type.value,
-      type(model).__name__, flush=True)
+fields = [accelerator.process_index, accelerator.num_processes, accelerator.distributed_type.value, type(model).__name__]
+Path(sys.argv[1], f"rank-{accelerator.process_index}").write_text(" ".join(map(str, fields)))
 """
 
 
 def _probe(accelerate_file: Path, tmp_path: Path) -> list[list[str]]:
-    script = tmp_path / "probe.py"
+    script, ranks = tmp_path / "probe.py", tmp_path / f"probe-{accelerate_file.stem}"
     script.write_text(PROBE)
+    ranks.mkdir()
     accelerate = Path(sys.executable).with_name("accelerate")
-    result = subprocess.run([str(accelerate), "launch", "--config_file", str(accelerate_file), str(script)],
+    result = subprocess.run([str(accelerate), "launch", "--config_file", str(accelerate_file), str(script), str(ranks)],
                             capture_output=True, text=True, timeout=HANG_GUARD_S, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
     assert result.returncode == 0, result.stderr[-3000:]
-    return sorted(line.split()[1:] for line in result.stdout.splitlines() if line.startswith("PROBE "))
+    return sorted(path.read_text().split() for path in ranks.iterdir())
 
 
 def _refusal(config: Path) -> list[str]:
