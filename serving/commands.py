@@ -100,6 +100,10 @@ def vllm_command(server: ServerSpec, host: str, port: int, model: str | None = N
     if options.max_model_len is not None:
         # --max-model-len: context length (engine_args.html#--max-model-len).
         command += ["--max-model-len", str(options.max_model_len)]
+    if options.cpu_worker_in_process:
+        # --distributed-executor-backend uni: the model runs in the engine process; vLLM's CPU
+        # backend allows it only with VLLM_ENABLE_V1_MULTIPROCESSING=0 (server_environment).
+        command += ["--distributed-executor-backend", "uni"]
     if adapter:
         command += _lora_args(adapter, name, str(model))
     return command + list(options.extra_args)
@@ -156,6 +160,10 @@ def server_environment(
     if options.cpu_threads_bind is not None:
         # VLLM_CPU_OMP_THREADS_BIND: cores of the CPU backend's OpenMP threads (env_vars.html).
         environment["VLLM_CPU_OMP_THREADS_BIND"] = options.cpu_threads_bind
+    if options.cpu_worker_in_process:
+        # VLLM_ENABLE_V1_MULTIPROCESSING=0: without it the CPU backend turns `uni` back into a worker
+        # process (vllm/platforms/cpu.py); the API server keeps its engine process either way.
+        environment["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if options.cpu_kvcache_space_gib is not None:
         # VLLM_CPU_KVCACHE_SPACE: GiB of KV cache on the CPU backend (env_vars.html).
         environment["VLLM_CPU_KVCACHE_SPACE"] = str(options.cpu_kvcache_space_gib)

@@ -46,7 +46,23 @@ class VllmOptions(StrictModel):
     cpu_kvcache_space_gib: int | None = Field(
         None, ge=1, description="vLLM's CPU backend only: GiB of memory for the KV cache (VLLM_CPU_KVCACHE_SPACE)."
     )
+    cpu_worker_in_process: bool = Field(
+        False,
+        description="vLLM's CPU backend only: run the model in the engine's own process (--distributed-executor-backend "
+        "uni with VLLM_ENABLE_V1_MULTIPROCESSING=0) rather than in a worker process of its own, which imports torch "
+        "and vLLM once more: the tiny teacher starts in about 16 s instead of 24 s, with the same answers. One "
+        "replica on one device only (tensor_parallel_size and data_parallel_size 1).",
+    )
     extra_args: list[str] = Field(default_factory=list, description="More vLLM server arguments, verbatim.")
+
+    @model_validator(mode="after")
+    def _in_process_worker_is_one_device(self) -> VllmOptions:
+        if self.cpu_worker_in_process and (self.tensor_parallel_size > 1 or self.data_parallel_size > 1):
+            raise ValueError(
+                "cpu_worker_in_process runs one replica on one device: set tensor_parallel_size and "
+                "data_parallel_size to 1, or cpu_worker_in_process to false"
+            )
+        return self
 
     @field_validator("cpu_threads_bind", mode="before")
     @classmethod

@@ -14,7 +14,7 @@ import pytest
 
 import serving
 import lion_local.endpoints.servers
-from lion_local.config import load_config
+from lion_local.config import ConfigError, load_config
 from lion_local.offline import OFFLINE_ENVIRONMENT, offline_environ
 from lion_local.endpoints.servers import ServerSet
 from serving import server_launch
@@ -84,6 +84,17 @@ def test_cpu_vllm_servers_get_disjoint_cores_and_a_bounded_kv_cache():
     command = vllm_command(config.servers["teacher"], "127.0.0.1", 8000)
     assert command[:3] == [str(ROOT / ".venv-vllm/bin/python"), "-m", "vllm.entrypoints.openai.api_server"]
     assert "--enforce-eager" in command
+    # The model in the engine's process: the flag and the variable without which the CPU backend ignores it.
+    assert command[command.index("--distributed-executor-backend") + 1] == "uni"
+    assert teacher["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0" == student["VLLM_ENABLE_V1_MULTIPROCESSING"]
+    gpu = load_config(ROOT / "configs/lion-7b.yaml").servers["teacher"]
+    assert "--distributed-executor-backend" not in vllm_command(gpu, "127.0.0.1", 8000)
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING" not in server_environment(gpu, None, None, {})
+
+
+def test_an_in_process_cpu_worker_is_one_replica_on_one_device():
+    with pytest.raises(ConfigError, match="cpu_worker_in_process runs one replica on one device"):
+        load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.vllm.tensor_parallel_size=2"])
 
 
 def test_transformers_command_serves_the_pinned_local_model():
