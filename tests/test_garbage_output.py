@@ -3,7 +3,7 @@
 Iteration 1 runs stage by stage through lion_local.stages.loop.run_stage (the function `lion-local run`
 uses: run the stage, write report.json after generation, mark the stage done), against the fake
 endpoint of tests/fake_endpoint.py; imitation really trains the tiny student with
-`accelerate launch -m lion_local.stages.sft`. The fake roles misbehave on purpose:
+`python -m lion_local.stages.sft`. The fake roles misbehave on purpose:
 
 - teacher: empty and whitespace-only answers (not trained on), answers cut at the length limit;
 - student: empty and whitespace-only answers, answers cut at the length limit;

@@ -89,13 +89,13 @@ def test_stage_iteration_and_status_step_through_a_run(tiny_run_config: Path, tm
     with StartedProcesses(str(tmp_path)) as started:
         _step_through_a_run(tiny_run_config, tmp_path, monkeypatch)
 
-    # What lion-local started: both servers, accelerate and the trainer, all offline.
+    # What lion-local started: both servers and the trainer (no accelerate file: run directly), all offline.
     commands = [command for _, command in started.seen]
     assert any("transformers serve" in c and c.split("serve ")[1].startswith(str(tmp_path / "run")) for c in commands)
     teacher_model = yaml.safe_load(tiny_run_config.read_text())["servers"]["teacher"]["model"]
     assert any("transformers serve" in c and f"serve {teacher_model} " in c for c in commands)
-    assert any("accelerate" in c and " launch " in c for c in commands)
     assert any("-m lion_local.stages.sft" in c for c in commands)
+    assert not any("accelerate" in c and " launch " in c for c in commands)
     for (_, command), environment in started.seen.items():
         if environment is None:
             continue  # it ended before its environment could be read

@@ -151,7 +151,7 @@ def test_the_report_shows_every_role_s_text_the_referee_truncation_and_likelihoo
 
 
 def test_doctor_shows_the_referee_s_figures_in_every_mode(real_model: Path, tmp_path: Path):
-    config = real_config(real_model, tmp_path, **{"discrimination.referee_check.control_pairs": 6,
+    config = real_config(real_model, tmp_path, **{"discrimination.referee_check.control_pairs": 3,
                                                   "roles.referee.max_tokens": 48, "roles.referee.parse_retries": 1})
     doctor = run("doctor", "--config", str(config))
     lines = doctor.stdout.splitlines()

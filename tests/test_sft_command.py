@@ -1,8 +1,9 @@
 """How the imitation stage launches and feeds student training, without training anything.
 
 Covered:
-- training_launch.accelerate_command: one local CPU process (exact argument list), the GPU variant
-  (bf16 only when imitation.trainer.bf16 is set), and `--config_file` when imitation.accelerate_config is set.
+- training_launch.accelerate_command: without an accelerate file, the training process itself (exact
+  argument list, on a CPU or GPU machine alike); `accelerate launch --config_file` when
+  imitation.accelerate_config is set.
 - sft.launched_world_size: torchrun's WORLD_SIZE, else an MPI launcher's (what accelerate reads).
 - training_launch.check_launch_settings / training_environment: configs/accelerate/cpu-ddp.yaml is
   launched as written (its use_cpu hides the GPUs), the GPU files on GPUs; FSDP on the CPU (use_cpu,
@@ -15,6 +16,7 @@ Covered:
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,57 +43,13 @@ def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str):
 # ----------------------------------------------------------------------------------------------
 
 
-def test_accelerate_command_on_cpu(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    config = _config(tmp_path, monkeypatch)
-    job_file = tmp_path / "run" / "iter_1" / "sft_job.json"
-    command = accelerate_command(config, job_file)
-    assert Path(command[0]).name == "accelerate"
-    assert command[1:] == [
-        "launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        "--mixed_precision",
-        "no",
-        "--cpu",
-        "-m",
-        "lion_local.stages.sft",
-        str(job_file),
-    ]
-
-
-def test_accelerate_command_on_cpu_never_asks_for_bf16(tmp_path, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+@pytest.mark.parametrize("cuda", [False, True])
+def test_without_an_accelerate_file_the_training_process_runs_directly(tmp_path, monkeypatch, cuda: bool):
+    # One process, no launcher in front of it; bf16 is the trainer's own setting (sft.py: on a GPU only).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     config = _config(tmp_path, monkeypatch, "imitation.trainer.bf16=true")
-    command = accelerate_command(config, tmp_path / "job.json")
-    assert command[command.index("--mixed_precision") + 1] == "no"
-    assert "--cpu" in command
-
-
-@pytest.mark.parametrize("bf16, precision", [(True, "bf16"), (False, "no")])
-def test_accelerate_command_on_gpu(tmp_path, monkeypatch, bf16: bool, precision: str):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    config = _config(tmp_path, monkeypatch, f"imitation.trainer.bf16={str(bf16).lower()}")
-    job_file = tmp_path / "job.json"
-    command = accelerate_command(config, job_file)
-    assert command[1:] == [
-        "launch",
-        "--num_processes",
-        "1",
-        "--num_machines",
-        "1",
-        "--dynamo_backend",
-        "no",
-        "--mixed_precision",
-        precision,
-        "-m",
-        "lion_local.stages.sft",
-        str(job_file),
-    ]
+    job_file = tmp_path / "run" / "iter_1" / "sft_job.json"
+    assert accelerate_command(config, job_file) == [sys.executable, "-m", "lion_local.stages.sft", str(job_file)]
 
 
 @pytest.mark.parametrize("cuda", [False, True])
@@ -132,7 +90,7 @@ def test_the_cpu_ddp_file_is_launched_as_written(tmp_path, monkeypatch, on_gpu: 
     config = _config(tmp_path, monkeypatch, "imitation.accelerate_config=configs/accelerate/cpu-ddp.yaml")
     check_launch_settings(config, on_gpu=on_gpu)
     assert training_environment(config) == {"CUDA_VISIBLE_DEVICES": ""}  # use_cpu: the GPUs stay hidden
-    command = accelerate_command(config, tmp_path / "job.json", on_gpu=on_gpu)
+    command = accelerate_command(config, tmp_path / "job.json")
     assert command[1:4] == ["launch", "--config_file", str(ROOT / "configs/accelerate/cpu-ddp.yaml")]
 
 

@@ -7,7 +7,7 @@ no process of the run left behind and no torn journal line.
 - vLLM (its CPU build) still loading, when its API server ignores SIGTERM: SIGTERM to `lion-local run`.
   Before this was fixed, the wait for /health ran on a thread that was joined before the servers
   were stopped: 93.7 s with both servers loading.
-- The student training (`accelerate launch`), the teacher's vLLM up beside it: SIGTERM.
+- The student training (its own process), the teacher's vLLM up beside it: SIGTERM.
 - `transformers serve` still loading: SIGINT to `lion-local run`.
 
 Each test samples the run's process tree until the signal; every process it saw must be gone

@@ -3,8 +3,8 @@
     lion-local stage imitation --config X
 
 Teacher answers come through the run-wide cache (only missing ones are requested). Training
-runs in a separate process, `accelerate launch -m lion_local.stages.sft` (one srun task per node when
-the SLURM job spans several; see training_launch.py), continuing from the previous student
+runs in a separate process, `lion_local.stages.sft` (under `accelerate launch` with an accelerate
+file, one srun task per node when the SLURM job spans several; see training_launch.py), continuing from the previous student
 checkpoint (the configured base model in iteration 1), with the loss on the answer only.
 The checkpoint is written to iter_<k>/student.partial/ and renamed to iter_<k>/student/ only
 after training exited cleanly, so a half-written checkpoint is never taken for a finished one.
@@ -135,7 +135,7 @@ def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: Se
 
 
 def train_student(config: Config, run: RunDir, directory: IterationDir, base: str, examples: list[dict]) -> dict:
-    """Fine-tune `base` on `examples` in an `accelerate launch` process; return its summary."""
+    """Fine-tune `base` on `examples` in a training process of its own; return its summary."""
     marker = directory.iteration.stage("imitation")
     student_dir, partial_dir, work_dir = directory.student, directory.student_partial, directory.sft_checkpoints
     log_path, data_file, job_file = directory.sft_log, directory.sft_data, directory.sft_job

@@ -1,6 +1,7 @@
-"""Student fine-tuning with TRL's SFTTrainer; run under `accelerate launch` by the imitation stage.
+"""Student fine-tuning with TRL's SFTTrainer; run by the imitation stage (training_launch.py).
 
-    accelerate launch [...] -m lion_local.stages.sft <job.json>
+    python -m lion_local.stages.sft <job.json>                      (one process)
+    accelerate launch --config_file F -m lion_local.stages.sft <job.json>   (an accelerate file)
 
 The job file (written by lion_local.stages.imitation) names the base checkpoint, the prompt/completion
 dataset, the imitation section (its `trainer` mapping reaches trl's SFTConfig unchanged, next to the

@@ -1,9 +1,11 @@
-"""The command line that runs student training (`lion_local.stages.sft`) under `accelerate launch`.
+"""The command line that runs student training (`lion_local.stages.sft`).
 
-On one node, lion-local runs `accelerate launch` itself: with the configured accelerate file
-(FSDP or DeepSpeed over the node's GPUs, or DDP over gloo with several CPU processes), or as one
-local process. A file accelerate would not honour as written is refused before anything starts
-(`check_launch_settings`). When the SLURM job spans
+On one node with an accelerate file configured, lion-local runs `accelerate launch` with it
+(FSDP or DeepSpeed over the node's GPUs, or DDP over gloo with several CPU processes); without
+one, the training process runs directly (`python -m lion_local.stages.sft`): one process, whose
+trainer finds the device itself, as under a one-process `accelerate launch`, without the
+launcher's own start (about 2.6 CPU seconds). A file accelerate would not honour as written is
+refused before anything starts (`check_launch_settings`). When the SLURM job spans
 several nodes, training runs as one `srun` step with one task per node; each task runs
 `accelerate launch` with its node's rank, and the processes meet through c10d rendezvous on the
 job's first node, so no host file or ssh is needed.
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,21 +105,13 @@ def training_environment(config: Config) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ""} if settings.get("use_cpu") is True else {}
 
 
-def accelerate_command(config: Config, job_file: Path, on_gpu: bool | None = None) -> list[str]:
-    """`accelerate launch` on this node: the configured accelerate file, or one local process."""
-    if on_gpu is None:
-        import torch
-
-        on_gpu = torch.cuda.is_available()
-    command = [executable("accelerate"), "launch"]
-    if config.imitation.accelerate_config:
-        command += ["--config_file", config.imitation.accelerate_config]
-    else:
-        command += ["--num_processes", "1", "--num_machines", "1", "--dynamo_backend", "no"]
-        command += ["--mixed_precision", "bf16" if config.imitation.trainer.get("bf16") and on_gpu else "no"]
-        if not on_gpu:
-            command.append("--cpu")
-    return command + ["-m", "lion_local.stages.sft", str(job_file)]
+def accelerate_command(config: Config, job_file: Path) -> list[str]:
+    """`accelerate launch` on this node with the configured accelerate file, or, without one, the
+    training process itself (bf16 is then the trainer's setting, honoured on a GPU only: sft.py)."""
+    if not config.imitation.accelerate_config:
+        return [sys.executable, "-m", "lion_local.stages.sft", str(job_file)]
+    return [executable("accelerate"), "launch", "--config_file", config.imitation.accelerate_config,
+            "-m", "lion_local.stages.sft", str(job_file)]
 
 
 def multi_node_command(config: Config, job_file: Path, allocation: Allocation, gpus_per_node: int) -> list[str]:
