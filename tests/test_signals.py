@@ -54,9 +54,11 @@ class ProcessTree(threading.Thread):
             self.current = descendants(self.pid)
             for pid, command in self.current.items():
                 # The latest command line: a child caught between fork and exec still shows its
-                # parent's (a busy host makes that window longer).
-                if pid in self.seen and command:
-                    self.seen[pid] = (self.seen[pid][0], command)
+                # parent's (a busy host makes that window longer). A process on its way out reads
+                # as an empty one: it keeps the last it had.
+                if pid in self.seen:
+                    if command:
+                        self.seen[pid] = (self.seen[pid][0], command)
                     continue
                 try:
                     self.seen[pid] = (psutil.Process(pid).create_time(), command)
@@ -159,7 +161,8 @@ def _check_clean_stop(outcome: dict, signum: int, run_dir: Path) -> None:
     assert outcome["seconds"] < EXIT_LIMIT_S, f"exit took {outcome['seconds']:.1f} s"
     assert f"{name}: stopping; what finished is kept" in outcome["stderr"]
     assert "Traceback" not in outcome["stderr"] + outcome["stdout"], outcome["stderr"][-3000:]
-    assert any("serving/supervisor.py" in command for _, command in outcome["seen"].values())
+    seen = [command for _, command in outcome["seen"].values()]
+    assert any("serving/supervisor.py" in command for command in seen), seen
     assert outcome["left"] == {}, outcome["left"]
     _journals_are_whole(run_dir)
 

@@ -251,7 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     summary = train(job)
     if int(os.environ.get("RANK", "0")) == 0:
         _write_json(Path(job["result_file"]), summary)
+    _leave_process_group()
     return 0
+
+
+def _leave_process_group() -> None:
+    """With several processes: wait until every one has written its part, then leave the process
+    group. A process that exits with the group still open may abort in gloo's teardown (SIGABRT,
+    "terminate called without an active exception"), and the launcher then fails a finished training."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
