@@ -52,7 +52,8 @@ class StartedProcesses:
     `marker`, and their environments.
 
     Keyed by pid and command line together: a child caught between fork and exec still shows its
-    parent's command line, and must be sampled again once it has exec'd."""
+    parent's command line (and environment), and must be sampled again once it has exec'd; such a
+    sample of lion-local's own command line is left out."""
 
     def __init__(self, marker: str) -> None:
         self.marker = marker
@@ -65,8 +66,9 @@ class StartedProcesses:
             for pid, command in descendants(os.getpid()).items():
                 if "-m lion_local " in command and self.marker in command:  # a command this test ran
                     for child, child_command in descendants(pid).items():
-                        # An exiting process shows an empty command line and environment.
-                        if child_command and (child, child_command) not in self.seen:
+                        # An exiting process shows an empty command line and environment; a child
+                        # between fork and exec shows lion-local's own, and its environment.
+                        if child_command and child_command != command and (child, child_command) not in self.seen:
                             self.seen[child, child_command] = process_environment(child)
             self._stop.wait(0.05)
 
