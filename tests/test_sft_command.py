@@ -1,7 +1,7 @@
 """How the imitation stage launches and feeds student training, without training anything.
 
 Covered:
-- training_launch.accelerate_command: without an accelerate file, the training process itself (exact
+- training_launch.local_training_command: without an accelerate file, the training process itself (exact
   argument list, on a CPU or GPU machine alike); `accelerate launch --config_file` when
   imitation.accelerate_config is set.
 - sft.launched_world_size: torchrun's WORLD_SIZE, else an MPI launcher's (what accelerate reads).
@@ -28,7 +28,7 @@ from lion_local.stages.imitation import training_examples
 from lion_local.run.records import instruction_record
 from lion_local.roles.student import student_chat_messages, student_prompt
 from lion_local.stages.sft import gradient_accumulation_steps, launched_world_size
-from lion_local.stages.training_launch import accelerate_command, check_launch_settings, training_environment
+from lion_local.stages.training_launch import local_training_command, check_launch_settings, training_environment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +39,7 @@ def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str):
 
 
 # ----------------------------------------------------------------------------------------------
-# accelerate_command
+# local_training_command
 # ----------------------------------------------------------------------------------------------
 
 
@@ -49,17 +49,17 @@ def test_without_an_accelerate_file_the_training_process_runs_directly(tmp_path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     config = _config(tmp_path, monkeypatch, "imitation.trainer.bf16=true")
     job_file = tmp_path / "run" / "iter_1" / "sft_job.json"
-    assert accelerate_command(config, job_file) == [sys.executable, "-m", "lion_local.stages.sft", str(job_file)]
+    assert local_training_command(config, job_file) == [sys.executable, "-m", "lion_local.stages.sft", str(job_file)]
 
 
 @pytest.mark.parametrize("cuda", [False, True])
-def test_accelerate_command_with_a_config_file(tmp_path, monkeypatch, cuda: bool):
+def test_local_training_command_with_a_config_file(tmp_path, monkeypatch, cuda: bool):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     config = _config(tmp_path, monkeypatch, "imitation.accelerate_config=configs/accelerate/fsdp.yaml")
     accelerate_file = str(ROOT / "configs" / "accelerate" / "fsdp.yaml")
     assert config.imitation.accelerate_config == accelerate_file  # resolved against the project root
     job_file = tmp_path / "job.json"
-    command = accelerate_command(config, job_file)
+    command = local_training_command(config, job_file)
     assert Path(command[0]).name == "accelerate"
     assert command[1:] == ["launch", "--config_file", accelerate_file, "-m", "lion_local.stages.sft", str(job_file)]
 
@@ -90,7 +90,7 @@ def test_the_cpu_ddp_file_is_launched_as_written(tmp_path, monkeypatch, on_gpu: 
     config = _config(tmp_path, monkeypatch, "imitation.accelerate_config=configs/accelerate/cpu-ddp.yaml")
     check_launch_settings(config, on_gpu=on_gpu)
     assert training_environment(config) == {"CUDA_VISIBLE_DEVICES": ""}  # use_cpu: the GPUs stay hidden
-    command = accelerate_command(config, tmp_path / "job.json")
+    command = local_training_command(config, tmp_path / "job.json")
     assert command[1:4] == ["launch", "--config_file", str(ROOT / "configs/accelerate/cpu-ddp.yaml")]
 
 

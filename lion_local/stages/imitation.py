@@ -4,8 +4,9 @@
 
 Teacher answers come through the run-wide cache (only missing ones are requested). Training
 runs in a separate process, `lion_local.stages.sft` (under `accelerate launch` with an accelerate
-file, one srun task per node when the SLURM job spans several; see training_launch.py), continuing from the previous student
-checkpoint (the configured base model in iteration 1), with the loss on the answer only.
+file, one srun task per node when the SLURM job spans several; see training_launch.py),
+continuing from the previous student checkpoint (the configured base model in iteration 1), with
+the loss on the answer only.
 The checkpoint is written to iter_<k>/student.partial/ and renamed to iter_<k>/student/ only
 after training exited cleanly, so a half-written checkpoint is never taken for a finished one.
 The final imitation (iteration FINAL) trains on the last iteration's generated instructions into

@@ -105,7 +105,7 @@ def training_environment(config: Config) -> dict[str, str]:
     return {"CUDA_VISIBLE_DEVICES": ""} if settings.get("use_cpu") is True else {}
 
 
-def accelerate_command(config: Config, job_file: Path) -> list[str]:
+def local_training_command(config: Config, job_file: Path) -> list[str]:
     """`accelerate launch` on this node with the configured accelerate file, or, without one, the
     training process itself (bf16 is then the trainer's setting, honoured on a GPU only: sft.py)."""
     if not config.imitation.accelerate_config:
@@ -162,7 +162,7 @@ def training_command(config: Config, job_file: Path) -> list[str]:
     """The command imitation runs: multi-node under a multi-node SLURM job, else single-node."""
     allocation = current_allocation()
     if not allocation.multi_node:
-        return accelerate_command(config, job_file)
+        return local_training_command(config, job_file)
     import torch
 
     return multi_node_command(config, job_file, allocation, torch.cuda.device_count())
