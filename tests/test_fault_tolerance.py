@@ -357,6 +357,13 @@ def test_sigkill_at_seeded_random_points_then_resume_equals_the_uninterrupted_ru
 # ----------------------------------------------------------------------------------------------
 
 
+def _student_server(stage_pid: int, run_dir: Path) -> int | None:
+    """The pid of the student server a stage started (not its supervisor), or None before it runs."""
+    found = [pid for pid, command in descendants(stage_pid).items()
+             if str(run_dir / "iter_1/student") in command and "serving/supervisor.py" not in command]
+    return found[0] if len(found) == 1 else None
+
+
 def test_permanent_outage_and_a_dead_student_server_end_the_stage_in_one_line(
     tiny_models: Path, teacher_url: str, tmp_path: Path
 ) -> None:
@@ -401,9 +408,14 @@ def test_permanent_outage_and_a_dead_student_server_end_the_stage_in_one_line(
         # The student server the run started dies in the middle of discrimination.
         discrimination = subprocess.Popen(stage("discrimination"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         answers = run_dir / "iter_1/student_answers.jsonl"
-        wait_for(lambda: lines(answers) >= 3, discrimination, "3 student answers")
-        [server] = [pid for pid, command in descendants(discrimination.pid).items()
-                    if str(run_dir / "iter_1/student") in command and "serving/supervisor.py" not in command]
+        wait_for(lambda: _student_server(discrimination.pid, run_dir) is not None, discrimination, "the student server")
+        server = _student_server(discrimination.pid, run_dir)
+        # Frozen at its first answer, killed once frozen: the kill lands while answers are still owed
+        # (a server killed after its last answer was journaled would end nothing, rightly).
+        wait_for(lambda: lines(answers) >= 1, discrimination, "a student answer", timeout_s=240.0)
+        os.kill(server, signal.SIGSTOP)
+        time.sleep(1.0)
+        assert lines(answers) < SEEDS, "every student answer came back before the server was frozen"
         os.kill(server, signal.SIGKILL)
         killed = time.monotonic()
         _, stderr = discrimination.communicate(timeout=120)
