@@ -271,7 +271,7 @@ def check_models_exist(config: Config, server_names: list[str]) -> None:
     tiny_dir = Path(config.tiny_models.dir) if config.tiny_models else None
     for name in server_names:
         server = config.servers[name]
-        if server.engine == "external" or server.model is None:
+        if server.model is None:
             continue
         model = Path(server.model)
         if model.is_dir():

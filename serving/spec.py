@@ -85,7 +85,12 @@ class ServerSpec(StrictModel):
         description="vllm (GPU, or CPU through vLLM's CPU build), transformers (`transformers serve`, CPU) "
         "or external (already running)."
     )
-    model: str | None = Field(None, description="Local model directory (vllm and transformers engines).")
+    model: str | None = Field(
+        None,
+        description="Local model directory (vllm and transformers engines). External: optional, a local copy of "
+        "the served model; its tokenizer and chat template let `evaluate` measure the teacher's own NLL on the "
+        "endpoint's prompt logprobs (vLLM) and `plan` count tokens.",
+    )
     served_model_name: str | None = Field(
         None,
         description="Model name sent in requests. vllm: defaults to the model directory's name; "

@@ -97,8 +97,11 @@ def test_a_first_token_answer_is_scored_from_the_second_position():
 
 
 @pytest.mark.integration
-def test_evaluate_writes_the_likelihood_of_the_initial_student_and_each_checkpoint(tiny_models: Path, tmp_path: Path):
-    """Every prompt token at log-probability -0.5 (the fake's answer), so every figure is exactly 0.5."""
+@pytest.mark.parametrize("teacher", ["vllm", "external with a local copy", "external"])
+def test_evaluate_writes_the_likelihood_of_the_initial_student_and_each_checkpoint(teacher: str, tiny_models: Path, tmp_path: Path):
+    """Every prompt token at log-probability -0.5 (the fake's answer), so every figure is exactly 0.5.
+    An external teacher is scored on its endpoint with its local copy's tokenizer; without one, its
+    figure is not measured and says how to have it."""
     import shutil
 
     endpoint = answering_endpoint()
@@ -110,6 +113,8 @@ def test_evaluate_writes_the_likelihood_of_the_initial_student_and_each_checkpoi
     config = load_config(ROOT / "configs/tiny-cpu.yaml", [
         f"run_dir={tmp_path / 'run'}", f"tiny_models.dir={tiny_models}", f"servers.teacher.model={tiny_models / 'teacher'}",
         f"servers.student.model={tiny_models / 'student'}", "seed_limit=10", "evaluation.held_out_seeds=4",
+        *(["servers.teacher={engine: external, base_urls: ['http://127.0.0.1:9/v1'], served_model_name: teacher"
+           + (f", model: {tiny_models / 'teacher'}" if teacher != "external" else "") + "}"] if teacher != "vllm" else []),
     ])
     run = RunDir(config.run_dir)
     shutil.copytree(tiny_models / "student", run.iteration(1).student)
@@ -129,7 +134,12 @@ def test_evaluate_writes_the_likelihood_of_the_initial_student_and_each_checkpoi
                                 .read_text())["likelihood"]
         assert likelihood["questions"]["mean_nll"] == 0.5 and likelihood["questions"]["answers"] == 3
         assert likelihood["held_out"]["answers"] == 4 and likelihood["held_out"]["mean_nll"] == 0.5
-        assert likelihood["teacher"]["questions"]["mean_nll"] == 0.5  # the teacher's own, on its server (vllm here)
+        if teacher == "external":
+            assert likelihood["teacher"]["questions"] is None
+            assert "set servers.teacher.model to a local copy" in likelihood["teacher"]["method"]
+        else:
+            assert likelihood["teacher"]["questions"]["mean_nll"] == 0.5  # the teacher's own, on its server
+            assert likelihood["teacher"]["method"].startswith("vLLM prompt logprobs")
     from lion_local.run.records import seed_records
 
     assert len(held_out) == 4 and not {h["id"] for h in held_out} & {r["id"] for r in seed_records(config)}

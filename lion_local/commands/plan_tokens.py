@@ -78,7 +78,7 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
     counting = "the run's journals (observed)"
     estimate: dict[str, float] = {}
     if len(prompt_sources) < len(ROLES):
-        count = TokenCounter(config.server_for("teacher").model if config.server_for("teacher").engine != "external" else None)
+        count = TokenCounter(config.server_for("teacher").model)  # an external teacher's local copy, if any
         counting = count.description
         chat_student = roles.student.prompt_format == "chat"
         answers = completion["teacher"][0] + completion["student"][0]

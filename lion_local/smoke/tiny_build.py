@@ -237,14 +237,13 @@ def train_teacher(
     progress = tqdm(range(build.train_steps), desc="training tiny teacher", unit="step", mininterval=2.0)
     for _ in progress:
         drawn = rng.sample(encoded, min(build.batch_size, len(encoded)))
-        input_ids, labels, attention = _batch(drawn, tokenizer.pad_token_id)
-        hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-        # Project to the vocabulary only where a completion token is predicted: prompts are most
-        # of each example and their logits would be thrown away.
-        predicts = labels[:, 1:] != -100
-        logits = model.lm_head(hidden[:, :-1][predicts])
-        loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][predicts])
-        loss.backward()
+        # The mixed batch in two halves of like lengths, each padded to its own longest (about a
+        # fifth fewer tokens to compute); the summed loss over the batch's completion tokens gives
+        # the whole batch's gradient.
+        drawn.sort(key=lambda pair: len(pair[0]) + len(pair[1]))
+        halves = [_batch(half, tokenizer.pad_token_id) for half in (drawn[: len(drawn) // 2], drawn[len(drawn) // 2 :]) if half]
+        predicted = sum(int((labels[:, 1:] != -100).sum()) for _, labels, _ in halves)
+        loss = sum(_summed_loss(model, half, predicted) for half in halves)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
@@ -252,6 +251,19 @@ def train_teacher(
         progress.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     logger.info("tiny teacher trained for %d steps, last loss %.3f", build.train_steps, loss.item())
     model.eval()
+
+
+def _summed_loss(model: LlamaForCausalLM, batch: tuple[torch.Tensor, ...], predicted: int) -> torch.Tensor:
+    """Back-propagate one part's completion-token loss, divided by the whole batch's count; returns it."""
+    input_ids, labels, attention = batch
+    hidden = model.model(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    # Project to the vocabulary only where a completion token is predicted: prompts are most of
+    # each example and their logits would be thrown away.
+    predicts = labels[:, 1:] != -100
+    logits = model.lm_head(hidden[:, :-1][predicts])
+    loss = torch.nn.functional.cross_entropy(logits, labels[:, 1:][predicts], reduction="sum") / predicted
+    loss.backward()
+    return loss.detach()
 
 
 def greedy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast) -> Generate:
