@@ -52,11 +52,13 @@ $(STAMP): pyproject.toml
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
+# The project's own modules are compiled once and kept (__pycache__/, ignored by git), even where
+# PYTHONDONTWRITEBYTECODE is set: the suite starts lion-local in hundreds of processes.
 test: install local-slurm
-	$(PYTEST)
+	env -u PYTHONDONTWRITEBYTECODE $(PYTEST)
 
 test-fast: install
-	$(PYTEST) -m "not integration"
+	env -u PYTHONDONTWRITEBYTECODE $(PYTEST) -m "not integration"
 
 # The real single-node SLURM of tests/test_slurm.py. Without root those tests skip, saying why.
 local-slurm:
