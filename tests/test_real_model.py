@@ -9,8 +9,9 @@ would meet: in the paper's explain_first mode this referee writes no readable re
 discrimination stops with one line naming the unjudged share and the remedy; resumed in expected_score it finishes and passes the loop's
 invariant checks, with the teacher answers cut at a small max_tokens counted and left out of
 training; `evaluate` measures each checkpoint's NLL of the teacher's answers on vLLM's prompt
-logprobs and it falls from the initial student's. `doctor`, with an API key on both servers,
-checks every role on vLLM, shows the referee's figures per mode, and writes the key nowhere.
+logprobs and it falls from the initial student's. `doctor` checks every role (the student on vLLM
+it starts, the teacher it reaches, both requiring an API key), shows the referee's figures per
+mode, and the key is written nowhere.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
 REAL_MODEL = ROOT / "models" / "smollm2-135m"
 SECRET = "sk-lion-real-test-7e3a90"
+KEY_ENV = "LION_TEST_REAL_KEY"  # both servers require SECRET, read from this variable
 
 
 @pytest.fixture(scope="module")
@@ -55,42 +57,47 @@ def real_config(real_model: Path, directory: Path, teacher_url: str | None = Non
             "engine": "external", "base_urls": [f"{teacher_url}/v1"], "served_model_name": "teacher",
             "model": str(real_model / "teacher"), "max_concurrency": 32, "request_timeout_s": 600, "failure_budget_s": 120,
         }
+    for name in ("teacher", "student"):
+        data["servers"][name]["api_key_env"] = KEY_ENV
     set_keys(data, sets)
     config = directory / "real.yaml"
     config.write_text(yaml.safe_dump(data))
     return config
 
 
-def run(*args: str, timeout: float = 1500, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(lion_local(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+def run(*args: str, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run(lion_local(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                          env={**os.environ, KEY_ENV: SECRET})
 
 
 @pytest.fixture(scope="module")
-def real_teacher(real_model: Path, tmp_path_factory) -> str:
-    """The teacher of configs/smollm2-cpu.yaml on vLLM, started once by `lion-local serve teacher` for
-    the short run's three commands (each would start its own: 20 s of CPU a start)."""
+def real_teacher(real_model: Path, tmp_path_factory) -> tuple[str, Path]:
+    """The teacher of configs/smollm2-cpu.yaml on vLLM, requiring the key, started once by `lion-local
+    serve teacher` for the short run's three commands and doctor (each would start its own: 20 s of
+    CPU a start). Its directory holds its log, searched for the key at the end."""
     directory = tmp_path_factory.mktemp("real-teacher")
     port = free_port()
     config = real_config(real_model, directory, **{"servers.teacher.port": port})
     with open(directory / "serve.log", "w") as log:
-        process = subprocess.Popen(lion_local("serve", "teacher", "--config", str(config)), stdout=log, stderr=log, cwd=ROOT)
+        process = subprocess.Popen(lion_local("serve", "teacher", "--config", str(config)), stdout=log, stderr=log, cwd=ROOT,
+                                   env={**os.environ, KEY_ENV: SECRET})
         try:
             wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout_s=600)
-            yield f"http://127.0.0.1:{port}"
+            yield f"http://127.0.0.1:{port}", directory
         finally:
             stop(process)
 
 
 @pytest.fixture(scope="module")
-def short_run(real_model: Path, real_teacher: str, tmp_path_factory) -> dict:
+def short_run(real_model: Path, real_teacher: tuple[str, Path], tmp_path_factory) -> dict:
     """The short run, stopped in explain_first and resumed in expected_score, then evaluated and
     reported, with the module's teacher as an external one."""
     directory = tmp_path_factory.mktemp("real-run")
-    config = real_config(real_model, directory, real_teacher, **{
+    config = real_config(real_model, directory, real_teacher[0], **{
         "seed_limit": 8, "imitation.final_imitation": False, "generation.new_per_iteration": 4,
         "discrimination.referee_check.control_pairs": 6, "evaluation.held_out_seeds": 4,
-        "roles.teacher.max_tokens": 96, "roles.referee.mode": "explain_first", "roles.referee.max_tokens": 48,
-        "roles.referee.parse_retries": 1,
+        "roles.teacher.max_tokens": 96, "roles.student.max_tokens": 64, "roles.referee.mode": "explain_first",
+        "roles.referee.max_tokens": 48, "roles.referee.parse_retries": 1,
     })
     stopped = run("run", "--config", str(config))
     resumed = run("run", "--config", str(config), "--set", "roles.referee.mode=expected_score",
@@ -179,21 +186,25 @@ def test_the_report_shows_every_role_s_text_the_referee_truncation_and_likelihoo
     assert [e["checkpoint"] for e in summary["evaluations"]] == ["initial", "iter_1"]
 
 
-def test_doctor_checks_every_role_with_a_key_and_shows_the_referee_s_figures_in_every_mode(real_model: Path, tmp_path: Path):
-    config = real_config(real_model, tmp_path, **{
+def test_doctor_checks_every_role_with_a_key_and_shows_the_referee_s_figures_in_every_mode(
+    real_model: Path, real_teacher: tuple[str, Path], tmp_path: Path
+):
+    config = real_config(real_model, tmp_path, real_teacher[0], **{
         "discrimination.referee_check.control_pairs": 3, "roles.referee.max_tokens": 48, "roles.referee.parse_retries": 1,
-        "servers.teacher.api_key_env": "LION_TEST_REAL_KEY", "servers.student.api_key_env": "LION_TEST_REAL_KEY",
+        "roles.student.max_tokens": 64,
     })
-    doctor = run("doctor", "--config", str(config), env={**os.environ, "LION_TEST_REAL_KEY": SECRET})
+    doctor = run("doctor", "--config", str(config))
     lines = doctor.stdout.splitlines()
-    # Both servers started by doctor on vLLM, each role asked once through the key.
-    assert doctor.stdout.count("vllm 0.32.0 at http://127.0.0.1:") == 2, doctor.stdout
+    # The student started by doctor on vLLM, the teacher reached, each role asked once through the key.
+    assert doctor.stdout.count("vllm 0.32.0 at http://127.0.0.1:") == 1, doctor.stdout
+    assert any(line.startswith("OK") and line.split()[1:3] == ["server", "teacher"] for line in lines), doctor.stdout
     for role in ("teacher", "student", "referee"):
         assert any(line.startswith("OK") and line.split()[1] == role for line in lines), (role, doctor.stdout)
     assert any(line.startswith("OK") and "referee" in line and "mode expected_score" in line for line in lines)
     assert all(any(f"generator ({kind})" in line for line in lines) for kind in ("hard", "easy"))
     assert SECRET not in doctor.stdout + doctor.stderr
-    assert not [path for path in tmp_path.rglob("*") if path.is_file() and SECRET.encode() in path.read_bytes()]
+    written = [path for path in [*tmp_path.rglob("*"), *real_teacher[1].rglob("*")] if path.is_file()]
+    assert not [path for path in written if SECRET.encode() in path.read_bytes()]
     configured = next(line for line in lines if line.split()[1:3] == ["referee", "check"])
     assert "control accuracy" in configured or "control pairs" in configured
     explain = next(line for line in lines if "referee check: explain_first" in line)
