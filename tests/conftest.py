@@ -20,8 +20,6 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import hashlib  # noqa: E402
-import subprocess
-import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -30,7 +28,7 @@ import yaml
 from filelock import FileLock
 
 from serving.process import free_port
-from loop_checks import stop, tiny_config, wait_healthy
+from loop_checks import served_teacher, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CACHE = ROOT / ".cache" / "tiny-models"
@@ -113,13 +111,5 @@ def teacher_url(tiny_models: Path, tmp_path_factory) -> str:
     data["servers"]["teacher"]["port"] = port
     config = directory / "serve.yaml"
     config.write_text(yaml.safe_dump(data))
-    log = open(directory / "serve.log", "w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "lion_local", "serve", "teacher", "--config", str(config)], stdout=log, stderr=log
-    )
-    try:
-        wait_healthy(f"http://127.0.0.1:{port}/health", process)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(process)
-        log.close()
+    with served_teacher(config, port) as url:
+        yield url

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -63,6 +65,19 @@ def wait_healthy(url: str, process: subprocess.Popen, timeout_s: float = 180.0) 
             pass
         time.sleep(0.3)
     raise AssertionError(f"{url} not healthy after {timeout_s} s")
+
+
+@contextmanager
+def served_teacher(config: Path, port: int, timeout_s: float = 180.0, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`lion-local serve teacher --config CONFIG` (its server on `port`), logged to serve.log beside
+    the config; yields its URL once healthy and stops it after."""
+    with open(config.parent / "serve.log", "w") as log:
+        process = subprocess.Popen(lion_local("serve", "teacher", "--config", str(config)), stdout=log, stderr=log, env=env)
+        try:
+            wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout_s=timeout_s)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            stop(process)
 
 
 def stop(process: subprocess.Popen) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from collections import Counter
 from statistics import fmean
@@ -35,11 +34,11 @@ from loop_checks import (
     jsonl,
     lion_local,
     run_config,
+    served_teacher,
     start_proxy,
     stop,
     teacher_deliveries,
     tiny_config,
-    wait_healthy,
 )
 from serving.process import free_port
 
@@ -63,14 +62,8 @@ def vllm_teacher_url(tiny_models: Path, tmp_path_factory) -> str:
     data["servers"]["teacher"]["vllm"]["launcher"][0] = str(VLLM_PYTHON)
     config = directory / "serve.yaml"
     config.write_text(yaml.safe_dump(data))
-    with open(directory / "serve.log", "w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "lion_local", "serve", "teacher", "--config", str(config)],
-                                   stdout=log, stderr=log)
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout_s=300)
-            yield f"http://127.0.0.1:{port}"
-        finally:
-            stop(process)
+    with served_teacher(config, port, timeout_s=300) as url:
+        yield url
 
 
 def test_run_end_to_end(tiny_models: Path, vllm_teacher_url: str, tmp_path: Path) -> None:

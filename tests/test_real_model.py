@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from loop_checks import check_invariants, jsonl, lion_local, set_keys, stop, wait_healthy
+from loop_checks import check_invariants, jsonl, lion_local, served_teacher, set_keys
 
 from serving.process import free_port
 
@@ -78,14 +78,8 @@ def real_teacher(real_model: Path, tmp_path_factory) -> tuple[str, Path]:
     directory = tmp_path_factory.mktemp("real-teacher")
     port = free_port()
     config = real_config(real_model, directory, **{"servers.teacher.port": port})
-    with open(directory / "serve.log", "w") as log:
-        process = subprocess.Popen(lion_local("serve", "teacher", "--config", str(config)), stdout=log, stderr=log, cwd=ROOT,
-                                   env={**os.environ, KEY_ENV: SECRET})
-        try:
-            wait_healthy(f"http://127.0.0.1:{port}/health", process, timeout_s=600)
-            yield f"http://127.0.0.1:{port}", directory
-        finally:
-            stop(process)
+    with served_teacher(config, port, timeout_s=600, env={**os.environ, KEY_ENV: SECRET}) as url:
+        yield url, directory
 
 
 @pytest.fixture(scope="module")
