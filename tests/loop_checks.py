@@ -43,10 +43,10 @@ def tiny_config(tiny_models: Path, run_dir: Path) -> dict:
     return data
 
 
-def set_keys(data: dict, changes: dict, separator: str = ".") -> dict:
-    """`data` with each key path (parts joined by `separator`) set to its value, sections made as needed."""
+def set_keys(data: dict, changes: dict) -> dict:
+    """`data` with each dotted key path set to its value, sections made as needed."""
     for path, value in changes.items():
-        *parents, leaf = path.split(separator)
+        *parents, leaf = path.split(".")
         node = data
         for part in parents:
             node = node.setdefault(part, {})

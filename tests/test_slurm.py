@@ -1,15 +1,14 @@
 """The batch scripts on a real single-node SLURM (slurm/local-cluster.sh: munge, slurmctld, slurmd,
 8 GPUs advertised through device files), with the production #SBATCH lines unchanged.
 
-- test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_nothing:
+- test_chained_jobs_requeued_at_the_time_limit_run_one_iteration_each_and_a_job_on_a_complete_run_does_nothing:
   `slurm/submit.sh --iterations 2` submits two slurm/iteration.sh jobs, the second depending on
-  the first (afterok); the first completes iteration 1, the second the next (the final
-  imitation); the finished run holds every invariant of the loop; then `sbatch --wait
-  slurm/iteration.sh` on the complete run exits 0 without doing anything.
-- test_time_limit_signal_requeues_and_resumes: the time-limit signal (USR1 to the batch shell, as
-  `--signal=B:USR1@300` sends it) in the middle of the reviews: the job stops lion-local cleanly,
-  requeues itself, comes back and completes the iteration with every invariant and no repeated
-  teacher call, counted at a recording proxy in front of the teacher.
+  the first (afterok). The first gets the time-limit signal (USR1 to the batch shell, as
+  `--signal=B:USR1@300` sends it) in the middle of the reviews: it stops lion-local cleanly,
+  requeues itself, comes back and completes iteration 1; the second then runs the next (the final
+  imitation). The finished run holds every invariant of the loop, with no teacher call made twice,
+  counted at a recording proxy in front of the teacher; then `sbatch --wait slurm/iteration.sh` on
+  the complete run exits 0 without doing anything.
 - test_teacher_service_job_serves_an_iteration_job: `slurm/serve.sh` as a job array of two vLLM
   replicas (CPU build) with no API key configured: each makes a key of its own and publishes it
   with its endpoint (0600 in a 0700 directory); a request without the key, or with the other
@@ -33,7 +32,7 @@ import httpx
 import pytest
 import yaml
 from loop_checks import (
-    check_invariants, jsonl, run_config, set_keys, start_proxy, stop, teacher_deliveries, tiny_config,
+    check_invariants, jsonl, run_config, set_keys, start_proxy, stop, teacher_deliveries,
 )
 
 pytestmark = pytest.mark.integration
@@ -100,13 +99,6 @@ def _wait_for_idle_node(timeout_s: float = 60.0) -> None:
         time.sleep(0.5)
 
 
-def _config(tiny_models: Path, tmp_path: Path, **changes) -> Path:
-    data = set_keys(tiny_config(tiny_models, tmp_path / "run"), changes, separator="__")
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump(data))
-    return path
-
-
 def _completed(run_dir: Path) -> list[str]:
     return json.loads((run_dir / "state.json").read_text())["completed"]
 
@@ -115,30 +107,63 @@ def _stages(*iterations: int) -> list[str]:
     return [f"{k}/{stage}" for k in iterations for stage in ("imitation", "discrimination", "generation")]
 
 
-def test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_nothing(
-    slurm_cluster, tiny_models: Path, tmp_path: Path
+def _requeue_at_the_time_limit(job: str, run_dir: Path) -> None:
+    """What --signal=B:USR1@300 does five minutes before the time limit, in the middle of the
+    reviews: the job stops lion-local cleanly and requeues itself; it is then let start at once."""
+    reviews = run_dir / "iter_1" / "reviews.jsonl"
+    deadline = time.monotonic() + 300
+    while not reviews.exists() or reviews.read_bytes().count(b"\n") < 20:
+        assert _job(job)["JobState"] in ("PENDING", "RUNNING"), "the job ended before the reviews"
+        assert time.monotonic() < deadline, "the reviews never started"
+        time.sleep(0.05)
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    requeued = _wait_for(job, ("PENDING",) + FINISHED, timeout_s=120)
+    assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", requeued
+    assert "1/discrimination" not in _completed(run_dir)
+    # SLURM holds a requeued job for about two minutes; let it start now, once the node has
+    # finished the first run (slurmd refuses a credential issued in the second it revoked the last).
+    _wait_for_idle_node()
+    time.sleep(2.0)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
+
+
+def test_chained_jobs_requeued_at_the_time_limit_run_one_iteration_each_and_a_job_on_a_complete_run_does_nothing(
+    slurm_cluster, tiny_models: Path, teacher_url: str, tmp_path: Path
 ) -> None:
     # One iteration and the final imitation: the two iterations of a run that submit.sh chains.
     # A LoRA student, merged into full weights for serving (the adapter on vLLM: tests/test_vllm.py).
-    lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"], "serve": "merged"}
-    config = _config(tiny_models, tmp_path, iterations=1, seed_limit=24, generation__new_per_iteration=8, imitation__peft=lora)
+    # The teacher is the session's, behind a recording proxy that counts what reached it.
+    proxy_log = tmp_path / "teacher-requests.jsonl"
+    proxy, proxy_url = start_proxy(teacher_url, proxy_log)
     run_dir = tmp_path / "run"
-    result = subprocess.run(
-        ["bash", str(SLURM / "submit.sh"), str(config), "--iterations", "2"],
-        cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
-    )
-    assert result.returncode == 0, result.stderr
-    jobs = result.stdout.split()
-    assert len(jobs) == 2 and all(job.isdigit() for job in jobs), result.stdout
-    assert f"afterok:{jobs[0]}" in _job(jobs[1])["Dependency"]
+    try:
+        config = run_config(tiny_models, tmp_path, proxy_url)
+        lora = {"rank": 4, "target_modules": ["q_proj", "v_proj"], "serve": "merged"}
+        data = set_keys(yaml.safe_load(config.read_text()),
+                        {"iterations": 1, "seed_limit": 24, "generation.new_per_iteration": 8, "imitation.peft": lora})
+        config.write_text(yaml.safe_dump(data))
+        result = subprocess.run(
+            ["bash", str(SLURM / "submit.sh"), str(config), "--iterations", "2"],
+            cwd=tmp_path, env=_job_environment(), capture_output=True, text=True,
+        )
+        assert result.returncode == 0, result.stderr
+        jobs = result.stdout.split()
+        assert len(jobs) == 2 and all(job.isdigit() for job in jobs), result.stdout
+        assert f"afterok:{jobs[0]}" in _job(jobs[1])["Dependency"]
 
-    first = _wait_for(jobs[0], FINISHED)
-    assert first["JobState"] == "COMPLETED" and first["ExitCode"] == "0:0"
-    second = _wait_for(jobs[1], FINISHED)
-    assert second["JobState"] == "COMPLETED" and second["ExitCode"] == "0:0"
+        _requeue_at_the_time_limit(jobs[0], run_dir)
+        first = _wait_for(jobs[0], FINISHED)
+        assert first["JobState"] == "COMPLETED" and first["ExitCode"] == "0:0", first
+        second = _wait_for(jobs[1], FINISHED)
+        assert second["JobState"] == "COMPLETED" and second["ExitCode"] == "0:0"
+    finally:
+        stop(proxy)
     assert second["StartTime"] >= first["EndTime"]  # ISO timestamps: string order is time order
     assert _completed(run_dir) == _stages(1) + ["final/imitation"]
-    check_invariants(run_dir, tiny_models)
+    answered = check_invariants(run_dir, tiny_models)
+    deliveries = teacher_deliveries(proxy_log, answered)
+    assert set(deliveries) == {record["id"] for record in answered}
+    assert {len(times) for times in deliveries.values()} == {1}, "an instruction reached the teacher twice"
     # Merged LoRA checkpoints: full weights served as usual, the adapter of the configured rank beside
     # them, and the final imitation continuing iteration 1's adapter.
     for name in ("iter_1", "final"):
@@ -168,8 +193,13 @@ def test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_no
     logs = {job: (run_dir / "logs" / "slurm" / f"iteration-{job}.log").read_text() for job in (*jobs, third)}
     assert f"job {jobs[0]} (restart 0)" in logs[jobs[0]] and f"config {config}" in logs[jobs[0]]
     assert "GPUs 0,1,2,3,4,5,6,7" in logs[jobs[0]]  # the production --gpus-per-node=8, on device files
-    # Each job ran one iteration: the first iteration 1, the second the final imitation.
-    assert "iteration 1" in logs[jobs[0]] and "completed 1/imitation, 1/discrimination, 1/generation" in logs[jobs[0]]
+    # The first job stopped at the time-limit signal, requeued itself and came back for iteration 1.
+    assert "time limit near: stopping lion-local" in logs[jobs[0]]
+    assert "stopped cleanly (exit 143); requeueing job" in logs[jobs[0]]
+    assert f"job {jobs[0]} (restart 1)" in logs[jobs[0]]
+    # Each job ran one iteration: the first iteration 1 (its restart the stages left), the second the final imitation.
+    restarted = logs[jobs[0]].split(f"job {jobs[0]} (restart 1)")[1]
+    assert "iteration 1" in restarted and "completed 1/discrimination, 1/generation" in restarted
     assert "==== final/imitation" not in logs[jobs[0]]
     assert "iteration final" in logs[jobs[1]] and "==== final/imitation done" in logs[jobs[1]]
     assert "==== 1/" not in logs[jobs[1]]
@@ -178,53 +208,6 @@ def test_chained_jobs_run_one_iteration_each_and_a_job_on_a_complete_run_does_no
     assert "server" not in logs[third].split("nothing to do")[0]
     # SLURM's own output file (the #SBATCH --output default) holds the same log.
     assert "is complete: nothing to do" in (tmp_path / f"slurm-lion-iteration-{third}.out").read_text()
-
-
-def test_time_limit_signal_requeues_and_resumes(
-    slurm_cluster, tiny_models: Path, teacher_url: str, tmp_path: Path
-) -> None:
-    proxy_log = tmp_path / "teacher-requests.jsonl"
-    proxy, proxy_url = start_proxy(teacher_url, proxy_log)
-    run_dir = tmp_path / "run"
-    try:
-        config = run_config(tiny_models, tmp_path, proxy_url)
-        data = yaml.safe_load(config.read_text())
-        data.update(iterations=1, seed_limit=24)
-        data["imitation"]["final_imitation"] = False
-        data["generation"]["new_per_iteration"] = 8
-        config.write_text(yaml.safe_dump(data))
-
-        job = _sbatch([str(SLURM / "iteration.sh"), str(config)], cwd=tmp_path)
-        reviews = run_dir / "iter_1" / "reviews.jsonl"
-        deadline = time.monotonic() + 300
-        while not reviews.exists() or reviews.read_bytes().count(b"\n") < 20:
-            assert _job(job)["JobState"] in ("PENDING", "RUNNING"), "the job ended before the reviews"
-            assert time.monotonic() < deadline, "the reviews never started"
-            time.sleep(0.05)
-        # What --signal=B:USR1@300 does five minutes before the time limit.
-        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
-        requeued = _wait_for(job, ("PENDING",) + FINISHED, timeout_s=120)
-        assert requeued["JobState"] == "PENDING" and requeued["Restarts"] == "1", requeued
-        assert "1/discrimination" not in _completed(run_dir)
-        # SLURM holds a requeued job for about two minutes; let it start now, once the node has
-        # finished the first run (slurmd refuses a credential issued in the second it revoked the last).
-        _wait_for_idle_node()
-        time.sleep(2.0)
-        subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True)
-        finished = _wait_for(job, FINISHED)
-        assert finished["JobState"] == "COMPLETED" and finished["ExitCode"] == "0:0", finished
-    finally:
-        stop(proxy)
-
-    log = (run_dir / "logs" / "slurm" / f"iteration-{job}.log").read_text()
-    assert "time limit near: stopping lion-local" in log
-    assert "stopped cleanly (exit 143); requeueing job" in log
-    assert f"job {job} (restart 1)" in log
-    assert _completed(run_dir) == _stages(1)
-    answered = check_invariants(run_dir, tiny_models)
-    deliveries = teacher_deliveries(proxy_log, answered)
-    assert set(deliveries) == {record["id"] for record in answered}
-    assert {len(times) for times in deliveries.values()} == {1}, "an instruction reached the teacher twice"
 
 
 def _service_config(tiny_models: Path, tmp_path: Path) -> Path:
