@@ -39,7 +39,7 @@ class TinyBuild:
     teacher_layers: int = 3
     student_hidden: int = 64
     student_layers: int = 2
-    train_steps: int = 200
+    train_steps: int = 300
     batch_size: int = 16
     learning_rate: float = 3e-3
     referee_examples_per_seed: int = 3
