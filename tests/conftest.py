@@ -36,13 +36,13 @@ TINY_CACHE = ROOT / ".cache" / "tiny-models"
 TINY_INPUTS = ("lion_local/smoke", "lion_local/roles", "lion_local/data/smoke_seed.jsonl", "lion_local/run/seed_data.py")
 TINY_LIBRARIES = ("torch", "transformers", "tokenizers", "safetensors")
 
-# Seconds each heavy file took in one serial run (docs/benchmarks.md): only the order files are
-# handed to the workers in, heaviest first. Files not named here are light and come last.
+# Seconds each heavy file took in one `make test` (two workers, docs/benchmarks.md): only the order
+# files are handed to the workers in, heaviest first. Files not named here are light and come last.
 HEAVY_FILES = {
-    "test_real_model.py": 380, "test_fault_tolerance.py": 330, "test_slurm.py": 265, "test_vllm.py": 200,
-    "test_loop_integration.py": 105, "test_paper_scale.py": 150, "test_loop_commands.py": 80,
-    "test_signals.py": 60, "test_multiprocess_training.py": 140, "test_roles_integration.py": 70,
-    "test_server_ownership.py": 40,
+    "test_fault_tolerance.py": 375, "test_real_model.py": 290, "test_slurm.py": 165, "test_vllm.py": 140,
+    "test_loop_integration.py": 110, "test_loop_commands.py": 100, "test_paper_scale.py": 100,
+    "test_multiprocess_training.py": 95, "test_roles_integration.py": 95, "test_signals.py": 65,
+    "test_server_ownership.py": 50,
 }
 
 

@@ -92,6 +92,9 @@ def short_run(real_model: Path, real_teacher: tuple[str, Path], tmp_path_factory
         "discrimination.referee_check.control_pairs": 6, "evaluation.held_out_seeds": 4,
         "roles.teacher.max_tokens": 96, "roles.student.max_tokens": 64, "roles.referee.mode": "explain_first",
         "roles.referee.max_tokens": 48, "roles.referee.parse_retries": 1,
+        # Every student answer before the reviews, as on servers sharing the CPU's cores: the stopped
+        # run journals them all, so the resumed one asks none and starts no student server.
+        "discrimination.stream_reviews": False,
     })
     stopped = run("run", "--config", str(config))
     resumed = run("run", "--config", str(config), "--set", "roles.referee.mode=expected_score",
@@ -129,9 +132,13 @@ def test_the_resumed_run_passes_the_invariant_checks_and_reports_the_referee(sho
     check = report["referee_check"]
     assert check["pairs"] == 6 and check["unjudged_share"] == 0.0 and check["readable_share"] == 1.0
     assert check["accuracy"] >= 0.55 and 0.0 <= check["position_consistent_share"] <= 1.0
-    # Every student answer was asked once, though the stage ran twice.
+    # Every student answer was asked once, though the stage ran twice: the resumed stage, with every
+    # answer journaled, started no student server.
     answers = jsonl(run_dir / "iter_1/student_answers.jsonl")
     assert len(answers) == len({a["id"] for a in answers}) == 8
+    log = (run_dir / "logs/lion-local.log").read_text()
+    resumed = log[log.rindex("==== 1/discrimination\n"):log.index("==== 1/generation")]
+    assert "started student server" not in resumed
 
 
 def test_truncated_teacher_answers_are_counted_and_left_out_of_training(short_run: dict):

@@ -134,10 +134,12 @@ def test_doctor_says_how_to_fix_a_referee_mode_its_endpoint_cannot_serve(
     tiny_models: Path, teacher_url: str, tmp_path: Path, mode: str
 ):
     """The teacher as an external endpoint that is `transformers serve` (which has no structured
-    outputs and no logprobs): the config cannot tell, so doctor's real request must."""
+    outputs and no logprobs): the config cannot tell, so doctor's real request must. (No control
+    pairs: the referee's figures per mode are the doctor tests' above and in test_real_model.py.)"""
     config = run_config(tiny_models, tmp_path, teacher_url)
     completed = subprocess.run(
-        [sys.executable, "-m", "lion_local", "doctor", "--config", str(config), "--set", f"roles.referee.mode={mode}"],
+        [sys.executable, "-m", "lion_local", "doctor", "--config", str(config), "--set", f"roles.referee.mode={mode}",
+         "--set", "discrimination.referee_check.control_pairs=0"],
         capture_output=True, text=True, cwd=tmp_path, timeout=600,
     )
     assert completed.returncode == 1, completed.stdout + completed.stderr
