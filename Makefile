@@ -50,7 +50,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 # Test workers (pytest-xdist): whole files per worker, heaviest first (tests/conftest.py).
-TEST_WORKERS ?= 3
+TEST_WORKERS ?= 2
 PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 # The project's own modules are compiled once and kept (__pycache__/, ignored by git), even where
