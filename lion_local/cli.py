@@ -295,6 +295,20 @@ def report(config_path: str, overrides: tuple[str, ...]) -> None:
 
 
 @main.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder for compare.md, compare.json and plots/.")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON instead of the table.")
+def compare(run_dirs: tuple[str, ...], out_dir: str, as_json: bool) -> None:
+    """Runs of the same teacher and seed data side by side, one column each (reads the runs only)."""
+    from lion_local.commands.compare import compare_runs, table_text
+
+    result = compare_runs([Path(each) for each in run_dirs], Path(out_dir))
+    click.echo(json.dumps(result.as_json(), indent=2) if as_json else table_text(result))
+    if not as_json:
+        click.echo(f"wrote compare.md, compare.json and {len(result.plots)} plots in {out_dir}")
+
+
+@main.command()
 @config_options
 # A plain path: export refuses a file, or a folder inside the run directory, in one line.
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="Folder to write to (outside the run directory).")

@@ -9,8 +9,9 @@ The model (N0 seeds, G = generation.new_per_iteration, K = iterations; the stage
   Train Pool instructions not answered before, discrimination for the Cache Pool ones not
   answered before (none: the Train Pool is a subset of the Cache Pool), the final imitation for
   the last generated set.
-- student: one call per Cache Pool instruction in each discrimination.
-- referee: two per Cache Pool instruction and per control pair (both orders; control pairs:
+- student: one call per Cache Pool instruction in each discrimination (signal likelihood: a
+  prefill of the instruction and its teacher answer with 1 token generated; signal none: none).
+- referee (signal referee only): two per Cache Pool instruction and per control pair (both orders; control pairs:
   discrimination.referee_check.control_pairs, at most one per Cache Pool instruction) x (1 + retry
   rate); the retry rate is the extra replies per review seen in finished discriminations
   (unreadable replies), else 0. Each referee row also gives its bound: every review retried
@@ -61,6 +62,11 @@ from lion_local.run.state import completed_stages, read_jsonl
 
 logger = logging.getLogger(__name__)
 
+SIGNAL_NOTES = {
+    "referee": ": the student answers and the referee reviews each Cache Pool instruction",
+    "likelihood": ": one student prefill per Cache Pool instruction (its teacher answer), no referee call",
+    "none": ": no discrimination call; generation seeds drawn from the whole Cache Pool",
+}
 STAGE_ROLES = {"imitation": ("teacher",), "discrimination": ("teacher", "student", "referee"), "generation": ("generator",)}
 
 
@@ -85,6 +91,7 @@ def build_plan(config: Config, seeds: int | None = None, generator_acceptance: f
         "seeds_source": seeds_source,
         "new_per_iteration": config.generation.new_per_iteration,
         "iterations": config.iterations,
+        "signal": config.discrimination.signal,
         "final_imitation": config.imitation.final_imitation,
         "student_training": student_training(config),
         "generator_acceptance": round(acceptance, 4),
@@ -173,9 +180,10 @@ def _retry_rate(config: Config, run: RunDir, completed: set[Stage]) -> tuple[flo
     for k in range(1, config.iterations + 1):
         if Iteration(k).stage("discrimination") in completed:
             directory = run.iteration(k)
-            controls = read_jsonl(directory.controls)
-            reviews += 2 * (len(read_jsonl(directory.cache_pool)) + len({r["id"] for r in controls}))
-            replies += len(read_jsonl(directory.reviews)) + len(controls)
+            controls, asked = read_jsonl(directory.controls), read_jsonl(directory.reviews)
+            if asked or controls:  # signal likelihood or none: no review
+                reviews += 2 * (len(read_jsonl(directory.cache_pool)) + len({r["id"] for r in controls}))
+                replies += len(asked) + len(controls)
     if reviews:
         return max(0, replies - reviews) / reviews, f"observed ({replies} replies for {reviews} reviews)"
     return 0.0, "assumed (every reply readable)"
@@ -218,11 +226,14 @@ def _walk(
             train, cache = pools_from(iteration, seeds, cache, generated)
         stage_rows(iteration.stage("imitation"), {"teacher": len(uncached(train, answered))})
         answered |= {r["id"] for r in train}
+        signal = config.discrimination.signal  # likelihood: one prefill per instruction; none: no call
         reviews = 2 * (len(cache) + min(config.discrimination.referee_check.control_pairs, len(cache)))
+        reviews = reviews if signal == "referee" else 0
         referee = round(reviews * (1 + retry_rate))
         teacher = len(uncached(cache, answered))
-        stage_rows(iteration.stage("discrimination"), {"teacher": teacher, "student": len(cache), "referee": referee},
-                   {"referee": reviews * (1 + config.roles.referee.parse_retries)})
+        student = 0 if signal == "none" else len(cache)
+        stage_rows(iteration.stage("discrimination"), {"teacher": teacher, "student": student, "referee": referee},
+                   {"referee": reviews * (1 + config.roles.referee.parse_retries)} if reviews else None)
         answered |= {r["id"] for r in cache}
         calls, accepted = _generation(config, directory, acceptance)
         stage_rows(iteration.stage("generation"), {"generator": calls})
@@ -263,6 +274,8 @@ def _stage_rows(
             records = read_jsonl(getattr(run.at(stage.iteration), JOURNALS[role]))
         if role == "referee":
             records += read_jsonl(run.at(stage.iteration).controls)
+        if role == "student":  # signal likelihood: the student's prefills
+            records += read_jsonl(run.at(stage.iteration).likelihoods)
         actual = usage(records)
         row = {"stage": str(stage), "role": role}
         if finished:
@@ -284,7 +297,8 @@ def _generation(config: Config, directory: IterationDir, acceptance: float) -> t
     stage's own waves, each call of a side's wave passing in the expected share floor(size x a)."""
     labels = Counter(j["label"] for j in read_jsonl(directory.judgements))
     # Before its discrimination has judged, both sides are assumed to have seeds.
-    quotas, budgets, _ = generation_quotas(config, labels["hard"], labels["easy"]) if labels else generation_quotas(config, 1, 1)
+    seeds = (labels["hard"] + labels["any"], labels["easy"] + labels["any"]) if labels else (1, 1)
+    quotas, budgets, _ = generation_quotas(config, *seeds)
     schedule = WaveSchedule(config.generation.expected_acceptance, quotas, budgets)
     for wave in iter(schedule.next_wave, []):
         for side in SIDES:
@@ -325,6 +339,7 @@ def plan_lines(plan: dict) -> list[str]:
             f"{_contaminated_note(plan)}; "
             f"referee retries {plan['referee_retry_rate']:.3f} per review: {plan['referee_retry_source']}"
         ),
+        f"discrimination.signal {plan['signal']}{SIGNAL_NOTES[plan['signal']]}",
         f"prompt tokens counted with {plan['token_counting']}",
         f"student training: {_training_note(plan['student_training'])}",
     ]

@@ -71,6 +71,9 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
         "referee": (referee_params(roles.referee)["max_tokens"], f"max_tokens of mode {roles.referee.mode}, an upper bound"),
         "generator": (fmean(generator_max_tokens(roles.generator, i) for i, _ in texts), "length budget, an upper bound"),
     }
+    if config.discrimination.signal == "likelihood":  # a prefill of prompt and teacher answer
+        on_vllm = config.server_for("student").engine == "vllm"  # else scored in lion-local's process
+        completion["student"] = (int(on_vllm), "signal likelihood: " + ("one token per prefill" if on_vllm else "scored here"))
     for role, records in observed.items():
         if records:
             completion[role] = (fmean(r["completion_tokens"] for r in records), f"observed mean of {len(records)} calls")
@@ -86,7 +89,7 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
             "teacher": fmean(count.chat(teacher_messages(i, x, roles.teacher.system_prompt)) for i, x in texts),
             "student": fmean(
                 count.chat(student_chat_messages(i, x)) if chat_student else count.text(student_prompt(i, x)) for i, x in texts
-            ),
+            ) + (completion["teacher"][0] if config.discrimination.signal == "likelihood" else 0),
             "referee": fmean(
                 count.chat(referee_messages(i, x, "", "", roles.referee.mode, roles.referee.structured_output, roles.referee.system_prompt))
                 for i, x in texts
@@ -101,7 +104,7 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
             prompt = estimate[role]
             prompt_sources[role] = "role prompts of sample instructions" + (
                 " + teacher and student completions" if role == "referee" else ""
-            )
+            ) + (" + the teacher's completion" if role == "student" and config.discrimination.signal == "likelihood" else "")
         per_call[role] = {
             "prompt_tokens": round(prompt, 2),
             "completion_tokens": round(completion[role][0], 2),
@@ -115,4 +118,7 @@ def role_records(config: Config, run: RunDir, role: str) -> list[dict]:
     """Every journaled call of a role in the run so far."""
     if role == "teacher":
         return read_jsonl(run.teacher_answers)
-    return [r for k in range(1, config.iterations + 1) for r in read_jsonl(getattr(run.iteration(k), JOURNALS[role]))]
+    records = [r for k in range(1, config.iterations + 1) for r in read_jsonl(getattr(run.iteration(k), JOURNALS[role]))]
+    if role == "student":  # signal likelihood: the student's prefills
+        records += [r for k in range(1, config.iterations + 1) for r in read_jsonl(run.iteration(k).likelihoods)]
+    return records

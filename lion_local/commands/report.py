@@ -8,6 +8,8 @@ writes <run_dir>/report.md with PNG plots in <run_dir>/plots/ (every path from
 lion_local.run.layout; the plots' own file names are this module's):
 
     gaps.png        histogram of the teacher-student score gap, one series per iteration
+    likelihood_gaps.png  discrimination.signal likelihood: histogram of the student's NLL per token
+                    of the teacher's answers, one series per iteration, with each threshold
     labels.png      hard / easy / unjudged shares of the Cache Pool per iteration
     scores.png      teacher and student mean referee scores per iteration
     pools.png       Train Pool, Cache Pool and generated instructions per iteration
@@ -153,6 +155,7 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
         return value
 
     rows = [
+        row("discrimination signal", get("signal")),
         row("Train Pool", get("pools", "train")),
         row("trainable parameters", get("imitation", "training", "trainable_parameters")),
         row("Cache Pool", get("pools", "cache")),
@@ -161,6 +164,7 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
         row("mean teacher score", get("scores", "mean_teacher")),
         row("mean student score", get("scores", "mean_student")),
         row("mean gap", get("scores", "mean_gap")),
+        row("likelihood threshold", get("likelihood_gaps", "threshold")),
         row("position-inconsistent share", get("scores", "position_inconsistent_share")),
         row("unjudged share", get("discrimination", "unjudged_share")),
         row("control pairs", get("referee_check", "pairs")),

@@ -28,6 +28,7 @@ def make_plots(report: RunReport, directory: Path) -> list[Path]:
     # lion_local.run.layout names only the folder (RunDir.plots).
     plots = (
         ("gaps.png", gaps_plot, True),
+        ("likelihood_gaps.png", likelihood_gaps_plot, True),
         ("labels.png", labels_plot, False),
         ("scores.png", scores_plot, False),
         ("pools.png", pools_plot, True),
@@ -65,8 +66,8 @@ def _save(figure: Figure, path: Path, counts: bool) -> Path:
 
 
 def gaps_plot(report: RunReport) -> Figure | None:
-    """gaps.png: the teacher-student gap histogram, one series per judged iteration, and tau."""
-    judged = report.judged
+    """gaps.png: the teacher-student gap histogram, one series per iteration the referee judged, and tau."""
+    judged = [it for it in report.judged if it.report.get("signal", "referee") == "referee"]
     if not judged:
         return None
     figure, axes = _subplots(figsize=(8, 4.5))
@@ -81,6 +82,28 @@ def gaps_plot(report: RunReport) -> Figure | None:
     axes.set(title="Teacher minus student score per instruction",
              xlabel="gap (referee score points, teacher - student)", ylabel="instructions")
     axes.legend()
+    return figure
+
+
+def likelihood_gaps_plot(report: RunReport) -> Figure | None:
+    """likelihood_gaps.png: the student's NLL per token of each Cache Pool instruction's teacher answer
+    (discrimination.signal likelihood), one series per iteration, with each iteration's threshold."""
+    measured = [it for it in report.judged if it.report.get("likelihood_gaps")]
+    if not measured:
+        return None
+    figure, axes = _subplots(figsize=(8, 4.5))
+    for it in measured:
+        gaps = it.report["likelihood_gaps"]
+        bins = gaps["nll_histogram"]
+        line = axes.stairs([b["count"] for b in bins], [b["from"] for b in bins] + [bins[-1]["to"]] if bins else [0],
+                           label=f"iteration {it.iteration}")
+        if gaps["threshold"] is not None:
+            axes.axvline(gaps["threshold"], color=line.get_edgecolor(), linestyle="--", linewidth=1,
+                         label=f"iteration {it.iteration}: hard above {gaps['threshold']:.2f} "
+                               f"(quantile {gaps['likelihood_quantile']:g})")
+    axes.set(title="Student NLL of the teacher's answer per Cache Pool instruction",
+             xlabel="gap: mean NLL per answer token (nats)", ylabel="instructions")
+    axes.legend(fontsize="small")
     return figure
 
 

@@ -133,6 +133,8 @@ class IterationDir:
     student_answers = property(lambda self: self.path / "student_answers.jsonl")
     reviews = property(lambda self: self.path / "reviews.jsonl")
     controls = property(lambda self: self.path / "controls.jsonl")  # the referee's control pairs
+    # signal likelihood: the student's NLL of each teacher answer (lion_local.stages.likelihood_gaps)
+    likelihoods = property(lambda self: self.path / "likelihoods.jsonl")
     judgements = property(lambda self: self.path / "judgements.jsonl")
     discrimination_summary = property(lambda self: self.path / "discrimination.json")
     # Generation (lion_local.stages.generation)

@@ -18,6 +18,12 @@ many unjudged or prefers the real answer too rarely, the stage stops with one li
 Every review carries the referee's fingerprint (judging.referee_fingerprint): a stage resumed with
 another referee mode, prompt or model asks its reviews again, and reuses every other answer.
 
+That is discrimination.signal `referee` (the paper's). With `likelihood` an instruction's gap is the
+student's mean NLL per token of the teacher's answer, hard above a quantile of the pool's gaps
+(lion_local.stages.likelihood_gaps); with `none` nothing is judged and every instruction is labelled
+`any`, a seed of either side of generation (the baseline). Neither asks the student for an answer
+or the referee for a review.
+
 Journals: student_answers.jsonl (one line per answer), reviews.jsonl (one line per referee reply,
 readable or not) and controls.jsonl (the control pairs' replies). judgements.jsonl is derived
 from them and written whole at the end.
@@ -37,6 +43,7 @@ from statistics import fmean
 from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
 from lion_local.stages.imitation import is_checkpoint
+from lion_local.stages.likelihood_gaps import likelihood_gaps, likelihood_judgements, likelihood_summary
 from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.judging import (
     AnswerPair, current_reviews, inconsistent_share, judged_pairs, pending_reviews, referee_fingerprint, review_call,
@@ -48,7 +55,7 @@ from lion_local.stages.referee_health import (
 from lion_local.run.records import pools_for, request_seed
 from lion_local.roles import ask_student
 from lion_local.errors import StageOrderError
-from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.layout import Iteration, IterationDir, RunDir
 from lion_local.run.state import Journal, write_atomic, write_jsonl_atomic
 from lion_local.run.teacher_cache import ensure_teacher_answers
 from lion_local.endpoints.servers import ServerSet
@@ -66,6 +73,8 @@ def run_discrimination(config: Config, run: RunDir, iteration: Iteration, server
             f"{directory.student}; run imitation first"
         )
 
+    if config.discrimination.signal != "referee":
+        return _without_referee(config, run, iteration, cache_pool, servers)
     teacher_answers, student_answers, reviews, controls = asyncio.run(
         _collect(config, run, iteration, cache_pool, servers)
     )
@@ -80,15 +89,41 @@ def run_discrimination(config: Config, run: RunDir, iteration: Iteration, server
     write_jsonl_atomic(directory.judgements, judgements)
 
     summary["referee_check"] = controls
-    summary["cache_pool"] = len(cache_pool)
     summary["empty_student_answers"] = sum(1 for r in cache_pool if not student_answers[r["id"]]["answer"].strip())
-    summary["empty_teacher_answers"] = sum(1 for r in cache_pool if teacher_answers[r["id"]]["empty"])
-    summary["truncated_teacher_answers"] = warn_truncated(
-        str(iteration.stage("discrimination")), "teacher", [teacher_answers[r["id"]] for r in cache_pool],
-        config.roles.teacher.warn_truncated_share, "roles.teacher.max_tokens",
-    )
     # A student that never stops is a student still learning, not a budget to raise: counted only.
     summary["truncated_student_answers"] = truncated([student_answers[r["id"]] for r in cache_pool])
+    return _finish(config, iteration, directory, cache_pool, teacher_answers, summary)
+
+
+def _without_referee(config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet) -> dict:
+    """signal likelihood (lion_local.stages.likelihood_gaps) or none: no student answer, no review.
+    With none, every Cache Pool instruction is labelled `any`: a seed of either side (generation)."""
+    directory = run.at(iteration)
+    if config.discrimination.signal == "none":
+        judgements = [{"id": record["id"], "gap": None, "label": "any"} for record in cache_pool]
+        write_jsonl_atomic(directory.judgements, judgements)
+        return _finish(config, iteration, directory, cache_pool, None,
+                       {"signal": "none", "hard": 0, "easy": 0, "unjudged": 0, "any": len(cache_pool), "referee_check": None})
+    teacher_answers, gaps, method = likelihood_gaps(config, run, iteration, cache_pool, servers)
+    q = config.discrimination.likelihood_quantile
+    judgements, threshold = likelihood_judgements(cache_pool, {i: r["gap"] for i, r in gaps.items()}, q)
+    write_jsonl_atomic(directory.judgements, judgements)
+    summary = likelihood_summary(judgements, threshold, q, method)
+    logger.info("%s: likelihood gaps: %d hard above %s (quantile %s), %d easy, %d unjudged", iteration.stage("discrimination"),
+                summary["hard"], threshold, q, summary["easy"], summary["unjudged"])
+    return _finish(config, iteration, directory, cache_pool, teacher_answers, summary)
+
+
+def _finish(config: Config, iteration: Iteration, directory: IterationDir, cache_pool: list[dict],
+            teacher_answers: dict[str, dict] | None, summary: dict) -> dict:
+    """The teacher answers' counts, then discrimination.json (the judgements are written)."""
+    summary["cache_pool"] = len(cache_pool)
+    if teacher_answers is not None:
+        summary["empty_teacher_answers"] = sum(1 for r in cache_pool if teacher_answers[r["id"]]["empty"])
+        summary["truncated_teacher_answers"] = warn_truncated(
+            str(iteration.stage("discrimination")), "teacher", [teacher_answers[r["id"]] for r in cache_pool],
+            config.roles.teacher.warn_truncated_share, "roles.teacher.max_tokens",
+        )
     write_atomic(directory.discrimination_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -287,6 +322,7 @@ def summarize(judgements: list[dict], reviews: list[dict]) -> dict:
     judged = [j for j in judgements if j["label"] != "unjudged"]
     labels = Counter(j["label"] for j in judgements)
     return {
+        "signal": "referee",
         "hard": labels.get("hard", 0),
         "easy": labels.get("easy", 0),
         "unjudged": labels.get("unjudged", 0),

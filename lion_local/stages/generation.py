@@ -5,7 +5,9 @@
 N = generation.new_per_iteration instructions are wanted, round(N x hard_ratio) from hard seeds
 and the rest from easy seeds; when one side has no seeds the other fills the whole quota. Each
 generator call takes a seed drawn uniformly from its side with an RNG fixed by (run seed,
-iteration, side, attempt number), so a re-run draws the same seeds. A reply is decided by
+iteration, side, attempt number), so a re-run draws the same seeds. With discrimination.signal
+none every Cache Pool instruction is a seed of both sides (labelled `any`): the same quotas, the
+same prompts, the same filters and budgets, only the seeds are drawn from the whole pool. A reply is decided by
 these checks in this order, the first that fails naming the rejection reason: it parses as one
 instruction (empty, unparseable), passes the post-filters (generation.filters: truncated,
 banned_word, too_short, leading_punctuation, non_ascii_start), is not its seed word for word
@@ -59,6 +61,12 @@ SIDES = ("hard", "easy")
 WAVE_CONFIDENCE = 0.99
 # A side whose replies almost all fail must still end within its budget, not in a wave per call.
 MIN_ACCEPTANCE_ESTIMATE = 0.2
+
+
+def seed_sides(cache_pool: list[dict], labels: dict[str, str]) -> dict[str, list[dict]]:
+    """Each side's seeds: the Cache Pool instructions labelled with it, and those labelled `any`
+    (discrimination.signal none: the whole Cache Pool on both sides, each drawn uniformly)."""
+    return {side: [r for r in cache_pool if labels.get(r["id"]) in (side, "any")] for side in SIDES}
 
 
 def plan_quotas(wanted: int, hard_ratio: float, hard_seeds: int, easy_seeds: int) -> tuple[dict[str, int], list[str]]:
@@ -196,8 +204,7 @@ def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: S
             f"{iteration.stage('generation')} needs {directory.judgements} from "
             f"{iteration.stage('discrimination')}; run that first"
         )
-    labels = {j["id"]: j["label"] for j in read_jsonl(directory.judgements)}
-    seeds = {side: [r for r in cache_pool if labels.get(r["id"]) == side] for side in SIDES}
+    seeds = seed_sides(cache_pool, {j["id"]: j["label"] for j in read_jsonl(directory.judgements)})
     quotas, budgets, notes = generation_quotas(config, len(seeds["hard"]), len(seeds["easy"]))
     schedule = WaveSchedule(config.generation.expected_acceptance, quotas, budgets)
     decisions = _Decisions(config, iteration, cache_pool)

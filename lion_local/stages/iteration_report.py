@@ -64,6 +64,9 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
         {"cache": cache_size, "generated": generated, "next_train": generated, "next_cache": cache_size + generated}
     )
     report["discrimination"] = discrimination
+    report["signal"] = discrimination.get("signal", "referee")
+    if report["signal"] == "likelihood":  # lion_local.stages.likelihood_gaps
+        report["likelihood_gaps"] = {key: discrimination.get(key) for key in ("threshold", "likelihood_quantile", "nll_histogram")}
     report["labels"] = {label: discrimination.get(label, 0) for label in ("hard", "easy", "unjudged")}
     report["scores"] = {
         "mean_teacher": discrimination.get("mean_teacher_score"),
@@ -81,7 +84,7 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
         "student_answers": discrimination.get("truncated_student_answers", 0),
         "generator_replies": generation.get("truncated_replies", 0),
     })
-    report["roles"]["student"] = usage(read_jsonl(directory.student_answers))
+    report["roles"]["student"] = usage(read_jsonl(directory.student_answers) + read_jsonl(directory.likelihoods))
     report["roles"]["referee"] = usage(read_jsonl(directory.reviews) + read_jsonl(directory.controls))
     report["roles"]["generator"] = usage(read_jsonl(directory.generator_calls))
     return report

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from lion_local.endpoints.client import EndpointClient, EndpointError
@@ -101,7 +102,9 @@ async def server_nll(client: EndpointClient, role: str, scored: Scored) -> dict:
     total = 0.0
     for position in range(max(1, scored.start), len(scored.ids)):
         total -= _token_logprob(logprobs[position], scored.ids[position])
-    return {"nll": round(total, 6), "tokens": len(scored.ids) - max(1, scored.start)}
+    return {"nll": round(total, 6), "tokens": len(scored.ids) - max(1, scored.start),
+            "prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "seconds": round(completion.seconds, 4)}
 
 
 def _token_logprob(entry: dict | None, token: int) -> float:
@@ -116,20 +119,23 @@ def _token_logprob(entry: dict | None, token: int) -> float:
 
 def local_nll(model_dir: str, items: list[Scored]) -> list[dict]:
     """{"nll", "tokens"} of each answer under the model in `model_dir`, computed here with transformers."""
+    return list(local_nll_each(model_dir, items))
+
+
+def local_nll_each(model_dir: str, items: list[Scored]) -> Iterator[dict]:
+    """local_nll one answer at a time (the model loaded once), for a caller that journals each."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    results = []
     with torch.no_grad():
         for scored in items:
             ids = torch.tensor([scored.ids])
             logprobs = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
             start = max(1, scored.start)
             picked = logprobs[start - 1 :, :].gather(1, ids[0, start:].unsqueeze(1))
-            results.append({"nll": round(-picked.sum().item(), 6), "tokens": len(scored.ids) - start})
-    return results
+            yield {"nll": round(-picked.sum().item(), 6), "tokens": len(scored.ids) - start}
 
 
 async def score_all(client: EndpointClient | None, role: str, model_dir: str, items: list[Scored]) -> list[dict]:

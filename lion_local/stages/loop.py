@@ -233,6 +233,10 @@ def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, dic
         elif progress.get("max_steps"):
             parts.append(f"training steps {progress.get('step')}/{progress['max_steps']}")
         return ", ".join(parts)
+    if stage.name == "discrimination" and config.discrimination.signal != "referee":
+        if config.discrimination.signal == "none":
+            return "no discrimination (signal none: seeds drawn from the whole Cache Pool)"
+        return f"likelihood gaps {len(read_jsonl(directory.likelihoods))}/{len(cache)}"
     if stage.name == "discrimination":
         student = len(read_jsonl(directory.student_answers))
         reviews = current_reviews(read_jsonl(directory.reviews), "referee", referee_fingerprint(config, config.roles.referee.server))
