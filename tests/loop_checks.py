@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import sys
 import time
@@ -21,12 +22,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import numpy
 import pytest
 import yaml
 from rouge_score import rouge_scorer
 from safetensors.torch import load_file
 
 from lion_local.roles.teacher import teacher_messages
+from lion_local.run.records import request_seed
 from serving.process import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -250,26 +253,19 @@ def check_invariants(
             worst = max(scorer.score(text, record["instruction"])["rougeL"].fmeasure for text in earlier)
             assert worst <= threshold, (record["instruction"], worst)
 
-        # Judgements: per-model scores are the means over both orders; labels follow gap and tau. Only the
-        # reviews asked under the referee's last settings count (a resume in another mode asks again).
-        journaled = jsonl(directory / "reviews.jsonl")
-        reviews = [r for r in journaled if r["referee"] == journaled[-1]["referee"]] if journaled else []
-        first_readable: dict[tuple[str, str], list[float]] = {}
-        for review in reviews:
-            if review["scores"] is not None:
-                first_readable.setdefault((review["id"], review["order"]), review["scores"])
         judgements = jsonl(directory / "judgements.jsonl")
         assert [j["id"] for j in judgements] == [r["id"] for r in cache]
-        for judgement in judgements:
-            tf = first_readable.get((judgement["id"], "teacher_first"))
-            sf = first_readable.get((judgement["id"], "student_first"))
-            if tf is None or sf is None:
-                assert judgement["label"] == "unjudged" and judgement["gap"] is None
-                continue
-            assert judgement["teacher_score"] == pytest.approx((tf[0] + sf[1]) / 2)
-            assert judgement["student_score"] == pytest.approx((tf[1] + sf[0]) / 2)
-            assert judgement["gap"] == pytest.approx(judgement["teacher_score"] - judgement["student_score"])
-            assert judgement["label"] == ("hard" if judgement["gap"] >= tau else "easy")
+        signal = config["discrimination"].get("signal", "referee")
+        if signal == "referee":
+            _check_referee(directory, judgements, config, cache, tau)
+        elif signal == "likelihood":
+            _check_likelihood(directory, judgements, config, cache)
+        else:
+            _check_no_discrimination(directory, judgements, config, k)
+        # Each generator call's seed is of its side (signal none: any Cache Pool instruction).
+        sides_of = {j["id"]: {"hard", "easy"} if j["label"] == "any" else {j["label"]} for j in judgements}
+        for call in jsonl(directory / "generator_calls.jsonl"):
+            assert call["side"] in sides_of[call["parent"]], call
 
         # Ratio: accepted per side follows the quota, or the report says why not.
         report = json.loads((directory / "report.json").read_text())
@@ -286,35 +282,12 @@ def check_invariants(
                 assert any(n.startswith(f"{side}:") for n in generation["notes"])
         labels = Counter(j["label"] for j in judgements)
         assert report["labels"] == {label: labels.get(label, 0) for label in ("hard", "easy", "unjudged")}
+        assert report["roles"]["teacher"]["calls"] > 0 or k > 1 and not train
+        assert report["roles"]["generator"]["calls"] > 0
         assert report["pools"] == {
             "train": len(train), "cache": len(cache), "generated": len(generated),
             "next_train": len(generated), "next_cache": len(cache) + len(generated),
         }
-        assert sum(b["count"] for b in report["scores"]["gap_histogram"]) == labels["hard"] + labels["easy"]
-        for role in ("teacher", "student", "referee", "generator"):
-            assert report["roles"][role]["calls"] > 0 or role == "teacher" and k > 1 and not train
-        assert report["roles"]["student"]["calls"] == len(cache)
-        controls = jsonl(directory / "controls.jsonl") if (directory / "controls.jsonl").exists() else []
-        assert report["roles"]["referee"]["calls"] == len(journaled) + len(controls)
-
-        # Control pairs: Cache Pool instructions reviewed apart, in both orders; their figures are the
-        # summary's; they judge nothing (the judgements are the Cache Pool's, one each, checked above).
-        current = [c for c in controls if c["referee"] == (controls[-1]["referee"] if controls else None)]
-        assert {c["id"] for c in current} <= {r["id"] for r in cache}
-        check = report["referee_check"]
-        assert check["pairs"] == len({c["id"] for c in current}) <= config["discrimination"]["referee_check"]["control_pairs"]
-        assert check["replies"] == len(current)
-        if check["pairs"]:
-            assert {c["order"] for c in current} == {"teacher_first", "student_first"}
-            assert check["accuracy"] is None or check["accuracy"] >= config["discrimination"]["referee_check"]["min_control_accuracy"]
-            assert check["unjudged_share"] <= config["discrimination"]["referee_check"]["max_unjudged_share"]
-
-        # Journals: one record per completed call, never two.
-        assert len({r["id"] for r in jsonl(directory / "student_answers.jsonl")}) == len(cache)
-        assert len(jsonl(directory / "student_answers.jsonl")) == len(cache)
-        for journal in (reviews, current):
-            keys = [(r["id"], r["order"], r["attempt"]) for r in journal]
-            assert len(keys) == len(set(keys))
         calls = [(r["side"], r["attempt"]) for r in jsonl(directory / "generator_calls.jsonl")]
         assert len(calls) == len(set(calls))
     answers = jsonl(run_dir / "teacher_answers.jsonl")
@@ -342,3 +315,93 @@ def check_invariants(
     answered = everything if final else jsonl(run_dir / f"iter_{last}/cache_pool.jsonl")
     assert {r["id"] for r in answers} == {r["id"] for r in answered}
     return answered
+
+
+def _check_referee(directory: Path, judgements: list[dict], config: dict, cache: list[dict], tau: float) -> None:
+    """signal referee: per-model scores are the means over both orders; labels follow gap and tau. Only
+    the reviews asked under the referee's last settings count (a resume in another mode asks again)."""
+    journaled = jsonl(directory / "reviews.jsonl")
+    reviews = [r for r in journaled if r["referee"] == journaled[-1]["referee"]] if journaled else []
+    first_readable: dict[tuple[str, str], list[float]] = {}
+    for review in reviews:
+        if review["scores"] is not None:
+            first_readable.setdefault((review["id"], review["order"]), review["scores"])
+    for judgement in judgements:
+        tf = first_readable.get((judgement["id"], "teacher_first"))
+        sf = first_readable.get((judgement["id"], "student_first"))
+        if tf is None or sf is None:
+            assert judgement["label"] == "unjudged" and judgement["gap"] is None
+            continue
+        assert judgement["teacher_score"] == pytest.approx((tf[0] + sf[1]) / 2)
+        assert judgement["student_score"] == pytest.approx((tf[1] + sf[0]) / 2)
+        assert judgement["gap"] == pytest.approx(judgement["teacher_score"] - judgement["student_score"])
+        assert judgement["label"] == ("hard" if judgement["gap"] >= tau else "easy")
+
+    report = json.loads((directory / "report.json").read_text())
+    labels = Counter(j["label"] for j in judgements)
+    assert sum(b["count"] for b in report["scores"]["gap_histogram"]) == labels["hard"] + labels["easy"]
+    for role in ("student", "referee", "generator"):
+        assert report["roles"][role]["calls"] > 0
+    assert report["roles"]["student"]["calls"] == len(cache)
+    controls = jsonl(directory / "controls.jsonl") if (directory / "controls.jsonl").exists() else []
+    assert report["roles"]["referee"]["calls"] == len(journaled) + len(controls)
+
+    # Control pairs: Cache Pool instructions reviewed apart, in both orders; their figures are the
+    # summary's; they judge nothing (the judgements are the Cache Pool's, one each, checked above).
+    current = [c for c in controls if c["referee"] == (controls[-1]["referee"] if controls else None)]
+    assert {c["id"] for c in current} <= {r["id"] for r in cache}
+    check = report["referee_check"]
+    assert check["pairs"] == len({c["id"] for c in current}) <= config["discrimination"]["referee_check"]["control_pairs"]
+    assert check["replies"] == len(current)
+    if check["pairs"]:
+        assert {c["order"] for c in current} == {"teacher_first", "student_first"}
+        assert check["accuracy"] is None or check["accuracy"] >= config["discrimination"]["referee_check"]["min_control_accuracy"]
+        assert check["unjudged_share"] <= config["discrimination"]["referee_check"]["max_unjudged_share"]
+
+    # Journals: one record per completed call, never two.
+    assert len({r["id"] for r in jsonl(directory / "student_answers.jsonl")}) == len(cache)
+    assert len(jsonl(directory / "student_answers.jsonl")) == len(cache)
+    for journal in (reviews, current):
+        keys = [(r["id"], r["order"], r["attempt"]) for r in journal]
+        assert len(keys) == len(set(keys))
+
+
+def _check_likelihood(directory: Path, judgements: list[dict], config: dict, cache: list[dict]) -> None:
+    """signal likelihood: one journaled gap per Cache Pool instruction with a teacher answer, the gap
+    its mean NLL per answer token, hard above the configured quantile of the pool's gaps (numpy's);
+    no student answer, no review, no control pair."""
+    records = jsonl(directory / "likelihoods.jsonl")
+    assert len({r["id"] for r in records}) == len(records), "a gap computed twice"
+    by_id = {r["id"]: r for r in records}
+    gaps = [j["gap"] for j in judgements if j["gap"] is not None]
+    threshold = float(numpy.quantile(gaps, config["discrimination"].get("likelihood_quantile", 0.5)))
+    for judgement in judgements:
+        if judgement["label"] == "unjudged":
+            assert judgement["gap"] is None and judgement["id"] not in by_id
+            continue
+        record = by_id[judgement["id"]]
+        assert judgement["gap"] == pytest.approx(record["nll"] / record["tokens"], abs=1e-5)
+        assert judgement["label"] == ("hard" if judgement["gap"] > threshold + 1e-9 else "easy"), (judgement, threshold)
+    summary = json.loads((directory / "discrimination.json").read_text())
+    assert summary["signal"] == "likelihood" and summary["threshold"] == pytest.approx(threshold, abs=1e-5)
+    report = json.loads((directory / "report.json").read_text())
+    assert report["roles"]["student"]["calls"] == len(records) and report["roles"]["referee"]["calls"] == 0
+    assert sum(b["count"] for b in report["likelihood_gaps"]["nll_histogram"]) == len(gaps)
+    for name in ("student_answers.jsonl", "reviews.jsonl", "controls.jsonl"):
+        assert not jsonl(directory / name) if (directory / name).exists() else True, name
+
+
+def _check_no_discrimination(directory: Path, judgements: list[dict], config: dict, k: int) -> None:
+    """signal none: nothing judged, every instruction a seed of both sides, each drawn uniformly with
+    the stage's seeded RNG from the whole Cache Pool; the quotas are the referee's loop's."""
+    assert {j["label"] for j in judgements} == {"any"}
+    cache = jsonl(directory / "cache_pool.jsonl")
+    for call in jsonl(directory / "generator_calls.jsonl"):
+        draw = random.Random(request_seed(config["seed"], "generator-seed", k, call["side"], call["attempt"]))
+        assert call["parent"] == cache[draw.randrange(len(cache))]["id"]
+    report = json.loads((directory / "report.json").read_text())
+    assert report["roles"]["student"]["calls"] == report["roles"]["referee"]["calls"] == 0
+    wanted = config["generation"]["new_per_iteration"]
+    assert report["generation"]["quota"]["hard"] == round(wanted * config["generation"]["hard_ratio"])
+    for name in ("student_answers.jsonl", "reviews.jsonl", "controls.jsonl", "likelihoods.jsonl"):
+        assert not (directory / name).exists(), name

@@ -207,7 +207,7 @@ def cache_row(record: dict, judgement: dict | None, iteration: Iteration) -> dic
         "parent": record["parent"],
         "iteration_added": record["iteration"],
         "iteration": iteration.json_value,
-        **{key: judgement[key] for key in ("teacher_score", "student_score", "gap", "label")},
+        **{key: judgement.get(key) for key in ("teacher_score", "student_score", "gap", "label")},
     }
     if "position_consistent" in judgement:
         row["position_consistent"] = judgement["position_consistent"]

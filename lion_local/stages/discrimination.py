@@ -100,7 +100,7 @@ def _without_referee(config: Config, run: RunDir, iteration: Iteration, cache_po
     With none, every Cache Pool instruction is labelled `any`: a seed of either side (generation)."""
     directory = run.at(iteration)
     if config.discrimination.signal == "none":
-        judgements = [{"id": record["id"], "gap": None, "label": "any"} for record in cache_pool]
+        judgements = [{"id": r["id"], "teacher_score": None, "student_score": None, "gap": None, "label": "any"} for r in cache_pool]
         write_jsonl_atomic(directory.judgements, judgements)
         return _finish(config, iteration, directory, cache_pool, None,
                        {"signal": "none", "hard": 0, "easy": 0, "unjudged": 0, "any": len(cache_pool), "referee_check": None})

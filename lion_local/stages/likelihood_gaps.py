@@ -64,7 +64,7 @@ def likelihood_judgements(cache_pool: list[dict], gaps: dict[str, float | None],
             label = "unjudged"
         else:
             label = "hard" if gap > threshold else "easy"
-        judgements.append({"id": record["id"], "gap": gap, "label": label})
+        judgements.append({"id": record["id"], "teacher_score": None, "student_score": None, "gap": gap, "label": label})
     return judgements, threshold
 
 
