@@ -142,7 +142,11 @@ def run_arms(out: Path, url: str, seeds: list[int], arms: list[str], new: int) -
         base = out / f"seed-{seed}" / "base"
         data["run_dir"] = str(base)
         config = write_config(out / f"seed-{seed}" / "base.yaml", data)
-        code, seconds = lion("stage", "imitation", "--config", str(config), log=out / f"seed-{seed}" / "base.log")
+        state = base / "state.json"
+        if state.exists() and "1/imitation" in json.loads(state.read_text())["completed"]:
+            code, seconds = 0, 0.0  # made by an earlier invocation
+        else:
+            code, seconds = lion("stage", "imitation", "--config", str(config), log=out / f"seed-{seed}" / "base.log")
         runs[seed] = {"base": {"dir": str(base), "code": code, "seconds": seconds}}
         print(f"seed {seed}: first imitation exit {code} in {seconds:.0f} s", flush=True)
         for arm in arms if code == 0 else []:

@@ -42,7 +42,7 @@ HEAVY_FILES = {
     "test_fault_tolerance.py": 375, "test_real_model.py": 290, "test_slurm.py": 165, "test_vllm.py": 140,
     "test_loop_integration.py": 110, "test_loop_commands.py": 100, "test_paper_scale.py": 100,
     "test_multiprocess_training.py": 95, "test_roles_integration.py": 95, "test_signals.py": 65,
-    "test_server_ownership.py": 50,
+    "test_server_ownership.py": 50, "test_signal_arms.py": 120,
 }
 
 

@@ -59,7 +59,8 @@ def first_imitation(tiny_models: Path, teacher_url: str, tmp_path_factory) -> di
         result = subprocess.run(lion_local("stage", "imitation", "--config", str(config)), capture_output=True, text=True,
                                 timeout=900)
         assert result.returncode == 0, result.stderr[-3000:]
-        yield {"data": data, "run_dir": Path(data["run_dir"]), "proxy_log": proxy_log, "directory": directory}
+        yield {"data": data, "run_dir": Path(data["run_dir"]), "proxy_log": proxy_log, "directory": directory,
+               "teacher_url": teacher_url}
     finally:
         stop(proxy)
 
@@ -70,9 +71,20 @@ def continue_as(base: dict, signal_name: str, killed_when) -> dict:
     directory = base["directory"] / signal_name
     run_dir = directory / "run"
     shutil.copytree(base["run_dir"], run_dir)
-    data = {**base["data"], "run_dir": str(run_dir), "discrimination": {**base["data"]["discrimination"], "signal": signal_name}}
+    # The arm's own proxy (the endpoint's address is operational: no --accept-change for it).
+    proxy, proxy_url = start_proxy(base["teacher_url"], directory / "teacher-requests.jsonl")
+    teacher = {**base["data"]["servers"]["teacher"], "base_urls": [f"{proxy_url}/v1"]}
+    data = {**base["data"], "run_dir": str(run_dir), "servers": {**base["data"]["servers"], "teacher": teacher},
+            "discrimination": {**base["data"]["discrimination"], "signal": signal_name}}
     config = directory / "run.yaml"
     config.write_text(yaml.safe_dump(data))
+    try:
+        return _killed_and_resumed(run_dir, config, killed_when) | {"proxy_log": directory / "teacher-requests.jsonl"}
+    finally:
+        stop(proxy)
+
+
+def _killed_and_resumed(run_dir: Path, config: Path, killed_when) -> dict:
     command = lion_local("run", "--config", str(config), "--accept-change", "discrimination.signal")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 600
@@ -129,13 +141,22 @@ def test_a_likelihood_run_killed_in_its_gaps_resumes_them_from_the_students_prom
     for record, here in zip(sample, local_nll(str(student), scored)):
         assert here["tokens"] == by_id[record["id"]]["tokens"]
         assert math.isclose(here["nll"], by_id[record["id"]]["nll"], rel_tol=0.02), (here, by_id[record["id"]])
-    assert {len(times) for times in teacher_deliveries(arms["base"]["proxy_log"], everything).values()} == {1}
+    assert_each_teacher_answer_delivered_once(arms["base"], outcome, everything)
+
+
+def assert_each_teacher_answer_delivered_once(base: dict, outcome: dict, everything: list[dict]) -> None:
+    """The first imitation's proxy and the arm's together delivered each teacher answer once."""
+    delivered = teacher_deliveries(base["proxy_log"], everything)
+    for instruction, times in teacher_deliveries(outcome["proxy_log"], everything).items():
+        delivered.setdefault(instruction, []).extend(times)
+    assert set(delivered) == {r["id"] for r in everything}
+    assert {len(times) for times in delivered.values()} == {1}
 
 
 def test_a_run_without_discrimination_killed_in_its_generation_resumes_without_asking_again(arms: dict, tiny_models: Path):
     outcome = arms["none"]
     run_dir = outcome["run_dir"]
-    check_invariants(run_dir, tiny_models)
+    assert_each_teacher_answer_delivered_once(arms["base"], outcome, check_invariants(run_dir, tiny_models))
     assert "==== 1/discrimination done" in outcome["first_output"] and outcome["generator_calls_at_kill"] >= 1
     # No server was started for the student: nothing asked it anything.
     assert "student server" not in outcome["first_output"] + outcome["second_output"]
@@ -143,7 +164,7 @@ def test_a_run_without_discrimination_killed_in_its_generation_resumes_without_a
     seeds = {call["seed"] for call in calls}
     # The proxy delivered each journaled generator call once (the calls in flight at the kill, at
     # most the endpoint's max_concurrency, were delivered to no journal and asked again).
-    delivered = [r for r in proxy_records(arms["base"]["proxy_log"]) if r["status"] == 200
+    delivered = [r for r in proxy_records(outcome["proxy_log"]) if r["status"] == 200
                  and r["path"].endswith("/chat/completions") and "#New Instruction#" in r["body"]["messages"][-1]["content"]]
     delivered_seeds = [r["body"].get("seed") for r in delivered if r["body"].get("seed") in seeds]
     assert set(delivered_seeds) == seeds
