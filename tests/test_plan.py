@@ -321,7 +321,7 @@ def test_plan_command_json_and_table(tmp_path):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)
     assert set(plan) == {
-        "run_dir", "started", "completed_stages", "seeds", "seeds_source", "new_per_iteration", "iterations",
+        "run_dir", "started", "completed_stages", "seeds", "seeds_source", "new_per_iteration", "iterations", "signal",
         "final_imitation", "student_training", "generator_acceptance", "generator_acceptance_source", "referee_retry_rate",
         "referee_retry_source", "token_counting", "per_call", "pools", "rows", "totals",
     }

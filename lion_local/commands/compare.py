@@ -25,7 +25,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lion_local.commands.report import _number, collect, markdown_table, nll_of, text_table
+from lion_local.commands.report import collect, markdown_table, nll_of, number, text_table
 from lion_local.errors import InputError
 from lion_local.run.identity import changed_keys
 from lion_local.run.layout import INITIAL, RunDir, Stage
@@ -60,7 +60,7 @@ class Comparison:
         return ["", *(column(run) for run in self.runs)]
 
     def table(self) -> list[list[str]]:
-        return [[row.label, *(_number(value, row.digits) for value in row.values)] for row in self.rows]
+        return [[row.label, *(number(value, row.digits) for value in row.values)] for row in self.rows]
 
     def as_json(self) -> dict:
         runs = [{"name": run["name"], "path": run["path"], "column": column(run), "signal": signal(run),

@@ -130,7 +130,7 @@ def nll_of(result: dict | None, part: str = "questions", who: str | None = None)
 # ----------------------------------------------------------------------------------------------
 
 
-def _number(value: object, digits: int = 2) -> str:
+def number(value: object, digits: int = 2) -> str:
     if value is None:
         return "-"
     if isinstance(value, float):
@@ -150,7 +150,7 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
             node = it.report
             for key in keys:
                 node = node.get(key, {}) if isinstance(node, dict) else {}
-            return _number(node if node != {} else None)
+            return number(node if node != {} else None)
 
         return value
 
@@ -178,11 +178,11 @@ def summary_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
         row("shortfall", get("generation", "shortfall", "total")),
     ]
     for role, stage in ROLE_STAGES:
-        rows.append(row(f"{role} calls ({stage})", lambda it, r=role, s=stage: _number(it.usage(r, s).get("calls"))))
-    rows.append(row("stage seconds", lambda it: _number(sum(it.report.get("stage_seconds", {}).values()), 1)))
+        rows.append(row(f"{role} calls ({stage})", lambda it, r=role, s=stage: number(it.usage(r, s).get("calls"))))
+    rows.append(row("stage seconds", lambda it: number(sum(it.report.get("stage_seconds", {}).values()), 1)))
     if report.evaluations:
-        rows.append(row("student / teacher %", lambda it: _number((it.evaluation or {}).get("relative_score"), 1)))
-        rows.append(row("NLL of teacher answers", lambda it: _number(nll_of(it.evaluation))))
+        rows.append(row("student / teacher %", lambda it: number((it.evaluation or {}).get("relative_score"), 1)))
+        rows.append(row("NLL of teacher answers", lambda it: number(nll_of(it.evaluation))))
     return header, rows
 
 
@@ -203,9 +203,9 @@ def rejection_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
     generating = report.generating
     reasons = sorted({reason for it in generating for reason in it.report["generation"].get("rejected", {})})
     header = ["", *(it.label for it in generating)]
-    rows = [[f"accepted {side}", *(_number(it.report["generation"]["accepted"].get(side)) for it in generating)]
+    rows = [[f"accepted {side}", *(number(it.report["generation"]["accepted"].get(side)) for it in generating)]
             for side in ("hard", "easy")]
-    rows += [[f"rejected: {reason}", *(_number(it.report["generation"]["rejected"].get(reason, 0)) for it in generating)]
+    rows += [[f"rejected: {reason}", *(number(it.report["generation"]["rejected"].get(reason, 0)) for it in generating)]
              for reason in reasons]
     return header, rows
 
@@ -217,7 +217,7 @@ def cost_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
         for role, stage in ROLE_STAGES:
             usage = it.usage(role, stage)
             if usage.get("calls"):
-                rows.append([str(it.iteration), role, stage, *(_number(usage.get(key), 1) for key in
+                rows.append([str(it.iteration), role, stage, *(number(usage.get(key), 1) for key in
                                                      ("calls", "prompt_tokens", "completion_tokens", "seconds"))])
     return header, rows
 
@@ -225,16 +225,16 @@ def cost_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
 def evaluation_rows(report: RunReport) -> tuple[list[str], list[list[str]]]:
     header = ["checkpoint", "student / teacher %", "judged", "excluded questions", "unparseable judgements",
               "NLL (questions)", "NLL (held-out seeds)", "teacher NLL (questions)"]
-    rows = [[e["checkpoint"], _number(e.get("relative_score"), 1),
+    rows = [[e["checkpoint"], number(e.get("relative_score"), 1),
              f"{e['judged']}/{e['questions']}" if "judged" in e else "-",
-             _number(e.get("excluded_questions")), _number(e.get("unparseable_judgements")),
-             _number(nll_of(e)), _number(nll_of(e, "held_out")), _number(nll_of(e, who="teacher"))]
+             number(e.get("excluded_questions")), number(e.get("unparseable_judgements")),
+             number(nll_of(e)), number(nll_of(e, "held_out")), number(nll_of(e, who="teacher"))]
             for e in report.evaluations]
     categories = sorted({c for e in report.evaluations for c in e.get("by_category", {})})
     if categories:
         header += [f"{c} %" for c in categories]
         for line, e in zip(rows, report.evaluations):
-            line += [_number(e.get("by_category", {}).get(c, {}).get("relative_score"), 1) for c in categories]
+            line += [number(e.get("by_category", {}).get(c, {}).get("relative_score"), 1) for c in categories]
     return header, rows
 
 
