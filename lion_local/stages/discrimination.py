@@ -46,7 +46,8 @@ from lion_local.stages.imitation import is_checkpoint
 from lion_local.stages.likelihood_gaps import likelihood_gaps, likelihood_judgements, likelihood_summary
 from lion_local.run.journaled_calls import call_all, call_fields
 from lion_local.stages.judging import (
-    AnswerPair, current_reviews, inconsistent_share, judged_pairs, pending_reviews, referee_fingerprint, review_call,
+    AnswerPair, current_reviews, inconsistent_share, judged_pairs, label_counts, pending_reviews, referee_fingerprint,
+    review_call,
 )
 from lion_local.stages.truncation import truncated, warn_truncated
 from lion_local.stages.referee_health import (
@@ -320,13 +321,9 @@ def gap_histogram(gaps: list[float]) -> list[dict]:
 
 def summarize(judgements: list[dict], reviews: list[dict]) -> dict:
     judged = [j for j in judgements if j["label"] != "unjudged"]
-    labels = Counter(j["label"] for j in judgements)
     return {
         "signal": "referee",
-        "hard": labels.get("hard", 0),
-        "easy": labels.get("easy", 0),
-        "unjudged": labels.get("unjudged", 0),
-        "unjudged_share": round(labels.get("unjudged", 0) / len(judgements), 4) if judgements else None,
+        **label_counts(judgements),
         "mean_teacher_score": round(fmean(j["teacher_score"] for j in judged), 4) if judged else None,
         "mean_student_score": round(fmean(j["student_score"] for j in judged), 4) if judged else None,
         "mean_gap": round(fmean(j["gap"] for j in judged), 4) if judged else None,

@@ -64,9 +64,7 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
         {"cache": cache_size, "generated": generated, "next_train": generated, "next_cache": cache_size + generated}
     )
     report["discrimination"] = discrimination
-    report["signal"] = discrimination.get("signal", "referee")
-    if report["signal"] == "likelihood":  # lion_local.stages.likelihood_gaps
-        report["likelihood_gaps"] = {key: discrimination.get(key) for key in ("threshold", "likelihood_quantile", "nll_histogram")}
+    report.update(signal_fields(discrimination))
     report["labels"] = {label: discrimination.get(label, 0) for label in ("hard", "easy", "unjudged")}
     report["scores"] = {
         "mean_teacher": discrimination.get("mean_teacher_score"),
@@ -88,6 +86,15 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
     report["roles"]["referee"] = usage(read_jsonl(directory.reviews) + read_jsonl(directory.controls))
     report["roles"]["generator"] = usage(read_jsonl(directory.generator_calls))
     return report
+
+
+def signal_fields(discrimination: dict) -> dict:
+    """How the discrimination split the Cache Pool (discrimination.signal; a summary without one: the
+    referee), with the likelihood's threshold and histogram (lion_local.stages.likelihood_gaps)."""
+    fields = {"signal": discrimination.get("signal", "referee")}
+    if fields["signal"] == "likelihood":
+        fields["likelihood_gaps"] = {key: discrimination.get(key) for key in ("threshold", "likelihood_quantile", "nll_histogram")}
+    return fields
 
 
 def engines(run: RunDir) -> dict[str, str]:

@@ -113,6 +113,17 @@ def judged_pairs(ids: list[str], reviews: list[dict]) -> dict[str, dict]:
     return judged
 
 
+def label_counts(judgements: list[dict]) -> dict:
+    """The hard, easy and unjudged counts of a discrimination's judgements (any signal), and the unjudged share."""
+    labels = Counter(j["label"] for j in judgements)
+    return {
+        "hard": labels.get("hard", 0),
+        "easy": labels.get("easy", 0),
+        "unjudged": labels.get("unjudged", 0),
+        "unjudged_share": round(labels.get("unjudged", 0) / len(judgements), 4) if judgements else None,
+    }
+
+
 def inconsistent_share(judged: list[dict]) -> float | None:
     """The share of judged pairs whose two orders disagree on the better answer (None: none judged)."""
     if not judged:

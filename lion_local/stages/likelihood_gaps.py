@@ -31,6 +31,7 @@ from lion_local.run.journaled_calls import call_all, progress_bar
 from lion_local.run.layout import Iteration, RunDir
 from lion_local.run.state import Journal
 from lion_local.run.teacher_cache import ensure_teacher_answers
+from lion_local.stages.judging import label_counts
 from lion_local.stages.likelihood import LOCAL_METHOD, SERVER_METHOD, local_nll_each, server_nll, student_scored
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,10 @@ def nll_histogram(gaps: list[float], bins: int = HISTOGRAM_BINS) -> list[dict]:
 
 def likelihood_summary(judgements: list[dict], threshold: float | None, q: float, method: str) -> dict:
     """discrimination.json of a likelihood discrimination (the referee's fields absent or None)."""
-    labels = Counter(j["label"] for j in judgements)
     gaps = [j["gap"] for j in judgements if j["gap"] is not None]
     return {
         "signal": "likelihood",
-        "hard": labels.get("hard", 0),
-        "easy": labels.get("easy", 0),
-        "unjudged": labels.get("unjudged", 0),
-        "unjudged_share": round(labels.get("unjudged", 0) / len(judgements), 4) if judgements else None,
+        **label_counts(judgements),
         "likelihood_quantile": q,
         "threshold": threshold,
         "mean_gap": round(fmean(gaps), 4) if gaps else None,
