@@ -280,7 +280,7 @@ def test_a_journal_that_opens_a_non_object_line_is_refused_and_left_as_it_is(tmp
 @pytest.mark.parametrize(
     "key, expected",
     [
-        ("discrimination.taux", "did you mean discrimination.tau?"),
+        ("discrimination.taux", "did you mean discrimination.tau"),
         ("iteration", "did you mean iterations?"),
         ("servers.teacher.port", "an operational setting, which may change without --accept-change; leave it out"),
         ("no_such_setting_at_all", "`lion-local config` prints the settings"),
