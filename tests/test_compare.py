@@ -117,27 +117,31 @@ def test_table_json_markdown_and_plots(arms: list[Path], tmp_path: Path) -> None
     assert _cells(lines[0]) == ["arm-a (referee, seed 1)", "arm-b (likelihood, seed 2)", "arm-c (none, seed 1)"]
     assert lines[-1] == f"wrote compare.md, compare.json and 3 plots in {out}"
     table = _table(result.output)
-    assert table["signal"] == ["referee", "likelihood", "none"]
-    assert table["seed"] == ["1", "2", "1"]
-    assert table["iterations completed"] == ["2", "2", "1"]
-    assert table["final imitation"] == ["done", "no", "no"]
-    assert table["teacher answers used"] == ["20", "16", "8"]  # 8 per iteration, 4 in the final imitation
-    assert table["training examples"] == ["20", "16", "8"]
-    assert table["hard share, iter 1"] == ["0.250", "0.500", "-"]  # labels.hard / pools.cache; none labels nothing
-    assert table["hard share, iter 2"] == ["0.250", "0.500", "-"]
-    assert table["control accuracy, iter 1"] == ["0.750", "-", "-"]
-    assert table["control accuracy, iter 2"] == ["1.000", "-", "-"]
-    assert table["NLL questions, initial"] == ["3.000", "3.000", "-"]
-    assert table["NLL questions, iter 1"] == ["2.500", "2.400", "-"]
-    assert table["NLL questions, final"] == ["2.000", "-", "-"]
-    assert table["NLL held-out, iter 1"] == ["2.750", "-", "-"]
+    expected = {
+        "signal": ["referee", "likelihood", "none"],
+        "seed": ["1", "2", "1"],
+        "iterations completed": ["2", "2", "1"],
+        "final imitation": ["done", "no", "no"],
+        "teacher answers used": ["20", "16", "8"],  # 8 per iteration, 4 in the final imitation
+        "training examples": ["20", "16", "8"],
+        "hard share, iter 1": ["0.250", "0.500", "-"],  # labels.hard / pools.cache; none labels nothing
+        "hard share, iter 2": ["0.250", "0.500", "-"],
+        "control accuracy, iter 1": ["0.750", "-", "-"],
+        "control accuracy, iter 2": ["1.000", "-", "-"],
+        "NLL questions, initial": ["3.000", "3.000", "-"],
+        "NLL questions, iter 1": ["2.500", "2.400", "-"],
+        "NLL questions, final": ["2.000", "-", "-"],
+        "NLL held-out, iter 1": ["2.750", "-", "-"],
+        "student / teacher %, iter 1": ["60.0", "65.0", "-"],
+        "student / teacher %, final": ["75.5", "-", "-"],
+        "teacher calls": ["20", "16", "8"],
+        "student calls": ["20", "20", "8"],
+        "referee prompt tokens": ["400", "400", "160"],
+        "generator completion tokens": ["30", "30", "15"],
+    }
+    for row, cells in expected.items():
+        assert table[row] == cells, row
     assert "student / teacher %, initial" not in table  # no run has a number there
-    assert table["student / teacher %, iter 1"] == ["60.0", "65.0", "-"]
-    assert table["student / teacher %, final"] == ["75.5", "-", "-"]
-    assert table["teacher calls"] == ["20", "16", "8"]
-    assert table["student calls"] == ["20", "20", "8"]
-    assert table["referee prompt tokens"] == ["400", "400", "160"]
-    assert table["generator completion tokens"] == ["30", "30", "15"]
 
     data = json.loads((out / "compare.json").read_text())
     assert [run["column"] for run in data["runs"]] == _cells(lines[0])
