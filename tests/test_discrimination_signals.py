@@ -29,8 +29,8 @@ from lion_local.run.state import read_jsonl, write_jsonl_atomic
 from lion_local.smoke.tiny_build import train_tokenizer
 from lion_local.stages.discrimination import run_discrimination
 from lion_local.stages.generation import run_generation, seed_sides
-from lion_local.stages.likelihood import student_scored
-from lion_local.stages.likelihood_gaps import likelihood_judgements, nll_histogram, quantile
+from lion_local.stages.likelihood import Scored, student_scored
+from lion_local.stages.likelihood_gaps import as_trained, likelihood_judgements, nll_histogram, quantile
 
 
 def per_token(ids: list[int]) -> float:
@@ -138,6 +138,9 @@ def test_the_decisions_quantile_labels_histogram_and_sides():
     histogram = nll_histogram([1.0, 1.0, 2.0, 5.0], bins=4)
     assert [b["count"] for b in histogram] == [2, 1, 0, 1] and histogram[-1]["to"] == 5.0
     assert nll_histogram([]) == [] and sum(b["count"] for b in nll_histogram([3.0, 3.0])) == 2
+    assert as_trained(Scored([1, 2, 3, 4, 5], 2), 4) == Scored([1, 2, 3, 4], 2)  # cut where TRL cuts
+    assert as_trained(Scored([1, 2, 3, 4, 5], 4), 3) == Scored([1, 2, 3], 3)  # no answer token left
+    assert as_trained(Scored([1, 2, 3], 1), None) == Scored([1, 2, 3], 1)
     labels = {"0": "hard", "1": "easy", "2": "unjudged"}
     assert seed_sides(pool[:3], labels) == {"hard": [pool[0]], "easy": [pool[1]]}
     assert seed_sides(pool[:3], {r["id"]: "any" for r in pool}) == {"hard": pool[:3], "easy": pool[:3]}

@@ -1,7 +1,8 @@
 """Discrimination by likelihood (discrimination.signal: likelihood): no student answer, no referee.
 
 An instruction's gap is the new student checkpoint's mean negative log-likelihood per token of the
-teacher's answer to it (lion_local.stages.likelihood: one prefill with prompt logprobs on the
+teacher's answer to it, as imitation trains on it (lion_local.stages.likelihood: the tokens TRL
+builds, cut at imitation.trainer.max_length; one prefill with prompt logprobs on the
 student's vLLM server; with transformers in this process where the student's engine returns none).
 It is what imitation minimises, so a high gap marks an instruction whose teacher answer the
 student is far from. The threshold is the discrimination.likelihood_quantile quantile of the
@@ -10,7 +11,7 @@ scale; an instruction is hard when its gap is above it, easy otherwise. An instr
 teacher answer is empty has no gap: unjudged.
 
 Journal: likelihoods.jsonl, one line per instruction the moment its gap is computed, keyed by the
-teacher answer it scores and the student's prompt format: a resumed stage scores only what is
+teacher answer it scores, the student's prompt format and the cut: a resumed stage scores only what is
 missing, and starts the student's server only when something is.
 """
 
@@ -32,7 +33,7 @@ from lion_local.run.layout import Iteration, RunDir
 from lion_local.run.state import Journal
 from lion_local.run.teacher_cache import ensure_teacher_answers
 from lion_local.stages.judging import label_counts
-from lion_local.stages.likelihood import LOCAL_METHOD, SERVER_METHOD, local_nll_each, server_nll, student_scored
+from lion_local.stages.likelihood import LOCAL_METHOD, SERVER_METHOD, Scored, local_nll_each, server_nll, student_scored
 
 logger = logging.getLogger(__name__)
 
@@ -95,8 +96,16 @@ def likelihood_summary(judgements: list[dict], threshold: float | None, q: float
     }
 
 
-def _key(teacher_answer: dict, prompt_format: str) -> str:
-    text = json.dumps([teacher_answer["fingerprint"], teacher_answer["answer"], prompt_format], ensure_ascii=False)
+def as_trained(scored: Scored, max_length: int | None) -> Scored:
+    """The example as imitation trains on it: TRL cuts it at imitation.trainer.max_length tokens (an
+    answer that starts beyond the cut keeps no token: no gap, unjudged)."""
+    if not max_length or len(scored.ids) <= max_length:
+        return scored
+    return Scored(scored.ids[:max_length], min(scored.start, max_length))
+
+
+def _key(teacher_answer: dict, prompt_format: str, max_length: int | None) -> str:
+    text = json.dumps([teacher_answer["fingerprint"], teacher_answer["answer"], prompt_format, max_length], ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
@@ -129,15 +138,16 @@ async def _gaps(
             return await stack.enter_async_context(await servers.open_client(name, model))
 
         teacher = await ensure_teacher_answers(run, config, cache_pool, lambda: connect(config.roles.teacher.server), marker)
-        keys = {r["id"]: _key(teacher[r["id"]], role.prompt_format) for r in cache_pool if not teacher[r["id"]]["empty"]}
+        cut = config.imitation.trainer.get("max_length")
+        keys = {r["id"]: _key(teacher[r["id"]], role.prompt_format, cut) for r in cache_pool if not teacher[r["id"]]["empty"]}
         with Journal(run.at(iteration).likelihoods) as journal:
             done = {r["id"]: r for r in journal.records if r["id"] in keys and r.get("key") == keys[r["id"]]}
             missing = [r for r in cache_pool if r["id"] in keys and r["id"] not in done]
             logger.info("%s: likelihood gaps: %d of %d journaled, %d to compute", marker, len(done), len(keys), len(missing))
             if missing:
                 tokenizer = AutoTokenizer.from_pretrained(student_dir)
-                scored = {r["id"]: student_scored(tokenizer, role.prompt_format, r["instruction"], r["input"],
-                                                  teacher[r["id"]]["answer"]) for r in missing}
+                scored = {r["id"]: as_trained(student_scored(tokenizer, role.prompt_format, r["instruction"], r["input"],
+                                                             teacher[r["id"]]["answer"]), cut) for r in missing}
 
                 def record(pair_id: str, value: dict) -> dict:
                     gap = round(value["nll"] / value["tokens"], 6) if value["tokens"] else None
