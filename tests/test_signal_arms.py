@@ -46,7 +46,8 @@ def first_imitation(tiny_models: Path, teacher_url: str, tmp_path_factory) -> di
     proxy_log = directory / "teacher-requests.jsonl"
     proxy, proxy_url = start_proxy(teacher_url, proxy_log)
     data = yaml.safe_load(run_config(tiny_models, directory, proxy_url).read_text())
-    data.update(iterations=1, seed_limit=24)
+    data.update(iterations=1, seed_limit=12)  # the suite's time: a few of everything is enough here
+    data["generation"]["new_per_iteration"] = 8
     data["imitation"]["final_imitation"] = False
     data["discrimination"]["signal"] = "none"
     student = yaml.safe_load((ROOT / "configs/tiny-cpu.yaml").read_text())["servers"]["student"]
