@@ -157,3 +157,18 @@ def test_plan_counts_each_signals_calls_and_identity_records_it(tmp_path: Path, 
     if signal == "likelihood":  # a prefill holds the prompt and the teacher's answer
         assert rows[("1/discrimination", "student")]["prompt_tokens"] > 0
     assert run_identity(config)["discrimination.signal"] == signal
+
+
+@pytest.mark.parametrize("signal", ["likelihood", "none"])
+def test_doctor_shows_an_unused_referee_without_failing(tmp_path: Path, signal: str):
+    from lion_local.commands.doctor import Check, unused_referee
+
+    checks = [Check("teacher", False, "unreachable"), Check("referee", False, "unreadable"),
+              Check("referee check", False, "control accuracy 0.40 below 0.75")]
+    shown = unused_referee(make_config(tmp_path / "run", f"discrimination.signal={signal}"), checks)
+    assert not shown[0].ok and not shown[0].informational  # the teacher still fails the doctor
+    for check in shown[1:]:
+        assert check.ok and check.informational
+        assert check.detail.startswith(f"not used by the loop (discrimination.signal {signal}); for a referee run it fails")
+    referee_run = [Check("referee", False, "unreadable")]
+    assert not unused_referee(make_config(tmp_path / "run"), referee_run)[0].ok
