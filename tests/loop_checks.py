@@ -261,7 +261,7 @@ def check_invariants(
         elif signal == "likelihood":
             _check_likelihood(directory, judgements, config, cache)
         else:
-            _check_no_discrimination(directory, judgements, config, k)
+            _check_no_discrimination(directory, judgements, config, cache, k)
         # Each generator call's seed is of its side (signal none: any Cache Pool instruction).
         sides_of = {j["id"]: {"hard", "easy"} if j["label"] == "any" else {j["label"]} for j in judgements}
         for call in jsonl(directory / "generator_calls.jsonl"):
@@ -391,11 +391,10 @@ def _check_likelihood(directory: Path, judgements: list[dict], config: dict, cac
         assert not jsonl(directory / name) if (directory / name).exists() else True, name
 
 
-def _check_no_discrimination(directory: Path, judgements: list[dict], config: dict, k: int) -> None:
+def _check_no_discrimination(directory: Path, judgements: list[dict], config: dict, cache: list[dict], k: int) -> None:
     """signal none: nothing judged, every instruction a seed of both sides, each drawn uniformly with
     the stage's seeded RNG from the whole Cache Pool; the quotas are the referee's loop's."""
     assert {j["label"] for j in judgements} == {"any"}
-    cache = jsonl(directory / "cache_pool.jsonl")
     for call in jsonl(directory / "generator_calls.jsonl"):
         draw = random.Random(request_seed(config["seed"], "generator-seed", k, call["side"], call["attempt"]))
         assert call["parent"] == cache[draw.randrange(len(cache))]["id"]

@@ -230,20 +230,22 @@ def _training_examples(run: dict) -> int | None:
 
 def comparison_rows(runs: list[dict]) -> list[Row]:
     """Every row of the table, one value per run (None: the run has no such number)."""
+    usage = [usage_totals(run) for run in runs]
+    shares = [hard_shares(run) for run in runs]
+    accuracies = [control_accuracies(run) for run in runs]
     rows = [
         Row("signal", [signal(run) for run in runs]),
         Row("seed", [run["settings"].get("seed") for run in runs]),
         Row("iterations completed", [iterations_completed(run) for run in runs]),
         Row("final imitation", ["done" if "final/imitation" in run["completed"] else "no" for run in runs]),
-        Row("teacher answers used", [usage_totals(run)["teacher"]["calls"] for run in runs]),
+        Row("teacher answers used", [totals["teacher"]["calls"] for totals in usage]),
         Row("training examples", [_training_examples(run) for run in runs]),
     ]
-    iterations = sorted({k for run in runs for k in hard_shares(run)})
-    rows += [Row(f"hard share, iter {k}", [hard_shares(run).get(k) for run in runs], 3) for k in iterations]
-    rows += [Row(f"control accuracy, iter {k}", [control_accuracies(run).get(k) for run in runs], 3)
-             for k in iterations]
+    iterations = sorted({k for each in shares for k in each})
+    rows += [Row(f"hard share, iter {k}", [each.get(k) for each in shares], 3) for k in iterations]
+    rows += [Row(f"control accuracy, iter {k}", [each.get(k) for each in accuracies], 3) for k in iterations]
     rows += evaluation_rows(runs)
-    rows += [Row(f"{role} {key.replace('_', ' ')}", [usage_totals(run)[role][key] for run in runs])
+    rows += [Row(f"{role} {key.replace('_', ' ')}", [totals[role][key] for totals in usage])
              for role in ROLES for key in USAGE_KEYS]
     return rows
 

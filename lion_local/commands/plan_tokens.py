@@ -71,7 +71,8 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
         "referee": (referee_params(roles.referee)["max_tokens"], f"max_tokens of mode {roles.referee.mode}, an upper bound"),
         "generator": (fmean(generator_max_tokens(roles.generator, i) for i, _ in texts), "length budget, an upper bound"),
     }
-    if config.discrimination.signal == "likelihood":  # a prefill of prompt and teacher answer
+    prefills = config.discrimination.signal == "likelihood"  # the student's calls: prompt and teacher answer, prefilled
+    if prefills:
         on_vllm = config.server_for("student").engine == "vllm"  # else scored in lion-local's process
         completion["student"] = (int(on_vllm), "signal likelihood: " + ("one token per prefill" if on_vllm else "scored here"))
     for role, records in observed.items():
@@ -89,7 +90,7 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
             "teacher": fmean(count.chat(teacher_messages(i, x, roles.teacher.system_prompt)) for i, x in texts),
             "student": fmean(
                 count.chat(student_chat_messages(i, x)) if chat_student else count.text(student_prompt(i, x)) for i, x in texts
-            ) + (completion["teacher"][0] if config.discrimination.signal == "likelihood" else 0),
+            ) + (completion["teacher"][0] if prefills else 0),
             "referee": fmean(
                 count.chat(referee_messages(i, x, "", "", roles.referee.mode, roles.referee.structured_output, roles.referee.system_prompt))
                 for i, x in texts
@@ -104,7 +105,7 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
             prompt = estimate[role]
             prompt_sources[role] = "role prompts of sample instructions" + (
                 " + teacher and student completions" if role == "referee" else ""
-            ) + (" + the teacher's completion" if role == "student" and config.discrimination.signal == "likelihood" else "")
+            ) + (" + the teacher's completion" if role == "student" and prefills else "")
         per_call[role] = {
             "prompt_tokens": round(prompt, 2),
             "completion_tokens": round(completion[role][0], 2),
