@@ -16,7 +16,7 @@ novelty index's inverted lists have realistic shapes. Synthesis is never timed.
 
 Then it times, with the package's own functions (one row each, N in brackets):
   journal_replay    Journal() on reviews (2N), student answers (N) and teacher_answers (N)
-  pending_scan      pending_reviews over half of the reviews, teacher_cache.uncached, by_id
+  pending_scan      pending_reviews over half of the reviews, teacher_answers.uncached, by_id
   pools             pools_from for iteration 2 (N + generated), write_jsonl_atomic, read_jsonl
   novelty_build     NoveltyIndex(0.7).add for the N pool instructions
   novelty_check     per candidate: index.check, adding the novel ones (as _Decisions.decide);
@@ -65,7 +65,7 @@ from lion_local.config import Config, config_to_yaml, load_config  # noqa: E402
 from lion_local.run.layout import Iteration, RunDir  # noqa: E402
 from lion_local.run.records import by_id, instruction_record, pools_from  # noqa: E402
 from lion_local.run.state import Journal, mark_completed, read_jsonl, write_atomic, write_jsonl_atomic  # noqa: E402
-from lion_local.run.teacher_cache import uncached  # noqa: E402
+from lion_local.stages.teacher_answers import uncached  # noqa: E402
 from lion_local.stages.discrimination import judge, summarize  # noqa: E402
 from lion_local.stages.iteration_report import iteration_report, write_iteration_report  # noqa: E402
 from lion_local.stages.judging import pending_reviews  # noqa: E402

@@ -16,7 +16,6 @@ from lion_local.config_stages import (  # noqa: F401  (the stage sections, impor
     Decontamination, Discrimination, Evaluation, Generation, GenerationFilters, Imitation, Lora, RefereeCheck,
     TinyModels,
 )
-from lion_local.run.layout import RunDir
 from lion_local.trainer_settings import SEED_MAX
 from serving.spec import ServerSpec, TransformersServeOptions, VllmOptions, port_clash
 from serving.spec import StrictModel as _Strict  # unknown keys, NaN and infinity are errors in every section
@@ -189,11 +188,6 @@ class Config(_Strict):
 
     def server_for(self, role: str) -> ServerSpec:
         return self.servers[getattr(self.roles, role).server]
-
-    def endpoint_dir(self, name: str) -> Path:
-        """Where endpoints of server `name` are published by `lion-local serve NAME --publish`."""
-        configured = self.servers[name].endpoint_dir
-        return Path(configured) if configured else RunDir(self.run_dir).endpoints(name)
 
     def servers_in_use(self) -> list[str]:
         """The names of the servers some role talks to."""

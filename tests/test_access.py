@@ -23,7 +23,8 @@ import pytest
 from click.testing import CliRunner
 
 from lion_local.cli import main
-from lion_local.config import ConfigError, check_access, load_config
+from lion_local.config import ConfigError, load_config
+from lion_local.endpoints.access import check_access, endpoint_dir
 from lion_local.endpoints.servers import wanted_server
 from serving import server_launch
 from serving.access import is_loopback, key_rule, server_key
@@ -226,7 +227,7 @@ def test_a_loose_endpoint_file_is_refused_in_one_line(tmp_path, mode):
 
 def test_a_loose_endpoint_directory_is_refused_in_one_line(tmp_path, monkeypatch):
     config = _config(tmp_path, monkeypatch, "servers.teacher.engine=external", "servers.teacher.startup_timeout_s=1")
-    directory = config.endpoint_dir("teacher")
+    directory = endpoint_dir(config, "teacher")
     with _published(directory):
         directory.chmod(0o777)
         with pytest.raises(ServerError) as refused:

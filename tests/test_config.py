@@ -13,7 +13,8 @@ from accelerate.commands.config.config_args import load_config_from_file
 from click.testing import CliRunner
 
 from lion_local.cli import main
-from lion_local.config import Config, ConfigError, api_key_for, check_models_exist, load_config
+from lion_local.config import Config, ConfigError, load_config
+from lion_local.endpoints.access import api_key_for, check_models_exist
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"

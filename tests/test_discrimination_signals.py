@@ -22,7 +22,7 @@ from fake_endpoint import FakeEndpoint, FakeServers
 from test_stages_with_fake_endpoints import POOL, fake, last_content, make_config, prepare_iteration, seeded_generator  # noqa: F401
 
 from lion_local.commands.plan import build_plan
-from lion_local.run.identity import run_identity
+from lion_local.stages.run_identity import run_identity
 from lion_local.run.layout import Iteration
 from lion_local.run.records import request_seed
 from lion_local.run.state import read_jsonl, write_jsonl_atomic

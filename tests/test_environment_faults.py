@@ -254,7 +254,7 @@ def test_a_journal_append_on_a_full_disk_leaves_no_torn_line(tmpfs: Path):
 
 
 def test_the_run_log_on_a_full_disk_writes_no_traceback(tmpfs: Path, capfd):
-    from lion_local.stages.loop import run_log
+    from lion_local.run.log import run_log
 
     run = RunDir(tmpfs / "run")
     run.logs.mkdir(parents=True)

@@ -31,7 +31,7 @@ from lion_local.run.layout import FINAL, Iteration, RunDir
 from lion_local.run.records import instruction_record, pools_for
 from lion_local.run.seed_data import load_seed_instructions
 from lion_local.run.state import read_jsonl, write_atomic, write_jsonl_atomic
-from lion_local.run.teacher_cache import teacher_fingerprint
+from lion_local.stages.teacher_answers import teacher_fingerprint
 from lion_local.stages.discrimination import judge
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,7 +1,7 @@
 """Input bounds: every bad input is exit 2 with one "error:" line naming the file or key, before anything
 is written (the run directory is not created), never a traceback. By class:
 
-1. input files (lion_local.run.input_files): a FIFO, a device or a symlink loop where a seed file, a
+1. input files (lion_local.input_files): a FIFO, a device or a symlink loop where a seed file, a
    config file, an included file or a question file belongs; nesting 100,000 deep; a 5,000-digit
    number; NaN; a lone surrogate ("\\ud800") in a string or a key; YAML aliases that expand without end;
    a file over its size cap;
@@ -381,7 +381,8 @@ def test_a_model_directory_without_a_loadable_model(ws: Workspace, command, make
     ["pytorch_model.bin.index.json"],
 ])
 def test_every_weight_layout_is_a_model(ws: Workspace, weights: list[str]):
-    from lion_local.config import check_models_exist, load_config
+    from lion_local.config import load_config
+    from lion_local.endpoints.access import check_models_exist
 
     model = ws.root / "models" / "other"
     model.mkdir(parents=True)
@@ -392,7 +393,8 @@ def test_every_weight_layout_is_a_model(ws: Workspace, weights: list[str]):
 
 
 def test_tiny_models_may_still_be_built_later(ws: Workspace):
-    from lion_local.config import check_models_exist, load_config
+    from lion_local.config import load_config
+    from lion_local.endpoints.access import check_models_exist
 
     tiny = ws.root / "tiny"
     config = load_config(ws.config(tiny_models={"dir": str(tiny)}, servers__teacher__model=str(tiny / "teacher")))

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from lion_local.config import ConfigError, load_config
-from lion_local.run.layout import FINAL, Iteration, RunDir
-from lion_local.stages.imitation import adapter_init, base_checkpoint, is_checkpoint
+from lion_local.run.layout import FINAL, Iteration, RunDir, is_checkpoint
+from lion_local.stages.imitation import adapter_init, base_checkpoint
 from lion_local.stages.lora import lora_parameter_count
 from serving.commands import vllm_command
 

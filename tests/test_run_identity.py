@@ -14,9 +14,10 @@ from lion_local.cli import main
 from lion_local.config import load_config
 from lion_local.errors import InputError
 from lion_local.roles import referee as referee_module
-from lion_local.run.identity import changed_keys, check_resume, flatten, run_identity
+from lion_local.run.identity import changed_keys, flatten
+from lion_local.stages.run_identity import check_resume, run_identity
 from lion_local.run.layout import RunDir
-from lion_local.run.teacher_cache import teacher_fingerprint
+from lion_local.stages.teacher_answers import teacher_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs/tiny-cpu.yaml"

@@ -204,7 +204,7 @@ def test_serving_imports_nothing_from_lion_local():
 
 def test_a_server_command_that_does_not_exist_is_named_before_anything_starts():
     from lion_local.config import ConfigError
-    from lion_local.config import check_launchers
+    from lion_local.endpoints.access import check_launchers
 
     config = load_config(ROOT / "configs/tiny-cpu.yaml", ["servers.teacher.vllm.launcher=[/nowhere/bin/vllm, serve]"])
     with pytest.raises(ConfigError, match=r"^servers.teacher.vllm.launcher: /nowhere/bin/vllm is not an executable"):

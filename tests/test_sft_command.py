@@ -185,7 +185,7 @@ RECORDS = [
 
 
 def _answers(*texts: str | None) -> dict[str, dict]:
-    """Teacher-cache records by id; None makes an empty answer (what teacher_cache writes)."""
+    """Teacher-cache records by id; None makes an empty answer (what the teacher-answer cache writes)."""
     return {
         record["id"]: {"id": record["id"], "answer": text or "", "empty": text is None, "finish_reason": "stop"}
         for record, text in zip(RECORDS, texts)

@@ -54,7 +54,8 @@ from click.testing import CliRunner
 
 import serving.published
 from lion_local.cli import main
-from lion_local.config import ConfigError, api_key_for, load_config
+from lion_local.config import ConfigError, load_config
+from lion_local.endpoints.access import api_key_for, endpoint_dir
 from lion_local.offline import OFFLINE_ENVIRONMENT, offline_environ
 from lion_local.stages.training_launch import (
     Allocation,
@@ -93,7 +94,7 @@ def _write_script(path: Path, body: str) -> Path:
 
 
 def _publish(config, name: str, base_url: str, model: str, api_key: str | None = None):
-    return published_endpoint(name, config.endpoint_dir(name), base_url, model, api_key)
+    return published_endpoint(name, endpoint_dir(config, name), base_url, model, api_key)
 
 
 def _private_directory(directory: Path) -> Path:
@@ -112,7 +113,7 @@ def _write_endpoint(path: Path, content: str | bytes) -> None:
 
 
 def _live(config, name: str):
-    return live_published_endpoints(name, config.servers[name], config.endpoint_dir(name))
+    return live_published_endpoints(name, config.servers[name], endpoint_dir(config, name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -506,7 +507,7 @@ def external(tmp_path, monkeypatch):
 def test_published_endpoint_file(external, tmp_path, monkeypatch):
     monkeypatch.setenv("SLURM_JOB_ID", "4242")
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "1")
-    directory = external.endpoint_dir("teacher")
+    directory = endpoint_dir(external, "teacher")
     assert directory == tmp_path / "run" / "endpoints" / "teacher"
     with _publish(external, "teacher", "http://hostx:1234/v1", "model-x", "key-of-4242") as path:
         assert path.parent == directory
@@ -543,7 +544,7 @@ def test_published_endpoint_in_a_configured_directory(tmp_path, monkeypatch):
     config = _config(
         tmp_path, monkeypatch, "servers.teacher.engine=external", f"servers.teacher.endpoint_dir={tmp_path / 'eps'}"
     )
-    assert config.endpoint_dir("teacher") == tmp_path / "eps"
+    assert endpoint_dir(config, "teacher") == tmp_path / "eps"
     with _publish(config, "teacher", "http://hosty:80/v1", "m") as path:
         assert path == tmp_path / "eps" / "local-hosty-80.json"
     assert not (tmp_path / "run" / "endpoints").exists()
@@ -582,7 +583,7 @@ def test_live_published_endpoints_keep_only_the_live_ones(external, tmp_path):
     with _health_server() as live, ExitStack() as stack:
         stack.enter_context(_publish(external, "teacher", live, "model-x"))
         stack.enter_context(_publish(external, "teacher", dead, "model-x"))
-        assert len(list(external.endpoint_dir("teacher").glob("*.json"))) == 2
+        assert len(list(endpoint_dir(external, "teacher").glob("*.json"))) == 2
         assert _live(external, "teacher") == ({live: None}, "model-x")
         with config_server(external, "teacher", tmp_path / "logs") as endpoint:
             assert endpoint.name == "teacher"
@@ -604,7 +605,7 @@ def test_live_published_endpoints_balance_over_replicas(external):
 
 
 def test_live_published_endpoints_wait_for_a_late_publication(external, clock):
-    directory = external.endpoint_dir("teacher")
+    directory = endpoint_dir(external, "teacher")
     poll = serving.published.POLL_INTERVAL_S
     with _health_server() as live:
 
@@ -622,7 +623,7 @@ def test_live_published_endpoints_wait_for_a_late_publication(external, clock):
 
 
 def test_live_published_endpoints_time_out_when_nothing_is_published(external, clock):
-    directory = external.endpoint_dir("teacher")
+    directory = endpoint_dir(external, "teacher")
     with pytest.raises(ServerError) as caught:
         _live(external, "teacher")
     # Polled one interval apart for the whole startup_timeout_s, and gave up at the first poll past it.
@@ -700,11 +701,11 @@ def test_external_base_urls_need_served_model_name(tmp_path, monkeypatch):
 def test_endpoint_dir_is_made_absolute(tmp_path, monkeypatch):
     config = _config(tmp_path, monkeypatch, "servers.teacher.engine=external", "servers.teacher.endpoint_dir=shared/eps")
     assert config.servers["teacher"].endpoint_dir == str(ROOT / "shared" / "eps")
-    assert config.endpoint_dir("teacher") == ROOT / "shared" / "eps"
-    assert config.endpoint_dir("teacher").is_absolute()
+    assert endpoint_dir(config, "teacher") == ROOT / "shared" / "eps"
+    assert endpoint_dir(config, "teacher").is_absolute()
     default = _config(tmp_path, monkeypatch)
-    assert default.endpoint_dir("student") == tmp_path / "run" / "endpoints" / "student"
-    assert default.endpoint_dir("student").is_absolute()
+    assert endpoint_dir(default, "student") == tmp_path / "run" / "endpoints" / "student"
+    assert endpoint_dir(default, "student").is_absolute()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,9 +32,8 @@ from fake_endpoint import FakeEndpoint, FakeServers, Reply
 from lion_local.config import Config, load_config
 from lion_local.stages.discrimination import run_discrimination
 from lion_local.stages.generation import run_generation
-from lion_local.stages.imitation import is_checkpoint
 from lion_local.run.records import instruction_id, instruction_record, request_seed
-from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.layout import Iteration, RunDir, is_checkpoint
 from lion_local.run.state import read_jsonl, write_jsonl_atomic
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from lion_local.cli import main
 from lion_local.config import load_config
 from lion_local.errors import InputError
-from lion_local.run.identity import check_resume
+from lion_local.stages.run_identity import check_resume
 from lion_local.run.layout import FINAL, Iteration, RunDir, Stage, all_stages
 from lion_local.run.records import instruction_record, pools_for
 from lion_local.run.state import Journal, RunStateError, mark_completed, read_jsonl, read_state, write_atomic, write_jsonl_atomic

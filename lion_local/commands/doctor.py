@@ -20,7 +20,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-from lion_local.config import Config, check_access, check_launchers, check_models_exist
+from lion_local.config import Config
+from lion_local.endpoints.access import check_access, check_launchers, check_models_exist
 from lion_local.endpoints.client import EndpointClient, EndpointError
 from lion_local.roles import (
     ask_generator,

@@ -47,10 +47,10 @@ from pathlib import Path
 
 from lion_local.commands.evaluation_results import relative_scores, summary_line
 from lion_local.commands.evaluation_likelihood import checkpoint_likelihood, held_out_seeds, teacher_likelihood
-from lion_local.config import Config, check_access, check_models_exist
+from lion_local.config import Config
+from lion_local.endpoints.access import check_access, check_models_exist
 from lion_local.endpoints.client import EndpointClient
-from lion_local.stages.imitation import is_checkpoint
-from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.endpoints.journaled import call_all, call_fields
 from lion_local.stages.decontamination import question_files
 from lion_local.stages.judging import AnswerPair, pending_reviews, referee_fingerprint, review_call
 from lion_local.run.questions import default_questions, load_questions
@@ -58,9 +58,10 @@ from lion_local.run.records import request_seed
 from lion_local.roles import ask_student, ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.errors import StageOrderError
-from lion_local.run.layout import FINAL, INITIAL, EvaluationDir, Iteration, RunDir
+from lion_local.run.layout import FINAL, INITIAL, EvaluationDir, Iteration, RunDir, is_checkpoint
+from lion_local.run.log import run_log
 from lion_local.run.state import Journal, run_lock, write_atomic
-from lion_local.run.teacher_cache import teacher_fingerprint
+from lion_local.stages.teacher_answers import teacher_fingerprint
 from lion_local.endpoints.servers import ServerSet
 from lion_local.smoke.tiny_models import ensure_tiny_models
 
@@ -85,7 +86,6 @@ class Checkpoint:
 
 def evaluate(config: Config, iteration: Iteration | None = None, questions_path: str | None = None) -> list[dict]:
     """`lion-local evaluate`: the result of each checkpoint evaluated (see the module docstring)."""
-    from lion_local.stages.loop import run_log  # the run commands' copy of the log in logs/lion-local.log
 
     run = RunDir(config.run_dir)
     path = Path(questions_path or config.evaluation.questions or default_questions())

@@ -23,7 +23,7 @@ this module's, the run's own paths come from lion_local.run.layout):
 `--format` picks the training files (default all). The training rows follow the stage's own rule
 (lion_local.stages.imitation.training_examples leaves out an empty teacher answer); each answer
 is the teacher cache's line for the id with the config's teacher fingerprint
-(lion_local.run.teacher_cache.teacher_fingerprint). Only the stages state.json records as
+(lion_local.stages.teacher_answers.teacher_fingerprint). Only the stages state.json records as
 finished are exported; the others are left out, saying so, unless --partial includes their
 files as they are (an imitation's instructions answered so far; a discrimination's judgements,
 or the stage's `judge` over the reviews so far with the instructions still under review labelled
@@ -48,7 +48,7 @@ from lion_local.run.layout import Iteration, RunDir, Stage
 from lion_local.run.preflight import check_dir_path, writable_dir
 from lion_local.run.records import by_id
 from lion_local.run.state import completed_stages, read_jsonl, write_atomic, write_jsonl_atomic
-from lion_local.run.teacher_cache import teacher_fingerprint
+from lion_local.stages.teacher_answers import teacher_fingerprint
 from lion_local.stages.discrimination import judge
 from lion_local.stages.imitation import training_examples
 from lion_local.stages.judging import current_reviews, pending_reviews, referee_fingerprint

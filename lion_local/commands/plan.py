@@ -53,7 +53,7 @@ from lion_local.commands.plan_tokens import JOURNALS, ROLES, per_call_tokens
 from lion_local.config import Config
 from lion_local.run.layout import FINAL, Iteration, IterationDir, RunDir, Stage
 from lion_local.run.records import pools_from, seed_records
-from lion_local.run.teacher_cache import uncached
+from lion_local.stages.teacher_answers import uncached
 from lion_local.stages.lora import lora_parameter_count
 from lion_local.stages.generation import SIDES, WaveSchedule, generation_quotas
 from lion_local.stages.iteration_report import usage

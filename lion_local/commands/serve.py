@@ -15,7 +15,8 @@ import sys
 from collections.abc import Callable
 from contextlib import ExitStack
 
-from lion_local.config import Config, ConfigError, check_access, check_launchers, check_models_exist, server_key_for
+from lion_local.config import Config, ConfigError
+from lion_local.endpoints.access import check_access, check_launchers, check_models_exist, endpoint_dir, server_key_for
 from lion_local.endpoints.servers import server_named, wanted_server
 from lion_local.offline import offline_environ
 from lion_local.run.layout import RunDir
@@ -34,7 +35,7 @@ def serve_server(
     server_name = server_named(config, name)
     server = config.servers[server_name]
     if server.engine == "external":
-        where = ", ".join(server.base_urls) or f"endpoints published in {config.endpoint_dir(server_name)}"
+        where = ", ".join(server.base_urls) or f"endpoints published in {endpoint_dir(config, server_name)}"
         raise ConfigError(
             f"servers.{server_name}.engine: external ({where}): nothing to start; "
             "serve it from a config that gives its engine and model"
@@ -62,7 +63,7 @@ def serve_server(
         base_url = f"http://{reachable_host(server.host)}:{launch.port}/v1"
         with ExitStack() as stack:
             if publish:
-                directory = config.endpoint_dir(server_name)
+                directory = endpoint_dir(config, server_name)
                 model = request_model_name(server)
                 path = stack.enter_context(published_endpoint(server_name, directory, base_url, model, wanted.api_key))
                 announce(f"{server_name} published in {path}")

@@ -2,5 +2,7 @@
 
 client.py speaks HTTP to any OpenAI-compatible server (vLLM, `transformers serve`, a hosted
 API); servers.py decides which of the config's servers run when, starting them through the
-top-level `serving` package. Nothing here knows about stages or the run directory.
+top-level `serving` package; access.py holds the rules for their keys, launchers and model
+directories; journaled.py runs many calls at once, journaling each result as it arrives.
+Nothing here knows about stages.
 """

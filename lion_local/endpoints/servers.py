@@ -18,7 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
-from lion_local.config import Config, ConfigError, ServerSpec, api_key_for, server_key_for
+from lion_local.config import Config, ConfigError, ServerSpec
+from lion_local.endpoints.access import api_key_for, endpoint_dir, server_key_for
 from lion_local.endpoints.client import EndpointClient
 from lion_local.offline import offline_environ
 from serving import (
@@ -77,7 +78,7 @@ def server_log(log_dir: Path, name: str) -> Path:
 @contextmanager
 def config_server(config: Config, name: str, log_dir: Path, model: str | None = None) -> Iterator[Endpoint]:
     """Start (or reach) server `name` of the config, yield its Endpoint, stop it afterwards."""
-    with running_server(wanted_server(config, name, server_log(log_dir, name), model), config.endpoint_dir(name)) as endpoint:
+    with running_server(wanted_server(config, name, server_log(log_dir, name), model), endpoint_dir(config, name)) as endpoint:
         yield endpoint
 
 
@@ -156,7 +157,7 @@ class ServerSet:
                 continue
             spec = self.config.servers[name]
             if spec.engine == "external":
-                endpoint = external_endpoint(name, spec, api_key_for(self.config, name), self.config.endpoint_dir(name))
+                endpoint = external_endpoint(name, spec, api_key_for(self.config, name), endpoint_dir(self.config, name))
                 self._running[name] = (model, None, endpoint)
             else:
                 to_start.append(wanted_server(self.config, name, server_log(self.log_dir, name), model))

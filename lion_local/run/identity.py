@@ -3,7 +3,7 @@
 The identity of a config is every setting of it, flattened to dotted keys, less the operational
 ones that cannot change a reply (OPERATIONAL: where servers run and how they are reached,
 concurrency, timeouts, retries of failed HTTP attempts, log and checkpoint cadence), plus the
-text of every role prompt the package ships (lion_local.roles.prompt_texts). A new setting is
+text of every role prompt the package ships (lion_local.stages.run_identity adds them). A new setting is
 therefore result-shaping until it is listed here as operational: forgetting to list one refuses
 a harmless resume, never allows a harmful one.
 
@@ -29,7 +29,6 @@ from typing import Any
 
 from lion_local.config import Config
 from lion_local.errors import InputError
-from lion_local.roles import prompt_texts
 from lion_local.run.layout import RunDir
 from lion_local.run.state import reopen_final, write_atomic
 
@@ -87,11 +86,12 @@ def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def run_identity(config: Config) -> dict[str, Any]:
-    """{dotted key: value} of everything that can change the run's results."""
+def settings_identity(config: Config, prompts: dict[str, str]) -> dict[str, Any]:
+    """{dotted key: value} of everything that can change the run's results: the config's
+    result-shaping settings and the text of each prompt in `prompts` (by name)."""
     settings = flatten(config.model_dump(mode="json"))
     shaping = {key: value for key, value in settings.items() if not any(fnmatch.fnmatchcase(key, p) for p in OPERATIONAL)}
-    shaping.update({f"prompts.{name}": text for name, text in prompt_texts().items()})
+    shaping.update({f"prompts.{name}": text for name, text in prompts.items()})
     return shaping
 
 
@@ -134,13 +134,12 @@ def accepted_key_problem(key: str, recorded: dict[str, Any], current: dict[str, 
 # ----------------------------------------------------------------------------------------------
 
 
-def check_resume(run: RunDir, config: Config, accepted: tuple[str, ...] = (), next_stage: str = "") -> None:
-    """Record the run's identity, or refuse a config whose result-shaping settings changed.
+def record_or_refuse(run: RunDir, current: dict[str, Any], accepted: tuple[str, ...] = (), next_stage: str = "") -> None:
+    """Record the run's identity `current`, or refuse it when its result-shaping settings changed.
 
     Call it with the writer lock held, before anything of the command is written.
     """
-    current = run_identity(config)
-    check_accepted(run, config, accepted)
+    refuse_unknown_accepts(run, current, accepted)
     if not run.identity.exists():
         if run.state_json.exists():
             logger.warning("%s: no record of the settings that shaped this run; recording the current ones", run.root)
@@ -174,12 +173,11 @@ def check_resume(run: RunDir, config: Config, accepted: tuple[str, ...] = (), ne
     _write(run, recorded)
 
 
-def check_accepted(run: RunDir, config: Config, accepted: tuple[str, ...]) -> None:
-    """Refuse, in one line naming close valid keys, an --accept-change KEY that shapes nothing;
-    reads identity.json (if any) and writes nothing."""
+def refuse_unknown_accepts(run: RunDir, current: dict[str, Any], accepted: tuple[str, ...]) -> None:
+    """Refuse, in one line naming close valid keys, an --accept-change KEY that shapes nothing in
+    the identity `current`; reads identity.json (if any) and writes nothing."""
     if not accepted:
         return
-    current = run_identity(config)
     recorded = _read(run)["settings"] if run.identity.exists() else {}
     for key in accepted:
         problem = accepted_key_problem(key, recorded, current)

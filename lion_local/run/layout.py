@@ -239,6 +239,17 @@ def finished_outputs(run: RunDir, stage: Stage) -> list[tuple[Path, bool]]:
     return [(directory.generated, False), (directory.generation_summary, False), (directory.report, False)]
 
 
+def is_adapter(directory: Path) -> bool:
+    """A LoRA adapter: its config and its weights."""
+    return (directory / "adapter_config.json").is_file() and (directory / "adapter_model.safetensors").is_file()
+
+
+def is_checkpoint(directory: Path) -> bool:
+    """A finished student: full weights, or a LoRA adapter (imitation.peft.serve: adapter)."""
+    full = (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
+    return directory.is_dir() and (full or is_adapter(directory))
+
+
 def builds_on(upcoming: Stage, finished: Stage, iterations: int) -> bool:
     """Whether `upcoming`, or a stage after it in its iteration, reads what `finished` left: a
     stage of its own iteration or of the one before (of the last, for the final imitation).

@@ -13,7 +13,7 @@ from importlib import resources
 from pathlib import Path
 
 from lion_local.errors import InputError
-from lion_local.run.input_files import InputKind, parse_json, read_text
+from lion_local.input_files import InputKind, parse_json, read_text
 from lion_local.run.records import instruction_id
 
 

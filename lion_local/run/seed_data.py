@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lion_local.errors import InputError
-from lion_local.run.input_files import InputKind, parse_json, read_text
+from lion_local.input_files import InputKind, parse_json, read_text
 
 MAX_TEXT_CHARS = 20_000
 

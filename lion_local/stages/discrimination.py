@@ -42,9 +42,8 @@ from statistics import fmean
 
 from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
-from lion_local.stages.imitation import is_checkpoint
 from lion_local.stages.likelihood_gaps import likelihood_gaps, likelihood_judgements, likelihood_summary
-from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.endpoints.journaled import call_all, call_fields
 from lion_local.stages.judging import (
     AnswerPair, current_reviews, inconsistent_share, judged_pairs, label_counts, pending_reviews, referee_fingerprint,
     review_call,
@@ -56,9 +55,9 @@ from lion_local.stages.referee_health import (
 from lion_local.run.records import pools_for, request_seed
 from lion_local.roles import ask_student
 from lion_local.errors import StageOrderError
-from lion_local.run.layout import Iteration, IterationDir, RunDir
+from lion_local.run.layout import Iteration, IterationDir, RunDir, is_checkpoint
 from lion_local.run.state import Journal, write_atomic, write_jsonl_atomic
-from lion_local.run.teacher_cache import ensure_teacher_answers
+from lion_local.stages.teacher_answers import ensure_teacher_answers
 from lion_local.endpoints.servers import ServerSet
 
 logger = logging.getLogger(__name__)

@@ -44,7 +44,7 @@ from collections import Counter
 
 from lion_local.config import Config, GenerationFilters
 from lion_local.endpoints.client import EndpointClient
-from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.endpoints.journaled import call_all, call_fields
 from lion_local.stages.decontamination import decontamination_index
 from lion_local.stages.novelty import NoveltyIndex
 from lion_local.stages.truncation import warn_truncated

@@ -25,14 +25,14 @@ from pathlib import Path
 
 from lion_local.errors import LionError
 from lion_local.config import Config
-from lion_local.run.journaled_calls import progress_bar
+from lion_local.endpoints.journaled import progress_bar
 from lion_local.offline import offline_environ
 from lion_local.run.records import pools_for
 from lion_local.roles.student import student_chat_messages, student_training_text
-from lion_local.run.layout import Iteration, IterationDir, RunDir
+from lion_local.run.layout import Iteration, IterationDir, RunDir, is_adapter, is_checkpoint
 from lion_local.run.state import write_atomic, write_jsonl_atomic
-from lion_local.run.teacher_cache import teacher_answers_for
-from lion_local.stages.lora import adapter_of, is_adapter
+from lion_local.stages.teacher_answers import teacher_answers_for
+from lion_local.stages.lora import adapter_of
 from lion_local.stages.training_launch import training_command, training_environment
 from lion_local.stages.truncation import warn_truncated
 from lion_local.endpoints.servers import ServerSet
@@ -67,12 +67,6 @@ def _previous_student(config: Config, run: RunDir, iteration: Iteration) -> Path
     if iteration.number == 1:
         return None
     return run.iteration(config.iterations if iteration.is_final else iteration.number - 1).student
-
-
-def is_checkpoint(directory: Path) -> bool:
-    """A finished student: full weights, or a LoRA adapter (imitation.peft.serve: adapter)."""
-    full = (directory / "config.json").exists() and any(directory.glob("*.safetensors"))
-    return directory.is_dir() and (full or is_adapter(directory))
 
 
 def training_examples(config: Config, records: list[dict], answers: dict[str, dict], eos_token: str) -> list[dict]:

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 
 from lion_local.config import Config, RefereeRole
 from lion_local.endpoints.client import EndpointClient
-from lion_local.run.identity import identity_digest, run_identity
-from lion_local.run.journaled_calls import call_fields
+from lion_local.run.identity import identity_digest
+from lion_local.stages.run_identity import run_identity
+from lion_local.endpoints.journaled import call_fields
 from lion_local.roles import ask_referee, read_review, referee_identity
 
 ORDERS = ("teacher_first", "student_first")

@@ -28,10 +28,10 @@ from statistics import fmean
 
 from lion_local.config import Config
 from lion_local.endpoints.servers import ServerSet
-from lion_local.run.journaled_calls import call_all, progress_bar
+from lion_local.endpoints.journaled import call_all, progress_bar
 from lion_local.run.layout import Iteration, RunDir
 from lion_local.run.state import Journal
-from lion_local.run.teacher_cache import ensure_teacher_answers
+from lion_local.stages.teacher_answers import ensure_teacher_answers
 from lion_local.stages.judging import label_counts
 from lion_local.stages.likelihood import LOCAL_METHOD, SERVER_METHOD, Scored, local_nll_each, server_nll, student_scored
 

@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
-from lion_local.config import Config, check_access, check_launchers, check_models_exist, config_to_yaml
+from lion_local.config import Config, config_to_yaml
+from lion_local.endpoints.access import check_access, check_launchers, check_models_exist
 from lion_local.endpoints.servers import ServerSet
 from lion_local.errors import LionError, StageOrderError
-from lion_local.run.identity import check_accepted, check_resume
+from lion_local.stages.run_identity import check_accepted, check_resume
 from lion_local.run.layout import FINAL, Iteration, RunDir, Stage, all_stages
+from lion_local.run.log import run_log
 from lion_local.run.preflight import check_finished_stages, check_within_iterations, writable_dir
 from lion_local.run.records import seed_records
 from lion_local.run.state import Journal, add_stage_seconds, completed_stages, mark_completed, read_jsonl, read_state, run_lock, write_atomic
@@ -149,43 +148,6 @@ def run_stage(config: Config, run: RunDir, stage: Stage, servers: ServerSet) -> 
         raise
     mark_completed(run, stage, seconds)
     logger.info("==== %s done in %.1f s", stage, seconds)
-
-
-@contextmanager
-def run_log(run: RunDir) -> Iterator[None]:
-    """Copy lion-local's log records to <run_dir>/logs/lion-local.log for the whole command."""
-    run.logs.mkdir(parents=True, exist_ok=True)
-    handler = _RunLogHandler(run.main_log, encoding="utf-8")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    loggers = [logging.getLogger(name) for name in ("lion_local", "serving")]
-    for each in loggers:
-        each.addHandler(handler)
-    try:
-        yield
-    finally:
-        for each in loggers:
-            each.removeHandler(handler)
-        try:
-            handler.close()
-        except OSError as exc:  # cannot hide the error that ends the command
-            logger.warning("%s: %s", run.main_log, exc.strerror)
-
-
-class _RunLogHandler(logging.FileHandler):
-    """The run's log file; a record it cannot write (a full disk) is dropped without a traceback
-    (the console has the same record), and the file is left alone for the rest of the command."""
-
-    failed = False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if not self.failed:
-            super().emit(record)
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        self.failed = True
-        error = sys.exc_info()[1]
-        logger.warning("%s: cannot write the run's log (%s); the console keeps it", self.baseFilename,
-                       getattr(error, "strerror", None) or error)
 
 
 # ----------------------------------------------------------------------------------------------

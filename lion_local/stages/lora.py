@@ -26,10 +26,6 @@ def adapter_of(student_dir: Path, serve: str) -> Path:
     return student_dir if serve == "adapter" else student_dir / MERGED_ADAPTER
 
 
-def is_adapter(directory: Path) -> bool:
-    return (directory / "adapter_config.json").is_file() and (directory / "adapter_model.safetensors").is_file()
-
-
 # (input size, output size) of each LLaMA projection, from the model's config.json.
 def _projection_shapes(model: dict) -> dict[str, tuple[int, int]]:
     hidden, heads = model["hidden_size"], model["num_attention_heads"]

@@ -17,11 +17,12 @@ from contextlib import AsyncExitStack
 
 from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
-from lion_local.run.journaled_calls import call_all, call_fields
+from lion_local.endpoints.journaled import call_all, call_fields
 from lion_local.run.records import request_seed
 from lion_local.roles import ask_teacher
 from lion_local.roles.teacher import parse_teacher_answer
-from lion_local.run.identity import identity_digest, run_identity
+from lion_local.run.identity import identity_digest
+from lion_local.stages.run_identity import run_identity
 from lion_local.run.layout import RunDir, Stage
 from lion_local.run.state import Journal
 from lion_local.endpoints.servers import ServerSet
