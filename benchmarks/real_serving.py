@@ -28,10 +28,10 @@ from lion_local.run.seed_data import load_seed_instructions
 from lion_local.stages.likelihood import server_nll, teacher_scored
 
 
-async def measure(config, servers: ServerSet, requests: int, max_tokens: int) -> None:
+async def measure(config, logs: Path, requests: int, max_tokens: int) -> None:
     seeds = load_seed_instructions(config.seed_data)[:requests]
     tokenizer = AutoTokenizer.from_pretrained(str(config.server_for("teacher").model))
-    async with await servers.open_client(config.roles.teacher.server) as client:
+    async with ServerSet(config, logs) as servers, await servers.open_client(config.roles.teacher.server) as client:
         started = time.monotonic()
         replies = await asyncio.gather(*(
             client.chat("teacher", teacher_messages(s.instruction, s.input), max_tokens=max_tokens, temperature=0.7,
@@ -58,9 +58,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=128)
     args = parser.parse_args()
     config = load_config(args.config)
-    with tempfile.TemporaryDirectory() as logs, ServerSet(config, Path(logs)) as servers:
+    with tempfile.TemporaryDirectory() as logs:
         started = time.monotonic()
-        asyncio.run(measure(config, servers, args.requests, args.max_tokens))
+        asyncio.run(measure(config, Path(logs), args.requests, args.max_tokens))
         print(f"(whole benchmark, the server's start included: {time.monotonic() - started:.1f} s)")
 
 

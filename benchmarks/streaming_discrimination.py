@@ -12,6 +12,7 @@ runs' judgements are identical.
 
 from __future__ import annotations
 
+import asyncio
 import argparse
 import re
 import sys
@@ -51,7 +52,7 @@ def one_run(fake: FakeEndpoint, directory: Path, pool: list[dict], stream: bool)
     (run.iteration(1).student / "config.json").write_text("{}")
     (run.iteration(1).student / "model.safetensors").write_bytes(b"")
     started = time.monotonic()
-    run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
     return time.monotonic() - started, read_jsonl(run.iteration(1) / "judgements.jsonl")
 
 

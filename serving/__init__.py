@@ -12,6 +12,7 @@ endpoint files that server jobs publish (serving/published.py).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -23,7 +24,7 @@ import httpx
 from serving.commands import request_model_name, server_command, server_environment
 from serving.ports import port_problem
 from serving.process import Expected, ServerError, ServerProcess, free_port, stop_processes
-from serving.published import live_published_endpoints
+from serving.published import live_published_endpoints, live_published_endpoints_async
 from serving.spec import ServerSpec
 from serving.startup import wait_until_healthy, wait_until_healthy_async
 
@@ -38,6 +39,7 @@ __all__ = [
     "ServerSpec",
     "StartedServer",
     "external_endpoint",
+    "external_endpoint_async",
     "running_server",
     "server_launch",
     "server_process",
@@ -209,9 +211,9 @@ def await_servers(launched: Launched) -> list[tuple[ServerProcess, Endpoint]]:
 
 async def await_servers_async(launched: Launched) -> list[tuple[ServerProcess, Endpoint]]:
     """`await_servers` in the event loop. Cancelled (a signal), the servers get SIGTERM and the
-    caller finishes stopping them."""
+    caller finishes stopping them. Asking each server its version is blocking I/O: a thread does it."""
     await wait_until_healthy_async([process for _, process, _ in launched])
-    return _endpoints(launched)
+    return await asyncio.to_thread(_endpoints, launched)
 
 
 def _endpoints(launched: Launched) -> list[tuple[ServerProcess, Endpoint]]:
@@ -241,10 +243,22 @@ def external_endpoint(name: str, spec: ServerSpec, api_key: str | None, endpoint
     """The endpoint of a server that already runs: its base_urls, or the live published ones."""
     if spec.base_urls:
         return Endpoint(name, list(spec.base_urls), request_model_name(spec), api_key, engine="external")
-    published, published_model = live_published_endpoints(name, spec, endpoint_dir)
-    keys = {url: key for url, key in published.items() if key}
-    model = spec.served_model_name or published_model
-    return Endpoint(name, list(published), model, api_key, api_keys=keys, engine="external")
+    return _published_endpoint(name, spec, api_key, live_published_endpoints(name, spec, endpoint_dir))
+
+
+async def external_endpoint_async(name: str, spec: ServerSpec, api_key: str | None, endpoint_dir: Path) -> Endpoint:
+    """`external_endpoint` in the event loop (a wait for a published endpoint does not block it)."""
+    if spec.base_urls:
+        return Endpoint(name, list(spec.base_urls), request_model_name(spec), api_key, engine="external")
+    return _published_endpoint(name, spec, api_key, await live_published_endpoints_async(name, spec, endpoint_dir))
+
+
+def _published_endpoint(
+    name: str, spec: ServerSpec, api_key: str | None, published: tuple[dict[str, str | None], str]
+) -> Endpoint:
+    urls, published_model = published
+    keys = {url: key for url, key in urls.items() if key}
+    return Endpoint(name, list(urls), spec.served_model_name or published_model, api_key, api_keys=keys, engine="external")
 
 
 @contextmanager

@@ -12,6 +12,7 @@ serving/access.py's rules: 0600 in a 0700 directory, this user's only.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -103,12 +104,53 @@ def read_published(directory: Path) -> list[dict]:
     return records
 
 
+def _health_url(base_url: str) -> str:
+    return f"{base_url.rstrip('/').removesuffix('/v1')}/health"
+
+
 def _is_healthy(client: httpx.Client, base_url: str) -> bool:
-    root = base_url.rstrip("/").removesuffix("/v1")
     try:
-        return client.get(f"{root}/health").status_code == 200
+        return client.get(_health_url(base_url)).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+async def _is_healthy_async(client: httpx.AsyncClient, base_url: str) -> bool:
+    try:
+        return (await client.get(_health_url(base_url))).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _published_records(name: str, directory: Path) -> list[dict]:
+    try:
+        return read_published(directory) if directory.is_dir() else []
+    except ServerError as exc:
+        raise ServerError(f"servers.{name}: {exc}") from None
+
+
+def _chosen(name: str, directory: Path, records: list[dict], live: list[dict]) -> tuple[dict[str, str | None], str]:
+    """The live endpoints (base URL -> the key it requires) and their one model."""
+    models = sorted({record["model"] for record in live})
+    if len(models) > 1:
+        raise ServerError(
+            f"servers.{name}: the endpoints published in {directory} serve different models "
+            f"({', '.join(models)}); stop the service jobs of the wrong one"
+        )
+    stale = len(records) - len(live)
+    logger.info(
+        "%s: %d published endpoint(s) in %s%s", name, len(live), directory, f" ({stale} not answering, ignored)" if stale else ""
+    )
+    return {record["base_url"]: record.get("api_key") for record in live}, models[0]
+
+
+def _none_live(name: str, server: ServerSpec, directory: Path, records: list[dict]) -> ServerError:
+    seen = f"{len(records)} file(s) there, none answering /health" if records else "no endpoint file there"
+    return ServerError(
+        f"servers.{name}: no live endpoint published in {directory} after "
+        f"{server.startup_timeout_s:.0f} s ({seen}); start one with "
+        f"`sbatch slurm/serve.sh <config> {name}` or set servers.{name}.base_urls"
+    )
 
 
 def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> tuple[dict[str, str | None], str]:
@@ -119,38 +161,35 @@ def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> 
     submitted together with the service job that hosts its teacher.
     """
     deadline = time.monotonic() + server.startup_timeout_s
-    announced = False
     with httpx.Client(timeout=5.0, trust_env=False) as client:
-        while True:
-            try:
-                records = read_published(directory) if directory.is_dir() else []
-            except ServerError as exc:
-                raise ServerError(f"servers.{name}: {exc}") from None
+        for attempt in range(1 << 30):
+            records = _published_records(name, directory)
             live = [record for record in records if _is_healthy(client, record["base_url"])]
             if live:
-                models = sorted({record["model"] for record in live})
-                if len(models) > 1:
-                    raise ServerError(
-                        f"servers.{name}: the endpoints published in {directory} serve different models "
-                        f"({', '.join(models)}); stop the service jobs of the wrong one"
-                    )
-                stale = len(records) - len(live)
-                logger.info(
-                    "%s: %d published endpoint(s) in %s%s",
-                    name,
-                    len(live),
-                    directory,
-                    f" ({stale} not answering, ignored)" if stale else "",
-                )
-                return {record["base_url"]: record.get("api_key") for record in live}, models[0]
+                return _chosen(name, directory, records, live)
             if time.monotonic() > deadline:
-                seen = f"{len(records)} file(s) there, none answering /health" if records else "no endpoint file there"
-                raise ServerError(
-                    f"servers.{name}: no live endpoint published in {directory} after "
-                    f"{server.startup_timeout_s:.0f} s ({seen}); start one with "
-                    f"`sbatch slurm/serve.sh <config> {name}` or set servers.{name}.base_urls"
-                )
-            if not announced:
+                raise _none_live(name, server, directory, records)
+            if attempt == 0:
                 logger.info("%s: waiting for a published endpoint in %s", name, directory)
-                announced = True
             time.sleep(POLL_INTERVAL_S)
+    raise AssertionError("unreachable")
+
+
+async def live_published_endpoints_async(
+    name: str, server: ServerSpec, directory: Path
+) -> tuple[dict[str, str | None], str]:
+    """`live_published_endpoints` in the event loop: the waits are asyncio sleeps, so a signal
+    cancels them at once and nothing else of the command is held up."""
+    deadline = time.monotonic() + server.startup_timeout_s
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+        for attempt in range(1 << 30):
+            records = _published_records(name, directory)
+            live = [record for record in records if await _is_healthy_async(client, record["base_url"])]
+            if live:
+                return _chosen(name, directory, records, live)
+            if time.monotonic() > deadline:
+                raise _none_live(name, server, directory, records)
+            if attempt == 0:
+                logger.info("%s: waiting for a published endpoint in %s", name, directory)
+            await asyncio.sleep(POLL_INTERVAL_S)
+    raise AssertionError("unreachable")

@@ -135,8 +135,8 @@ def answering_endpoint() -> FakeEndpoint:
 
 
 class FakeServers:
-    """What the stages use of ServerSet: start_async, (open_)client(name, model), stop(name),
-    stop_for_training(), stop_all()."""
+    """What the stages use of ServerSet: start, open_client(name, model), stop(name),
+    stop_for_training(), stop_all(); `client` is the synchronous helper tests call directly."""
 
     def __init__(self, endpoint: FakeEndpoint) -> None:
         self.endpoint = endpoint
@@ -158,7 +158,7 @@ class FakeServers:
             backoff_max_s=0.1,
         )
 
-    async def start_async(self, wanted: dict[str, str | None]) -> None:
+    async def start(self, wanted: dict[str, str | None]) -> None:
         self.started = getattr(self, "started", []) + [dict(wanted)]
         self.running.update(wanted)
 
@@ -166,14 +166,14 @@ class FakeServers:
         self.running.add(name)
         return self.client(name, model)
 
-    def stop(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
         if name in self.running:
             self.running.discard(name)
             self.stopped.append(name)
             self.requests_at_stop[name] = self.endpoint.roles()
 
-    def stop_for_training(self) -> None:
+    async def stop_for_training(self) -> None:
         self.stopped.append("for training")
 
-    def stop_all(self) -> None:
+    async def stop_all(self) -> None:
         self.stopped.append("*")

@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -172,7 +173,7 @@ def test_generation_rejects_contaminated_replies_and_counts_them(fake: FakeEndpo
     write_judgements(run, {record["id"]: ("hard", "easy")[i % 2] for i, record in enumerate(POOL)})
     fake.handlers["generator"] = contaminating_generator
 
-    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
     directory = run.iteration(1)
 
     rejected = read_jsonl(directory / "rejected.jsonl")
@@ -207,7 +208,7 @@ def test_generation_rejects_contaminated_replies_and_counts_them(fake: FakeEndpo
     off = make_config(tmp_path / "off", "generation.expected_acceptance=1.0", "generation.decontamination.enabled=false")
     run_off = prepare_iteration(off, student=False)
     write_judgements(run_off, {record["id"]: ("hard", "easy")[i % 2] for i, record in enumerate(POOL)})
-    summary_off = run_generation(off, run_off, Iteration(1), FakeServers(fake))
+    summary_off = asyncio.run(run_generation(off, run_off, Iteration(1), FakeServers(fake)))
     assert "contaminated" not in summary_off["rejected"] and summary_off["calls"] == {"hard": 3, "easy": 3}
     assert PARAPHRASE in {r["instruction"] for r in read_jsonl(run_off.iteration(1) / "generated.jsonl")}
     assert summary_off["checks"]["decontamination"] == "off"
@@ -219,7 +220,7 @@ def test_a_decontamination_that_rejected_nothing_is_in_the_report(fake: FakeEndp
     write_judgements(run, {record["id"]: ("hard", "easy")[i % 2] for i, record in enumerate(POOL)})
     fake.handlers["generator"] = lambda body: (novel_sentence(body["seed"]), "stop")
 
-    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
 
     assert "contaminated" not in summary["rejected"]
     assert summary["checks"]["decontamination"]["questions"] == len(BUILTIN)
@@ -239,7 +240,7 @@ def test_a_missing_question_file_is_one_line_before_any_generator_call(fake: Fak
     write_judgements(run, {record["id"]: "hard" for record in POOL})
     fake.handlers["generator"] = contaminating_generator
     with pytest.raises(QuestionsError):
-        run_generation(config, run, Iteration(1), FakeServers(fake))
+        asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
     assert fake.bodies("generator") == []
     assert error.value.exit_code == 2
 

@@ -13,6 +13,7 @@ The runs on real servers, killed and resumed: tests/test_signal_arms.py.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def test_likelihood_gaps_come_from_one_prefill_each_and_split_at_the_quantile(fa
     fake.handlers["teacher"] = lambda body: ("TEACHER: answer to " + last_content(body), "stop")
     fake.handlers["student"] = likelihood_student
 
-    summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
 
     gaps = expected_gaps(tokenizer)
     threshold = float(numpy.quantile(list(gaps.values()), 0.5))
@@ -91,7 +92,7 @@ def test_a_likelihood_stage_resumed_from_a_cut_journal_asks_only_for_the_missing
     run = prepare_iteration(config)
     with_tokenizer(run)
     fake.handlers["student"] = likelihood_student
-    first = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    first = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
     labels = read_jsonl(run.iteration(1).judgements)
 
     journal = run.iteration(1).likelihoods
@@ -99,7 +100,7 @@ def test_a_likelihood_stage_resumed_from_a_cut_journal_asks_only_for_the_missing
     journal.write_text("".join(lines[:2]) + lines[2][:20])  # two whole records and a torn one
     run.iteration(1).judgements.unlink()
     fake.reset()
-    again = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    again = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
 
     assert fake.roles() == {"student": len(POOL) - 2}  # the teacher's answers are cached run-wide
     assert read_jsonl(run.iteration(1).judgements) == labels and again["threshold"] == first["threshold"]
@@ -110,13 +111,13 @@ def test_signal_none_asks_nothing_and_draws_every_seed_uniformly_from_the_whole_
     config = make_config(tmp_path / "run", "discrimination.signal=none", "generation.expected_acceptance=1.0")
     run = prepare_iteration(config)
     servers = FakeServers(fake)
-    summary = run_discrimination(config, run, Iteration(1), servers)
+    summary = asyncio.run(run_discrimination(config, run, Iteration(1), servers))
     assert fake.roles() == {} and servers.clients == []
     assert summary["signal"] == "none" and summary["any"] == len(POOL)
     assert {j["label"] for j in read_jsonl(run.iteration(1).judgements)} == {"any"}
 
     fake.handlers["generator"] = seeded_generator
-    generation = run_generation(config, run, Iteration(1), servers)
+    generation = asyncio.run(run_generation(config, run, Iteration(1), servers))
     assert generation["quota"] == {"hard": 3, "easy": 3} and generation["seeds"] == {"hard": len(POOL), "easy": len(POOL)}
     for call in read_jsonl(run.iteration(1).generator_calls):
         draw = random.Random(request_seed(config.seed, "generator-seed", 1, call["side"], call["attempt"]))

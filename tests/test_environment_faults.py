@@ -12,6 +12,8 @@ those tests skip saying so.
 
 from __future__ import annotations
 
+import asyncio
+
 import errno
 import json
 import logging
@@ -276,7 +278,7 @@ def test_a_failed_time_record_does_not_hide_the_stage_s_own_error(tmp_path: Path
     monkeypatch.setattr(loop, "run_imitation", _raise(LionError("the stage's own error")))
     monkeypatch.setattr(loop, "add_stage_seconds", _raise(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "state.json")))
     with pytest.raises(LionError, match="the stage's own error"):
-        loop.run_stage(config, RunDir(config.run_dir), Stage.parse("1/imitation"), servers=None)
+        asyncio.run(loop.run_stage(config, RunDir(config.run_dir), Stage.parse("1/imitation"), servers=None))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,11 +12,12 @@ a judge_server naming no server are rejected in one line (exit 2) before anythin
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
 from collections import Counter
-from contextlib import contextmanager
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -168,7 +169,7 @@ def test_relative_score_arithmetic_matches_the_stored_judgements(fake: FakeEndpo
     config, run, questions = setup
     servers = FakeServers(fake)
 
-    [result] = run_evaluation(config, run, select_checkpoints(run), questions, servers)
+    [result] = asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, servers))
 
     directory = run.root / "eval" / "iter_1"
     assert result == EXPECTED
@@ -251,7 +252,7 @@ def test_judge_server_from_config(fake: FakeEndpoint, tmp_path: Path):
 
     fake.handlers["referee"] = judge
 
-    [result] = run_evaluation(config, run, select_checkpoints(run), questions, servers)
+    [result] = asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, servers))
 
     assert ("judge", None) in servers.clients
     assert (result["checkpoint"], result["iteration"], result["judge"]) == ("final", "final", "judge")
@@ -268,7 +269,7 @@ def test_judge_server_from_config(fake: FakeEndpoint, tmp_path: Path):
 
 def test_resume_from_truncated_journals_asks_only_what_is_missing(fake: FakeEndpoint, setup):
     config, run, questions = setup
-    [first] = run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake))
+    [first] = asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake)))
     eval_dir = run.root / "eval"
     first_judgements = read_jsonl(eval_dir / "iter_1" / "judgements.jsonl")
 
@@ -284,7 +285,7 @@ def test_resume_from_truncated_journals_asks_only_what_is_missing(fake: FakeEndp
         assert lost[name]
 
     fake.reset()
-    [result] = run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake))
+    [result] = asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake)))
 
     assert result == first == EXPECTED
     assert sorted(ID_OF[b["messages"][-1]["content"]] for b in fake.bodies("teacher")) == sorted(
@@ -300,13 +301,13 @@ def test_resume_from_truncated_journals_asks_only_what_is_missing(fake: FakeEndp
     # Everything journaled: a third run asks nothing and starts no server.
     fake.reset()
     servers = FakeServers(fake)
-    assert run_evaluation(config, run, select_checkpoints(run), questions, servers) == [EXPECTED]
+    assert asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, servers)) == [EXPECTED]
     assert fake.roles() == Counter() and servers.clients == []
 
 
 def test_a_question_edited_under_the_same_id_is_asked_again(fake: FakeEndpoint, setup, tmp_path: Path):
     config, run, questions = setup
-    run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake))
+    asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake)))
     edited_text = "Name three secondary colours."
     edited = [{**QUESTIONS[0], "question": edited_text}, *QUESTIONS[1:]]
 
@@ -320,7 +321,7 @@ def test_a_question_edited_under_the_same_id_is_asked_again(fake: FakeEndpoint, 
     fake.reset()
     fake.handlers["referee"] = judge
     questions = load_questions(write_questions(tmp_path / "edited.jsonl", edited))
-    [result] = run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake))
+    [result] = asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake)))
 
     # Only q1 is asked again, of the teacher, the student and the judge (both orders).
     assert fake.roles() == Counter({"teacher": 1, "student": 1, "referee": 2})
@@ -431,8 +432,8 @@ def test_cli_evaluates_every_checkpoint_and_prints_one_line_each(fake: FakeEndpo
     questions = write_questions(tmp_path / "questions.jsonl")
     fake.handlers["referee"] = lambda body: ("Score of Assistant 1: 8\nScore of Assistant 2: 4", "stop")
 
-    @contextmanager
-    def fake_server_set(config, log_dir):
+    @asynccontextmanager
+    async def fake_server_set(config, log_dir):
         yield FakeServers(fake)
 
     monkeypatch.setattr(evaluation, "ServerSet", fake_server_set)

@@ -4,6 +4,7 @@ commands produce identical judgements, in every referee mode, unreadable replies
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -93,14 +94,14 @@ def test_evaluate_and_discrimination_give_identical_judgements_for_identical_rep
     write_jsonl_atomic(run.iteration(1) / "train_pool.jsonl", pool)
     write_jsonl_atomic(run.iteration(1) / "cache_pool.jsonl", pool)
     _checkpoint(run)
-    run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
     discriminated = {j["id"]: j for j in read_jsonl(run.iteration(1) / "judgements.jsonl")}
 
     questions_file = tmp_path / "questions.jsonl"
     questions_file.write_text("".join(f'{{"question": "{question}"}}\n' for question in QUESTIONS))
     questions = load_questions(questions_file)
     assert [q["id"] for q in questions] == [record["id"] for record in pool]  # the same ids: the same pairs
-    run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake))
+    asyncio.run(run_evaluation(config, run, select_checkpoints(run), questions, FakeServers(fake)))
     evaluated = judged_pairs([q["id"] for q in questions], read_jsonl(run.root / "eval/iter_1/judgements.jsonl"))
 
     unreadable = pool[-1]["id"]

@@ -5,6 +5,7 @@ it for the initial student and each checkpoint. On vLLM's CPU build itself: test
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from pathlib import Path
@@ -124,7 +125,7 @@ def test_evaluate_writes_the_likelihood_of_the_initial_student_and_each_checkpoi
 
     held_out = held_out_seeds(config, run)
     try:
-        results = run_evaluation(config, run, checkpoints, questions, FakeServers(endpoint), held_out)
+        results = asyncio.run(run_evaluation(config, run, checkpoints, questions, FakeServers(endpoint), held_out))
     finally:
         endpoint.stop()
     assert [r["checkpoint"] for r in results] == ["initial", "iter_1"]

@@ -4,6 +4,7 @@ fake endpoint whose referee is worthless. The same stop on the real model: tests
 
 from __future__ import annotations
 
+import asyncio
 import re
 from pathlib import Path
 
@@ -137,7 +138,7 @@ def _stage(fake: FakeEndpoint, tmp_path: Path, *overrides: str):
         run.iteration(1).student.mkdir(parents=True)
         (run.iteration(1).student / "config.json").write_text("{}")
         (run.iteration(1).student / "model.safetensors").write_bytes(b"")
-    return config, run, lambda: run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    return config, run, lambda: asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
 
 
 @pytest.mark.parametrize("stream", [True, False])

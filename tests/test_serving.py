@@ -4,6 +4,7 @@ that died between stages (a stand-in for starting one); serving/ imports nothing
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -160,7 +161,7 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
     def fake_launch_servers(wanted, track=None):
         return [(each, None, None) for each in wanted]
 
-    def fake_await_servers(launched):
+    async def fake_await_servers(launched):
         started = []
         for each, _, _ in launched:
             number = len(starts)
@@ -174,13 +175,18 @@ def test_a_server_found_dead_between_stages_is_started_again(monkeypatch, caplog
         return started
 
     monkeypatch.setattr(lion_local.endpoints.servers, "launch_servers", fake_launch_servers)
-    monkeypatch.setattr(lion_local.endpoints.servers, "await_servers", fake_await_servers)
-    with ServerSet(config, ROOT / "unused-log-dir") as servers, caplog.at_level("WARNING", logger="lion_local"):
-        first = servers.endpoint("teacher")
-        assert servers.endpoint("teacher") is first  # alive: reused
-        dead.add(0)
-        second = servers.endpoint("teacher")  # dead by now: started again
-        assert starts == ["teacher", "teacher"] and second.base_urls == ["http://127.0.0.1:2/v1"]
+    monkeypatch.setattr(lion_local.endpoints.servers, "await_servers_async", fake_await_servers)
+
+    async def across_stages() -> None:
+        async with ServerSet(config, ROOT / "unused-log-dir") as servers:
+            first = await servers.endpoint("teacher")
+            assert await servers.endpoint("teacher") is first  # alive: reused
+            dead.add(0)
+            second = await servers.endpoint("teacher")  # dead by now: started again
+            assert starts == ["teacher", "teacher"] and second.base_urls == ["http://127.0.0.1:2/v1"]
+
+    with caplog.at_level("WARNING", logger="lion_local"):
+        asyncio.run(across_stages())
     assert [r.getMessage() for r in caplog.records] == [
         "the teacher server (pid 0) was killed by SIGKILL while in use; starting it again"
     ]

@@ -19,6 +19,7 @@ Covered:
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -223,7 +224,7 @@ def test_streamed_and_sequential_discrimination_give_the_same_judgements(fake: F
         run = prepare_iteration(config)
         servers = FakeServers(fake)
         fake.reset()
-        run_discrimination(config, run, Iteration(1), servers)
+        asyncio.run(run_discrimination(config, run, Iteration(1), servers))
         directory = run.iteration(1)
         reviews = {(r["id"], r["order"], r["attempt"]): (r["raw"], r["seed"]) for r in read_jsonl(directory / "reviews.jsonl")}
         results[stream] = (read_jsonl(directory / "judgements.jsonl"), reviews, servers, fake.roles()["referee"])
@@ -242,7 +243,7 @@ def test_discrimination_retries_unreadable_reviews_then_gives_up(fake: FakeEndpo
     fake.handlers["referee"] = retrying_referee
     servers = FakeServers(fake)
 
-    summary = run_discrimination(config, run, Iteration(1), servers)
+    summary = asyncio.run(run_discrimination(config, run, Iteration(1), servers))
     directory = run.iteration(1)
 
     # Referee requests: A asked 1 + parse_retries times per order, B twice per order, the rest once.
@@ -313,7 +314,7 @@ def test_discrimination_cancels_pure_position_bias(fake: FakeEndpoint, tmp_path:
     run = prepare_iteration(config)
     fake.handlers["referee"] = lambda body: ("Score of Assistant 1: 9\nScore of Assistant 2: 3", "stop")
 
-    summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
 
     judgements = read_jsonl(run.iteration(1) / "judgements.jsonl")
     assert len(judgements) == len(POOL)
@@ -331,7 +332,7 @@ def test_discrimination_resumes_from_truncated_journals(fake: FakeEndpoint, tmp_
     run = prepare_iteration(config)
     directory = run.iteration(1)
     fake.handlers["referee"] = retrying_referee
-    first_summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    first_summary = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
     first_judgements = read_jsonl(directory / "judgements.jsonl")
     first_reviews = read_jsonl(directory / "reviews.jsonl")
     first_teacher_cache = run.teacher_answers.read_bytes()
@@ -347,7 +348,7 @@ def test_discrimination_resumes_from_truncated_journals(fake: FakeEndpoint, tmp_
     assert lost_reviews and lost_answers
 
     fake.reset()
-    summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
 
     assert fake.roles()["teacher"] == 0  # every answer is in teacher_answers.jsonl
     assert run.teacher_answers.read_bytes() == first_teacher_cache
@@ -370,7 +371,7 @@ def test_discrimination_resumes_a_retry_chain_at_its_next_attempt(fake: FakeEndp
     run = prepare_iteration(config)
     directory = run.iteration(1)
     fake.handlers["referee"] = retrying_referee
-    first_summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    first_summary = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
     first_judgements = read_jsonl(directory / "judgements.jsonl")
 
     # Lost: A's last attempt in one order (its other order has used every attempt), B's readable
@@ -384,7 +385,7 @@ def test_discrimination_resumes_a_retry_chain_at_its_next_attempt(fake: FakeEndp
     (directory / "judgements.jsonl").unlink()
 
     fake.reset()
-    summary = run_discrimination(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_discrimination(config, run, Iteration(1), FakeServers(fake)))
 
     asked = Counter((*referee_request(body), referee_attempt(body)) for body in fake.bodies("referee"))
     assert asked == Counter(lost_keys)
@@ -411,7 +412,7 @@ def test_generation_without_hard_seeds_fills_the_quota_from_easy_ones(fake: Fake
     write_judgements(run, labels)
     fake.handlers["generator"] = seeded_generator
 
-    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
     directory = run.iteration(1)
 
     assert summary["quota"] == {"hard": 0, "easy": 6}
@@ -447,7 +448,7 @@ def test_generation_budget_and_shortfall_when_every_reply_repeats_its_seed(fake:
     write_judgements(run, {r["id"]: ("hard" if i % 2 else "easy") for i, r in enumerate(POOL)})
     fake.handlers["generator"] = lambda body: (generator_seed_text(body), "stop")
 
-    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
     directory = run.iteration(1)
 
     quota = {"hard": 3, "easy": 3}
@@ -506,7 +507,7 @@ def test_generation_rejects_garbage_with_the_right_reasons(fake: FakeEndpoint, t
     write_judgements(run, {r["id"]: ("hard" if i % 2 else "easy") for i, r in enumerate(POOL)})
     fake.handlers["generator"] = garbage_generator
 
-    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
     directory = run.iteration(1)
     rejected = read_jsonl(directory / "rejected.jsonl")
     generated = read_jsonl(directory / "generated.jsonl")
@@ -574,7 +575,7 @@ def test_generation_is_deterministic_and_resumes_from_its_journal(fake: FakeEndp
         config = make_config(tmp_path / name)
         run = prepare_iteration(config, student=False)
         write_judgements(run, labels)
-        summaries.append(run_generation(config, run, Iteration(1), FakeServers(fake)))
+        summaries.append(asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake))))
         runs.append((config, run))
     (config_a, run_a), (_, run_b) = runs
     dir_a, dir_b = run_a.iteration(1), run_b.iteration(1)
@@ -594,7 +595,7 @@ def test_generation_is_deterministic_and_resumes_from_its_journal(fake: FakeEndp
     (dir_a / "rejected.jsonl").unlink()
 
     fake.reset()
-    summary = run_generation(config_a, run_a, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_generation(config_a, run_a, Iteration(1), FakeServers(fake)))
     assert sorted(body["seed"] for body in fake.bodies("generator")) == lost_seeds
     assert fake.roles() == Counter({"generator": 3})
     assert (dir_a / "generated.jsonl").read_bytes() == generated
@@ -619,7 +620,7 @@ def test_generation_accepted_instructions_join_the_novelty_pool(fake: FakeEndpoi
         return novel_sentence(body["seed"]), "stop"
 
     fake.handlers["generator"] = generator
-    run_generation(config, run, Iteration(1), FakeServers(fake))
+    asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
     directory = run.iteration(1)
 
     generated = read_jsonl(directory / "generated.jsonl")
@@ -653,7 +654,7 @@ def test_generation_waves_are_sized_by_the_expected_then_the_passing_share(fake:
         return novel_sentence(body["seed"]), "stop"
 
     fake.handlers["generator"] = hard_passes_easy_fails_seven_times
-    summary = run_generation(config, run, Iteration(1), FakeServers(fake))
+    summary = asyncio.run(run_generation(config, run, Iteration(1), FakeServers(fake)))
 
     # Wave 1: 8 calls a side (P(Binomial(8, 0.75) >= 3) = 0.996, with 7 calls 0.987). Hard passes
     # 8 and keeps 3; easy passes 1. 9 of 16 passed, so easy's wave 2 for the 2 it lacks is 9 calls

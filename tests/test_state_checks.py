@@ -85,10 +85,10 @@ class FakeServers:
     def __init__(self, *args, **kwargs) -> None:
         pass
 
-    def __enter__(self) -> FakeServers:
+    async def __aenter__(self) -> FakeServers:
         return self
 
-    def __exit__(self, *exc_info) -> None:
+    async def __aexit__(self, *exc_info) -> None:
         pass
 
 
@@ -98,7 +98,7 @@ def fake_stages(monkeypatch) -> list[str]:
     ran: list[str] = []
 
     def recorded(function, name):
-        def stage(config, run, iteration, servers):
+        async def stage(config, run, iteration, servers):
             ran.append(f"{iteration}/{name}")
             function(config, run, iteration, servers)
 

@@ -16,12 +16,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 from lion_local.config import Config
-from lion_local.endpoints.access import check_access, check_launchers, check_models_exist
+from lion_local.endpoints.access import api_key_for, check_access, check_launchers, check_models_exist, endpoint_dir
 from lion_local.endpoints.client import EndpointClient, EndpointError
 from lion_local.roles import (
     ask_generator,
@@ -37,9 +36,10 @@ from lion_local.run.seed_data import load_seed_instructions
 from lion_local.stages.judging import ORDERS, review_call
 from lion_local.stages.referee_health import ControlPair, control_figures, control_pairs, referee_problem
 from lion_local.smoke.tiny_models import ensure_tiny_models
-from lion_local.endpoints.servers import client_for, config_server, server_log, wanted_server
+from lion_local.endpoints.servers import client_for, server_log, wanted_server
 from serving import (
-    Endpoint, ServerError, ServerProcess, await_servers, check_configured_port, launch_servers, stop_processes,
+    Endpoint, ServerError, ServerProcess, await_servers_async, check_configured_port, external_endpoint_async, launch_servers,
+    stop_processes,
 )
 
 logger = logging.getLogger(__name__)
@@ -67,29 +67,36 @@ def run_doctor(config: Config, log_dir: Path) -> list[Check]:
     seed = load_seed_instructions(config.seed_data, limit=1)[0]
     ensure_tiny_models(config)
 
+    return asyncio.run(_start_and_check(config, names, log_dir, seed.instruction, seed.input))
+
+
+async def _start_and_check(config: Config, names: list[str], log_dir: Path, instruction: str, input_text: str) -> list[Check]:
+    """Every server loads at once; each is then waited for alone, so one failing stops only itself.
+    The roles are then asked, and every server started here is stopped, side by side."""
     checks: list[Check] = []
     endpoints: dict[str, Endpoint] = {}
-    with ExitStack() as servers:
-        started = time.monotonic()
-        # Every server loads at once; each is then waited for alone, so one failing stops only itself.
-        processes: list[ServerProcess] = []  # filled as they start, stopped side by side at the end
-        servers.callback(stop_processes, processes)
+    processes: list[ServerProcess] = []  # filled as they start, stopped side by side at the end
+    started = time.monotonic()
+    try:
         launched, refused = _launch_local(config, names, log_dir, processes)
         for name in names:
             try:
                 if name in refused:  # a configured port another process holds: nothing was started
                     raise refused[name]
                 if name in launched:
-                    [(_, endpoints[name])] = await_servers([launched[name]])
+                    [(_, endpoints[name])] = await await_servers_async([launched[name]])
                 else:
-                    endpoints[name] = servers.enter_context(config_server(config, name, log_dir))
+                    key, directory = api_key_for(config, name), endpoint_dir(config, name)
+                    endpoints[name] = await external_endpoint_async(name, config.servers[name], key, directory)
             except ServerError as exc:
                 checks.append(Check(f"server {name}", False, str(exc)))
                 continue
             where = ", ".join(endpoints[name].base_urls)
             ready = f"ready after {time.monotonic() - started:.1f} s"
             checks.append(Check(f"server {name}", True, f"{endpoints[name].engine} at {where} {ready}"))
-        checks += asyncio.run(_check_roles(config, endpoints, seed.instruction, seed.input))
+        checks += await _check_roles(config, endpoints, instruction, input_text)
+    finally:
+        await asyncio.to_thread(stop_processes, processes)
     return checks
 
 

@@ -102,8 +102,8 @@ def evaluate(config: Config, iteration: Iteration | None = None, questions_path:
     held_out = held_out_seeds(config, run) if config.evaluation.likelihood else []
     with run_lock(run):
         ensure_tiny_models(config)
-        with run_log(run), ServerSet(config, run.logs) as servers:
-            return run_evaluation(config, run, checkpoints, questions, servers, held_out)
+        with run_log(run):
+            return asyncio.run(_evaluate_with_servers(config, run, checkpoints, questions, held_out))
 
 
 def warn_if_not_decontaminated(config: Config, path: Path) -> bool:
@@ -161,7 +161,15 @@ def _checkpoint(run: RunDir, iteration: Iteration) -> Checkpoint:
 # ----------------------------------------------------------------------------------------------
 
 
-def run_evaluation(
+async def _evaluate_with_servers(
+    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], held_out: list[dict]
+) -> list[dict]:
+    """run_evaluation in the command's one event loop, with the servers kept across checkpoints."""
+    async with ServerSet(config, run.logs) as servers:
+        return await run_evaluation(config, run, checkpoints, questions, servers, held_out)
+
+
+async def run_evaluation(
     config: Config,
     run: RunDir,
     checkpoints: list[Checkpoint],
@@ -170,13 +178,7 @@ def run_evaluation(
     held_out: list[dict] = (),
 ) -> list[dict]:
     """Evaluate each checkpoint in turn, write its result.json, and return the results."""
-    return asyncio.run(_evaluate_all(config, run, checkpoints, questions, list(held_out), servers))
-
-
-async def _evaluate_all(
-    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], held_out: list[dict],
-    servers: ServerSet,
-) -> list[dict]:
+    held_out = list(held_out)
     results = []
     async with AsyncExitStack() as stack:
         clients: dict[str, EndpointClient] = {}
@@ -373,7 +375,7 @@ async def _student_work(
             for opening in opened:
                 opening.cancel()  # a server still loading when something failed
             await asyncio.gather(*opened, return_exceptions=True)
-            servers.stop(role.server)  # the next checkpoint is served anew; a local judge may need the GPUs
+            await servers.stop(role.server)  # the next checkpoint is served anew; a local judge may need the GPUs
     return answers, likelihood
 
 

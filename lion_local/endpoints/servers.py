@@ -28,10 +28,9 @@ from serving import (
     ServerError,
     ServerProcess,
     StartedServer,
-    await_servers,
     await_servers_async,
     check_configured_port,
-    external_endpoint,
+    external_endpoint_async,
     launch_servers,
     running_server,
     stop_processes,
@@ -100,21 +99,22 @@ def client_for(endpoint: Endpoint, server: ServerSpec) -> EndpointClient:
 
 
 class ServerSet:
-    """Servers started on first use and kept running across stages until stopped."""
+    """Servers started on first use and kept running across stages until stopped; used from the
+    one event loop of a command (`async with ServerSet(...) as servers`)."""
 
     def __init__(self, config: Config, log_dir: Path, on_start: Callable[[dict], None] | None = None) -> None:
         """`on_start` receives one record per server start (the loop journals them in servers.jsonl)."""
         self.config = config
         self.log_dir = Path(log_dir)
         self.on_start = on_start
-        # One lock per server name (on the running event loop): two coroutines never start the same
-        # server twice, while different servers start side by side from separate coroutines.
-        self._starting: tuple[asyncio.AbstractEventLoop, dict[str, asyncio.Lock]] | None = None
+        # One lock per server name: two coroutines never start the same server twice, while
+        # different servers start side by side from separate coroutines.
+        self._starting: dict[str, asyncio.Lock] = {}
         # Started and still loading: stop_all ends these too, so a cancelled start leaves nothing.
         self._loading: list[ServerProcess] = []
         self._running: dict[str, tuple[str | None, ServerProcess | None, Endpoint]] = {}
 
-    def _is_current(self, name: str, model: str | None) -> bool:
+    async def _is_current(self, name: str, model: str | None) -> bool:
         if name not in self._running:
             return False
         running_model, _, endpoint = self._running[name]
@@ -123,26 +123,19 @@ class ServerSet:
             return True
         if gone is not None:
             logger.warning("%s; starting it again", gone)
-        self.stop(name)
+        await self.stop(name)
         return False
 
-    def start(self, wanted: dict[str, str | None]) -> None:
+    async def start(self, wanted: dict[str, str | None]) -> None:
         """Make every server of `wanted` (name -> model, None for the configured one) run; the
-        missing ones start together."""
-        self._finish(self._launch(wanted))
-
-    async def start_async(self, wanted: dict[str, str | None]) -> None:
-        """`start` for async code: the processes start on this (the main) thread, and the tens of
-        seconds they take to load are polled for in the event loop, which keeps running; a signal
-        cancels the wait at once (no thread to join), and `stop_all` stops what was loading."""
-        loop = asyncio.get_running_loop()
-        if self._starting is None or self._starting[0] is not loop:
-            self._starting = (loop, {})
-        locks = self._starting[1]
+        missing ones start together. The processes start on this (the main) thread, which they
+        outlive no longer than it (PR_SET_PDEATHSIG), and the tens of seconds they take to load
+        are polled for in the event loop; a signal cancels the wait at once, and `stop_all`
+        stops what was loading."""
         async with AsyncExitStack() as held:
             for name in sorted(wanted):  # always in one order, so two callers cannot deadlock
-                await held.enter_async_context(locks.setdefault(name, asyncio.Lock()))
-            launched = self._launch(wanted)
+                await held.enter_async_context(self._starting.setdefault(name, asyncio.Lock()))
+            launched = await self._launch(wanted)
             try:
                 ready = await await_servers_async(launched) if launched else []
             except ServerError:
@@ -150,26 +143,18 @@ class ServerSet:
                 raise
             self._ready(launched, ready)
 
-    def _launch(self, wanted: dict[str, str | None]) -> Launched:
+    async def _launch(self, wanted: dict[str, str | None]) -> Launched:
         to_start = []
         for name, model in wanted.items():
-            if self._is_current(name, model):
+            if await self._is_current(name, model):
                 continue
             spec = self.config.servers[name]
             if spec.engine == "external":
-                endpoint = external_endpoint(name, spec, api_key_for(self.config, name), endpoint_dir(self.config, name))
-                self._running[name] = (model, None, endpoint)
+                key, directory = api_key_for(self.config, name), endpoint_dir(self.config, name)
+                self._running[name] = (model, None, await external_endpoint_async(name, spec, key, directory))
             else:
                 to_start.append(wanted_server(self.config, name, server_log(self.log_dir, name), model))
         return launch_servers(to_start, track=self._loading) if to_start else []
-
-    def _finish(self, launched: Launched) -> None:
-        try:
-            ready = await_servers(launched)
-        except ServerError:
-            self._forget_loading(launched)  # stopped already
-            raise
-        self._ready(launched, ready)
 
     def _forget_loading(self, launched: Launched) -> None:
         self._loading = [process for process in self._loading if all(process is not p for _, p, _ in launched)]
@@ -192,33 +177,30 @@ class ServerSet:
         }
         self.on_start(record)
 
-    def endpoint(self, name: str, model: str | None = None) -> Endpoint:
-        self.start({name: model})
+    async def endpoint(self, name: str, model: str | None = None) -> Endpoint:
+        """The endpoint of server `name` serving `model` (None: the configured one), started if needed."""
+        await self.start({name: model})
         return self._running[name][2]
 
-    def client(self, name: str, model: str | None = None) -> EndpointClient:
-        """A new async client for server `name`; the caller closes it."""
-        return client_for(self.endpoint(name, model), self.config.servers[name])
-
     async def open_client(self, name: str, model: str | None = None) -> EndpointClient:
-        """`client` for async code: a server that must start first loads while the event loop runs."""
-        await self.start_async({name: model})
-        return client_for(self._running[name][2], self.config.servers[name])
+        """A new async client for server `name`; the caller closes it (`async with`)."""
+        return client_for(await self.endpoint(name, model), self.config.servers[name])
 
-    def stop(self, name: str) -> None:
+    async def stop(self, name: str) -> None:
         if name in self._running:
             _, process, _ = self._running[name]
             if process is not None:
-                process.stop()  # still listed meanwhile: a signal during the stop leaves it to stop_all
+                # Still listed meanwhile: a signal during the stop leaves it to stop_all.
+                await asyncio.to_thread(process.stop)
             self._running.pop(name, None)
 
-    def stop_for_training(self) -> None:
+    async def stop_for_training(self) -> None:
         """Stop the servers that would hold the GPUs student training needs."""
         for name in list(self._running):
             if not self.config.servers[name].keep_running_during_training:
-                self.stop(name)
+                await self.stop(name)
 
-    def stop_all(self, grace_s: float | None = None) -> None:
+    async def stop_all(self, grace_s: float | None = None) -> None:
         """Stop every server, loading or running, side by side (each group gets SIGTERM first)."""
         processes = list(self._loading)
         self._loading = []
@@ -226,19 +208,20 @@ class ServerSet:
             _, process, _ = self._running.pop(name)
             if process is not None:
                 processes.append(process)
-        stop_processes(processes, grace_s)
+        if processes:
+            await asyncio.to_thread(stop_processes, processes, grace_s)
 
     def check_ports(self) -> None:
         """Refuse, before anything runs, a configured port of a server in use that another process holds."""
         for name in self.config.servers_in_use():
             check_configured_port(name, self.config.servers[name])
 
-    def __enter__(self) -> ServerSet:
+    async def __aenter__(self) -> ServerSet:
         self.check_ports()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc_info: object) -> None:
         interrupted = exc_type is not None and issubclass(
             exc_type, (SystemExit, KeyboardInterrupt, asyncio.CancelledError)
         )
-        self.stop_all(INTERRUPT_GRACE_S if interrupted else None)
+        await self.stop_all(INTERRUPT_GRACE_S if interrupted else None)

@@ -63,7 +63,7 @@ from lion_local.endpoints.servers import ServerSet
 logger = logging.getLogger(__name__)
 
 
-def run_discrimination(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+async def run_discrimination(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
     """Run (or finish) an iteration's discrimination, write judgements.jsonl, and return the stage summary."""
     directory = run.at(iteration)
     _, cache_pool = pools_for(config, run, iteration)
@@ -74,11 +74,9 @@ def run_discrimination(config: Config, run: RunDir, iteration: Iteration, server
         )
 
     if config.discrimination.signal != "referee":
-        return _without_referee(config, run, iteration, cache_pool, servers)
-    teacher_answers, student_answers, reviews, controls = asyncio.run(
-        _collect(config, run, iteration, cache_pool, servers)
-    )
-    servers.stop(config.roles.student.server)  # the next iteration serves a new checkpoint
+        return await _without_referee(config, run, iteration, cache_pool, servers)
+    teacher_answers, student_answers, reviews, controls = await _collect(config, run, iteration, cache_pool, servers)
+    await servers.stop(config.roles.student.server)  # the next iteration serves a new checkpoint
 
     judgements = judge(cache_pool, reviews, config.discrimination.tau)
     summary = summarize(judgements, reviews)
@@ -95,7 +93,9 @@ def run_discrimination(config: Config, run: RunDir, iteration: Iteration, server
     return _finish(config, iteration, directory, cache_pool, teacher_answers, summary)
 
 
-def _without_referee(config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet) -> dict:
+async def _without_referee(
+    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
+) -> dict:
     """signal likelihood (lion_local.stages.likelihood_gaps) or none: no student answer, no review.
     With none, every Cache Pool instruction is labelled `any`: a seed of either side (generation)."""
     directory = run.at(iteration)
@@ -104,7 +104,7 @@ def _without_referee(config: Config, run: RunDir, iteration: Iteration, cache_po
         write_jsonl_atomic(directory.judgements, judgements)
         return _finish(config, iteration, directory, cache_pool, None,
                        {"signal": "none", "hard": 0, "easy": 0, "unjudged": 0, "any": len(cache_pool), "referee_check": None})
-    teacher_answers, gaps, method = likelihood_gaps(config, run, iteration, cache_pool, servers)
+    teacher_answers, gaps, method = await likelihood_gaps(config, run, iteration, cache_pool, servers)
     q = config.discrimination.likelihood_quantile
     judgements, threshold = likelihood_judgements(cache_pool, {i: r["gap"] for i, r in gaps.items()}, q)
     write_jsonl_atomic(directory.judgements, judgements)
@@ -246,7 +246,7 @@ class _Calls:
         self.student_answers[record["id"]] = answer
         self.unanswered -= 1
         if self.unanswered == 0:  # the last answer is in: its server (its GPUs) is not needed any more
-            await asyncio.to_thread(self.servers.stop, role.server)
+            await self.servers.stop(role.server)
 
     async def review(self, record: dict) -> None:
         """Both orders' reviews of one instruction that are still due, once the referee passed its check."""

@@ -34,13 +34,13 @@ generated.jsonl and rejected.jsonl whole after each wave.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import math
 import random
 import unicodedata
 from collections import Counter
+from contextlib import AsyncExitStack
 
 from lion_local.config import Config, GenerationFilters
 from lion_local.endpoints.client import EndpointClient
@@ -195,8 +195,9 @@ def filter_reason(text: str, finish_reason: str | None, filters: GenerationFilte
     return instruction, None
 
 
-def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
-    """Run (or finish) an iteration's generation; return the stage summary."""
+async def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+    """Run (or finish) an iteration's generation; return the stage summary. The generator's server
+    starts at the first wave with a call to make; every wave shares its client."""
     directory = run.at(iteration)
     _, cache_pool = pools_for(config, run, iteration)
     if not directory.judgements.exists():
@@ -210,13 +211,17 @@ def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: S
     decisions = _Decisions(config, iteration, cache_pool)
     with Journal(directory.generator_calls) as journal:
         replies = {(r["side"], r["attempt"]): r for r in journal.records}
-        for wave in iter(schedule.next_wave, []):
-            missing = [(side, attempt) for side, attempt in wave if (side, attempt) not in replies]
-            if missing:
-                asyncio.run(_call_generator(config, iteration, missing, seeds, journal, replies, servers))
-            for side, attempt in wave:
-                decisions.decide(schedule, replies[(side, attempt)])
-            decisions.write(directory)
+        async with AsyncExitStack() as stack:
+            client: EndpointClient | None = None
+            for wave in iter(schedule.next_wave, []):
+                missing = [(side, attempt) for side, attempt in wave if (side, attempt) not in replies]
+                if missing:
+                    if client is None:
+                        client = await stack.enter_async_context(await servers.open_client(config.roles.generator.server))
+                    await _call_generator(config, iteration, missing, seeds, journal, replies, client)
+                for side, attempt in wave:
+                    decisions.decide(schedule, replies[(side, attempt)])
+                decisions.write(directory)
     # An empty wave list on the first pass (nothing to generate) still leaves both files behind.
     decisions.write(directory)
     summary = _summary(config, schedule, decisions, notes, seeds)
@@ -349,12 +354,12 @@ async def _call_generator(
     seeds: dict[str, list[dict]],
     journal: Journal,
     replies: dict[tuple[str, int], dict],
-    servers: ServerSet,
+    client: EndpointClient,
 ) -> None:
     role = config.roles.generator
     k = iteration.number  # in the request seeds
 
-    def call(client: EndpointClient, side: str, attempt: int):
+    def call(side: str, attempt: int):
         async def ask() -> dict:
             draw = random.Random(request_seed(config.seed, "generator-seed", k, side, attempt))
             parent = seeds[side][draw.randrange(len(seeds[side]))]
@@ -370,10 +375,9 @@ async def _call_generator(
 
         return ask
 
-    async with await servers.open_client(role.server) as client:
-        await call_all(
-            [call(client, side, attempt) for side, attempt in wanted],
-            journal,
-            f"{iteration.stage('generation')}: generator",
-            on_record=lambda reply: replies.__setitem__((reply["side"], reply["attempt"]), reply),
-        )
+    await call_all(
+        [call(side, attempt) for side, attempt in wanted],
+        journal,
+        f"{iteration.stage('generation')}: generator",
+        on_record=lambda reply: replies.__setitem__((reply["side"], reply["attempt"]), reply),
+    )

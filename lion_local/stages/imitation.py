@@ -15,6 +15,7 @@ final/student/.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -87,16 +88,16 @@ def training_examples(config: Config, records: list[dict], answers: dict[str, di
     return examples
 
 
-def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+async def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
     """Run (or finish) an iteration's imitation and return its summary; the caller marks the stage done."""
     marker = iteration.stage("imitation")
     directory = run.at(iteration)
     train_pool, _ = pools_for(config, run, iteration)
 
-    answers = teacher_answers_for(config, run, train_pool, servers, marker)
+    answers = await teacher_answers_for(config, run, train_pool, servers, marker)
     # Training needs the GPUs a local teacher holds (unless its config keeps it up: a CPU-only
     # server holds none); the next stage starts what was stopped again.
-    servers.stop_for_training()
+    await servers.stop_for_training()
 
     student_dir = directory.student
     base = base_checkpoint(config, run, iteration)
@@ -115,22 +116,23 @@ def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: Se
     else:
         from transformers import AutoTokenizer
 
-        eos_token = AutoTokenizer.from_pretrained(base).eos_token or ""
+        eos_token = (await asyncio.to_thread(AutoTokenizer.from_pretrained, base)).eos_token or ""
         examples = training_examples(config, train_pool, answers, eos_token)
         summary["examples"] = len(examples)
         if not examples:
             logger.warning("%s: no training examples (empty Train Pool or answers); the student is unchanged", marker)
-            _copy_checkpoint(_previous_student(config, run, iteration) or Path(base), student_dir)
+            await asyncio.to_thread(_copy_checkpoint, _previous_student(config, run, iteration) or Path(base), student_dir)
             summary["training"] = {"skipped": "no training examples; the checkpoint is a copy of the base"}
         else:
-            summary["training"] = train_student(config, run, directory, base, examples)
+            summary["training"] = await train_student(config, run, directory, base, examples)
     summary.setdefault("examples", len(train_pool) - summary["empty_teacher_answers"] - summary["dropped_truncated_answers"])
     write_atomic(directory.imitation_summary, json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-def train_student(config: Config, run: RunDir, directory: IterationDir, base: str, examples: list[dict]) -> dict:
-    """Fine-tune `base` on `examples` in a training process of its own; return its summary."""
+async def train_student(config: Config, run: RunDir, directory: IterationDir, base: str, examples: list[dict]) -> dict:
+    """Fine-tune `base` on `examples` in a training process of its own, followed from the event
+    loop (an asyncio subprocess: a signal stops it at once); return its summary."""
     marker = directory.iteration.stage("imitation")
     student_dir, partial_dir, work_dir = directory.student, directory.student_partial, directory.sft_checkpoints
     log_path, data_file, job_file = directory.sft_log, directory.sft_data, directory.sft_job
@@ -161,15 +163,15 @@ def train_student(config: Config, run: RunDir, directory: IterationDir, base: st
     with open(log_path, "a", encoding="utf-8") as log:
         log.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n")
         log.flush()
-        process = subprocess.Popen(
-            command,
+        process = await asyncio.create_subprocess_exec(
+            *command,
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             env=offline_environ(**training_environment(config)),
             preexec_fn=die_with_parent,
         )
-        _follow_progress(process, progress_file, f"{marker}: training")
+        await _follow_progress(process, progress_file, f"{marker}: training")
     if process.returncode != 0:
         raise TrainingError(
             f"{marker}: student training exited with code {process.returncode}; "
@@ -184,10 +186,10 @@ def train_student(config: Config, run: RunDir, directory: IterationDir, base: st
     return result
 
 
-def _follow_progress(process: subprocess.Popen, progress_file: Path, description: str) -> None:
+async def _follow_progress(process: asyncio.subprocess.Process, progress_file: Path, description: str) -> None:
     bar = None
     try:
-        while not _exited_within(process, 1.0):
+        while not await _exited_within(process, 1.0):
             try:
                 progress = json.loads(progress_file.read_text(encoding="utf-8"))
             except (OSError, ValueError):
@@ -200,19 +202,20 @@ def _follow_progress(process: subprocess.Popen, progress_file: Path, description
                     bar.set_postfix(loss=f"{progress['loss']:.3f}", refresh=False)
                 bar.refresh()
     except BaseException:
-        process.terminate()
-        process.wait()
+        if process.returncode is None:
+            process.terminate()
+        await process.wait()
         raise
     finally:
         if bar is not None:
             bar.close()
 
 
-def _exited_within(process: subprocess.Popen, seconds: float) -> bool:
+async def _exited_within(process: asyncio.subprocess.Process, seconds: float) -> bool:
     """Wait up to `seconds`; True as soon as the process has exited, not at the end of the wait."""
     try:
-        process.wait(timeout=seconds)
-    except subprocess.TimeoutExpired:
+        await asyncio.wait_for(process.wait(), seconds)
+    except asyncio.TimeoutError:
         return False
     return True
 

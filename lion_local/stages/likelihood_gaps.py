@@ -114,14 +114,14 @@ def _key(teacher_answer: dict, prompt_format: str, max_length: int | None) -> st
 # ----------------------------------------------------------------------------------------------
 
 
-def likelihood_gaps(
+async def likelihood_gaps(
     config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
 ) -> tuple[dict[str, dict], dict[str, dict], str]:
     """(teacher answers by id, journaled gap records by id, how they were computed) for the whole Cache Pool."""
     try:
-        return asyncio.run(_gaps(config, run, iteration, cache_pool, servers))
+        return await _gaps(config, run, iteration, cache_pool, servers)
     finally:
-        servers.stop(config.roles.student.server)  # the next iteration serves a new checkpoint
+        await servers.stop(config.roles.student.server)  # the next iteration serves a new checkpoint
 
 
 async def _gaps(
@@ -145,9 +145,12 @@ async def _gaps(
             missing = [r for r in cache_pool if r["id"] in keys and r["id"] not in done]
             logger.info("%s: likelihood gaps: %d of %d journaled, %d to compute", marker, len(done), len(keys), len(missing))
             if missing:
-                tokenizer = AutoTokenizer.from_pretrained(student_dir)
-                scored = {r["id"]: as_trained(student_scored(tokenizer, role.prompt_format, r["instruction"], r["input"],
-                                                             teacher[r["id"]]["answer"]), cut) for r in missing}
+                def tokenized() -> dict[str, Scored]:
+                    tokenizer = AutoTokenizer.from_pretrained(student_dir)
+                    return {r["id"]: as_trained(student_scored(tokenizer, role.prompt_format, r["instruction"], r["input"],
+                                                               teacher[r["id"]]["answer"]), cut) for r in missing}
+
+                scored = await asyncio.to_thread(tokenized)
 
                 def record(pair_id: str, value: dict) -> dict:
                     gap = round(value["nll"] / value["tokens"], 6) if value["tokens"] else None

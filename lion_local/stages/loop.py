@@ -13,6 +13,7 @@ is created, and one writer lock guards the run directory.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -119,23 +120,31 @@ def execute(config: Config, scope: str, stage: str | None = None, accepted_chang
         check_finished_stages(run, stages[0] if stages else None, config.iterations)
         ensure_tiny_models(config)
         write_atomic(run.config_yaml, config_to_yaml(config))
-        with run_log(run), Journal(run.servers_journal) as started, ServerSet(config, run.logs, started.append) as servers:
-            for each in stages:
-                run_stage(config, run, each, servers)
-                done.append(each)
+        with run_log(run):
+            asyncio.run(run_in_order(config, run, stages, done))
     return done
 
 
-def run_stage(config: Config, run: RunDir, stage: Stage, servers: ServerSet) -> None:
+async def run_in_order(config: Config, run: RunDir, stages: list[Stage], done: list[Stage]) -> None:
+    """Run `stages` in order in the command's one event loop, with servers kept across them;
+    append each to `done` as it completes."""
+    with Journal(run.servers_journal) as started:
+        async with ServerSet(config, run.logs, started.append) as servers:
+            for each in stages:
+                await run_stage(config, run, each, servers)
+                done.append(each)
+
+
+async def run_stage(config: Config, run: RunDir, stage: Stage, servers: ServerSet) -> None:
     logger.info("==== %s", stage)
     started = time.monotonic()
     try:
         if stage.name == "imitation":
-            run_imitation(config, run, stage.iteration, servers)
+            await run_imitation(config, run, stage.iteration, servers)
         elif stage.name == "discrimination":
-            run_discrimination(config, run, stage.iteration, servers)
+            await run_discrimination(config, run, stage.iteration, servers)
         else:
-            run_generation(config, run, stage.iteration, servers)
+            await run_generation(config, run, stage.iteration, servers)
         seconds = time.monotonic() - started
         if stage.name == "generation" or stage.iteration.is_final:
             # Before the marker, so a finished iteration always has its report.

@@ -10,7 +10,6 @@ discrimination both go through `ensure_teacher_answers`, which asks only for wha
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Collection
 from contextlib import AsyncExitStack
@@ -94,15 +93,13 @@ async def ensure_teacher_answers(
     return {record["id"]: cached[record["id"]] for record in records}
 
 
-def teacher_answers_for(config: Config, run: RunDir, records: list[dict], servers: ServerSet, stage: Stage) -> dict[str, dict]:
-    """ensure_teacher_answers for a synchronous stage, with the teacher's server from `servers`."""
+async def teacher_answers_for(
+    config: Config, run: RunDir, records: list[dict], servers: ServerSet, stage: Stage
+) -> dict[str, dict]:
+    """ensure_teacher_answers with the teacher's server from `servers`, its client closed after."""
+    async with AsyncExitStack() as stack:
 
-    async def answers() -> dict[str, dict]:
-        async with AsyncExitStack() as stack:
+        async def connect() -> EndpointClient:
+            return await stack.enter_async_context(await servers.open_client(config.roles.teacher.server))
 
-            async def connect() -> EndpointClient:
-                return await stack.enter_async_context(await servers.open_client(config.roles.teacher.server))
-
-            return await ensure_teacher_answers(run, config, records, connect, stage)
-
-    return asyncio.run(answers())
+        return await ensure_teacher_answers(run, config, records, connect, stage)
