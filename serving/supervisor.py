@@ -30,24 +30,29 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
-RESOURCE_TRACKER = b"multiprocessing.resource_tracker"
+import psutil
+
+RESOURCE_TRACKER = "multiprocessing.resource_tracker"
 
 
-def group_members(pgid: int) -> dict[int, bytes]:
-    """The live processes of group `pgid` other than this one -> their command lines."""
+def group_members(pgid: int) -> dict[int, str]:
+    """The live processes of group `pgid` other than this one -> their command lines.
+
+    psutil lists the processes and reads their state and command line; zombies are left out
+    (exited, only waiting to be reaped). psutil has no process-group field, so os.getpgid asks."""
     members = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for pid in psutil.pids():
+        if pid == os.getpid():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()
-            if fields[0] != "Z" and int(fields[2]) == pgid:
-                members[int(entry.name)] = (entry / "cmdline").read_bytes()
-        except (OSError, ValueError):
-            continue  # it exited while we looked
+            if os.getpgid(pid) != pgid:
+                continue
+            process = psutil.Process(pid)
+            if process.status() != psutil.STATUS_ZOMBIE:
+                members[pid] = " ".join(process.cmdline())
+        except (ProcessLookupError, psutil.Error):
+            continue  # it exited while we looked, or cannot be read
     return members
 
 

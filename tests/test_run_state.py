@@ -399,7 +399,7 @@ def test_a_file_system_without_flock_is_refused_in_one_line_naming_the_lock(tmp_
     data = tiny_config(tmp_path / "models/tiny", tmp_path / "run")  # not built: smoke mode would build them
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(data))
-    monkeypatch.setattr("lion_local.run.state.fcntl.flock", _no_flock(errno.ENOSYS))
+    monkeypatch.setattr("fcntl.flock", _no_flock(errno.ENOSYS))
     result = CliRunner().invoke(main, ["run", "--config", str(config)])
     assert result.exit_code == 2, result.output
     [line] = result.output.splitlines()
@@ -412,11 +412,11 @@ def test_run_lock_on_a_file_system_without_flock_names_the_file_and_other_errors
     tmp_path: Path, monkeypatch
 ):
     run = RunDir(tmp_path / "run")
-    monkeypatch.setattr("lion_local.run.state.fcntl.flock", _no_flock(errno.EOPNOTSUPP))
+    monkeypatch.setattr("fcntl.flock", _no_flock(errno.EOPNOTSUPP))
     with pytest.raises(LockUnsupportedError, match=r"run/\.lock: this file system does not support file locks"):
         with run_lock(run):
             pass
-    monkeypatch.setattr("lion_local.run.state.fcntl.flock", _no_flock(errno.EIO))
+    monkeypatch.setattr("fcntl.flock", _no_flock(errno.EIO))
     with pytest.raises(OSError) as raised:
         with run_lock(run):
             pass

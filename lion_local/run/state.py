@@ -14,7 +14,6 @@ fields and each journal line's type (a JSON object; a string "id" in the files k
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import logging
 import math
@@ -24,6 +23,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import filelock
 
 from lion_local.errors import InputError, LionError
 from lion_local.run.layout import FINAL, ID_KEYED_FILES, RunDir, Stage
@@ -297,13 +298,14 @@ _NO_FLOCK = {errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOLCK}
 def lock_exclusively(handle: Any, path: Path, wait: bool) -> bool:
     """flock `handle` (the open file `path`) exclusively; False when not waiting and it is held.
 
-    The kernel drops the lock when its holder dies, which is what makes a killed run's lock stale
-    rather than stuck. A file system without flock cannot give that, so it is refused, naming the file.
+    filelock's lock_descriptor (FileLock's own flock, on a file we opened) keeps the lock file
+    ours: run_lock writes the holder's name in it and a refused contender reads it back. The kernel
+    drops the lock when its holder dies, which is what makes a killed run's lock stale rather than
+    stuck. A file system without flock cannot give that, so it is refused, naming the file (where
+    FileLock would fall back to a lock file that a kill leaves behind).
     """
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
+        return filelock.lock_descriptor(handle.fileno(), blocking=wait, poll_interval=0.1)
     except OSError as exc:
         if exc.errno not in _NO_FLOCK:
             raise
@@ -311,7 +313,6 @@ def lock_exclusively(handle: Any, path: Path, wait: bool) -> bool:
             f"{path}: this file system does not support file locks (flock: {exc.strerror}); put the "
             "run directory and tiny_models.dir on one that does (a local disk, or Lustre mounted with -o flock)"
         ) from None
-    return True
 
 
 @contextmanager
