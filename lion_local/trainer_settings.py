@@ -1,9 +1,10 @@
 """imitation.trainer: TRL's SFTConfig settings, passed through; the paper's defaults and their rules.
 
 The config names trainer settings by SFTConfig's own field names, so a new trainer option needs
-no change here. Loading a config must stay fast, and importing trl imports torch (seconds), so
-SFTConfig's fields are read from the installed sources with `ast` instead, following its base
-classes (transformers' TrainingArguments) through their imports.
+no change here. SFTConfig's fields and types come from the class itself (dataclasses.fields,
+typing.get_type_hints). Importing trl imports torch, transformers and peft (about 4 s) and loading
+a config must stay fast, so a child process reads them once per installed trl and transformers and
+the result is kept in the user's cache directory (~/.cache/lion-local/); later loads read that file.
 
 Each key given is checked at config load, in the parent process, so a bad value fails in one line
 before anything runs: against SFTConfig's own annotation (int, float, bool, str, None, Literal,
@@ -13,13 +14,25 @@ and the numeric fields that matter against TRAINER_RANGES.
 
 from __future__ import annotations
 
-import ast
+import dataclasses
 import difflib
+import enum
 import functools
 import importlib.util
+import json
+import logging
 import math
+import os
+import subprocess
+import sys
+import tempfile
+import types
+import typing
+from importlib import metadata
 from pathlib import Path
 from typing import Any, NamedTuple
+
+logger = logging.getLogger(__name__)
 
 SEED_MAX = 2**32 - 1  # seeds are 32-bit: numpy's and torch's generators, vLLM's requests
 
@@ -111,103 +124,146 @@ TRAINER_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
 }
 
 
-def _module_source(module: str) -> Path | None:
-    """The source file of `module`, found without importing it (nor its package)."""
-    top, *rest = module.split(".")
-    spec = importlib.util.find_spec(top)
-    if spec is None:
-        return None
-    if not rest:
-        return Path(spec.origin) if spec.origin else None
-    for location in spec.submodule_search_locations or ():
-        base = Path(location, *rest)
-        for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _parsed(module: str) -> tuple[Path, ast.Module]:
-    path = _module_source(module)
-    if path is None:
-        raise LookupError(module)
-    return path, ast.parse(path.read_text(encoding="utf-8"))
-
-
-def _imported_from(module: str, path: Path, node: ast.ImportFrom) -> str:
-    """The absolute module name of `from ... import` in `module` (a package when path is __init__.py)."""
-    if not node.level:
-        return node.module or ""
-    package = module.split(".") if path.name == "__init__.py" else module.split(".")[:-1]
-    package = package[: len(package) - node.level + 1]
-    return ".".join([*package, *([node.module] if node.module else [])])
-
-
-def _find_class(module: str, name: str, depth: int = 0) -> tuple[str, ast.ClassDef]:
-    """(the module defining it, the class) of class `name` as seen from `module`, imports followed."""
-    if depth > 12:
-        raise LookupError(name)
-    path, tree = _parsed(module)
-    for node in tree.body:
-        if isinstance(node, ast.ClassDef) and node.name == name:
-            return module, node
-    for node in ast.walk(tree):  # re-exported: follow the import (lazy packages import under TYPE_CHECKING)
-        if isinstance(node, ast.ImportFrom):
-            for alias in node.names:
-                if (alias.asname or alias.name) == name:
-                    return _find_class(_imported_from(module, path, node), alias.name, depth + 1)
-    raise LookupError(name)
-
-
 class SftField(NamedTuple):
-    annotation: str  # source text, e.g. "int | None"
-    module: str  # the module whose names the annotation uses
+    """One SFTConfig field, as the type checks need it (JSON-able, so it can be cached on disk)."""
+
+    annotation: str  # shown, e.g. "int | None"
+    kinds: tuple[str, ...]  # each alternative: a _PLAIN_TYPES name, "enum", or "other" (a class: anything goes)
+    values: frozenset[str]  # the string values of its enums (lr_scheduler_type's SchedulerType, ...)
+    literals: tuple[Any, ...] = ()  # the options of a Literal[...]
 
 
-def _dataclass_fields(module: str, name: str, depth: int = 0) -> dict[str, SftField]:
-    """Field name -> SftField of class `name` as seen from `module`, bases included."""
-    if depth > 12:
-        raise LookupError(name)
-    defining, node = _find_class(module, name)
-    fields: dict[str, SftField] = {}
-    for base in reversed(node.bases):
-        if isinstance(base, ast.Name) and base.id != "object":
-            fields.update(_dataclass_fields(defining, base.id, depth + 1))
-    for statement in node.body:
-        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name):
-            annotation = ast.unparse(statement.annotation)
-            if not annotation.startswith(("ClassVar", "typing.ClassVar", "InitVar")):
-                fields[statement.target.id] = SftField(annotation, defining)
-    return fields
+def _alternatives(hint: Any) -> list[Any]:
+    """The alternatives of a type hint: `A | B | None`, Optional[A], Union[A, B]."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [each for part in typing.get_args(hint) for each in _alternatives(part)]
+    return [hint]
+
+
+def _kind(hint: Any) -> str:
+    """The _PLAIN_TYPES name of one alternative, "enum" for an Enum with string values, else "other"."""
+    origin = typing.get_origin(hint) or hint
+    plain = {type(None): "None", bool: "bool", int: "int", float: "float", str: "str", dict: "dict", list: "list"}
+    if hint is typing.Any:
+        return "Any"
+    if origin is typing.Literal:
+        return "Literal"
+    if isinstance(origin, type) and issubclass(origin, enum.Enum):
+        return "enum" if any(isinstance(member.value, str) for member in origin) else "other"
+    return plain.get(origin, "other") if isinstance(origin, type) else "other"
+
+
+def _shown(hint: Any) -> str:
+    if hint is type(None):
+        return "None"
+    return hint.__name__ if isinstance(hint, type) and not typing.get_args(hint) else repr(hint).replace("typing.", "")
+
+
+def describe_sft_config() -> dict[str, dict[str, Any]]:
+    """trl.SFTConfig's fields -> what SftField holds, from the class itself (dataclasses.fields,
+    typing.get_type_hints). It imports trl, so it runs in a child process (`_describe_in_child`)."""
+    from trl import SFTConfig
+
+    hints = typing.get_type_hints(SFTConfig)
+    described = {}
+    for field in dataclasses.fields(SFTConfig):
+        alternatives = _alternatives(hints[field.name])
+        kinds = [_kind(each) for each in alternatives]
+        enums = [each for each, kind in zip(alternatives, kinds) if kind == "enum"]
+        described[field.name] = {
+            "annotation": " | ".join(_shown(each) for each in alternatives),
+            "kinds": kinds,
+            "values": sorted({m.value for each in enums for m in each if isinstance(m.value, str)}),
+            "literals": [
+                option for each, kind in zip(alternatives, kinds) if kind == "Literal" for option in typing.get_args(each)
+            ],
+        }
+    return described
+
+
+_CACHE_FORMAT = "v1"  # bump when describe_sft_config's output changes
+
+
+def _cache_file() -> Path | None:
+    """Where the description of the installed trl and transformers is kept: the user's cache directory."""
+    try:
+        versions = f"trl{metadata.version('trl')}-transformers{metadata.version('transformers')}"
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    except (metadata.PackageNotFoundError, RuntimeError):  # no package metadata, or no home directory
+        return None
+    return root / "lion-local" / f"sft-config-fields-{_CACHE_FORMAT}-{versions}.json"
+
+
+def _fields(described: dict[str, Any]) -> dict[str, SftField]:
+    return {
+        name: SftField(
+            str(each["annotation"]), tuple(each["kinds"]), frozenset(each["values"]), tuple(each["literals"])
+        )
+        for name, each in described.items()
+    }
+
+
+def _read_cache(cache: Path | None) -> dict[str, SftField] | None:
+    """The fields kept in `cache`, or None when it is absent or damaged (then made again)."""
+    if cache is None:
+        return None
+    try:
+        return _fields(json.loads(cache.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _describe_in_child() -> dict[str, Any]:
+    """describe_sft_config() run by a child process, so that this one never imports trl (seconds)."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    code = (
+        f"import json, sys; sys.path.insert(0, {package_root!r}); "
+        "from lion_local.trainer_settings import describe_sft_config; "
+        "sys.stdout.write('\\n' + json.dumps(describe_sft_config()) + '\\n')"  # on a line of its own
+    )
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    if child.returncode != 0:
+        last = (child.stderr.strip().splitlines() or ["no error output"])[-1]
+        raise RuntimeError(f"exit code {child.returncode}: {last}")
+    return json.loads(child.stdout.strip().splitlines()[-1])
+
+
+def _keep(cache: Path | None, described: dict[str, Any]) -> None:
+    """Write the description to `cache` whole (a unique temporary name, then renamed); a cache that
+    cannot be written costs only the child process next time."""
+    if cache is None:
+        return
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        handle, temporary = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.name}.")
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as out:
+                json.dump(described, out)
+            os.replace(temporary, cache)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+    except OSError as exc:
+        logger.info("cannot keep trl's SFTConfig fields in %s: %s", cache, exc)
 
 
 @functools.lru_cache(maxsize=1)
 def sft_config_fields() -> dict[str, SftField] | None:
-    """trl.SFTConfig's fields and their annotations, read from the installed sources (importing trl
-    would import torch, seconds on every command); None when trl is not installed or unreadable."""
-    try:
-        return _dataclass_fields("trl", "SFTConfig")
-    except (LookupError, OSError, SyntaxError, ValueError, ImportError):
+    """trl.SFTConfig's fields, from the class itself: read by a child process once per installed trl
+    and transformers, then from the cache, so loading a config never imports trl; None without trl."""
+    if importlib.util.find_spec("trl") is None:
         return None
-
-
-@functools.lru_cache(maxsize=None)
-def _enum_values(module: str, name: str) -> frozenset[str] | None:
-    """The string values of the Enum class `name` as seen from `module` (SchedulerType, ...), or None."""
-    try:
-        _, node = _find_class(module, name)
-    except (LookupError, OSError, SyntaxError, ValueError, ImportError):
-        return None
-    if not any("Enum" in _name(base) for base in node.bases):
-        return None
-    values = {
-        statement.value.value
-        for statement in node.body
-        if isinstance(statement, ast.Assign) and isinstance(statement.value, ast.Constant)
-        and isinstance(statement.value.value, str)
-    }
-    return frozenset(values) or None
+    cache = _cache_file()
+    fields = _read_cache(cache)
+    if fields is None:
+        try:
+            described = _describe_in_child()
+            fields = _fields(described)
+        except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError,
+                subprocess.SubprocessError) as exc:
+            logger.warning("cannot read trl's SFTConfig fields (%s); imitation.trainer's keys are not checked", exc)
+            return None
+        _keep(cache, described)
+    return fields
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,7 +274,7 @@ def _enum_values(module: str, name: str) -> frozenset[str] | None:
 def trainer_problem(trainer: dict[str, Any]) -> tuple[str, str] | None:
     """(key, why) for the first key of imitation.trainer that cannot be, else None; the other keys
     keep the paper's values (PAPER_TRAINER), with which a given key is checked."""
-    fields = sft_config_fields()
+    fields = sft_config_fields() if trainer else None  # nothing to check: no lookup
     settings = {**PAPER_TRAINER, **trainer}
     for key, value in trainer.items():
         problem = trainer_key_problem(key, value, fields, settings)
@@ -250,18 +306,14 @@ def trainer_key_problem(
 def _type_problem(value: Any, field: SftField) -> str | None:
     """Why `value` does not have the field's type (SFTConfig's annotation), or None; a type this does
     not know (a config class) accepts anything."""
-    kinds = _alternatives(ast.parse(field.annotation, mode="eval").body)
-    names = [_name(kind) for kind in kinds]
-    enums = {name: _enum_values(field.module, name) for name in names if name not in _PLAIN_TYPES}
-    if any(values is None for values in enums.values()):
+    if "other" in field.kinds:
         return None
-    allowed = frozenset().union(*enums.values()) if enums else frozenset()
-    if isinstance(value, str) and allowed:
-        return None if value in allowed else _not_a_value(value, allowed)
-    if any(_accepts(name, kind, value) for name, kind in zip(names, kinds) if name in _PLAIN_TYPES):
+    if isinstance(value, str) and field.values:
+        return None if value in field.values else _not_a_value(value, field.values)
+    if any(_accepts(kind, value, field.literals) for kind in field.kinds):
         return None
-    wanted = " or ".join(dict.fromkeys(_PLAIN_TYPES.get(name, "a string") for name in names))
-    if isinstance(value, str) and set(names) - {"None"} <= {"int", "float"}:
+    wanted = " or ".join(dict.fromkeys(_PLAIN_TYPES.get(kind, "a string") for kind in field.kinds))
+    if isinstance(value, str) and set(field.kinds) - {"None"} <= {"int", "float"}:
         hint = " (YAML reads 2e-5 as text; write 2.0e-5)" if _is_float_text(value) else ""
         return f"expects a number, got the string {value!r}{hint}"
     shown = "null" if value is None else f"{type(value).__name__} {value!r}"
@@ -278,46 +330,19 @@ def _not_a_value(value: str, allowed: frozenset[str]) -> str:
 
 _PLAIN_TYPES = {
     "None": "null", "bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-    "dict": "a mapping", "Dict": "a mapping", "list": "a list", "List": "a list", "Literal": "a listed value",
-    "Any": "any value",
+    "dict": "a mapping", "list": "a list", "Literal": "a listed value", "Any": "any value",
 }
 
 
-def _accepts(name: str, kind: ast.expr, value: Any) -> bool:
+def _accepts(kind: str, value: Any, literals: tuple[Any, ...]) -> bool:
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     checks = {
         "None": value is None, "bool": isinstance(value, bool), "int": number and isinstance(value, int),
         "float": number, "str": isinstance(value, str), "dict": isinstance(value, dict),
-        "Dict": isinstance(value, dict), "list": isinstance(value, list), "List": isinstance(value, list), "Any": True,
+        "list": isinstance(value, list), "Any": True,
+        "Literal": any(type(option) is type(value) and option == value for option in literals),
     }
-    if name == "Literal" and isinstance(kind, ast.Subscript):
-        options = kind.slice.elts if isinstance(kind.slice, ast.Tuple) else [kind.slice]
-        return any(isinstance(o, ast.Constant) and type(o.value) is type(value) and o.value == value for o in options)
-    return checks.get(name, False)
-
-
-def _alternatives(node: ast.expr) -> list[ast.expr]:
-    """The alternatives of an annotation: `A | B | None`, Optional[A], Union[A, B]."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.BitOr):
-        return _alternatives(node.left) + _alternatives(node.right)
-    if isinstance(node, ast.Subscript) and _name(node.value) in ("Optional", "Union"):
-        inner = node.slice.elts if isinstance(node.slice, ast.Tuple) else [node.slice]
-        extra = [ast.Constant(None)] if _name(node.value) == "Optional" else []
-        return [each for part in inner for each in _alternatives(part)] + extra
-    return [node]
-
-
-def _name(node: ast.expr) -> str:
-    """"int" of `int`, "Optional" of `typing.Optional`, "list" of `list[str]`, "None" of `None`."""
-    if isinstance(node, ast.Subscript):
-        return _name(node.value)
-    if isinstance(node, ast.Attribute):
-        return node.attr
-    if isinstance(node, ast.Name):
-        return node.id
-    if isinstance(node, ast.Constant):
-        return "None" if node.value is None else str(node.value)
-    return ast.unparse(node)
+    return checks.get(kind, False)
 
 
 def _is_float_text(text: str) -> bool:
