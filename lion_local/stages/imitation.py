@@ -139,19 +139,20 @@ async def train_student(config: Config, run: RunDir, directory: IterationDir, ba
     progress_file, result_file = directory.sft_progress, directory.sft_result
 
     write_jsonl_atomic(data_file, examples)
-    job = {
-        "base_model": base,
-        "data_file": str(data_file),
-        "output_dir": str(partial_dir),
-        "work_dir": str(work_dir),
-        "progress_file": str(progress_file),
-        "result_file": str(result_file),
-        "tensorboard_dir": str(run.tensorboard(directory.iteration)),
-        "seed": config.seed + (directory.iteration.number or 0),
-        "adapter_init": adapter_init(config, run, directory.iteration),
-        "imitation": config.imitation.model_dump(mode="json"),
-    }
-    write_atomic(job_file, json.dumps(job, indent=2) + "\n")
+    from lion_local.run.sft_job import SftJob  # the job type the training process reads back
+
+    SftJob(
+        base_model=base,
+        data_file=str(data_file),
+        output_dir=str(partial_dir),
+        work_dir=str(work_dir),
+        progress_file=str(progress_file),
+        result_file=str(result_file),
+        tensorboard_dir=str(run.tensorboard(directory.iteration)),
+        seed=config.seed + (directory.iteration.number or 0),
+        adapter_init=adapter_init(config, run, directory.iteration),
+        imitation=config.imitation.model_dump(mode="json"),
+    ).write(job_file)
     result_file.unlink(missing_ok=True)
     if partial_dir.exists():
         shutil.rmtree(partial_dir)

@@ -3,9 +3,10 @@
     python -m lion_local.stages.sft <job.json>                      (one process)
     accelerate launch --config_file F -m lion_local.stages.sft <job.json>   (an accelerate file)
 
-The job file (written by lion_local.stages.imitation) names the base checkpoint, the prompt/completion
-dataset, the imitation section (its `trainer` mapping reaches trl's SFTConfig unchanged, next to the
-keys lion-local sets: sft_config_kwargs) and where to write. The dataset's prompts come from the same
+The job file (an SftJob, lion_local/run/sft_job.py, written by lion_local.stages.imitation) names
+the base checkpoint, the prompt/completion dataset, the imitation section (its `trainer` mapping
+reaches trl's SFTConfig unchanged, next to the keys lion-local sets: sft_config_kwargs) and where
+to write; a damaged job file is refused in one line (exit 2). The dataset's prompts come from the same
 `student_prompt` function the student is queried with, and the loss is on the completion (the
 teacher's answer) only. Trainer checkpoints under `work_dir` let a killed training resume; the
 finished model and its tokenizer are saved (safetensors) to `output_dir`, which the parent
@@ -20,7 +21,11 @@ import logging
 import math
 import os
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
+
+from lion_local.run.sft_job import SftJob, SftJobError
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +92,11 @@ def _write_json(path: Path, payload: dict) -> None:
     write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-def sft_config_kwargs(job: dict, world_size: int, on_gpu: bool, attn_implementation: str) -> dict:
+def sft_config_kwargs(job: Mapping[str, Any], world_size: int, on_gpu: bool, attn_implementation: str) -> dict:
     """trl.SFTConfig's keyword arguments: imitation.trainer unchanged, then what lion-local decides.
+
+    `job` holds the job file's fields (SftJob.as_dict(); only imitation, work_dir, seed and
+    tensorboard_dir are read).
 
     The config refuses the keys set here in imitation.trainer (trainer_settings.LION_LOCAL_TRAINER_KEYS),
     so nothing below overrides a configured value; bf16 is honoured on a GPU only.
@@ -137,7 +145,7 @@ def progress_callback(progress_path: Path):
     return ProgressFile()
 
 
-def train(job: dict) -> dict:
+def train(job: SftJob) -> dict:
     """Fine-tune the job's base model on its dataset, resuming from a complete checkpoint; return a summary."""
     import torch
     from datasets import load_dataset
@@ -146,21 +154,21 @@ def train(job: dict) -> dict:
 
     world_size = launched_world_size()
     on_gpu = torch.cuda.is_available()  # decided by torch, never by CUDA_VISIBLE_DEVICES
-    tokenizer = AutoTokenizer.from_pretrained(job["base_model"])
+    tokenizer = AutoTokenizer.from_pretrained(job.base_model)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    dataset = load_dataset("json", data_files=job["data_file"], split="train")
-    if job.get("tensorboard_dir"):
+    dataset = load_dataset("json", data_files=job.data_file, split="train")
+    if job.tensorboard_dir:
         # Loss and learning rate as event files in the run directory; nothing leaves the machine.
-        os.environ["TENSORBOARD_LOGGING_DIR"] = job["tensorboard_dir"]
-    logger.info("imitation.trainer: %s", json.dumps(job["imitation"]["trainer"], sort_keys=True))
-    kwargs = sft_config_kwargs(job, world_size, on_gpu, attention_implementation())
-    model, peft_config = job["base_model"], None
-    lora = job["imitation"].get("peft")
+        os.environ["TENSORBOARD_LOGGING_DIR"] = job.tensorboard_dir
+    logger.info("imitation.trainer: %s", json.dumps(job.imitation["trainer"], sort_keys=True))
+    kwargs = sft_config_kwargs(job.as_dict(), world_size, on_gpu, attention_implementation())
+    model, peft_config = job.base_model, None
+    lora = job.imitation.get("peft")
     if lora:
         from lion_local.stages.lora import model_to_train
 
-        model, peft_config = model_to_train(job, kwargs["model_init_kwargs"])
+        model, peft_config = model_to_train(job.as_dict(), kwargs["model_init_kwargs"])
         if not isinstance(model, str):
             kwargs["model_init_kwargs"] = None  # TRL takes them only for a model it loads itself
     trainer = SFTTrainer(
@@ -169,23 +177,23 @@ def train(job: dict) -> dict:
         train_dataset=dataset,
         processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[progress_callback(Path(job["progress_file"]))],
+        callbacks=[progress_callback(Path(job.progress_file))],
     )
     _check_world(trainer, world_size)
     # Every process picks the same checkpoint; only the first one removes what was cut short.
-    resume = last_complete_checkpoint(Path(job["work_dir"]), remove_incomplete=trainer.is_world_process_zero())
+    resume = last_complete_checkpoint(Path(job.work_dir), remove_incomplete=trainer.is_world_process_zero())
     if resume is not None:
         logger.info("resuming training from %s", resume)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume is not None else None)
     summary = _summary(trainer, result, len(dataset), resume is not None, world_size, on_gpu)
     if not lora:
-        trainer.save_model(job["output_dir"])
+        trainer.save_model(job.output_dir)
     elif trainer.is_world_process_zero():
         from lion_local.stages.lora import save_student
 
-        save_student(trainer.model, Path(job["output_dir"]), lora["serve"])
+        save_student(trainer.model, Path(job.output_dir), lora["serve"])
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(job["output_dir"])
+        tokenizer.save_pretrained(job.output_dir)
     return summary
 
 
@@ -247,10 +255,14 @@ def main(argv: list[str] | None = None) -> int:
     if len(args) != 1:
         logger.error("usage: python -m lion_local.stages.sft <job.json>")
         return 2
-    job = json.loads(Path(args[0]).read_text(encoding="utf-8"))
+    try:
+        job = SftJob.read(Path(args[0]))
+    except SftJobError as exc:
+        logger.error("%s", exc)
+        return 2
     summary = train(job)
     if int(os.environ.get("RANK", "0")) == 0:
-        _write_json(Path(job["result_file"]), summary)
+        _write_json(Path(job.result_file), summary)
     _leave_process_group()
     return 0
 
