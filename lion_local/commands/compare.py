@@ -24,22 +24,36 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypedDict
 
 from lion_local.commands.report import collect, markdown_table, nll_of, number, text_table
 from lion_local.errors import InputError
 from lion_local.run.identity import changed_keys
 from lion_local.run.layout import INITIAL, RunDir, Stage
 from lion_local.run.preflight import check_dir_path, writable_dir
+from lion_local.run.record_types import EvaluationResult, IterationReport
 from lion_local.run.state import read_jsonl, read_state, write_atomic
+from lion_local.stages.role_calls import ROLES
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("teacher", "student", "referee", "generator")
 USAGE_KEYS = ("calls", "prompt_tokens", "completion_tokens")
 # discrimination.signal is recorded since the likelihood signal exists; older runs used the referee.
 DEFAULT_SIGNAL = "referee"
 COMPARE_MD, COMPARE_JSON, PLOTS = "compare.md", "compare.json", "plots"
 _SHOWN_CHARS = 40
+
+
+class ComparedRun(TypedDict):
+    """What read_run reads of one run directory."""
+
+    name: str
+    path: str
+    settings: dict  # identity.json's "settings"
+    seed_ids: list[str]
+    completed: list[str]  # stage markers
+    reports: dict[str, IterationReport]  # by iteration: "1", "2", ..., "final"
+    evaluations: dict[str, EvaluationResult]  # by checkpoint
 
 
 @dataclass
@@ -51,7 +65,7 @@ class Row:
 
 @dataclass
 class Comparison:
-    runs: list[dict]  # what read_run read of each run, in the order given
+    runs: list[ComparedRun]  # in the order given
     rows: list[Row]
     plots: list[Path] = field(default_factory=list)
 
@@ -73,7 +87,7 @@ class Comparison:
 # ----------------------------------------------------------------------------------------------
 
 
-def read_run(path: Path, name: str) -> dict:
+def read_run(path: Path, name: str) -> ComparedRun:
     """What compare needs of one run directory (check_paths found its state.json), as plain data."""
     run = RunDir(path)
     state = read_state(run)
@@ -141,7 +155,7 @@ def _shown(value: object) -> str:
     return text if len(text) <= _SHOWN_CHARS else text[: _SHOWN_CHARS - 3] + "..."
 
 
-def mismatch(first: dict, other: dict) -> str | None:
+def mismatch(first: ComparedRun, other: ComparedRun) -> str | None:
     """Why two runs do not compare (other seed data, another teacher), in one line; None if they do."""
     seeds_a, seeds_b = set(first["seed_ids"]), set(other["seed_ids"])
     if seeds_a != seeds_b:
@@ -163,22 +177,22 @@ def mismatch(first: dict, other: dict) -> str | None:
 # ----------------------------------------------------------------------------------------------
 
 
-def signal(run: dict) -> str:
+def signal(run: ComparedRun) -> str:
     return run["settings"].get("discrimination.signal", DEFAULT_SIGNAL)
 
 
-def column(run: dict) -> str:
+def column(run: ComparedRun) -> str:
     """A run's column header: "arm-a (likelihood, seed 1)"."""
     return f"{run['name']} ({signal(run)}, seed {run['settings'].get('seed', '?')})"
 
 
-def iterations_completed(run: dict) -> int:
+def iterations_completed(run: ComparedRun) -> int:
     """The numbered iterations whose generation, their last stage, finished."""
     stages = [Stage.parse(marker) for marker in run["completed"]]
     return sum(1 for stage in stages if stage.name == "generation" and not stage.iteration.is_final)
 
 
-def hard_shares(run: dict) -> dict[int, float | None]:
+def hard_shares(run: ComparedRun) -> dict[int, float | None]:
     """Iteration -> labels.hard / pools.cache; None where nothing was labelled (signal none, or no labels)."""
     shares = {}
     for key, report in run["reports"].items():
@@ -189,7 +203,7 @@ def hard_shares(run: dict) -> dict[int, float | None]:
     return shares
 
 
-def control_accuracies(run: dict) -> dict[int, float | None]:
+def control_accuracies(run: ComparedRun) -> dict[int, float | None]:
     return {int(key): (report.get("referee_check") or {}).get("accuracy")
             for key, report in run["reports"].items() if key.isdigit()}
 
@@ -206,12 +220,12 @@ def checkpoint_label(name: str) -> str:
     return name.replace("_", " ")
 
 
-def nll_by_checkpoint(run: dict, part: str) -> dict[str, float | None]:
+def nll_by_checkpoint(run: ComparedRun, part: str) -> dict[str, float | None]:
     """Checkpoint -> the mean NLL per token of the teacher's answers on `part` ("questions", "held_out")."""
     return {name: nll_of(result, part) for name, result in run["evaluations"].items()}
 
 
-def usage_totals(run: dict) -> dict[str, dict[str, int]]:
+def usage_totals(run: ComparedRun) -> dict[str, dict[str, int]]:
     """Role -> calls, prompt and completion tokens, summed over every iteration report (final included)."""
     totals = {role: dict.fromkeys(USAGE_KEYS, 0) for role in ROLES}
     for report in run["reports"].values():
@@ -222,13 +236,13 @@ def usage_totals(run: dict) -> dict[str, dict[str, int]]:
     return totals
 
 
-def _training_examples(run: dict) -> int | None:
+def _training_examples(run: ComparedRun) -> int | None:
     counts = [report.get("imitation", {}).get("examples") for report in run["reports"].values()]
     counts = [count for count in counts if count is not None]
     return sum(counts) if counts else None
 
 
-def comparison_rows(runs: list[dict]) -> list[Row]:
+def comparison_rows(runs: list[ComparedRun]) -> list[Row]:
     """Every row of the table, one value per run (None: the run has no such number)."""
     usage = [usage_totals(run) for run in runs]
     shares = [hard_shares(run) for run in runs]
@@ -250,7 +264,7 @@ def comparison_rows(runs: list[dict]) -> list[Row]:
     return rows
 
 
-def evaluation_rows(runs: list[dict]) -> list[Row]:
+def evaluation_rows(runs: list[ComparedRun]) -> list[Row]:
     """NLL (questions, held-out) and relative score per checkpoint that some run has a number for."""
     checkpoints = sorted({name for run in runs for name in run["evaluations"]}, key=checkpoint_order)
     measures = (

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lion_local.commands.compare import (
-    ROLES,
     Comparison,
     checkpoint_label,
     checkpoint_order,
@@ -21,6 +20,7 @@ from lion_local.commands.compare import (
     nll_by_checkpoint,
     usage_totals,
 )
+from lion_local.stages.role_calls import ROLES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -46,6 +46,7 @@ from lion_local.errors import InputError, StageOrderError
 from lion_local.roles.student import student_chat_messages
 from lion_local.run.layout import Iteration, RunDir, Stage
 from lion_local.run.preflight import check_dir_path, writable_dir
+from lion_local.run.record_types import InstructionRecord, Judgement, TeacherAnswer
 from lion_local.run.records import by_id
 from lion_local.run.state import completed_stages, read_jsonl, write_atomic, write_jsonl_atomic
 from lion_local.stages.teacher_answers import teacher_fingerprint
@@ -142,7 +143,9 @@ def _records(path: Path, stage: Stage, finished: bool) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 
 
-def train_stage(config: Config, stage: Stage, finished: bool, pool: list[dict], answers: dict[str, dict]) -> StageExport:
+def train_stage(
+    config: Config, stage: Stage, finished: bool, pool: list[InstructionRecord], answers: dict[str, TeacherAnswer]
+) -> StageExport:
     """An imitation's rows: its Train Pool with the teacher's answers, as the stage trained on them."""
     answered = [record for record in pool if record["id"] in answers]
     missing = len(pool) - len(answered)
@@ -159,7 +162,7 @@ def train_stage(config: Config, stage: Stage, finished: bool, pool: list[dict], 
     return StageExport(stage, finished, rows, counts)
 
 
-def train_row(record: dict, answer: str, stage: Stage) -> dict:
+def train_row(record: InstructionRecord, answer: str, stage: Stage) -> dict:
     return {
         "id": record["id"],
         "instruction": record["instruction"],
@@ -186,7 +189,9 @@ def _provenance(row: dict) -> dict:
     return {key: row[key] for key in PROVENANCE}
 
 
-def cache_stage(stage: Stage, finished: bool, pool: list[dict], judgements: list[dict], pending: set[str]) -> StageExport:
+def cache_stage(
+    stage: Stage, finished: bool, pool: list[InstructionRecord], judgements: list[Judgement], pending: set[str]
+) -> StageExport:
     """A discrimination's rows: each Cache Pool instruction with its judgement ("pending" while under review)."""
     judged = by_id(judgements)
     rows = []
@@ -197,7 +202,7 @@ def cache_stage(stage: Stage, finished: bool, pool: list[dict], judgements: list
     return StageExport(stage, finished, rows, {"cache_pool": len(pool), "labels": dict(sorted(labels.items()))})
 
 
-def cache_row(record: dict, judgement: dict | None, iteration: Iteration) -> dict:
+def cache_row(record: InstructionRecord, judgement: Judgement | None, iteration: Iteration) -> dict:
     judgement = judgement or {"teacher_score": None, "student_score": None, "gap": None, "label": PENDING}
     row = {
         "id": record["id"],
@@ -229,7 +234,7 @@ def build_export(config: Config, partial: bool = False) -> RunExport:
             run.root, len(left_out), ", ".join(map(str, left_out)),
         )
     fingerprint = teacher_fingerprint(config)
-    answers = {r["id"]: r for r in read_jsonl(run.teacher_answers) if r.get("fingerprint") == fingerprint}
+    answers: dict[str, TeacherAnswer] = {r["id"]: r for r in read_jsonl(run.teacher_answers) if r.get("fingerprint") == fingerprint}
     stages = []
     for stage, finished in included:
         directory = run.at(stage.iteration)

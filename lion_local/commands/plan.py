@@ -49,14 +49,16 @@ from collections import Counter
 from importlib import resources
 from pathlib import Path
 
-from lion_local.commands.plan_tokens import JOURNALS, ROLES, per_call_tokens
+from lion_local.commands.plan_tokens import per_call_tokens
 from lion_local.config import Config
 from lion_local.run.layout import FINAL, Iteration, IterationDir, RunDir, Stage
+from lion_local.run.record_types import TeacherAnswer
 from lion_local.run.records import pools_from, seed_records
 from lion_local.stages.teacher_answers import uncached
 from lion_local.stages.lora import lora_parameter_count
 from lion_local.stages.generation import SIDES, WaveSchedule, generation_quotas
 from lion_local.stages.iteration_report import usage
+from lion_local.stages.role_calls import REVIEW_ORDERS, ROLES, call_journals, discrimination_roles, stage_roles
 from lion_local.run.seed_data import SeedDataError, load_seed_instructions
 from lion_local.run.state import completed_stages, read_jsonl
 
@@ -67,7 +69,6 @@ SIGNAL_NOTES = {
     "likelihood": ": one student prefill per Cache Pool instruction (its teacher answer), no referee call",
     "none": ": no discrimination call; generation seeds drawn from the whole Cache Pool",
 }
-STAGE_ROLES = {"imitation": ("teacher",), "discrimination": ("teacher", "student", "referee"), "generation": ("generator",)}
 
 
 def build_plan(config: Config, seeds: int | None = None, generator_acceptance: float | None = None) -> dict:
@@ -182,7 +183,7 @@ def _retry_rate(config: Config, run: RunDir, completed: set[Stage]) -> tuple[flo
             directory = run.iteration(k)
             controls, asked = read_jsonl(directory.controls), read_jsonl(directory.reviews)
             if asked or controls:  # signal likelihood or none: no review
-                reviews += 2 * (len(read_jsonl(directory.cache_pool)) + len({r["id"] for r in controls}))
+                reviews += REVIEW_ORDERS * (len(read_jsonl(directory.cache_pool)) + len({r["id"] for r in controls}))
                 replies += len(asked) + len(controls)
     if reviews:
         return max(0, replies - reviews) / reviews, f"observed ({replies} replies for {reviews} reviews)"
@@ -206,7 +207,7 @@ def _walk(
     """Rows (stage, role, calls, tokens, source) and pool sizes, stage by stage, with the stages'
     own rules (pools_from, the teacher cache's `uncached`, the generation waves); pools and
     generated sets on disk replace predicted ones. Records are bare {"id"} where predicted."""
-    teacher_journal = read_jsonl(run.teacher_answers)
+    teacher_journal: list[TeacherAnswer] = read_jsonl(run.teacher_answers)
     rows: list[dict] = []
     pools: list[dict] = []
 
@@ -226,12 +227,12 @@ def _walk(
             train, cache = pools_from(iteration, seeds, cache, generated)
         stage_rows(iteration.stage("imitation"), {"teacher": len(uncached(train, answered))})
         answered |= {r["id"] for r in train}
-        signal = config.discrimination.signal  # likelihood: one prefill per instruction; none: no call
-        reviews = 2 * (len(cache) + min(config.discrimination.referee_check.control_pairs, len(cache)))
-        reviews = reviews if signal == "referee" else 0
+        called = discrimination_roles(config.discrimination.signal)  # likelihood: one student prefill each
+        reviews = REVIEW_ORDERS * (len(cache) + min(config.discrimination.referee_check.control_pairs, len(cache)))
+        reviews = reviews if "referee" in called else 0
         referee = round(reviews * (1 + retry_rate))
-        teacher = len(uncached(cache, answered))
-        student = 0 if signal == "none" else len(cache)
+        teacher = len(uncached(cache, answered))  # any signal: the pools' rule leaves none unanswered (0)
+        student = len(cache) if "student" in called else 0
         stage_rows(iteration.stage("discrimination"), {"teacher": teacher, "student": student, "referee": referee},
                    {"referee": reviews * (1 + config.roles.referee.parse_retries)} if reviews else None)
         answered |= {r["id"] for r in cache}
@@ -261,21 +262,17 @@ def _stage_rows(
     predicted: dict[str, int],
     finished: bool,
     per_call: dict,
-    teacher_journal: list[dict],
+    teacher_journal: list[TeacherAnswer],
     bounds: dict[str, int],
 ) -> list[dict]:
     """One row per role of a stage: counted from its journals once finished, else predicted (with
     the role's bound on its calls, where it has one)."""
     rows = []
-    for role in STAGE_ROLES[stage.name]:
+    for role in stage_roles(stage.name):
         if role == "teacher":
             records = [r for r in teacher_journal if r.get("stage") == str(stage)]
-        else:
-            records = read_jsonl(getattr(run.at(stage.iteration), JOURNALS[role]))
-        if role == "referee":
-            records += read_jsonl(run.at(stage.iteration).controls)
-        if role == "student":  # signal likelihood: the student's prefills
-            records += read_jsonl(run.at(stage.iteration).likelihoods)
+        else:  # the referee's control pairs and the student's prefills (signal likelihood) included
+            records = [r for path in call_journals(run.at(stage.iteration), role) for r in read_jsonl(path)]
         actual = usage(records)
         row = {"stage": str(stage), "role": role}
         if finished:

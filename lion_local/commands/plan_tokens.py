@@ -21,12 +21,12 @@ from lion_local.roles.generator import generator_max_tokens
 from lion_local.roles.referee import referee_params
 from lion_local.roles.student import student_chat_messages
 from lion_local.run.layout import RunDir
+from lion_local.run.record_types import CallFields, LikelihoodGap
 from lion_local.run.state import read_jsonl
+from lion_local.stages.role_calls import ROLES, call_journals
 
 logger = logging.getLogger(__name__)
 
-ROLES = ("teacher", "student", "referee", "generator")
-JOURNALS = {"student": "student_answers", "referee": "reviews", "generator": "generator_calls"}  # IterationDir names
 CHARS_PER_TOKEN = 4
 TOKEN_SAMPLE = 200  # seed instructions whose prompts are built and counted
 
@@ -115,11 +115,10 @@ def per_call_tokens(config: Config, run: RunDir, sample: list[dict]) -> tuple[di
     return per_call, counting
 
 
-def role_records(config: Config, run: RunDir, role: str) -> list[dict]:
-    """Every journaled call of a role in the run so far."""
+def role_records(config: Config, run: RunDir, role: str) -> list[CallFields | LikelihoodGap]:
+    """Every journaled call of a role in the run so far (the student's prefills included; the
+    referee's on control pairs not)."""
     if role == "teacher":
         return read_jsonl(run.teacher_answers)
-    records = [r for k in range(1, config.iterations + 1) for r in read_jsonl(getattr(run.iteration(k), JOURNALS[role]))]
-    if role == "student":  # signal likelihood: the student's prefills
-        records += [r for k in range(1, config.iterations + 1) for r in read_jsonl(run.iteration(k).likelihoods)]
-    return records
+    journals = [path for k in range(1, config.iterations + 1) for path in call_journals(run.iteration(k), role, controls=False)]
+    return [r for path in journals for r in read_jsonl(path)]

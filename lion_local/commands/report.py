@@ -37,19 +37,13 @@ from pathlib import Path
 
 from lion_local.errors import StageOrderError
 from lion_local.run.layout import FINAL, INITIAL, Iteration, RunDir
+from lion_local.run.record_types import EvaluationResult, IterationReport, Usage
 from lion_local.run.state import read_jsonl, read_state, write_atomic
+from lion_local.stages.role_calls import ROLE_STAGES
 
 logger = logging.getLogger(__name__)
 
 LABELS = ("hard", "easy", "unjudged")
-# (role, stage) pairs that make calls, in the order of the loop.
-ROLE_STAGES = (
-    ("teacher", "imitation"),
-    ("teacher", "discrimination"),
-    ("student", "discrimination"),
-    ("referee", "discrimination"),
-    ("generator", "generation"),
-)
 
 
 @dataclass
@@ -57,15 +51,15 @@ class IterationSummary:
     """One iteration's report.json, with its checkpoint's evaluation result if any."""
 
     iteration: Iteration
-    report: dict
-    evaluation: dict | None = None
+    report: IterationReport
+    evaluation: EvaluationResult | None = None
 
     @property
     def label(self) -> str:
         """"iter 1", "iter 2", ..., "final": its column in the tables and its name on the plots."""
         return str(self.iteration) if self.iteration.is_final else f"iter {self.iteration}"
 
-    def usage(self, role: str, stage: str) -> dict:
+    def usage(self, role: str, stage: str) -> Usage | dict:
         roles = self.report.get("roles", {})
         if role == "teacher":
             return roles.get("teacher", {}).get("by_stage", {}).get(stage, {})
@@ -76,7 +70,7 @@ class IterationSummary:
 class RunReport:
     run: RunDir
     iterations: list[IterationSummary]
-    evaluations: list[dict] = field(default_factory=list)
+    evaluations: list[EvaluationResult] = field(default_factory=list)
     plots: list[Path] = field(default_factory=list)
 
     @property
@@ -106,19 +100,19 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def _evaluations(run: RunDir) -> list[dict]:
+def _evaluations(run: RunDir) -> list[EvaluationResult]:
     """Every eval/<checkpoint>/result.json, in loop order (initial, iter_1, ..., final)."""
     results = [_load(path) for path in run.evaluation_results()]
     return sorted(results, key=lambda result: (-1, 0) if _evaluated(result) is None else _evaluated(result).sort_key)
 
 
-def _evaluated(result: dict) -> Iteration | None:
+def _evaluated(result: EvaluationResult) -> Iteration | None:
     """The iteration whose checkpoint a result.json evaluates ("iteration": 1, 2, ... or "final"),
     None for the initial student."""
     return None if result["iteration"] == INITIAL else Iteration.parse(str(result["iteration"]))
 
 
-def nll_of(result: dict | None, part: str = "questions", who: str | None = None) -> float | None:
+def nll_of(result: EvaluationResult | None, part: str = "questions", who: str | None = None) -> float | None:
     """An evaluation result's mean NLL per token on `part` (of the teacher's own figure with who="teacher")."""
     likelihood = (result or {}).get("likelihood") or {}
     node = likelihood.get(who) or {} if who else likelihood

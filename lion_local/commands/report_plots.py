@@ -9,7 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from lion_local.commands.report import LABELS, ROLE_STAGES, RunReport, nll_of
+from lion_local.commands.report import LABELS, RunReport, nll_of
+from lion_local.stages.role_calls import ROLE_STAGES
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from lion_local.config import Config
 from lion_local.run.questions import QuestionsError, default_questions, load_questions
+from lion_local.run.record_types import Contamination, Question
 from lion_local.stages.novelty import NoveltyIndex
 
 _WORD = re.compile(r"\w+")
@@ -49,7 +50,7 @@ def words(text: str) -> list[str]:
 class DecontaminationIndex:
     """The evaluation questions, queried for the one a new instruction is too close to."""
 
-    def __init__(self, questions: list[dict], rouge_threshold: float = 0.7, ngram: int = 13) -> None:
+    def __init__(self, questions: list[Question], rouge_threshold: float = 0.7, ngram: int = 13) -> None:
         if ngram < 1:
             raise ValueError(f"ngram must be at least 1, got {ngram}")
         self.ngram = ngram
@@ -65,7 +66,7 @@ class DecontaminationIndex:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def check(self, instruction: str) -> dict | None:
+    def check(self, instruction: str) -> Contamination | None:
         """None when the instruction is clean, else what makes it contaminated:
         {"question": id, "question_similarity": F} with the question of highest ROUGE-L F (above
         the threshold), or {"question": id, "shared_ngram": "the n shared words"} for the first
@@ -106,7 +107,7 @@ def decontamination_index(config: Config) -> DecontaminationIndex | None:
     settings = config.generation.decontamination
     if not settings.enabled:
         return None
-    questions: list[dict] = []
+    questions: list[Question] = []
     for path in question_files(config):
         try:
             questions += load_questions(path)

@@ -7,13 +7,16 @@ so a report is the same whether the iteration ran in one go or was killed and re
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.record_types import CallFields, DiscriminationSummary, IterationReport, LikelihoodGap, Usage
 from lion_local.run.state import read_jsonl, read_state, write_atomic
+from lion_local.stages.role_calls import CALLS, ROLE_CALLS, call_journals
 
 
-def usage(records: list[dict]) -> dict:
+def usage(records: Sequence[CallFields | LikelihoodGap]) -> Usage:
     """Calls, tokens and seconds of a list of journaled model calls."""
     return {
         "calls": len(records),
@@ -27,7 +30,7 @@ def _load(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
 
 
-def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict[str, float] | None = None) -> dict:
+def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict[str, float] | None = None) -> IterationReport:
     """The report of an iteration; `unrecorded_seconds` adds time not yet in state.json (the
     stage finishing now, by marker), so the report can be written before the stage is marked done."""
     directory = run.at(iteration)
@@ -35,7 +38,7 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
     teacher_calls = [r for r in read_jsonl(run.teacher_answers) if r.get("stage", "").startswith(prefix)]
     state = read_state(run)
     imitation = _load(directory.imitation_summary)
-    report: dict = {
+    report: IterationReport = {
         "iteration": iteration.json_value,
         "pools": {"train": len(read_jsonl(directory.train_pool))},
         "imitation": imitation,
@@ -44,7 +47,7 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
                 **usage(teacher_calls),
                 "by_stage": {
                     stage: usage([r for r in teacher_calls if r["stage"] == f"{prefix}{stage}"])
-                    for stage in ("imitation", "discrimination")
+                    for stage in CALLS["teacher"].stages
                 },
             },
         },
@@ -82,13 +85,13 @@ def iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict
         "student_answers": discrimination.get("truncated_student_answers", 0),
         "generator_replies": generation.get("truncated_replies", 0),
     })
-    report["roles"]["student"] = usage(read_jsonl(directory.student_answers) + read_jsonl(directory.likelihoods))
-    report["roles"]["referee"] = usage(read_jsonl(directory.reviews) + read_jsonl(directory.controls))
-    report["roles"]["generator"] = usage(read_jsonl(directory.generator_calls))
+    for calls in ROLE_CALLS:
+        if calls.run_journal is None:  # the teacher's, run-wide, is counted above
+            report["roles"][calls.role] = usage([r for path in call_journals(directory, calls.role) for r in read_jsonl(path)])
     return report
 
 
-def signal_fields(discrimination: dict) -> dict:
+def signal_fields(discrimination: DiscriminationSummary) -> dict:
     """How the discrimination split the Cache Pool (discrimination.signal; a summary without one: the
     referee), with the likelihood's threshold and histogram (lion_local.stages.likelihood_gaps)."""
     fields = {"signal": discrimination.get("signal", "referee")}
@@ -107,7 +110,9 @@ def _stage_seconds(recorded: dict[str, float], unrecorded: dict[str, float], pre
     return {m: round(recorded.get(m, 0.0) + unrecorded.get(m, 0.0), 3) for m in markers}
 
 
-def write_iteration_report(run: RunDir, iteration: Iteration, unrecorded_seconds: dict[str, float] | None = None) -> dict:
+def write_iteration_report(
+    run: RunDir, iteration: Iteration, unrecorded_seconds: dict[str, float] | None = None
+) -> IterationReport:
     report = iteration_report(run, iteration, unrecorded_seconds)
     write_atomic(run.at(iteration).report, json.dumps(report, indent=2) + "\n")
     return report

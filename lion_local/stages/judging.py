@@ -26,11 +26,12 @@ from dataclasses import dataclass
 from lion_local.config import Config, RefereeRole
 from lion_local.endpoints.client import EndpointClient
 from lion_local.run.identity import identity_digest
+from lion_local.run.record_types import Judgement, PairScores, ReviewOrder, ReviewReply
 from lion_local.stages.run_identity import run_identity
 from lion_local.endpoints.journaled import call_fields
 from lion_local.roles import ask_referee, read_review, referee_identity
 
-ORDERS = ("teacher_first", "student_first")
+ORDERS: tuple[ReviewOrder, ...] = ("teacher_first", "student_first")
 
 
 @dataclass(frozen=True)
@@ -58,12 +59,12 @@ def referee_fingerprint(config: Config, server: str) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def current_reviews(reviews: list[dict], field: str, fingerprint: str) -> list[dict]:
+def current_reviews(reviews: list[ReviewReply], field: str, fingerprint: str) -> list[ReviewReply]:
     """The journaled replies asked under `fingerprint` (their `field`); the others are kept but not read."""
     return [review for review in reviews if review.get(field) == fingerprint]
 
 
-def pending_reviews(ids: list[str], reviews: list[dict], retries: int) -> list[tuple[str, str, int]]:
+def pending_reviews(ids: list[str], reviews: list[ReviewReply], retries: int) -> list[tuple[str, ReviewOrder, int]]:
     """(id, order, next attempt) for each review of `ids` not yet read nor given up on."""
     attempts: Counter[tuple[str, str]] = Counter((review["id"], review["order"]) for review in reviews)
     readable = {(review["id"], review["order"]) for review in reviews if review["scores"] is not None}
@@ -75,7 +76,7 @@ def pending_reviews(ids: list[str], reviews: list[dict], retries: int) -> list[t
     ]
 
 
-def first_readable(reviews: list[dict]) -> dict[tuple[str, str], list[float]]:
+def first_readable(reviews: list[ReviewReply]) -> dict[tuple[str, str], list[float]]:
     """(id, order) -> the scores of its first readable reply."""
     found: dict[tuple[str, str], list[float]] = {}
     for review in reviews:
@@ -88,7 +89,7 @@ def _better(first: float, second: float) -> int:
     return (first > second) - (first < second)
 
 
-def pair_scores(teacher_first: list[float], student_first: list[float]) -> dict:
+def pair_scores(teacher_first: list[float], student_first: list[float]) -> PairScores:
     """Each model's mean over both orders, the gap, and whether the orders agree on the winner."""
     teacher_score = (teacher_first[0] + student_first[1]) / 2
     student_score = (teacher_first[1] + student_first[0]) / 2
@@ -102,10 +103,10 @@ def pair_scores(teacher_first: list[float], student_first: list[float]) -> dict:
     }
 
 
-def judged_pairs(ids: list[str], reviews: list[dict]) -> dict[str, dict]:
+def judged_pairs(ids: list[str], reviews: list[ReviewReply]) -> dict[str, PairScores]:
     """id -> pair_scores for every id with a readable reply in both orders."""
     readable = first_readable(reviews)
-    judged = {}
+    judged: dict[str, PairScores] = {}
     for pair_id in ids:
         teacher_first = readable.get((pair_id, "teacher_first"))
         student_first = readable.get((pair_id, "student_first"))
@@ -114,7 +115,7 @@ def judged_pairs(ids: list[str], reviews: list[dict]) -> dict[str, dict]:
     return judged
 
 
-def label_counts(judgements: list[dict]) -> dict:
+def label_counts(judgements: list[Judgement]) -> dict:
     """The hard, easy and unjudged counts of a discrimination's judgements (any signal), and the unjudged share."""
     labels = Counter(j["label"] for j in judgements)
     return {
@@ -125,7 +126,7 @@ def label_counts(judgements: list[dict]) -> dict:
     }
 
 
-def inconsistent_share(judged: list[dict]) -> float | None:
+def inconsistent_share(judged: list[PairScores]) -> float | None:
     """The share of judged pairs whose two orders disagree on the better answer (None: none judged)."""
     if not judged:
         return None
@@ -141,11 +142,11 @@ def review_call(
     client: EndpointClient,
     role: RefereeRole,
     pair: AnswerPair,
-    order: str,
+    order: ReviewOrder,
     first_attempt: int,
     retries: int,
     seed_of: Callable[[str, str, int], int],
-    record: Callable[[dict], None],
+    record: Callable[[ReviewReply], None],
     extra: dict | None = None,
 ) -> Callable[[], Awaitable[None]]:
     """One order's review of `pair`, asked again while unreadable; every reply goes to `record` (a

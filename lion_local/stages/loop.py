@@ -209,13 +209,16 @@ def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, dic
             return "no discrimination (signal none: seeds drawn from the whole Cache Pool)"
         return f"likelihood gaps {len(read_jsonl(directory.likelihoods))}/{len(cache)}"
     if stage.name == "discrimination":
+        from lion_local.stages.role_calls import REVIEW_ORDERS
+
         student = len(read_jsonl(directory.student_answers))
         reviews = current_reviews(read_jsonl(directory.reviews), "referee", referee_fingerprint(config, config.roles.referee.server))
         due = pending_reviews([r["id"] for r in cache], reviews, config.roles.referee.parse_retries)
         referee_check = _json(directory.discrimination_summary).get("referee_check")
         accuracy = referee_check.get("accuracy") if isinstance(referee_check, dict) else None
         check = f", control accuracy {accuracy:.2f}" if isinstance(accuracy, (int, float)) else ""
-        return f"student answers {student}/{len(cache)}, reviews {2 * len(cache) - len(due)}/{2 * len(cache)}{check}"
+        wanted = REVIEW_ORDERS * len(cache)
+        return f"student answers {student}/{len(cache)}, reviews {wanted - len(due)}/{wanted}{check}"
     generated = len(read_jsonl(directory.generated))
     calls = read_jsonl(directory.generator_calls)
     if not calls:
