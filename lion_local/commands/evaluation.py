@@ -50,18 +50,18 @@ from lion_local.commands.evaluation_likelihood import checkpoint_likelihood, hel
 from lion_local.config import Config
 from lion_local.endpoints.access import check_access, check_models_exist
 from lion_local.endpoints.client import EndpointClient
-from lion_local.endpoints.journaled import call_all, call_fields
+from lion_local.endpoints.journaled import ask_missing, call_all, call_fields, journaled_by_key
 from lion_local.stages.decontamination import question_files
 from lion_local.stages.judging import AnswerPair, pending_reviews, referee_fingerprint, review_call
 from lion_local.run.questions import default_questions, load_questions
 from lion_local.run.records import request_seed
 from lion_local.roles import ask_student, ask_teacher
-from lion_local.roles.teacher import parse_teacher_answer
 from lion_local.errors import StageOrderError
 from lion_local.run.layout import FINAL, INITIAL, EvaluationDir, Iteration, RunDir, is_checkpoint
 from lion_local.run.log import run_log
 from lion_local.run.state import Journal, run_lock, write_atomic
-from lion_local.stages.teacher_answers import teacher_fingerprint
+from lion_local.stages.run_identity import role_fingerprint
+from lion_local.stages.teacher_answers import answer_fields, teacher_fingerprint
 from lion_local.endpoints.servers import ServerSet
 from lion_local.smoke.tiny_models import ensure_tiny_models
 
@@ -288,34 +288,18 @@ async def _teacher_answers(
     fingerprint = teacher_fingerprint(config)
     # A held-out seed instruction may carry an input; a question does not.
     keys = {q["id"]: _digest(fingerprint, q["question"], *([q["input"]] if q.get("input") else [])) for q in questions}
-    answers = {r["id"]: r for r in _current(journal, keys)}
-    missing = [q for q in questions if q["id"] not in answers]
+    answers = journaled_by_key(journal.records, keys)
+    missing = [q["id"] for q in questions if q["id"] not in answers]
     logger.info("evaluation: teacher answers: %d of %d journaled", len(questions) - len(missing), len(questions))
-    if not missing:
-        return answers
-    teacher = await connect()
+    by_id = {q["id"]: q for q in questions}
 
-    def call(question: dict):
-        async def ask() -> dict:
-            seed = request_seed(config.seed, "evaluation-teacher", question["id"])
-            completion = await ask_teacher(teacher, config.roles.teacher, question["question"], question.get("input", ""), seed=seed)
-            answer = parse_teacher_answer(completion.text)
-            return {
-                "id": question["id"],
-                "answer": answer if answer is not None else "",
-                "empty": answer is None,
-                "key": keys[question["id"]],
-                **call_fields(completion, seed),
-            }
+    async def ask(teacher: EndpointClient, question_id: str) -> dict:
+        question = by_id[question_id]
+        seed = request_seed(config.seed, "evaluation-teacher", question_id)
+        completion = await ask_teacher(teacher, config.roles.teacher, question["question"], question.get("input", ""), seed=seed)
+        return {"id": question_id, **answer_fields(completion), "key": keys[question_id], **call_fields(completion, seed)}
 
-        return ask
-
-    await call_all(
-        [call(q) for q in missing],
-        journal,
-        "evaluation: teacher answers",
-        on_record=lambda record: answers.__setitem__(record["id"], record),
-    )
+    await ask_missing(missing, answers, journal, connect, ask, "evaluation: teacher answers")
     return answers
 
 
@@ -332,10 +316,11 @@ async def _student_work(
     """One checkpoint's answer to every question by id, and its likelihood of the teacher's answers;
     its server runs only while an answer or a likelihood is missing."""
     role = config.roles.student
-    identity = _digest(role.prompt_format, role.request_params(), config.seed)
+    identity = role_fingerprint(config, "student")  # the checkpoint is this journal's own (eval/<checkpoint>/)
     keys = {q["id"]: _digest(identity, q["question"]) for q in questions}
-    answers = {r["id"]: r for r in _current(journal, keys)}
-    missing = [q for q in questions if q["id"] not in answers]
+    answers = journaled_by_key(journal.records, keys)
+    missing = [q["id"] for q in questions if q["id"] not in answers]
+    by_id = {q["id"]: q for q in questions}
     logger.info("evaluation %s: student answers: %d of %d journaled", checkpoint.name,
                 len(questions) - len(missing), len(questions))
     opened: list[asyncio.Future[EndpointClient]] = []
@@ -353,20 +338,13 @@ async def _student_work(
         if config.evaluation.likelihood and not nll_journal.records and config.servers[role.server].engine == "vllm":
             start()  # a checkpoint not yet measured: its server loads while the teacher may still be answering
         try:
-            if missing:
-                student = await connect()
 
-                def call(question: dict):
-                    async def ask() -> dict:
-                        seed = request_seed(config.seed, "evaluation-student", checkpoint.name, question["id"])
-                        completion = await ask_student(student, role, question["question"], seed=seed)
-                        return {"id": question["id"], "answer": completion.text, "key": keys[question["id"]],
-                                **call_fields(completion, seed)}
+            async def ask(student: EndpointClient, question_id: str) -> dict:
+                seed = request_seed(config.seed, "evaluation-student", checkpoint.name, question_id)
+                completion = await ask_student(student, role, by_id[question_id]["question"], seed=seed)
+                return {"id": question_id, "answer": completion.text, "key": keys[question_id], **call_fields(completion, seed)}
 
-                    return ask
-
-                await call_all([call(q) for q in missing], journal, f"evaluation {checkpoint.name}: student answers",
-                               on_record=lambda record: answers.__setitem__(record["id"], record))
+            await ask_missing(missing, answers, journal, connect, ask, f"evaluation {checkpoint.name}: student answers")
             likelihood = None
             if config.evaluation.likelihood:
                 likelihood = await checkpoint_likelihood(config, str(checkpoint.path), items, await teacher, nll_journal,

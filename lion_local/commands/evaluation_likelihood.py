@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 
 from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
+from lion_local.endpoints.journaled import journaled_by_key
 from lion_local.run.layout import RunDir
 from lion_local.run.records import instruction_id
 from lion_local.run.seed_data import load_seed_instructions
@@ -81,7 +82,7 @@ async def _journaled(
     score: Callable[[list[dict]], Awaitable[list[dict]]],
 ) -> dict[str, dict]:
     """Each item's {"nll", "tokens"} by id: journaled ones reused, the rest scored and journaled."""
-    done = {r["id"]: r for r in journal.records if r.get("id") in keys and r.get("key") == keys[r["id"]]}
+    done = journaled_by_key(journal.records, keys)
     missing = [item for item in items if item["id"] not in done]
     if missing:
         for item, value in zip(missing, await score(missing)):

@@ -4,18 +4,25 @@ The endpoint client bounds how many requests are really in flight; here every ca
 results are appended to the journal in completion order (one line each, so a kill loses only
 calls still in flight), and a progress bar counts them. The first call that fails for good
 cancels the rest and propagates, after everything that completed has been journaled.
+
+Answers that outlive a stage (the teacher's, evaluate's) are journaled under a key: the part of
+the run's identity that shapes them. `journaled_by_key` reads back those whose key still holds;
+`ask_missing` asks for the rest with one client, opened only when something is missing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from tqdm import tqdm
 
 from lion_local.endpoints.client import Completion
 from lion_local.run.state import Journal
+
+Client = TypeVar("Client")
 
 
 def call_fields(completion: Completion, seed: int) -> dict:
@@ -72,3 +79,31 @@ async def call_all(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         bar.close()
+
+
+def journaled_by_key(records: list[dict], keys: Mapping[str, str], field: str = "key") -> dict[str, dict]:
+    """The records of the ids in `keys` whose `field` still equals their id's key, by id (the last
+    one wins); records under another key are kept in the journal but not read."""
+    return {r["id"]: r for r in records if r.get("id") in keys and r.get(field) == keys[r["id"]]}
+
+
+async def ask_missing(
+    missing: list[str],
+    done: dict[str, dict],
+    journal: Journal,
+    connect: Callable[[], Awaitable[Client]],
+    ask: Callable[[Client, str], Awaitable[dict[str, Any]]],
+    description: str,
+) -> None:
+    """`ask(client, id)` for each id of `missing`, concurrently, with the one client `connect`
+    gives (called only when something is missing, so a resumed stage with every answer journaled
+    starts no server); each record is journaled as it returns and filed in `done` by id."""
+    if not missing:
+        return
+    client = await connect()
+    await call_all(
+        [lambda each=each: ask(client, each) for each in missing],
+        journal,
+        description,
+        on_record=lambda record: done.__setitem__(record["id"], record),
+    )

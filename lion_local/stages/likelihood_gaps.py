@@ -28,7 +28,8 @@ from statistics import fmean
 
 from lion_local.config import Config
 from lion_local.endpoints.servers import ServerSet
-from lion_local.endpoints.journaled import call_all, progress_bar
+from lion_local.endpoints.client import EndpointClient
+from lion_local.endpoints.journaled import ask_missing, journaled_by_key, progress_bar
 from lion_local.run.layout import Iteration, RunDir
 from lion_local.run.state import Journal
 from lion_local.stages.teacher_answers import ensure_teacher_answers
@@ -141,7 +142,7 @@ async def _gaps(
         cut = config.imitation.trainer.get("max_length")
         keys = {r["id"]: _key(teacher[r["id"]], role.prompt_format, cut) for r in cache_pool if not teacher[r["id"]]["empty"]}
         with Journal(run.at(iteration).likelihoods) as journal:
-            done = {r["id"]: r for r in journal.records if r["id"] in keys and r.get("key") == keys[r["id"]]}
+            done = journaled_by_key(journal.records, keys)
             missing = [r for r in cache_pool if r["id"] in keys and r["id"] not in done]
             logger.info("%s: likelihood gaps: %d of %d journaled, %d to compute", marker, len(done), len(keys), len(missing))
             if missing:
@@ -157,16 +158,15 @@ async def _gaps(
                     return {"id": pair_id, "key": keys[pair_id], "gap": gap, **value}
 
                 if on_server:
-                    client = await connect(role.server, student_dir)
-                    calls = [lambda i=i: _on_server(client, scored[i], record, i) for i in scored]
-                    await call_all(calls, journal, f"{marker}: likelihood gaps", on_record=lambda r: done.__setitem__(r["id"], r))
+
+                    async def ask(client: EndpointClient, pair_id: str) -> dict:
+                        return record(pair_id, await server_nll(client, "student", scored[pair_id]))
+
+                    await ask_missing(list(scored), done, journal, lambda: connect(role.server, student_dir), ask,
+                                      f"{marker}: likelihood gaps")
                 else:
                     await asyncio.to_thread(_here, student_dir, scored, record, journal, done, str(marker))
     return teacher, done, SERVER_METHOD if on_server else LOCAL_METHOD
-
-
-async def _on_server(client, scored, record, pair_id: str) -> dict:
-    return record(pair_id, await server_nll(client, "student", scored))
 
 
 def _here(student_dir: str, scored: dict, record, journal: Journal, done: dict, marker: str) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from lion_local.config import Config
 from lion_local.roles import prompt_texts
-from lion_local.run.identity import record_or_refuse, refuse_unknown_accepts, settings_identity
+from lion_local.run.identity import identity_digest, record_or_refuse, refuse_unknown_accepts, settings_identity
 from lion_local.run.layout import RunDir
 
 
@@ -29,3 +29,11 @@ def check_resume(run: RunDir, config: Config, accepted: tuple[str, ...] = (), ne
 def check_accepted(run: RunDir, config: Config, accepted: tuple[str, ...]) -> None:
     """Refuse an --accept-change KEY that shapes nothing in this run; writes nothing."""
     refuse_unknown_accepts(run, run_identity(config), accepted)
+
+
+def role_fingerprint(config: Config, role: str) -> str:
+    """The part of the run's identity that shapes a role's replies: its server (model, engine,
+    dtype, ...), the role's settings (sampling, system prompt, prompt format), its prompt
+    templates and the run seed. Answers journaled under it are reused while it holds."""
+    prefixes = (f"servers.{getattr(config.roles, role).server}.", f"roles.{role}.", f"prompts.{role}")
+    return identity_digest(run_identity(config), prefixes, keys=("seed",))

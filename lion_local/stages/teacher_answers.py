@@ -15,14 +15,13 @@ from collections.abc import Awaitable, Callable, Collection
 from contextlib import AsyncExitStack
 
 from lion_local.config import Config
-from lion_local.endpoints.client import EndpointClient
-from lion_local.endpoints.journaled import call_all, call_fields
+from lion_local.endpoints.client import Completion, EndpointClient
+from lion_local.endpoints.journaled import ask_missing, call_fields, journaled_by_key
 from lion_local.run.records import request_seed
-from lion_local.roles import ask_teacher
-from lion_local.roles.teacher import parse_teacher_answer
-from lion_local.run.identity import identity_digest
-from lion_local.stages.run_identity import run_identity
+from lion_local.roles import ask_teacher, parse_teacher_answer
+from lion_local.stages.run_identity import role_fingerprint
 from lion_local.run.layout import RunDir, Stage
+from lion_local.run.record_types import TeacherAnswer
 from lion_local.run.state import Journal
 from lion_local.endpoints.servers import ServerSet
 
@@ -32,8 +31,7 @@ logger = logging.getLogger(__name__)
 def teacher_fingerprint(config: Config) -> str:
     """The part of the run's identity that shapes a teacher answer: the teacher's server (model,
     engine, dtype, ...), its role (sampling, system prompt), its prompt template and the run seed."""
-    prefixes = (f"servers.{config.roles.teacher.server}.", "roles.teacher.", "prompts.teacher")
-    return identity_digest(run_identity(config), prefixes, keys=("seed",))
+    return role_fingerprint(config, "teacher")
 
 
 def uncached(records: list[dict], cached: Collection[str]) -> list[dict]:
@@ -42,54 +40,43 @@ def uncached(records: list[dict], cached: Collection[str]) -> list[dict]:
     return list({r["id"]: r for r in records if r["id"] not in cached}.values())
 
 
+def answer_fields(completion: Completion) -> dict:
+    """What a teacher answer record keeps of its reply: the answer, or "" and empty when it had none."""
+    answer = parse_teacher_answer(completion.text)
+    return {"answer": answer if answer is not None else "", "empty": answer is None}
+
+
 async def ensure_teacher_answers(
     run: RunDir,
     config: Config,
     records: list[dict],
     connect: Callable[[], Awaitable[EndpointClient]],
     stage: Stage,
-) -> dict[str, dict]:
+) -> dict[str, TeacherAnswer]:
     """Teacher answers for `records` by id, asking the teacher only for those not cached yet.
 
     `connect` gives the teacher's client; it is called only when an answer is missing, so a
     stage whose answers are all cached never starts the teacher's server.
     """
     fingerprint = teacher_fingerprint(config)
+    by_id = {record["id"]: record for record in records}
     with Journal(run.teacher_answers) as journal:
-        cached = {r["id"]: r for r in journal.records if r["fingerprint"] == fingerprint}
+        cached = journaled_by_key(journal.records, dict.fromkeys(by_id, fingerprint), "fingerprint")
         missing = uncached(records, cached)
         if records:
             logger.info(
                 "%s: teacher answers: %d of %d cached, %d to request",
                 stage, len(records) - len(missing), len(records), len(missing),
             )
-        if missing:
-            client = await connect()
 
-            def call(record: dict):
-                async def ask() -> dict:
-                    seed = request_seed(config.seed, "teacher", record["id"])
-                    completion = await ask_teacher(
-                        client, config.roles.teacher, record["instruction"], record["input"], seed=seed
-                    )
-                    answer = parse_teacher_answer(completion.text)
-                    return {
-                        "id": record["id"],
-                        "answer": answer if answer is not None else "",
-                        "empty": answer is None,
-                        "fingerprint": fingerprint,
-                        "stage": str(stage),
-                        **call_fields(completion, seed),
-                    }
+        async def ask(client: EndpointClient, record_id: str) -> dict:
+            record = by_id[record_id]
+            seed = request_seed(config.seed, "teacher", record_id)
+            completion = await ask_teacher(client, config.roles.teacher, record["instruction"], record["input"], seed=seed)
+            return {"id": record_id, **answer_fields(completion), "fingerprint": fingerprint, "stage": str(stage),
+                    **call_fields(completion, seed)}
 
-                return ask
-
-            await call_all(
-                [call(record) for record in missing],
-                journal,
-                f"{stage}: teacher answers",
-                on_record=lambda record: cached.__setitem__(record["id"], record),
-            )
+        await ask_missing([r["id"] for r in missing], cached, journal, connect, ask, f"{stage}: teacher answers")
     return {record["id"]: cached[record["id"]] for record in records}
 
 
