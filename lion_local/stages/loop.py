@@ -35,6 +35,7 @@ from lion_local.stages.discrimination import run_discrimination
 from lion_local.stages.generation import run_generation
 from lion_local.stages.imitation import run_imitation
 from lion_local.stages.judging import current_reviews, pending_reviews, referee_fingerprint
+from lion_local.stages.role_calls import REVIEW_ORDERS
 from lion_local.stages.iteration_report import write_iteration_report
 
 logger = logging.getLogger(__name__)
@@ -209,8 +210,6 @@ def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, dic
             return "no discrimination (signal none: seeds drawn from the whole Cache Pool)"
         return f"likelihood gaps {len(read_jsonl(directory.likelihoods))}/{len(cache)}"
     if stage.name == "discrimination":
-        from lion_local.stages.role_calls import REVIEW_ORDERS
-
         student = len(read_jsonl(directory.student_answers))
         reviews = current_reviews(read_jsonl(directory.reviews), "referee", referee_fingerprint(config, config.roles.referee.server))
         due = pending_reviews([r["id"] for r in cache], reviews, config.roles.referee.parse_retries)
