@@ -61,6 +61,7 @@ import numpy as np  # noqa: E402
 
 from lion_local.commands.plan import build_plan  # noqa: E402
 from lion_local.commands.report import write_report  # noqa: E402
+from lion_local.commands.report_plots import make_plots  # noqa: E402
 from lion_local.config import Config, config_to_yaml, load_config  # noqa: E402
 from lion_local.run.layout import Iteration, RunDir  # noqa: E402
 from lion_local.run.records import by_id, instruction_record, pools_from  # noqa: E402
@@ -330,7 +331,7 @@ def simple_parts(data: Synthetic, fresh: Config, run_config: Config, scratch: Pa
         "iteration_report": lambda: iteration_report(run, Iteration(1)),
         "plan": lambda: build_plan(run_config, seeds=len(data.cache)),
         "plan_fresh": lambda: build_plan(fresh, seeds=len(data.cache)),
-        "report": lambda: write_report(run),
+        "report": lambda: write_report(run, make_plots),
     }
 
 

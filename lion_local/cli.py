@@ -136,8 +136,7 @@ def serve(name: str, config_path: str, overrides: tuple[str, ...], dry_run: bool
 @click.option("--force", is_flag=True, help="Replace OUT/teacher and OUT/student if they exist.")
 def make_tiny(out_dir: str, seed: int, seed_data: str | None, steps: int | None, force: bool) -> None:
     """Build a tiny LLaMA teacher (trained on CPU) and a random tiny student in OUT/teacher, OUT/student."""
-    from lion_local.smoke.tiny_build import make_tiny_models
-    from lion_local.smoke.tiny_models import TinyBuild
+    from lion_local.smoke.tiny_build import TinyBuild, make_tiny_models
 
     existing = [str(Path(out_dir) / name) for name in ("teacher", "student") if (Path(out_dir) / name).exists()]
     if existing and not force:
@@ -286,10 +285,11 @@ def status(config_path: str, overrides: tuple[str, ...], remaining_iterations: b
 def report(config_path: str, overrides: tuple[str, ...]) -> None:
     """Per-iteration summary table; writes <run_dir>/report.md and PNG plots in <run_dir>/plots/."""
     from lion_local.commands.report import summary_rows, text_table, write_report
+    from lion_local.commands.report_plots import make_plots
 
     config = load_config(config_path, overrides)
     run = RunDir(config.run_dir)
-    written = write_report(run)
+    written = write_report(run, make_plots)
     click.echo(text_table(*summary_rows(written)))
     click.echo(f"wrote {run.report_md} and {len(written.plots)} plots in {run.plots}")
 
@@ -301,8 +301,9 @@ def report(config_path: str, overrides: tuple[str, ...]) -> None:
 def compare(run_dirs: tuple[str, ...], out_dir: str, as_json: bool) -> None:
     """Runs of the same teacher and seed data side by side, one column each (reads the runs only)."""
     from lion_local.commands.compare import compare_runs, table_text
+    from lion_local.commands.compare_plots import make_plots
 
-    result = compare_runs([Path(each) for each in run_dirs], Path(out_dir))
+    result = compare_runs([Path(each) for each in run_dirs], Path(out_dir), make_plots)
     click.echo(json.dumps(result.as_json(), indent=2) if as_json else table_text(result))
     if not as_json:
         click.echo(f"wrote compare.md, compare.json and {len(result.plots)} plots in {out_dir}")

@@ -141,12 +141,6 @@ class ServerProcess:
         self.command, self.environment, self.health_url, self.expected = self.relaunch_with()
         self.start()
 
-    def wait_until_healthy(self) -> None:
-        """Wait until /health answers and the server answering is this one (serving/startup.py)."""
-        from serving.startup import wait_until_healthy
-
-        wait_until_healthy([self])
-
     def failure_hint(self) -> str:
         """The log's last lines, and the config key to fix when the server rejected its own flags."""
         tail = self.log_tail()

@@ -18,6 +18,7 @@ Every count in report.json is checked against what the fake returned and against
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import threading
@@ -245,7 +246,7 @@ def test_garbage_output_is_handled_and_counted_in_the_report(fake: FakeEndpoint,
     servers = FakeServers(fake)
     markers = ["1/imitation", "1/discrimination", "1/generation"]
     for marker in markers:
-        run_stage(config, run, Stage.parse(marker), servers)
+        asyncio.run(run_stage(config, run, Stage.parse(marker), servers))
 
     directory = run.iteration(1)
     report = read_json(directory / "report.json")

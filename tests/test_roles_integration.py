@@ -30,11 +30,11 @@ from lion_local.smoke.tiny_acceptance import (
     acceptance_seeds,
     well_formed_instruction,
 )
-from lion_local.smoke.tiny_build import make_tiny_models
-from lion_local.smoke.tiny_models import TinyBuild
+from lion_local.smoke.tiny_build import TinyBuild, make_tiny_models
 from lion_local.endpoints.servers import client_for, config_server
 from loop_checks import run_config
 from serving import ServerError
+from serving.startup import wait_until_healthy
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,7 @@ def test_stopping_a_server_ends_its_whole_process_group(tmp_path: Path):
         f"http://127.0.0.1:{port}/health", startup_timeout_s=30, stop_grace_s=5,
     )
     server.start()
-    server.wait_until_healthy()
+    wait_until_healthy([server])
     child = int(next(line for line in log.read_text().splitlines() if line.startswith("CHILD-PID")).split()[1])
     os.kill(child, 0)  # alive
     server.stop()

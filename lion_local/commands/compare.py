@@ -309,10 +309,9 @@ def check_paths(paths: list[Path], out: Path) -> Path:
     return resolved
 
 
-def compare_runs(paths: list[Path], out: Path) -> Comparison:
-    """Read, check and compare the runs; write compare.md, compare.json and the plots under `out`."""
-    from lion_local.commands.compare_plots import make_plots  # matplotlib: only when writing
-
+def compare_runs(paths: list[Path], out: Path, make_plots: Callable[[Comparison, Path], list[Path]]) -> Comparison:
+    """Read, check and compare the runs; write compare.md, compare.json and the plots under `out`
+    (drawn by `make_plots`: lion_local.commands.compare_plots, which imports matplotlib)."""
     out = check_paths(paths, out)
     runs = [read_run(path, name) for path, name in zip(paths, column_names(paths))]
     for other in runs[1:]:

@@ -295,10 +295,9 @@ def _engines_line(report: RunReport) -> str:
     return ", ".join(f"{name} on {engine}" for name, engine in sorted(engines.items())) or "not recorded"
 
 
-def write_report(run: RunDir) -> RunReport:
-    """Collect, plot and write report.md; returns what was reported."""
-    from lion_local.commands.report_plots import make_plots  # matplotlib: only when writing
-
+def write_report(run: RunDir, make_plots: Callable[[RunReport, Path], list[Path]]) -> RunReport:
+    """Collect, plot (with `make_plots`: lion_local.commands.report_plots, which imports matplotlib)
+    and write report.md; returns what was reported."""
     if not any(run.at(each).report.exists() for each in run.numbered_iterations()):
         raise StageOrderError(
             f"{run.root}: nothing to report yet; an iteration's report.json is written when its "

@@ -25,6 +25,7 @@ from serving import server_launch, server_process
 from serving.commands import request_model_name
 from serving.process import ServerError
 from serving.published import published_endpoint, reachable_host
+from serving.startup import wait_until_healthy
 
 
 def serve_server(
@@ -59,7 +60,7 @@ def serve_server(
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     process.start()
     try:
-        process.wait_until_healthy()
+        wait_until_healthy([process])
         base_url = f"http://{reachable_host(server.host)}:{launch.port}/v1"
         with ExitStack() as stack:
             if publish:

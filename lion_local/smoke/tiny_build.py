@@ -12,6 +12,8 @@ import math
 import random
 import shutil
 import time
+from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -25,9 +27,32 @@ from lion_local.roles.student import student_prompt
 from lion_local.roles.teacher import teacher_messages
 from lion_local.run.seed_data import SeedInstruction, load_seed_instructions
 from lion_local.smoke.tiny_acceptance import Generate, acceptance_figures, check_acceptance
-from lion_local.smoke.tiny_models import TinyBuild, builtin_seed_data
 
 logger = logging.getLogger(__name__)
+
+BUILTIN_SEED_DATA = "smoke_seed.jsonl"
+
+
+@dataclass(frozen=True)
+class TinyBuild:
+    """Sizes and budget of the tiny models; the defaults fit the 3-minute, 2-core budget."""
+
+    seed: int = 0
+    vocab_size: int = 2048
+    teacher_hidden: int = 128
+    teacher_layers: int = 3
+    student_hidden: int = 64
+    student_layers: int = 2
+    train_steps: int = 300
+    batch_size: int = 16
+    learning_rate: float = 3e-3
+    referee_examples_per_seed: int = 3
+    acceptance: bool = True  # end with the teacher's acceptance check (lion_local/smoke/tiny_acceptance.py)
+
+
+def builtin_seed_data() -> Path:
+    return Path(str(resources.files("lion_local.data").joinpath(BUILTIN_SEED_DATA)))
+
 
 RESERVED_TOKENS = ["<unk>", "<s>", "</s>", "<pad>", "<|system|>", "<|user|>", "<|assistant|>"]
 EOS = "</s>"

@@ -17,38 +17,12 @@ that every command that finds the models in place starts without importing torch
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from lion_local.config import Config
 from lion_local.run.state import lock_exclusively
 
 logger = logging.getLogger(__name__)
-
-BUILTIN_SEED_DATA = "smoke_seed.jsonl"
-
-
-@dataclass(frozen=True)
-class TinyBuild:
-    """Sizes and budget of the tiny models; the defaults fit the 3-minute, 2-core budget."""
-
-    seed: int = 0
-    vocab_size: int = 2048
-    teacher_hidden: int = 128
-    teacher_layers: int = 3
-    student_hidden: int = 64
-    student_layers: int = 2
-    train_steps: int = 300
-    batch_size: int = 16
-    learning_rate: float = 3e-3
-    referee_examples_per_seed: int = 3
-    acceptance: bool = True  # end with the teacher's acceptance check (lion_local/smoke/tiny_acceptance.py)
-
-
-def builtin_seed_data() -> Path:
-    return Path(str(resources.files("lion_local.data").joinpath(BUILTIN_SEED_DATA)))
-
 
 def tiny_models_present(out_dir: Path) -> bool:
     """Both models are there (each appears only once complete: the build renames it into place)."""
@@ -71,7 +45,7 @@ def ensure_tiny_models(config: Config) -> None:
         lock_exclusively(lock, lock_path, wait=True)
         if tiny_models_present(out_dir):
             return  # built by whoever held the lock before us
-        from lion_local.smoke.tiny_build import make_tiny_models  # torch and transformers: only to build
+        from lion_local.smoke.tiny_build import TinyBuild, make_tiny_models  # torch and transformers: only to build
 
         logger.info("building the tiny smoke-mode models in %s (about a minute, once)", out_dir)
         make_tiny_models(out_dir, config.seed_data, TinyBuild(seed=config.tiny_models.seed))
