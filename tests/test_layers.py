@@ -14,8 +14,9 @@ depth, read with ast). A module may import only modules of its own layer or of a
     base          errors.py, offline.py, input_files.py, the package itself
     serving/      imports nothing of lion_local
 
-and no module takes another module's private (underscore) name. Each failure names the file,
-the line and the import at fault.
+no module takes another module's private (underscore) name, and no two modules import each
+other, not even through a lazy import inside a function. Each failure names the file, the line
+and the import at fault (a circle: its modules).
 """
 
 from __future__ import annotations
@@ -88,6 +89,60 @@ def layer_problems(root: Path) -> list[str]:
             if layer is not None and target != here and private:
                 problems.append(f"{where}: takes the private name(s) {', '.join(private)}")
     return problems
+
+
+def import_circles(root: Path) -> list[list[str]]:
+    """Every set of modules of lion_local/ and serving/ that import each other in a loop (at any
+    depth, lazy imports too), each sorted; an import of a package counts as one of its __init__."""
+    paths = sorted([*root.glob("lion_local/**/*.py"), *root.glob("serving/**/*.py")])
+    modules = {module_name(path, root) for path in paths}
+    graph: dict[str, set[str]] = {}
+    for path in paths:
+        here = module_name(path, root)
+        targets = set()
+        for _, target, names in imports_of(path, root):
+            targets |= {f"{target}.{name}" for name in names if f"{target}.{name}" in modules}
+            targets.add(target)
+        graph[here] = {target for target in targets if target in modules and target != here}
+    circles, index, low, stack, on_stack = [], {}, {}, [], set()
+
+    def visit(node: str) -> None:  # Tarjan's strongly connected components
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for successor in sorted(graph[node]):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in on_stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return circles
+
+
+def test_no_two_modules_import_each_other():
+    assert import_circles(ROOT) == []
+
+
+def test_the_circle_check_finds_a_lazy_circle(tmp_path: Path):
+    write(tmp_path, "lion_local/__init__.py", "")
+    write(tmp_path, "lion_local/commands/__init__.py", "")
+    write(tmp_path, "lion_local/commands/report.py", "def write():\n    from lion_local.commands.report_plots import plots\n")
+    write(tmp_path, "lion_local/commands/report_plots.py", "from lion_local.commands import report\n")
+    assert import_circles(tmp_path) == [["lion_local.commands.report", "lion_local.commands.report_plots"]]
 
 
 def test_every_import_runs_down_the_layers():
