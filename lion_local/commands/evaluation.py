@@ -59,6 +59,7 @@ from lion_local.roles import ask_student, ask_teacher
 from lion_local.errors import StageOrderError
 from lion_local.run.layout import FINAL, INITIAL, EvaluationDir, Iteration, RunDir, is_checkpoint
 from lion_local.run.log import run_log
+from lion_local.run.record_types import EvalJudgement, EvalStudentAnswer, EvalTeacherAnswer, EvaluationResult, NllFigures, Question
 from lion_local.run.state import Journal, run_lock, write_atomic
 from lion_local.stages.run_identity import role_fingerprint
 from lion_local.stages.teacher_answers import answer_fields, teacher_fingerprint
@@ -84,7 +85,7 @@ class Checkpoint:
 # ----------------------------------------------------------------------------------------------
 
 
-def evaluate(config: Config, iteration: Iteration | None = None, questions_path: str | None = None) -> list[dict]:
+def evaluate(config: Config, iteration: Iteration | None = None, questions_path: str | None = None) -> list[EvaluationResult]:
     """`lion-local evaluate`: the result of each checkpoint evaluated (see the module docstring)."""
 
     run = RunDir(config.run_dir)
@@ -162,8 +163,8 @@ def _checkpoint(run: RunDir, iteration: Iteration) -> Checkpoint:
 
 
 async def _evaluate_with_servers(
-    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[dict], held_out: list[dict]
-) -> list[dict]:
+    config: Config, run: RunDir, checkpoints: list[Checkpoint], questions: list[Question], held_out: list[Question]
+) -> list[EvaluationResult]:
     """run_evaluation in the command's one event loop, with the servers kept across checkpoints."""
     async with ServerSet(config, run.logs) as servers:
         return await run_evaluation(config, run, checkpoints, questions, servers, held_out)
@@ -173,10 +174,10 @@ async def run_evaluation(
     config: Config,
     run: RunDir,
     checkpoints: list[Checkpoint],
-    questions: list[dict],
+    questions: list[Question],
     servers: ServerSet,
-    held_out: list[dict] = (),
-) -> list[dict]:
+    held_out: list[Question] = (),
+) -> list[EvaluationResult]:
     """Evaluate each checkpoint in turn, write its result.json, and return the results."""
     held_out = list(held_out)
     results = []
@@ -197,7 +198,7 @@ async def run_evaluation(
             # The teacher answers (then scores its own answers) while the first checkpoint's student works.
             teacher = asyncio.ensure_future(_teacher_answers(config, items, journal, teacher_client))
 
-            async def own_likelihood() -> dict | None:
+            async def own_likelihood() -> NllFigures | None:
                 if not config.evaluation.likelihood:
                     return None
                 return await teacher_likelihood(config, items, await teacher, teacher_nll, teacher_client)
@@ -205,7 +206,7 @@ async def run_evaluation(
             figure = asyncio.ensure_future(own_likelihood())
             # Each checkpoint's student works on its own server, stopped when done; the judge then
             # reviews its answers while the next checkpoint's server starts and answers.
-            finishing: list[asyncio.Future[dict]] = []
+            finishing: list[asyncio.Future[EvaluationResult]] = []
             try:
                 for checkpoint in checkpoints:
                     directory = run.evaluation(checkpoint.iteration)
@@ -228,12 +229,12 @@ async def _finish(
     config: Config,
     run: RunDir,
     checkpoint: Checkpoint,
-    questions: list[dict],
-    teacher: Awaitable[dict[str, dict]],
-    figure: Awaitable[dict | None],
-    work: tuple[dict[str, dict], dict | None],
+    questions: list[Question],
+    teacher: Awaitable[dict[str, EvalTeacherAnswer]],
+    figure: Awaitable[NllFigures | None],
+    work: tuple[dict[str, EvalStudentAnswer], NllFigures | None],
     client: Callable[[str], Awaitable[EndpointClient]],
-) -> dict:
+) -> EvaluationResult:
     """One checkpoint's judgements (none for the initial student) and its result.json."""
     directory = run.evaluation(checkpoint.iteration)
     student_answers, likelihood = work
@@ -252,9 +253,9 @@ async def _judged(
     config: Config,
     directory: EvaluationDir,
     checkpoint: Checkpoint,
-    questions: list[dict],
-    teacher_answers: dict[str, dict],
-    student_answers: dict[str, dict],
+    questions: list[Question],
+    teacher_answers: dict[str, EvalTeacherAnswer],
+    student_answers: dict[str, EvalStudentAnswer],
     client: Callable[[str], Awaitable[EndpointClient]],
 ) -> dict:
     """The judge's reviews of each question's pair in both orders, and the relative scores."""
@@ -282,8 +283,8 @@ async def _judged(
 
 
 async def _teacher_answers(
-    config: Config, questions: list[dict], journal: Journal, connect: Callable[[], Awaitable[EndpointClient]]
-) -> dict[str, dict]:
+    config: Config, questions: list[Question], journal: Journal, connect: Callable[[], Awaitable[EndpointClient]]
+) -> dict[str, EvalTeacherAnswer]:
     """The teacher's answer to every question by id, asking only for those not journaled."""
     fingerprint = teacher_fingerprint(config)
     # A held-out seed instruction may carry an input; a question does not.
@@ -293,7 +294,7 @@ async def _teacher_answers(
     logger.info("evaluation: teacher answers: %d of %d journaled", len(questions) - len(missing), len(questions))
     by_id = {q["id"]: q for q in questions}
 
-    async def ask(teacher: EndpointClient, question_id: str) -> dict:
+    async def ask(teacher: EndpointClient, question_id: str) -> EvalTeacherAnswer:
         question = by_id[question_id]
         seed = request_seed(config.seed, "evaluation-teacher", question_id)
         completion = await ask_teacher(teacher, config.roles.teacher, question["question"], question.get("input", ""), seed=seed)
@@ -306,13 +307,13 @@ async def _teacher_answers(
 async def _student_work(
     config: Config,
     checkpoint: Checkpoint,
-    questions: list[dict],
-    items: list[dict],
-    teacher: Awaitable[dict[str, dict]],
+    questions: list[Question],
+    items: list[Question],
+    teacher: Awaitable[dict[str, EvalTeacherAnswer]],
     journal: Journal,
     nll_journal: Journal,
     servers: ServerSet,
-) -> tuple[dict[str, dict], dict]:
+) -> tuple[dict[str, EvalStudentAnswer], NllFigures | None]:
     """One checkpoint's answer to every question by id, and its likelihood of the teacher's answers;
     its server runs only while an answer or a likelihood is missing."""
     role = config.roles.student
@@ -339,7 +340,7 @@ async def _student_work(
             start()  # a checkpoint not yet measured: its server loads while the teacher may still be answering
         try:
 
-            async def ask(student: EndpointClient, question_id: str) -> dict:
+            async def ask(student: EndpointClient, question_id: str) -> EvalStudentAnswer:
                 seed = request_seed(config.seed, "evaluation-student", checkpoint.name, question_id)
                 completion = await ask_student(student, role, by_id[question_id]["question"], seed=seed)
                 return {"id": question_id, "answer": completion.text, "key": keys[question_id], **call_fields(completion, seed)}
@@ -361,7 +362,7 @@ async def _entered(stack: AsyncExitStack, opening: Awaitable[EndpointClient]) ->
     return await stack.enter_async_context(await opening)
 
 
-def _current(journal: Journal, keys: dict[str, str]) -> list[dict]:
+def _current(journal: Journal, keys: dict[str, str]) -> list[EvalJudgement]:
     """The journal's records for the questions asked, less those whose key no longer matches."""
     return [r for r in journal.records if r.get("id") in keys and r.get("key") == keys[r["id"]]]
 

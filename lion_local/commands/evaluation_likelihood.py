@@ -23,6 +23,7 @@ from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
 from lion_local.endpoints.journaled import journaled_by_key
 from lion_local.run.layout import RunDir
+from lion_local.run.record_types import EvalLikelihood, EvalTeacherAnswer, NllFigures, Question
 from lion_local.run.records import instruction_id
 from lion_local.run.seed_data import load_seed_instructions
 from lion_local.run.state import Journal, read_jsonl
@@ -33,7 +34,7 @@ logger = logging.getLogger(__name__)
 SETS = ("questions", "held_out")
 
 
-def held_out_seeds(config: Config, run: RunDir) -> list[dict]:
+def held_out_seeds(config: Config, run: RunDir) -> list[Question]:
     """Question entries for the held-out seed instructions (see the module docstring); [] when none."""
     wanted = config.evaluation.held_out_seeds
     if not wanted or config.seed_limit is None:
@@ -63,11 +64,11 @@ def _digest(*parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
-def _scorable(items: list[dict], answers: dict[str, dict]) -> list[dict]:
+def _scorable(items: list[Question], answers: dict[str, EvalTeacherAnswer]) -> list[Question]:
     return [item for item in items if item["id"] in answers and not answers[item["id"]]["empty"]]
 
 
-def _result(items: list[dict], records: dict[str, dict], method: str) -> dict:
+def _result(items: list[Question], records: dict[str, EvalLikelihood], method: str) -> NllFigures:
     result = {"method": method}
     for name in SETS:
         members = [records[item["id"]] for item in items if item.get("set", "questions") == name and item["id"] in records]
@@ -76,11 +77,11 @@ def _result(items: list[dict], records: dict[str, dict], method: str) -> dict:
 
 
 async def _journaled(
-    items: list[dict],
+    items: list[Question],
     keys: dict[str, str],
     journal: Journal,
-    score: Callable[[list[dict]], Awaitable[list[dict]]],
-) -> dict[str, dict]:
+    score: Callable[[list[Question]], Awaitable[list[dict]]],
+) -> dict[str, EvalLikelihood]:
     """Each item's {"nll", "tokens"} by id: journaled ones reused, the rest scored and journaled."""
     done = journaled_by_key(journal.records, keys)
     missing = [item for item in items if item["id"] not in done]
@@ -95,11 +96,11 @@ async def _journaled(
 async def checkpoint_likelihood(
     config: Config,
     model_dir: str,
-    items: list[dict],
-    answers: dict[str, dict],
+    items: list[Question],
+    answers: dict[str, EvalTeacherAnswer],
     journal: Journal,
     connect: Callable[[], Awaitable[EndpointClient]],
-) -> dict:
+) -> NllFigures:
     """The student at `model_dir` on both sets; `connect` opens its server (called only when needed)."""
     role = config.roles.student
     return await _likelihood(
@@ -111,11 +112,11 @@ async def checkpoint_likelihood(
 
 async def teacher_likelihood(
     config: Config,
-    items: list[dict],
-    answers: dict[str, dict],
+    items: list[Question],
+    answers: dict[str, EvalTeacherAnswer],
     journal: Journal,
     connect: Callable[[], Awaitable[EndpointClient]],
-) -> dict:
+) -> NllFigures:
     """The teacher's own figure on its answers. An external teacher is scored on its endpoint's prompt
     logprobs with the tokenizer of its local copy (servers.<name>.model); without one, None figures
     with the reason."""
@@ -138,11 +139,11 @@ async def _likelihood(
     engine: str,
     form: str,
     scored_of: Callable,
-    items: list[dict],
-    answers: dict[str, dict],
+    items: list[Question],
+    answers: dict[str, EvalTeacherAnswer],
     journal: Journal,
     connect: Callable[[], Awaitable[EndpointClient]],
-) -> dict:
+) -> NllFigures:
     """One model's figure on both sets: on its vLLM (or external) server, else here with transformers.
     `form` (the prompt format) keys each answer's figure with the answer's own key."""
     from transformers import AutoTokenizer
@@ -151,7 +152,7 @@ async def _likelihood(
     keys = {item["id"]: _digest(answers[item["id"]]["key"], form) for item in items}
     on_server = engine in ("vllm", "external")  # transformers serve returns no prompt logprobs
 
-    async def score(missing: list[dict]) -> list[dict]:
+    async def score(missing: list[Question]) -> list[dict]:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         scored = [scored_of(tokenizer, i["question"], i.get("input", ""), answers[i["id"]]["answer"]) for i in missing]
         return await score_all(await connect() if on_server else None, role, model_dir, scored)

@@ -11,10 +11,11 @@ The arithmetic, per checkpoint (lion_local/commands/evaluation.py runs the evalu
 
 from __future__ import annotations
 
+from lion_local.run.record_types import EvalJudgement, EvaluationResult, Question
 from lion_local.stages.judging import inconsistent_share, judged_pairs
 
 
-def summary_line(result: dict) -> str:
+def summary_line(result: EvaluationResult) -> str:
     """One line per result, e.g. iter_1: student at 87.5% of the teacher (40 of 40 questions judged, 0
     unparseable judgements); NLL 2.31 per token on the questions (teacher 0.52), 2.40 on 32 held-out seeds"""
     nll = _nll_words(result.get("likelihood") or {})
@@ -40,7 +41,7 @@ def _nll_words(likelihood: dict) -> str:
     return words
 
 
-def relative_scores(questions: list[dict], judgements: list[dict]) -> dict:
+def relative_scores(questions: list[Question], judgements: list[EvalJudgement]) -> dict:
     """Counts, totals and relative scores, overall and per category, from one checkpoint's judge
     replies (the arithmetic of the module docstring)."""
     judged = judged_pairs([q["id"] for q in questions], judgements)

@@ -378,6 +378,8 @@ class EvalLikelihood(TypedDict):
 CategoryScores = TypedDict("CategoryScores", {
     "questions": int, "judged": int, "teacher_total": float, "student_total": float, "relative_score": float | None,
 })
+NllFigure = TypedDict("NllFigure", {"mean_nll": float | None, "tokens": int, "answers": int})  # stages.likelihood.mean_nll
+NllFigures = TypedDict("NllFigures", {"method": str, "questions": NllFigure | None, "held_out": NllFigure | None, "teacher": NotRequired["NllFigures"]})
 
 
 class EvaluationResult(TypedDict):
@@ -394,5 +396,4 @@ class EvaluationResult(TypedDict):
     student_total: NotRequired[float]
     relative_score: NotRequired[float | None]
     by_category: NotRequired[dict[str, CategoryScores]]
-    # evaluation.likelihood: {"method", "questions", "held_out": {"mean_nll", "tokens", "answers"}, "teacher"}
-    likelihood: NotRequired[dict]
+    likelihood: NotRequired[NllFigures]  # evaluation_likelihood: each set's figure (None: not measured), the teacher's too

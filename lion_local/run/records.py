@@ -17,6 +17,7 @@ import json
 
 from lion_local.config import Config
 from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.record_types import InstructionRecord, Origin
 from lion_local.run.state import read_jsonl, write_jsonl_atomic
 from lion_local.run.seed_data import load_seed_instructions
 
@@ -33,8 +34,8 @@ def request_seed(*parts: object) -> int:
 
 
 def instruction_record(
-    instruction: str, input_text: str, origin: str, iteration: int, parent: str | None
-) -> dict:
+    instruction: str, input_text: str, origin: Origin, iteration: int, parent: str | None
+) -> InstructionRecord:
     return {
         "id": instruction_id(instruction, input_text),
         "instruction": instruction,
@@ -45,12 +46,12 @@ def instruction_record(
     }
 
 
-def seed_records(config: Config) -> list[dict]:
+def seed_records(config: Config) -> list[InstructionRecord]:
     seeds = load_seed_instructions(config.seed_data, limit=config.seed_limit)
     return [instruction_record(seed.instruction, seed.input, "seed", 0, None) for seed in seeds]
 
 
-def pools_for(config: Config, run: RunDir, iteration: Iteration) -> tuple[list[dict], list[dict]]:
+def pools_for(config: Config, run: RunDir, iteration: Iteration) -> tuple[list[InstructionRecord], list[InstructionRecord]]:
     """(Train Pool, Cache Pool) of an iteration, written to its directory the first time they are built.
 
     Once written they are read back, so a seed file edited mid-run cannot change a started run.

@@ -56,6 +56,9 @@ from lion_local.run.records import pools_for, request_seed
 from lion_local.roles import ask_student
 from lion_local.errors import StageOrderError
 from lion_local.run.layout import Iteration, IterationDir, RunDir, is_checkpoint
+from lion_local.run.record_types import (
+    DiscriminationSummary, HistogramBin, InstructionRecord, Judgement, RefereeFigures, ReviewReply, StudentAnswer, TeacherAnswer,
+)
 from lion_local.run.state import Journal, write_atomic, write_jsonl_atomic
 from lion_local.stages.teacher_answers import ensure_teacher_answers
 from lion_local.endpoints.servers import ServerSet
@@ -63,7 +66,7 @@ from lion_local.endpoints.servers import ServerSet
 logger = logging.getLogger(__name__)
 
 
-async def run_discrimination(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+async def run_discrimination(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> DiscriminationSummary:
     """Run (or finish) an iteration's discrimination, write judgements.jsonl, and return the stage summary."""
     directory = run.at(iteration)
     _, cache_pool = pools_for(config, run, iteration)
@@ -94,8 +97,8 @@ async def run_discrimination(config: Config, run: RunDir, iteration: Iteration, 
 
 
 async def _without_referee(
-    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
-) -> dict:
+    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[InstructionRecord], servers: ServerSet
+) -> DiscriminationSummary:
     """signal likelihood (lion_local.stages.likelihood_gaps) or none: no student answer, no review.
     With none, every Cache Pool instruction is labelled `any`: a seed of either side (generation)."""
     directory = run.at(iteration)
@@ -114,8 +117,8 @@ async def _without_referee(
     return _finish(config, iteration, directory, cache_pool, teacher_answers, summary)
 
 
-def _finish(config: Config, iteration: Iteration, directory: IterationDir, cache_pool: list[dict],
-            teacher_answers: dict[str, dict] | None, summary: dict) -> dict:
+def _finish(config: Config, iteration: Iteration, directory: IterationDir, cache_pool: list[InstructionRecord],
+            teacher_answers: dict[str, TeacherAnswer] | None, summary: dict) -> DiscriminationSummary:
     """The teacher answers' counts, then discrimination.json (the judgements are written)."""
     summary["cache_pool"] = len(cache_pool)
     if teacher_answers is not None:
@@ -129,8 +132,8 @@ def _finish(config: Config, iteration: Iteration, directory: IterationDir, cache
 
 
 async def _collect(
-    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
-) -> tuple[dict[str, dict], dict[str, dict], list[dict], dict]:
+    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[InstructionRecord], servers: ServerSet
+) -> tuple[dict[str, TeacherAnswer], dict[str, StudentAnswer], list[ReviewReply], RefereeFigures]:
     """Teacher answers and student answers by id, the current reviews of the whole Cache Pool, and
     the control pairs' figures."""
     directory = run.at(iteration)
@@ -185,13 +188,13 @@ class _Calls:
         self.student_journal, self.control_journal = student_journal, control_journal
         self.fingerprint = referee_fingerprint(config, config.roles.referee.server)
         self.reviews: Journal  # opened once the student's server is launching
-        self.check: Callable[[], Awaitable[dict]]  # reviews the control pairs (set once the reviews journal is open)
-        self.gate: asyncio.Future[dict] | None = None  # the control pairs' figures, once they pass
-        self.student_answers = {record["id"]: record for record in student_journal.records}
+        self.check: Callable[[], Awaitable[RefereeFigures]]  # reviews the control pairs (set once the reviews journal is open)
+        self.gate: asyncio.Future[RefereeFigures] | None = None  # the control pairs' figures, once they pass
+        self.student_answers: dict[str, StudentAnswer] = {record["id"]: record for record in student_journal.records}
         self.pending: dict[str, list[tuple[str, int]]] = {}  # id -> (order, next attempt) of each review due
         self.clients: dict[str, asyncio.Future[EndpointClient]] = {}  # by server name, opened once
         self.unanswered = 0
-        self.teacher: asyncio.Future[dict[str, dict]] | None = None
+        self.teacher: asyncio.Future[dict[str, TeacherAnswer]] | None = None
 
     def client(self, stack: AsyncExitStack, role: str) -> asyncio.Future[EndpointClient]:
         """The client of a role's server, opened (its server started) at the first ask, in the background."""
@@ -207,8 +210,8 @@ class _Calls:
 
     async def run_all(
         self,
-        cache_pool: list[dict],
-        need_student: list[dict],
+        cache_pool: list[InstructionRecord],
+        need_student: list[InstructionRecord],
         student: asyncio.Future[EndpointClient] | None,
         referee: asyncio.Future[EndpointClient] | None,
     ) -> None:
@@ -226,18 +229,18 @@ class _Calls:
             await call_all([lambda r=r: self.review(r) for r in cache_pool if r["id"] in self.pending], self.reviews,
                            f"{self.marker}: reviews", unit="instruction")
 
-    def start_gate(self) -> asyncio.Future[dict]:
+    def start_gate(self) -> asyncio.Future[RefereeFigures]:
         """The referee's check on its control pairs, started at the first call."""
         if self.gate is None:
             self.gate = asyncio.ensure_future(self.check())
         return self.gate
 
-    async def answer_then_review(self, record: dict) -> None:
+    async def answer_then_review(self, record: InstructionRecord) -> None:
         if record["id"] not in self.student_answers:
             await self.student_answer(record)
         await self.review(record)
 
-    async def student_answer(self, record: dict) -> None:
+    async def student_answer(self, record: InstructionRecord) -> None:
         role = self.config.roles.student
         seed = request_seed(self.config.seed, "student", self.k, record["id"])
         completion = await ask_student(await self.student_client, role, record["instruction"], record["input"], seed=seed)
@@ -248,7 +251,7 @@ class _Calls:
         if self.unanswered == 0:  # the last answer is in: its server (its GPUs) is not needed any more
             await self.servers.stop(role.server)
 
-    async def review(self, record: dict) -> None:
+    async def review(self, record: InstructionRecord) -> None:
         """Both orders' reviews of one instruction that are still due, once the referee passed its check."""
         role = self.config.roles.referee
         pair = AnswerPair(
@@ -264,7 +267,7 @@ class _Calls:
             for order, attempt in self.pending.get(record["id"], [])
         ))
 
-    async def check_referee(self, cache_pool: list[dict], connect) -> dict:
+    async def check_referee(self, cache_pool: list[InstructionRecord], connect) -> RefereeFigures:
         """Review the control pairs still due and return their figures; raise when they cross a bound."""
         role, check = self.config.roles.referee, self.config.discrimination.referee_check
         teacher = await self.teacher
@@ -296,7 +299,7 @@ class _Calls:
         return figures
 
 
-def judge(cache_pool: list[dict], reviews: list[dict], tau: float) -> list[dict]:
+def judge(cache_pool: list[InstructionRecord], reviews: list[ReviewReply], tau: float) -> list[Judgement]:
     """One judgement per Cache Pool instruction from its two readable reviews (or unjudged)."""
     judged = judged_pairs([record["id"] for record in cache_pool], reviews)
     judgements = []
@@ -312,13 +315,13 @@ def judge(cache_pool: list[dict], reviews: list[dict], tau: float) -> list[dict]
     return judgements
 
 
-def gap_histogram(gaps: list[float]) -> list[dict]:
+def gap_histogram(gaps: list[float]) -> list[HistogramBin]:
     """Counts of gaps in unit-wide bins [i, i+1) from -9 to 9 (a gap of 9 goes in the last bin)."""
     counts = Counter(min(8, max(-9, math.floor(gap))) for gap in gaps)
     return [{"from": low, "to": low + 1, "count": counts.get(low, 0)} for low in range(-9, 9)]
 
 
-def summarize(judgements: list[dict], reviews: list[dict]) -> dict:
+def summarize(judgements: list[Judgement], reviews: list[ReviewReply]) -> dict:
     judged = [j for j in judgements if j["label"] != "unjudged"]
     return {
         "signal": "referee",

@@ -52,6 +52,7 @@ from lion_local.run.records import by_id, instruction_id, instruction_record, po
 from lion_local.roles import ask_generator, parse_generated_instruction
 from lion_local.errors import StageOrderError
 from lion_local.run.layout import Iteration, IterationDir, RunDir
+from lion_local.run.record_types import GenerationChecks, GenerationSummary, GeneratorCall, InstructionRecord, Rejection
 from lion_local.run.state import Journal, read_jsonl, write_atomic, write_jsonl_atomic
 from lion_local.endpoints.servers import ServerSet
 
@@ -63,7 +64,7 @@ WAVE_CONFIDENCE = 0.99
 MIN_ACCEPTANCE_ESTIMATE = 0.2
 
 
-def seed_sides(cache_pool: list[dict], labels: dict[str, str]) -> dict[str, list[dict]]:
+def seed_sides(cache_pool: list[InstructionRecord], labels: dict[str, str]) -> dict[str, list[InstructionRecord]]:
     """Each side's seeds: the Cache Pool instructions labelled with it, and those labelled `any`
     (discrimination.signal none: the whole Cache Pool on both sides, each drawn uniformly)."""
     return {side: [r for r in cache_pool if labels.get(r["id"]) in (side, "any")] for side in SIDES}
@@ -195,7 +196,7 @@ def filter_reason(text: str, finish_reason: str | None, filters: GenerationFilte
     return instruction, None
 
 
-async def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+async def run_generation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> GenerationSummary:
     """Run (or finish) an iteration's generation; return the stage summary. The generator's server
     starts at the first wave with a call to make; every wave shares its client."""
     directory = run.at(iteration)
@@ -236,7 +237,7 @@ async def run_generation(config: Config, run: RunDir, iteration: Iteration, serv
 class _Decisions:
     """The accepted and rejected instructions, decided reply by reply in the journal's fixed order."""
 
-    def __init__(self, config: Config, iteration: Iteration, cache_pool: list[dict]) -> None:
+    def __init__(self, config: Config, iteration: Iteration, cache_pool: list[InstructionRecord]) -> None:
         self.filters, self.iteration = config.generation.filters, iteration
         self.decontamination = decontamination_index(config)  # None when generation.decontamination is off
         self.index = NoveltyIndex(config.generation.rouge_threshold)
@@ -246,11 +247,11 @@ class _Decisions:
             self.pool_ids.append(record["id"])
         self.pool = by_id(cache_pool)
         self.known_ids = set(self.pool)
-        self.accepted: list[dict] = []
-        self.rejected: list[dict] = []
+        self.accepted: list[InstructionRecord] = []
+        self.rejected: list[Rejection] = []
         self.checked: Counter[str] = Counter()  # replies that reached each check
 
-    def decide(self, schedule: WaveSchedule, reply: dict) -> None:
+    def decide(self, schedule: WaveSchedule, reply: GeneratorCall) -> None:
         side = reply["side"]
         instruction, reason = filter_reason(reply["raw"], reply["finish_reason"], self.filters)
         entry = {"side": side, "attempt": reply["attempt"], "parent": reply["parent"], "raw": reply["raw"]}
@@ -289,7 +290,7 @@ class _Decisions:
 
 
 def _summary(
-    config: Config, schedule: WaveSchedule, decisions: _Decisions, notes: list[str], seeds: dict[str, list[dict]]
+    config: Config, schedule: WaveSchedule, decisions: _Decisions, notes: list[str], seeds: dict[str, list[InstructionRecord]]
 ) -> dict:
     settings, quotas, budgets = config.generation, schedule.quotas, schedule.budgets
     shortfall = {side: quotas[side] - schedule.accepted[side] for side in SIDES}
@@ -315,7 +316,7 @@ def _summary(
     }
 
 
-def checks_summary(config: Config, checked: Counter, rejected: Counter, questions: int | None) -> dict:
+def checks_summary(config: Config, checked: Counter, rejected: Counter, questions: int | None) -> GenerationChecks:
     """Every check generation applied, with what it was given and how many replies it rejected (0
     included), so a report shows that a check ran even when it rejected nothing; an off check is
     recorded as off."""
@@ -351,16 +352,16 @@ async def _call_generator(
     config: Config,
     iteration: Iteration,
     wanted: list[tuple[str, int]],
-    seeds: dict[str, list[dict]],
+    seeds: dict[str, list[InstructionRecord]],
     journal: Journal,
-    replies: dict[tuple[str, int], dict],
+    replies: dict[tuple[str, int], GeneratorCall],
     client: EndpointClient,
 ) -> None:
     role = config.roles.generator
     k = iteration.number  # in the request seeds
 
     def call(side: str, attempt: int):
-        async def ask() -> dict:
+        async def ask() -> GeneratorCall:
             draw = random.Random(request_seed(config.seed, "generator-seed", k, side, attempt))
             parent = seeds[side][draw.randrange(len(seeds[side]))]
             seed = request_seed(config.seed, "generator", k, side, attempt)

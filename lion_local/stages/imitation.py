@@ -31,6 +31,7 @@ from lion_local.offline import offline_environ
 from lion_local.run.records import pools_for
 from lion_local.roles.student import student_chat_messages, student_training_text
 from lion_local.run.layout import Iteration, IterationDir, RunDir, is_adapter, is_checkpoint
+from lion_local.run.record_types import ImitationSummary, InstructionRecord, TeacherAnswer, TrainingExample, TrainingResult
 from lion_local.run.state import write_atomic, write_jsonl_atomic
 from lion_local.stages.teacher_answers import teacher_answers_for
 from lion_local.stages.lora import adapter_of
@@ -70,7 +71,9 @@ def _previous_student(config: Config, run: RunDir, iteration: Iteration) -> Path
     return run.iteration(config.iterations if iteration.is_final else iteration.number - 1).student
 
 
-def training_examples(config: Config, records: list[dict], answers: dict[str, dict], eos_token: str) -> list[dict]:
+def training_examples(
+    config: Config, records: list[InstructionRecord], answers: dict[str, TeacherAnswer], eos_token: str
+) -> list[TrainingExample]:
     """Prompt/completion rows for SFTTrainer, built with the student's one prompt format."""
     examples = []
     for record in records:
@@ -88,7 +91,7 @@ def training_examples(config: Config, records: list[dict], answers: dict[str, di
     return examples
 
 
-async def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> dict:
+async def run_imitation(config: Config, run: RunDir, iteration: Iteration, servers: ServerSet) -> ImitationSummary:
     """Run (or finish) an iteration's imitation and return its summary; the caller marks the stage done."""
     marker = iteration.stage("imitation")
     directory = run.at(iteration)
@@ -130,7 +133,9 @@ async def run_imitation(config: Config, run: RunDir, iteration: Iteration, serve
     return summary
 
 
-async def train_student(config: Config, run: RunDir, directory: IterationDir, base: str, examples: list[dict]) -> dict:
+async def train_student(
+    config: Config, run: RunDir, directory: IterationDir, base: str, examples: list[TrainingExample]
+) -> TrainingResult:
     """Fine-tune `base` on `examples` in a training process of its own, followed from the event
     loop (an asyncio subprocess: a signal stops it at once); return its summary."""
     marker = directory.iteration.stage("imitation")

@@ -31,6 +31,7 @@ from lion_local.endpoints.servers import ServerSet
 from lion_local.endpoints.client import EndpointClient
 from lion_local.endpoints.journaled import ask_missing, journaled_by_key, progress_bar
 from lion_local.run.layout import Iteration, RunDir
+from lion_local.run.record_types import HistogramBin, InstructionRecord, Judgement, LikelihoodGap, TeacherAnswer
 from lion_local.run.state import Journal
 from lion_local.stages.teacher_answers import ensure_teacher_answers
 from lion_local.stages.judging import label_counts
@@ -55,7 +56,9 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
 
-def likelihood_judgements(cache_pool: list[dict], gaps: dict[str, float | None], q: float) -> tuple[list[dict], float | None]:
+def likelihood_judgements(
+    cache_pool: list[InstructionRecord], gaps: dict[str, float | None], q: float
+) -> tuple[list[Judgement], float | None]:
     """One judgement per Cache Pool instruction, and the threshold: hard when its gap is above the
     q-quantile of the pool's gaps, unjudged without a gap."""
     known = [gap for gap in (gaps.get(r["id"]) for r in cache_pool) if gap is not None]
@@ -71,7 +74,7 @@ def likelihood_judgements(cache_pool: list[dict], gaps: dict[str, float | None],
     return judgements, threshold
 
 
-def nll_histogram(gaps: list[float], bins: int = HISTOGRAM_BINS) -> list[dict]:
+def nll_histogram(gaps: list[float], bins: int = HISTOGRAM_BINS) -> list[HistogramBin]:
     """Counts of gaps in `bins` equal-width bins from the lowest to the highest (the highest in the last)."""
     if not gaps:
         return []
@@ -82,7 +85,7 @@ def nll_histogram(gaps: list[float], bins: int = HISTOGRAM_BINS) -> list[dict]:
             for i in range(bins)]
 
 
-def likelihood_summary(judgements: list[dict], threshold: float | None, q: float, method: str) -> dict:
+def likelihood_summary(judgements: list[Judgement], threshold: float | None, q: float, method: str) -> dict:
     """discrimination.json of a likelihood discrimination (the referee's fields absent or None)."""
     gaps = [j["gap"] for j in judgements if j["gap"] is not None]
     return {
@@ -105,7 +108,7 @@ def as_trained(scored: Scored, max_length: int | None) -> Scored:
     return Scored(scored.ids[:max_length], min(scored.start, max_length))
 
 
-def _key(teacher_answer: dict, prompt_format: str, max_length: int | None) -> str:
+def _key(teacher_answer: TeacherAnswer, prompt_format: str, max_length: int | None) -> str:
     text = json.dumps([teacher_answer["fingerprint"], teacher_answer["answer"], prompt_format, max_length], ensure_ascii=False)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -116,8 +119,8 @@ def _key(teacher_answer: dict, prompt_format: str, max_length: int | None) -> st
 
 
 async def likelihood_gaps(
-    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
-) -> tuple[dict[str, dict], dict[str, dict], str]:
+    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[InstructionRecord], servers: ServerSet
+) -> tuple[dict[str, TeacherAnswer], dict[str, LikelihoodGap], str]:
     """(teacher answers by id, journaled gap records by id, how they were computed) for the whole Cache Pool."""
     try:
         return await _gaps(config, run, iteration, cache_pool, servers)
@@ -126,8 +129,8 @@ async def likelihood_gaps(
 
 
 async def _gaps(
-    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[dict], servers: ServerSet
-) -> tuple[dict[str, dict], dict[str, dict], str]:
+    config: Config, run: RunDir, iteration: Iteration, cache_pool: list[InstructionRecord], servers: ServerSet
+) -> tuple[dict[str, TeacherAnswer], dict[str, LikelihoodGap], str]:
     from transformers import AutoTokenizer
 
     marker, role = iteration.stage("discrimination"), config.roles.student
@@ -153,13 +156,13 @@ async def _gaps(
 
                 scored = await asyncio.to_thread(tokenized)
 
-                def record(pair_id: str, value: dict) -> dict:
+                def record(pair_id: str, value: dict) -> LikelihoodGap:
                     gap = round(value["nll"] / value["tokens"], 6) if value["tokens"] else None
                     return {"id": pair_id, "key": keys[pair_id], "gap": gap, **value}
 
                 if on_server:
 
-                    async def ask(client: EndpointClient, pair_id: str) -> dict:
+                    async def ask(client: EndpointClient, pair_id: str) -> LikelihoodGap:
                         return record(pair_id, await server_nll(client, "student", scored[pair_id]))
 
                     await ask_missing(list(scored), done, journal, lambda: connect(role.server, student_dir), ask,
@@ -169,7 +172,9 @@ async def _gaps(
     return teacher, done, SERVER_METHOD if on_server else LOCAL_METHOD
 
 
-def _here(student_dir: str, scored: dict, record, journal: Journal, done: dict, marker: str) -> None:
+def _here(
+    student_dir: str, scored: dict[str, Scored], record, journal: Journal, done: dict[str, LikelihoodGap], marker: str
+) -> None:
     """Score with transformers in this process, each answer journaled as it is scored."""
     with progress_bar(len(scored), f"{marker}: likelihood gaps (here)") as bar:
         for pair_id, value in zip(scored, local_nll_each(student_dir, list(scored.values()))):

@@ -17,6 +17,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from lion_local.config import Config, config_to_yaml
@@ -27,6 +28,7 @@ from lion_local.stages.run_identity import check_accepted, check_resume
 from lion_local.run.layout import FINAL, Iteration, RunDir, Stage, all_stages
 from lion_local.run.log import run_log
 from lion_local.run.preflight import check_finished_stages, check_within_iterations, writable_dir
+from lion_local.run.record_types import CallFields, TeacherAnswer
 from lion_local.run.records import seed_records
 from lion_local.run.state import Journal, add_stage_seconds, completed_stages, mark_completed, read_jsonl, read_state, run_lock, write_atomic
 from lion_local.smoke.tiny_models import ensure_tiny_models
@@ -190,7 +192,7 @@ def status_lines(config: Config) -> list[str]:
     return lines
 
 
-def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, dict]) -> str:
+def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, TeacherAnswer]) -> str:
     directory = run.at(stage.iteration)
     if not directory.exists():
         return ""
@@ -225,7 +227,7 @@ def _progress(config: Config, run: RunDir, stage: Stage, answered: dict[str, dic
     return f"accepted {generated}/{config.generation.new_per_iteration}, generator calls {len(calls)}{_truncated(calls)}"
 
 
-def _truncated(calls: list[dict]) -> str:
+def _truncated(calls: Sequence[CallFields]) -> str:
     """" (N truncated)" when N of the journaled calls were cut at max_tokens."""
     cut = sum(1 for call in calls if call.get("finish_reason") == "length")
     return f" ({cut} truncated)" if cut else ""

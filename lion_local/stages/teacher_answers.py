@@ -21,7 +21,7 @@ from lion_local.run.records import request_seed
 from lion_local.roles import ask_teacher, parse_teacher_answer
 from lion_local.stages.run_identity import role_fingerprint
 from lion_local.run.layout import RunDir, Stage
-from lion_local.run.record_types import TeacherAnswer
+from lion_local.run.record_types import InstructionRecord, TeacherAnswer
 from lion_local.run.state import Journal
 from lion_local.endpoints.servers import ServerSet
 
@@ -49,7 +49,7 @@ def answer_fields(completion: Completion) -> dict:
 async def ensure_teacher_answers(
     run: RunDir,
     config: Config,
-    records: list[dict],
+    records: list[InstructionRecord],
     connect: Callable[[], Awaitable[EndpointClient]],
     stage: Stage,
 ) -> dict[str, TeacherAnswer]:
@@ -69,7 +69,7 @@ async def ensure_teacher_answers(
                 stage, len(records) - len(missing), len(records), len(missing),
             )
 
-        async def ask(client: EndpointClient, record_id: str) -> dict:
+        async def ask(client: EndpointClient, record_id: str) -> TeacherAnswer:
             record = by_id[record_id]
             seed = request_seed(config.seed, "teacher", record_id)
             completion = await ask_teacher(client, config.roles.teacher, record["instruction"], record["input"], seed=seed)
@@ -81,8 +81,8 @@ async def ensure_teacher_answers(
 
 
 async def teacher_answers_for(
-    config: Config, run: RunDir, records: list[dict], servers: ServerSet, stage: Stage
-) -> dict[str, dict]:
+    config: Config, run: RunDir, records: list[InstructionRecord], servers: ServerSet, stage: Stage
+) -> dict[str, TeacherAnswer]:
     """ensure_teacher_answers with the teacher's server from `servers`, its client closed after."""
     async with AsyncExitStack() as stack:
 
