@@ -104,15 +104,13 @@ def read_published(directory: Path) -> list[dict]:
     return records
 
 
+async def poll_pause(seconds: float) -> None:
+    """The wait between two looks at an endpoint directory (the tests' fake clock replaces it)."""
+    await asyncio.sleep(seconds)
+
+
 def _health_url(base_url: str) -> str:
     return f"{base_url.rstrip('/').removesuffix('/v1')}/health"
-
-
-def _is_healthy(client: httpx.Client, base_url: str) -> bool:
-    try:
-        return client.get(_health_url(base_url)).status_code == 200
-    except httpx.HTTPError:
-        return False
 
 
 async def _is_healthy_async(client: httpx.AsyncClient, base_url: str) -> bool:
@@ -154,32 +152,20 @@ def _none_live(name: str, server: ServerSpec, directory: Path, records: list[dic
 
 
 def live_published_endpoints(name: str, server: ServerSpec, directory: Path) -> tuple[dict[str, str | None], str]:
-    """The published endpoints of `name` that answer /health (base URL -> the key it requires) and
-    the model they serve.
-
-    Waits up to servers.<name>.startup_timeout_s for one to appear, so an iteration job may be
-    submitted together with the service job that hosts its teacher.
-    """
-    deadline = time.monotonic() + server.startup_timeout_s
-    with httpx.Client(timeout=5.0, trust_env=False) as client:
-        for attempt in range(1 << 30):
-            records = _published_records(name, directory)
-            live = [record for record in records if _is_healthy(client, record["base_url"])]
-            if live:
-                return _chosen(name, directory, records, live)
-            if time.monotonic() > deadline:
-                raise _none_live(name, server, directory, records)
-            if attempt == 0:
-                logger.info("%s: waiting for a published endpoint in %s", name, directory)
-            time.sleep(POLL_INTERVAL_S)
-    raise AssertionError("unreachable")
+    """`live_published_endpoints_async` for synchronous code (never from inside an event loop)."""
+    return asyncio.run(live_published_endpoints_async(name, server, directory))
 
 
 async def live_published_endpoints_async(
     name: str, server: ServerSpec, directory: Path
 ) -> tuple[dict[str, str | None], str]:
-    """`live_published_endpoints` in the event loop: the waits are asyncio sleeps, so a signal
-    cancels them at once and nothing else of the command is held up."""
+    """The published endpoints of `name` that answer /health (base URL -> the key it requires) and
+    the model they serve.
+
+    Waits up to servers.<name>.startup_timeout_s for one to appear, so an iteration job may be
+    submitted together with the service job that hosts its teacher; the waits are asyncio sleeps,
+    so a signal cancels them at once and nothing else of the command is held up.
+    """
     deadline = time.monotonic() + server.startup_timeout_s
     async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
         for attempt in range(1 << 30):
@@ -191,5 +177,5 @@ async def live_published_endpoints_async(
                 raise _none_live(name, server, directory, records)
             if attempt == 0:
                 logger.info("%s: waiting for a published endpoint in %s", name, directory)
-            await asyncio.sleep(POLL_INTERVAL_S)
+            await poll_pause(POLL_INTERVAL_S)
     raise AssertionError("unreachable")

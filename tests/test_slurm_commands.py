@@ -461,7 +461,7 @@ def _health_server():
 
 
 class FakeClock:
-    """Stands in for serving.published's `time`: monotonic() reads a clock that only sleep() moves,
+    """Stands in for serving.published's `time` and its poll_pause: monotonic() reads a clock that only sleep() moves,
     each sleep is recorded, and at(moment, action) runs an action once the clock has reached a
     moment (a service job publishing late). The waits are then the code's own, on any host."""
 
@@ -484,6 +484,9 @@ class FakeClock:
                 self._due.remove((moment, action))
                 action()
 
+    async def pause(self, seconds: float) -> None:
+        self.sleep(seconds)  # serving.published.poll_pause: the async wait, on the same clock
+
     def at(self, moment: float, action) -> None:
         self._due.append((moment, action))
 
@@ -492,6 +495,7 @@ class FakeClock:
 def clock(monkeypatch) -> FakeClock:
     fake = FakeClock()
     monkeypatch.setattr(serving.published, "time", fake)
+    monkeypatch.setattr(serving.published, "poll_pause", fake.pause)
     return fake
 
 
