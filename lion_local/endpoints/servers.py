@@ -4,9 +4,11 @@ serving/ starts and stops servers from their specs; this module decides for the 
 `ServerSet` starts servers on first use (several at once when a stage needs several, such as
 the student and the referee of a discrimination), keeps them across stages, restarts the
 student for each new checkpoint, and stops before student training every server whose
-`keep_running_during_training` is off. Entered, it refuses a configured port already in use
-before anything runs; left on a signal (SystemExit, KeyboardInterrupt), it stops every server,
-loading or running, side by side with a short grace (INTERRUPT_GRACE_S).
+`keep_running_during_training` is off. It lives in the command's one event loop (`async with`):
+entered, it refuses a configured port already in use before anything runs; left on a signal
+(SystemExit, KeyboardInterrupt, the loop's cancellation), it stops every server, loading or
+running, side by side with a short grace (INTERRUPT_GRACE_S). `config_server` is the same for
+synchronous scripts that want one server for a while (benchmarks, tests).
 """
 
 from __future__ import annotations
