@@ -11,6 +11,7 @@ import pytest
 
 from lion_local.config import load_config
 from lion_local.stages.imitation import training_examples
+from lion_local.run.sft_job import SftJob
 from lion_local.stages.sft import sft_config_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,12 +37,10 @@ def _trainer(tiny_models: Path, tmp_path: Path, padding_free: bool):
     tokenizer = AutoTokenizer.from_pretrained(student)
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
     examples = training_examples(config, RECORDS, ANSWERS, tokenizer.eos_token)
-    job = {
-        "imitation": {**config.imitation.model_dump(mode="json")},
-        "work_dir": str(tmp_path / f"work-{padding_free}"),
-        "seed": 0,
-    }
-    job["imitation"]["trainer"] = {**job["imitation"]["trainer"], "padding_free": padding_free, "per_device_train_batch_size": 3}
+    imitation = config.imitation.model_dump(mode="json")
+    imitation["trainer"] = {**imitation["trainer"], "padding_free": padding_free, "per_device_train_batch_size": 3}
+    job = SftJob(base_model=student, data_file="", output_dir="", work_dir=str(tmp_path / f"work-{padding_free}"),
+                 progress_file="", result_file="", tensorboard_dir=None, seed=0, adapter_init=None, imitation=imitation)
     kwargs = sft_config_kwargs(job, world_size=1, on_gpu=False, attn_implementation="sdpa")
     trainer = SFTTrainer(model=student, args=SFTConfig(**kwargs), train_dataset=Dataset.from_list(examples),
                          processing_class=tokenizer)

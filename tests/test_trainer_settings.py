@@ -25,6 +25,7 @@ import yaml
 from lion_local import trainer_settings
 from lion_local.config import ConfigError, load_config
 from lion_local.trainer_settings import LION_LOCAL_TRAINER_KEYS, PAPER_TRAINER
+from lion_local.run.sft_job import SftJob
 from lion_local.stages.sft import sft_config_kwargs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,14 +81,16 @@ def _config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *overrides: str, pa
     return load_config(path, [f"run_dir={tmp_path / 'run'}", *overrides])
 
 
-def _job(config, tensorboard: bool = True) -> dict:
-    """The parts of the job file (lion_local.stages.imitation.train_student) the kwargs come from."""
-    return {
-        "work_dir": "/run/iter_1/sft_checkpoints",
-        "tensorboard_dir": "/run/tensorboard/iter_1" if tensorboard else None,
-        "seed": 1,
-        "imitation": config.imitation.model_dump(mode="json"),
-    }
+def _job(config, tensorboard: bool = True) -> SftJob:
+    """A job file (lion_local.stages.imitation.train_student) with the parts the kwargs come from;
+    the paths the kwargs do not read are left empty."""
+    return SftJob(
+        base_model="", data_file="", output_dir="", progress_file="", result_file="", adapter_init=None,
+        work_dir="/run/iter_1/sft_checkpoints",
+        tensorboard_dir="/run/tensorboard/iter_1" if tensorboard else None,
+        seed=1,
+        imitation=config.imitation.model_dump(mode="json"),
+    )
 
 
 def _types(kwargs: dict) -> dict:

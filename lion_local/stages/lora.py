@@ -16,6 +16,8 @@ import json
 import logging
 from pathlib import Path
 
+from lion_local.run.sft_job import SftJob
+
 logger = logging.getLogger(__name__)
 
 MERGED_ADAPTER = "adapter"  # inside a merged student checkpoint
@@ -58,23 +60,23 @@ def lora_parameter_count(model_dir: str | Path, rank: int, target_modules: list[
 # ----------------------------------------------------------------------------------------------
 
 
-def model_to_train(job: dict, model_init_kwargs: dict):
+def model_to_train(job: SftJob, model_init_kwargs: dict):
     """(model, peft_config) for SFTTrainer: the base path with a new adapter's LoraConfig, or the
     base loaded with the previous iteration's adapter, trainable."""
     from peft import LoraConfig, PeftModel
 
-    settings = job["imitation"]["peft"]
-    if job.get("adapter_init") is None:
+    settings = job.imitation["peft"]
+    if job.adapter_init is None:
         config = LoraConfig(
             r=settings["rank"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
             target_modules=list(settings["target_modules"]), task_type="CAUSAL_LM",
         )
-        return job["base_model"], config
+        return job.base_model, config
     from transformers import AutoModelForCausalLM
 
-    logger.info("continuing the adapter of %s", job["adapter_init"])
-    base = AutoModelForCausalLM.from_pretrained(job["base_model"], **model_init_kwargs)
-    return PeftModel.from_pretrained(base, job["adapter_init"], is_trainable=True), None
+    logger.info("continuing the adapter of %s", job.adapter_init)
+    base = AutoModelForCausalLM.from_pretrained(job.base_model, **model_init_kwargs)
+    return PeftModel.from_pretrained(base, job.adapter_init, is_trainable=True), None
 
 
 def save_student(model, output_dir: Path, serve: str) -> None:

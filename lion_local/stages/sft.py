@@ -21,9 +21,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 from lion_local.run.sft_job import SftJob, SftJobError
 
@@ -92,22 +90,20 @@ def _write_json(path: Path, payload: dict) -> None:
     write_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-def sft_config_kwargs(job: Mapping[str, Any], world_size: int, on_gpu: bool, attn_implementation: str) -> dict:
-    """trl.SFTConfig's keyword arguments: imitation.trainer unchanged, then what lion-local decides.
-
-    `job` holds the job file's fields (SftJob.as_dict(); only imitation, work_dir, seed and
-    tensorboard_dir are read).
+def sft_config_kwargs(job: SftJob, world_size: int, on_gpu: bool, attn_implementation: str) -> dict:
+    """trl.SFTConfig's keyword arguments: imitation.trainer unchanged, then what lion-local decides
+    (from the job's imitation, work_dir, seed and tensorboard_dir).
 
     The config refuses the keys set here in imitation.trainer (trainer_settings.LION_LOCAL_TRAINER_KEYS),
     so nothing below overrides a configured value; bf16 is honoured on a GPU only.
     """
-    imitation = job["imitation"]
+    imitation = job.imitation
     trainer = imitation["trainer"]
     padding_free = bool(trainer.get("padding_free", False))
     return {
         **trainer,
         "bf16": bool(trainer.get("bf16", False)) and on_gpu,
-        "output_dir": job["work_dir"],
+        "output_dir": job.work_dir,
         "gradient_accumulation_steps": gradient_accumulation_steps(
             imitation["effective_batch_size"], trainer["per_device_train_batch_size"], world_size
         ),
@@ -116,12 +112,12 @@ def sft_config_kwargs(job: Mapping[str, Any], world_size: int, on_gpu: bool, att
         # into max_length rows, each attending to itself alone; the loss stays on the answers.
         "packing": padding_free,
         **({"packing_strategy": "bfd"} if padding_free else {}),
-        "seed": job["seed"],
-        "data_seed": job["seed"],
+        "seed": job.seed,
+        "data_seed": job.seed,
         "use_cpu": not on_gpu,
         "save_strategy": "steps",
         "save_total_limit": 1,
-        "report_to": "tensorboard" if job.get("tensorboard_dir") else "none",
+        "report_to": "tensorboard" if job.tensorboard_dir else "none",
         "disable_tqdm": True,
         "dataloader_num_workers": 0,
         "model_init_kwargs": {"attn_implementation": attn_implementation},
@@ -162,13 +158,13 @@ def train(job: SftJob) -> dict:
         # Loss and learning rate as event files in the run directory; nothing leaves the machine.
         os.environ["TENSORBOARD_LOGGING_DIR"] = job.tensorboard_dir
     logger.info("imitation.trainer: %s", json.dumps(job.imitation["trainer"], sort_keys=True))
-    kwargs = sft_config_kwargs(job.as_dict(), world_size, on_gpu, attention_implementation())
+    kwargs = sft_config_kwargs(job, world_size, on_gpu, attention_implementation())
     model, peft_config = job.base_model, None
     lora = job.imitation.get("peft")
     if lora:
         from lion_local.stages.lora import model_to_train
 
-        model, peft_config = model_to_train(job.as_dict(), kwargs["model_init_kwargs"])
+        model, peft_config = model_to_train(job, kwargs["model_init_kwargs"])
         if not isinstance(model, str):
             kwargs["model_init_kwargs"] = None  # TRL takes them only for a model it loads itself
     trainer = SFTTrainer(
