@@ -37,7 +37,6 @@ matches (a question edited, another teacher or judge configured) is ignored and 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -50,7 +49,7 @@ from lion_local.commands.evaluation_likelihood import checkpoint_likelihood, hel
 from lion_local.config import Config
 from lion_local.endpoints.access import check_access, check_models_exist
 from lion_local.endpoints.client import EndpointClient
-from lion_local.endpoints.journaled import ask_missing, call_all, call_fields, journaled_by_key
+from lion_local.endpoints.journaled import ask_missing, call_all, call_fields, journal_key, journaled_by_key
 from lion_local.stages.decontamination import question_files
 from lion_local.stages.judging import AnswerPair, pending_reviews, referee_fingerprint, review_call
 from lion_local.run.questions import default_questions, load_questions
@@ -262,7 +261,7 @@ async def _judged(
     judge = judge_server(config)
     pairs = {q["id"]: (teacher_answers[q["id"]]["answer"], student_answers[q["id"]]["answer"]) for q in questions}
     identity = referee_fingerprint(config, judge)
-    keys = {q["id"]: _digest(identity, q["question"], *pairs[q["id"]]) for q in questions}
+    keys = {q["id"]: journal_key(identity, q["question"], *pairs[q["id"]]) for q in questions}
     with Journal(directory.judgements) as journal:
         pending = pending_reviews([q["id"] for q in questions], _current(journal, keys), judge_retries(config))
         logger.info("evaluation %s: %d judgements to request (%s)", checkpoint.name, len(pending), judge)
@@ -288,7 +287,7 @@ async def _teacher_answers(
     """The teacher's answer to every question by id, asking only for those not journaled."""
     fingerprint = teacher_fingerprint(config)
     # A held-out seed instruction may carry an input; a question does not.
-    keys = {q["id"]: _digest(fingerprint, q["question"], *([q["input"]] if q.get("input") else [])) for q in questions}
+    keys = {q["id"]: journal_key(fingerprint, q["question"], *([q["input"]] if q.get("input") else [])) for q in questions}
     answers = journaled_by_key(journal.records, keys)
     missing = [q["id"] for q in questions if q["id"] not in answers]
     logger.info("evaluation: teacher answers: %d of %d journaled", len(questions) - len(missing), len(questions))
@@ -318,7 +317,7 @@ async def _student_work(
     its server runs only while an answer or a likelihood is missing."""
     role = config.roles.student
     identity = role_fingerprint(config, "student")  # the checkpoint is this journal's own (eval/<checkpoint>/)
-    keys = {q["id"]: _digest(identity, q["question"]) for q in questions}
+    keys = {q["id"]: journal_key(identity, q["question"]) for q in questions}
     answers = journaled_by_key(journal.records, keys)
     missing = [q["id"] for q in questions if q["id"] not in answers]
     by_id = {q["id"]: q for q in questions}
@@ -366,6 +365,3 @@ def _current(journal: Journal, keys: dict[str, str]) -> list[EvalJudgement]:
     """The journal's records for the questions asked, less those whose key no longer matches."""
     return [r for r in journal.records if r.get("id") in keys and r.get("key") == keys[r["id"]]]
 
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]

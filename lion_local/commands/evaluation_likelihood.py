@@ -14,14 +14,12 @@ resumed evaluation computes only what is missing and a server starts only when s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 from collections.abc import Awaitable, Callable
 
 from lion_local.config import Config
 from lion_local.endpoints.client import EndpointClient
-from lion_local.endpoints.journaled import journaled_by_key
+from lion_local.endpoints.journaled import journal_key, journaled_by_key
 from lion_local.run.layout import RunDir
 from lion_local.run.record_types import EvalLikelihood, EvalTeacherAnswer, NllFigures, Question
 from lion_local.run.records import instruction_id
@@ -58,10 +56,6 @@ def _pool_files(run: RunDir) -> list:
         directory = run.at(iteration)
         files += [directory.cache_pool, directory.train_pool, directory.generated]
     return files
-
-
-def _digest(*parts: object) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
 
 def _scorable(items: list[Question], answers: dict[str, EvalTeacherAnswer]) -> list[Question]:
@@ -149,7 +143,7 @@ async def _likelihood(
     from transformers import AutoTokenizer
 
     items = _scorable(items, answers)
-    keys = {item["id"]: _digest(answers[item["id"]]["key"], form) for item in items}
+    keys = {item["id"]: journal_key(answers[item["id"]]["key"], form) for item in items}
     on_server = engine in ("vllm", "external")  # transformers serve returns no prompt logprobs
 
     async def score(missing: list[Question]) -> list[dict]:

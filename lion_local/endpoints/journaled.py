@@ -13,6 +13,8 @@ the run's identity that shapes them. `journaled_by_key` reads back those whose k
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import sys
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
@@ -79,6 +81,13 @@ async def call_all(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         bar.close()
+
+
+def journal_key(*parts: object) -> str:
+    """The key a journaled answer is filed under: a short hash of the values that shape it (a
+    fingerprint, the question, the answer scored, ...), the same for the same values in every run."""
+    text = json.dumps(parts, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
 
 def journaled_by_key(records: list[dict], keys: Mapping[str, str], field: str = "key") -> dict[str, dict]:

@@ -17,8 +17,6 @@ are not shows how much the referee's verdicts depend on where an answer stands.
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,7 +26,7 @@ from lion_local.endpoints.client import EndpointClient
 from lion_local.run.identity import identity_digest
 from lion_local.run.record_types import Judgement, PairScores, ReviewOrder, ReviewReply
 from lion_local.stages.run_identity import run_identity
-from lion_local.endpoints.journaled import call_fields
+from lion_local.endpoints.journaled import call_fields, journal_key
 from lion_local.roles import ask_referee, read_review, referee_identity
 
 ORDERS: tuple[ReviewOrder, ...] = ("teacher_first", "student_first")
@@ -50,8 +48,7 @@ def referee_fingerprint(config: Config, server: str) -> str:
     referee's prompts, mode and request fields, and the run seed. Every journaled review carries it,
     so a review asked under other settings (a mode changed on resume) is asked again, not reused."""
     served = identity_digest(run_identity(config), (f"servers.{server}.",))
-    text = json.dumps([served, referee_identity(config.roles.referee), config.seed], sort_keys=True, ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return journal_key(served, referee_identity(config.roles.referee), config.seed)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,8 +18,6 @@ missing, and starts the student's server only when something is.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import json
 import logging
 import math
 from collections import Counter
@@ -29,7 +27,7 @@ from statistics import fmean
 from lion_local.config import Config
 from lion_local.endpoints.servers import ServerSet
 from lion_local.endpoints.client import EndpointClient
-from lion_local.endpoints.journaled import ask_missing, journaled_by_key, progress_bar
+from lion_local.endpoints.journaled import ask_missing, journal_key, journaled_by_key, progress_bar
 from lion_local.run.layout import Iteration, RunDir
 from lion_local.run.record_types import HistogramBin, InstructionRecord, Judgement, LikelihoodGap, TeacherAnswer
 from lion_local.run.state import Journal
@@ -109,8 +107,7 @@ def as_trained(scored: Scored, max_length: int | None) -> Scored:
 
 
 def _key(teacher_answer: TeacherAnswer, prompt_format: str, max_length: int | None) -> str:
-    text = json.dumps([teacher_answer["fingerprint"], teacher_answer["answer"], prompt_format, max_length], ensure_ascii=False)
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
+    return journal_key(teacher_answer["fingerprint"], teacher_answer["answer"], prompt_format, max_length)
 
 
 # ----------------------------------------------------------------------------------------------
