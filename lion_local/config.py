@@ -22,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from lion_local.errors import InputError
-from lion_local.input_files import InputKind, parse_json, parse_yaml, read_text
+from lion_local.input_files import InputKind, parse_yaml, read_text
 from lion_local.config_schema import (
     Config,
     Discrimination,

@@ -7,7 +7,6 @@ documentation of that key, and the unknown-key hints list the fields defined her
 from __future__ import annotations
 
 import difflib
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, model_validator
